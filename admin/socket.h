@@ -1,0 +1,25 @@
+/*
+ * socket.h — the admin socket: a Unix socket (mode 0600) on the proxy's event loop; one
+ * command per line in, one JSON object per line out ({"ok": true, ...} or
+ * {"ok": false, "error": "...", "hint": "..."}). A bad command fails only itself: the
+ * connection stays open for the next one.
+ */
+#ifndef PD_ADMIN_SOCKET_H
+#define PD_ADMIN_SOCKET_H
+
+#include "proxy/server.h"
+
+typedef struct pd_admin pd_admin_t;
+
+/* Listens on path (removing a stale socket file first). NULL after logging a failure. */
+pd_admin_t *pd_admin_start(pd_server_t *srv, const char *path);
+
+/* Closes the listener and every admin connection; memory goes in close callbacks. */
+void pd_admin_stop(pd_admin_t *admin);
+
+/* Runs one command line and returns its reply (caller frees with json_decref). Exposed
+ * for the unit tests of the command table. */
+struct json_t;
+struct json_t *pd_admin_execute(pd_server_t *srv, const char *line);
+
+#endif /* PD_ADMIN_SOCKET_H */

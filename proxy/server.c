@@ -1,0 +1,434 @@
+/*
+ * server.c — the listener, signals, configuration (re)loading and the session list.
+ */
+#include "proxy/server.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <openssl/err.h>
+#include <openssl/rand.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "admin/socket.h"
+#include "proxy/log.h"
+#include "proxy/session.h"
+
+#define DRAIN_GRACE_MS 30000 /* SIGTERM: how long sessions may finish before they are ended */
+#define ACCEPT_BURST   64    /* connections accepted per readiness callback */
+
+static void print_errors(pd_config_errors_t *errs)
+{
+    for (size_t i = 0; i < errs->count; i++)
+        pd_log_error(NULL, "%s", errs->msgs[i]);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Users and TLS material: built from a config, swapped in whole.
+ */
+
+typedef struct {
+    pd_users_t *users;
+    pd_auth_entry_t *auth;
+    SSL_CTX *ssl_ctx;
+} material_t;
+
+static void material_free(material_t *m)
+{
+    if (m->auth != NULL && m->users != NULL)
+        OPENSSL_cleanse(m->auth, m->users->count * sizeof *m->auth);
+    free(m->auth);
+    pd_users_free(m->users);
+    SSL_CTX_free(m->ssl_ctx);
+    *m = (material_t){0};
+}
+
+static int load_users(const pd_config_t *cfg, material_t *m)
+{
+    if (cfg->users_file == NULL)
+        return 0;
+    pd_config_errors_t errs = {0};
+    m->users = pd_users_load(cfg->users_file, &errs);
+    print_errors(&errs);
+    pd_config_errors_free(&errs);
+    if (m->users == NULL)
+        return -1;
+    m->auth = calloc(m->users->count + 1, sizeof *m->auth);
+    if (m->auth == NULL)
+        return -1;
+    for (size_t i = 0; i < m->users->count; i++) {
+        const pd_user_t *u = &m->users->users[i];
+        m->auth[i].user = u;
+        bool ok;
+        if (u->is_scram) {
+            ok = pd_scram_secret_parse(u->secret, &m->auth[i].secret);
+        } else {
+            /* Derived once here: PBKDF2 is too slow to run per login on the loop. */
+            uint8_t salt[16];
+            ok = RAND_bytes(salt, sizeof salt) == 1 &&
+                 pd_scram_secret_from_password(u->secret, salt, sizeof salt,
+                                               PD_SCRAM_DEFAULT_ITER, &m->auth[i].secret);
+        }
+        if (!ok) {
+            pd_log_error(NULL,
+                         "%s: the entry for user \"%s\" is not a valid SCRAM-SHA-256 verifier",
+                         cfg->users_file, u->name);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int load_tls(const pd_config_t *cfg, material_t *m)
+{
+    if (cfg->tls_mode == PD_TLS_DISABLE || cfg->tls_cert == NULL || cfg->tls_key == NULL)
+        return 0;
+    m->ssl_ctx = SSL_CTX_new(TLS_server_method());
+    if (m->ssl_ctx == NULL)
+        return -1;
+    SSL_CTX_set_min_proto_version(m->ssl_ctx, TLS1_2_VERSION);
+    SSL_CTX_set_options(m->ssl_ctx, SSL_OP_NO_RENEGOTIATION);
+    const char *what = NULL, *file = NULL;
+    if (SSL_CTX_use_certificate_chain_file(m->ssl_ctx, cfg->tls_cert) != 1)
+        what = "certificate", file = cfg->tls_cert;
+    else if (SSL_CTX_use_PrivateKey_file(m->ssl_ctx, cfg->tls_key, SSL_FILETYPE_PEM) != 1)
+        what = "private key", file = cfg->tls_key;
+    else if (SSL_CTX_check_private_key(m->ssl_ctx) != 1)
+        what = "private key (it does not match the certificate)", file = cfg->tls_key;
+    if (what != NULL) {
+        char buf[256];
+        ERR_error_string_n(ERR_get_error(), buf, sizeof buf);
+        pd_log_error(NULL, "could not load TLS %s \"%s\": %s", what, file, buf);
+        ERR_clear_error();
+        return -1;
+    }
+    return 0;
+}
+
+static int material_load(const pd_config_t *cfg, material_t *m)
+{
+    *m = (material_t){0};
+    if (load_users(cfg, m) != 0 || load_tls(cfg, m) != 0) {
+        material_free(m);
+        return -1;
+    }
+    return 0;
+}
+
+const pd_auth_entry_t *pd_server_auth_entry(const pd_server_t *srv, const char *user)
+{
+    if (srv->users == NULL || user == NULL)
+        return NULL;
+    for (size_t i = 0; i < srv->users->count; i++)
+        if (strcmp(srv->auth[i].user->name, user) == 0)
+            return &srv->auth[i];
+    return NULL;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Listener
+ */
+
+static void free_handle(uv_handle_t *h)
+{
+    free(h);
+}
+
+static void peer_name(const struct sockaddr_storage *ss, char *out, size_t size)
+{
+    char host[INET6_ADDRSTRLEN] = "?";
+    unsigned port = 0;
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)ss;
+        inet_ntop(AF_INET, &in->sin_addr, host, sizeof host);
+        port = ntohs(in->sin_port);
+    } else if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)ss;
+        inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
+        port = ntohs(in6->sin6_port);
+    }
+    snprintf(out, size, "%s:%u", host, port);
+}
+
+static void on_listen(uv_poll_t *h, int status, int events)
+{
+    pd_server_t *srv = h->data;
+    (void)events;
+    if (status < 0)
+        return;
+    for (int i = 0; i < ACCEPT_BURST; i++) {
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof ss;
+        int fd = accept4(srv->listen_fd, (struct sockaddr *)&ss, &len,
+                         SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EMFILE || errno == ENFILE)
+                pd_log_warning(NULL, "could not accept a connection: %s (raise the open "
+                                     "files limit, ulimit -n)", strerror(errno));
+            return;
+        }
+        /* Past the configured limit, sessions are still started so that they can be
+         * told "too many clients" properly; far past it, the socket is just closed. */
+        if (srv->nsessions >= srv->cfg->max_clients + 64u) {
+            close(fd);
+            continue;
+        }
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        char peer[64];
+        peer_name(&ss, peer, sizeof peer);
+        pd_session_accept(srv, fd, peer);
+    }
+}
+
+static int open_listener(pd_server_t *srv)
+{
+    const pd_config_t *cfg = srv->cfg;
+    char port[16];
+    snprintf(port, sizeof port, "%u", cfg->listen_port);
+    struct addrinfo hints = {.ai_flags = AI_PASSIVE, .ai_family = AF_UNSPEC,
+                             .ai_socktype = SOCK_STREAM};
+    struct addrinfo *res = NULL;
+    const char *host = cfg->listen_host && strcmp(cfg->listen_host, "*") != 0 ? cfg->listen_host
+                                                                              : NULL;
+    int rc = getaddrinfo(host, port, &hints, &res);
+    if (rc != 0) {
+        pd_log_error(NULL, "could not resolve listen address \"%s\": %s", cfg->listen_host,
+                     gai_strerror(rc));
+        return -1;
+    }
+    int fd = -1, err = 0;
+    for (struct addrinfo *ai = res; ai != NULL && fd < 0; ai = ai->ai_next) {
+        fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0) {
+            err = errno;
+            continue;
+        }
+        int one = 1;
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) != 0 || listen(fd, 1024) != 0) {
+            err = errno;
+            close(fd);
+            fd = -1;
+        }
+    }
+    freeaddrinfo(res);
+    if (fd < 0) {
+        pd_log_error(NULL, "could not listen on %s:%u: %s", cfg->listen_host, cfg->listen_port,
+                     strerror(err));
+        pd_log_error(NULL, "HINT:  Is another pgdual or PostgreSQL using the port? Change "
+                           "listen.port in the config.");
+        return -1;
+    }
+    srv->listen_fd = fd;
+    srv->listen_poll = malloc(sizeof *srv->listen_poll);
+    if (srv->listen_poll == NULL || uv_poll_init_socket(srv->loop, srv->listen_poll, fd) != 0) {
+        free(srv->listen_poll);
+        srv->listen_poll = NULL;
+        return -1;
+    }
+    srv->listen_poll->data = srv;
+    uv_poll_start(srv->listen_poll, UV_READABLE, on_listen);
+    pd_log_info(NULL, "pgdual listening on %s:%u", cfg->listen_host, cfg->listen_port);
+    return 0;
+}
+
+static void close_listener(pd_server_t *srv)
+{
+    if (srv->listen_poll != NULL) {
+        uv_close((uv_handle_t *)srv->listen_poll, free_handle);
+        srv->listen_poll = NULL;
+    }
+    if (srv->listen_fd >= 0)
+        close(srv->listen_fd);
+    srv->listen_fd = -1;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Sessions and shutdown
+ */
+
+/* Closes the server's own handles; uv_run returns once the last session is gone. */
+static void finish(pd_server_t *srv)
+{
+    close_listener(srv);
+    pd_admin_stop(srv->admin);
+    srv->admin = NULL;
+    uv_handle_t *handles[] = {(uv_handle_t *)&srv->sig_int, (uv_handle_t *)&srv->sig_term,
+                              (uv_handle_t *)&srv->sig_hup, (uv_handle_t *)&srv->drain_timer};
+    for (size_t i = 0; i < sizeof handles / sizeof handles[0]; i++)
+        if (!uv_is_closing(handles[i]))
+            uv_close(handles[i], NULL);
+}
+
+void pd_server_session_added(pd_server_t *srv, pd_session_t *s)
+{
+    s->prev = NULL;
+    s->next = srv->sessions;
+    if (srv->sessions != NULL)
+        srv->sessions->prev = s;
+    srv->sessions = s;
+    srv->nsessions++;
+    srv->total_sessions++;
+    srv->state_counts[s->state]++;
+}
+
+void pd_server_session_removed(pd_server_t *srv, pd_session_t *s)
+{
+    if (s->prev != NULL)
+        s->prev->next = s->next;
+    else
+        srv->sessions = s->next;
+    if (s->next != NULL)
+        s->next->prev = s->prev;
+    s->prev = s->next = NULL;
+    srv->nsessions--;
+    srv->state_counts[s->state]--;
+    if (srv->stopping && srv->nsessions == 0)
+        finish(srv);
+}
+
+static void terminate_all(pd_server_t *srv)
+{
+    pd_session_t *next;
+    for (pd_session_t *s = srv->sessions; s != NULL; s = next) {
+        next = s->next;
+        pd_session_terminate(s, "57P01", "terminating connection due to administrator command",
+                             NULL);
+    }
+}
+
+static void stop(pd_server_t *srv, bool now)
+{
+    if (!srv->stopping) {
+        srv->stopping = true;
+        close_listener(srv);
+    }
+    if (now) {
+        pd_log_info(NULL, "fast shutdown: ending %u sessions", srv->nsessions);
+        terminate_all(srv);
+    } else {
+        pd_log_info(NULL, "smart shutdown: waiting up to %d s for %u sessions to end",
+                    DRAIN_GRACE_MS / 1000, srv->nsessions);
+    }
+    if (srv->nsessions == 0)
+        finish(srv);
+}
+
+static void on_drain_timeout(uv_timer_t *t)
+{
+    stop(t->data, true);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Reload
+ */
+
+int pd_server_reload(pd_server_t *srv, pd_config_errors_t *errs)
+{
+    pd_config_t *cfg = pd_config_load(srv->cfg->path, errs);
+    if (cfg == NULL) {
+        print_errors(errs);
+        pd_log_error(NULL, "reload failed: the configuration above has errors; still running "
+                           "with the previous one");
+        return -1;
+    }
+    material_t m;
+    if (material_load(cfg, &m) != 0) {
+        pd_config_free(cfg);
+        pd_log_error(NULL, "reload failed; still running with the previous configuration");
+        return -1;
+    }
+    if (cfg->listen_port != srv->cfg->listen_port ||
+        strcmp(cfg->listen_host, srv->cfg->listen_host) != 0)
+        pd_log_warning(NULL, "listen address changes take effect only after a restart");
+    material_t old = {srv->users, srv->auth, srv->ssl_ctx};
+    material_free(&old);
+    srv->users = m.users;
+    srv->auth = m.auth;
+    srv->ssl_ctx = m.ssl_ctx;
+    pd_config_free(srv->cfg);
+    srv->cfg = cfg;
+    pd_log_set_level(cfg->log_level);
+    pd_log_info(NULL, "configuration reloaded: %u databases, %u rules", cfg->database_count,
+                cfg->rule_count);
+    return 0;
+}
+
+static void on_signal(uv_signal_t *h, int signum)
+{
+    pd_server_t *srv = h->data;
+    switch (signum) {
+    case SIGHUP: {
+        pd_log_info(NULL, "received SIGHUP, reloading configuration");
+        pd_config_errors_t errs = {0};
+        pd_server_reload(srv, &errs);
+        pd_config_errors_free(&errs);
+        break;
+    }
+    case SIGTERM:
+        pd_log_info(NULL, "received SIGTERM");
+        if (!srv->stopping)
+            uv_timer_start(&srv->drain_timer, on_drain_timeout, DRAIN_GRACE_MS, 0);
+        stop(srv, false);
+        break;
+    default:
+        pd_log_info(NULL, "received SIGINT");
+        stop(srv, true);
+        break;
+    }
+}
+
+int pd_server_init(pd_server_t *srv, uv_loop_t *loop, pd_config_t *cfg)
+{
+    *srv = (pd_server_t){.loop = loop, .cfg = cfg, .listen_fd = -1};
+    pd_log_set_level(cfg->log_level);
+    material_t m;
+    if (material_load(cfg, &m) != 0)
+        return -1;
+    srv->users = m.users;
+    srv->auth = m.auth;
+    srv->ssl_ctx = m.ssl_ctx;
+    if (cfg->tls_mode != PD_TLS_DISABLE && srv->ssl_ctx == NULL) {
+        pd_log_error(NULL, "tls.mode %s needs tls.cert and tls.key",
+                     cfg->tls_mode == PD_TLS_REQUIRE ? "require" : "allow");
+        return -1;
+    }
+    srv->started_ms = uv_now(loop);
+    if (open_listener(srv) != 0)
+        return -1;
+    if (cfg->admin_socket != NULL && (srv->admin = pd_admin_start(srv, cfg->admin_socket)) == NULL)
+        return -1;
+    uv_signal_init(loop, &srv->sig_int);
+    uv_signal_init(loop, &srv->sig_term);
+    uv_signal_init(loop, &srv->sig_hup);
+    uv_timer_init(loop, &srv->drain_timer);
+    srv->sig_int.data = srv->sig_term.data = srv->sig_hup.data = srv->drain_timer.data = srv;
+    uv_signal_start(&srv->sig_int, on_signal, SIGINT);
+    uv_signal_start(&srv->sig_term, on_signal, SIGTERM);
+    uv_signal_start(&srv->sig_hup, on_signal, SIGHUP);
+    return 0;
+}
+
+int pd_server_run(pd_server_t *srv)
+{
+    uv_run(srv->loop, UV_RUN_DEFAULT);
+    return srv->exit_code;
+}
+
+void pd_server_free(pd_server_t *srv)
+{
+    material_t m = {srv->users, srv->auth, srv->ssl_ctx};
+    material_free(&m);
+    srv->users = NULL;
+    srv->auth = NULL;
+    srv->ssl_ctx = NULL;
+    pd_config_free(srv->cfg);
+    srv->cfg = NULL;
+}
