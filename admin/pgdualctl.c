@@ -3,29 +3,41 @@
  * one command line out, one JSON reply back. Prints the reply for people, or as is with
  * --json. Exit codes: 0 success, 1 the command was refused or failed, 2 usage or
  * connection errors.
+ *
+ * `verify` and `backfill` start a job in pgdual and then follow it (unless --detach is
+ * given): `jobs ID` is polled over the same connection, progress goes to stderr (a bar on
+ * a terminal, a line every few seconds otherwise), and the outcome decides the exit code.
  */
 #include <errno.h>
 #include <jansson.h>
+#include <signal.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
-#define REPLY_MAX (16 * 1024 * 1024)
+#define REPLY_MAX          (16 * 1024 * 1024)
+#define POLL_MS            250  /* how often a followed job is asked for its progress */
+#define PROGRESS_LINE_MS   2000 /* progress lines when stderr is not a terminal */
+#define PROGRESS_BAR_WIDTH 30
 
 static void usage(FILE *out)
 {
-    fprintf(out,
-            "Usage: pgdualctl [-s SOCKET] [--json] COMMAND [ARGS]\n"
-            "\n"
-            "The admin socket is -s SOCKET, else $PGDUAL_ADMIN.\n"
-            "Commands: status, sessions, rules, flag RULE reads=V|writes=V,\n"
-            "          divergence [RULE] [--limit N], verify RULE [--repair],\n"
-            "          backfill RULE [--batch N], jobs, pause DB, resume DB,\n"
-            "          switchover DB [--timeout MS] [--force], rollback DB, reload\n");
+    fprintf(out, "Usage: pgdualctl [-s SOCKET] [--json] COMMAND [ARGS]\n"
+                 "\n"
+                 "The admin socket is -s SOCKET, else $PGDUAL_ADMIN.\n"
+                 "Commands: status, sessions, rules, flag RULE reads=V|writes=V,\n"
+                 "          divergence [RULE] [--limit N], verify RULE [--repair] [--batch N],\n"
+                 "          backfill RULE [--batch N] [--throttle MS], jobs [ID], cancel ID,\n"
+                 "          pause DB, resume DB, switchover DB [--timeout MS] [--force],\n"
+                 "          rollback DB, reload\n"
+                 "verify and backfill follow their job to the end with a progress display;\n"
+                 "--detach (after the command) only starts it.\n");
 }
 
 static int connect_admin(const char *path)
@@ -186,92 +198,374 @@ static void print_human(json_t *reply)
     }
 }
 
-int main(int argc, char **argv)
+/* ---------------------------------------------------------------------------------------
+ * Following a job
+ */
+
+static volatile sig_atomic_t interrupted;
+
+static void on_sigint(int sig)
 {
-    const char *sock = getenv("PGDUAL_ADMIN");
-    bool as_json = false;
+    (void)sig;
+    interrupted = 1;
+}
+
+static uint64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static void sleep_ms(unsigned ms)
+{
+    struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL); /* a signal cuts it short; the caller checks `interrupted` */
+}
+
+/* Sends one command and parses its reply; NULL on a connection or protocol error. */
+static json_t *exchange(int fd, const char *line)
+{
+    if (send_all(fd, line, strlen(line)) != 0)
+        return NULL;
+    char *text = read_line(fd);
+    if (text == NULL)
+        return NULL;
+    json_t *reply = json_loads(text, 0, NULL);
+    free(text);
+    if (!json_is_object(reply)) {
+        json_decref(reply);
+        return NULL;
+    }
+    return reply;
+}
+
+static json_int_t int_of(json_t *obj, const char *key)
+{
+    return json_integer_value(json_object_get(obj, key));
+}
+
+static const char *str_of(json_t *obj, const char *key, const char *dflt)
+{
+    const char *s = json_string_value(json_object_get(obj, key));
+    return s ? s : dflt;
+}
+
+static void format_eta(json_t *eta, char *buf, size_t size)
+{
+    if (!json_is_integer(eta)) {
+        snprintf(buf, size, "?");
+        return;
+    }
+    long long s = (long long)json_integer_value(eta);
+    if (s >= 3600)
+        snprintf(buf, size, "%lldh%02lldm", s / 3600, s % 3600 / 60);
+    else if (s >= 60)
+        snprintf(buf, size, "%lldm%02llds", s / 60, s % 60);
+    else
+        snprintf(buf, size, "%llds", s);
+}
+
+/* Percent done (0..100), or -1 when the total is unknown. */
+static int percent_of(json_t *job)
+{
+    json_int_t done = int_of(job, "rows_done"), total = int_of(job, "rows_total");
+    if (strcmp(str_of(job, "state", ""), "done") == 0)
+        return 100;
+    if (total <= 0)
+        return -1;
+    return done >= total ? 99 : (int)(done * 100 / total);
+}
+
+/* "420000/1000000 rows, 85000 rows/s, ETA 7s" */
+static void progress_text(json_t *job, char *buf, size_t size)
+{
+    char eta[32];
+    format_eta(json_object_get(job, "eta_s"), eta, sizeof eta);
+    json_int_t done = int_of(job, "rows_done"), total = int_of(job, "rows_total");
+    if (total < done)
+        total = done;
+    snprintf(buf, size, "%lld/%lld rows, %lld rows/s, ETA %s", (long long)done, (long long)total,
+             (long long)int_of(job, "rows_per_s"), eta);
+}
+
+static void draw_bar(json_t *job)
+{
+    int pct = percent_of(job);
+    int filled = pct < 0 ? 0 : pct * PROGRESS_BAR_WIDTH / 100;
+    char bar[PROGRESS_BAR_WIDTH + 1], text[160];
+    for (int k = 0; k < PROGRESS_BAR_WIDTH; k++)
+        bar[k] = k < filled ? '#' : '.';
+    bar[PROGRESS_BAR_WIDTH] = '\0';
+    progress_text(job, text, sizeof text);
+    fprintf(stderr, "\r\033[K%s %s [%s] %3d%%  %s", str_of(job, "kind", "job"),
+            str_of(job, "rule", ""), bar, pct < 0 ? 0 : pct, text);
+    fflush(stderr);
+}
+
+static void print_progress_line(json_t *job)
+{
+    char text[160];
+    progress_text(job, text, sizeof text);
+    int pct = percent_of(job);
+    if (pct < 0)
+        fprintf(stderr, "%s %s: %s\n", str_of(job, "kind", "job"), str_of(job, "rule", ""), text);
+    else
+        fprintf(stderr, "%s %s: %d%% (%s)\n", str_of(job, "kind", "job"), str_of(job, "rule", ""),
+                pct, text);
+    fflush(stderr);
+}
+
+static void print_keys(json_t *keys)
+{
+    size_t i;
+    json_t *key;
+    printf("first divergent keys:\n");
+    json_array_foreach(keys, i, key)
+    {
+        const char *col;
+        json_t *v;
+        printf(" ");
+        json_object_foreach(key, col, v) printf(" %s=%s", col, json_string_value(v));
+        printf("\n");
+    }
+}
+
+/* The end of a job for people; returns the exit code. */
+static int report_human(json_t *job)
+{
+    const char *state = str_of(job, "state", "?"), *kind = str_of(job, "kind", "job");
+    const char *rule = str_of(job, "rule", "");
+    json_t *res = json_object_get(job, "result");
+    if (strcmp(state, "failed") == 0) {
+        fprintf(stderr, "pgdualctl: %s of rule \"%s\" (job %lld) failed: %s\n", kind, rule,
+                (long long)int_of(job, "id"), str_of(job, "error", "no reason given"));
+        if (json_is_string(json_object_get(job, "hint")))
+            fprintf(stderr, "HINT:  %s\n", str_of(job, "hint", ""));
+        return 1;
+    }
+    if (strcmp(state, "cancelled") == 0) {
+        fprintf(stderr, "pgdualctl: %s of rule \"%s\" (job %lld) was cancelled after %lld rows\n",
+                kind, rule, (long long)int_of(job, "id"), (long long)int_of(job, "rows_done"));
+        if (strcmp(kind, "backfill") == 0)
+            fprintf(stderr, "HINT:  Run the backfill again: it resumes from its checkpoint.\n");
+        return 1;
+    }
+    if (strcmp(kind, "backfill") == 0) {
+        printf("backfill of rule \"%s\" done: %lld rows in %.1f s, %lld updated", rule,
+               (long long)int_of(res, "rows_done"), (double)int_of(job, "elapsed_ms") / 1000,
+               (long long)int_of(res, "rows_updated"));
+        if (int_of(res, "resumed_from") > 0)
+            printf(" (resumed after %lld rows)", (long long)int_of(res, "resumed_from"));
+        printf("\n");
+        return 0;
+    }
+    bool ok = json_is_true(json_object_get(res, "ok"));
+    printf("verify of rule \"%s\" done: %lld rows checked, %lld divergent, %lld repaired\n", rule,
+           (long long)int_of(res, "rows_checked"), (long long)int_of(res, "divergent"),
+           (long long)int_of(res, "repaired"));
+    if (json_array_size(json_object_get(res, "keys")) > 0)
+        print_keys(json_object_get(res, "keys"));
+    if (!ok)
+        fprintf(stderr,
+                "pgdualctl: divergence remains in rule \"%s\"\n"
+                "HINT:  pgdualctl verify %s --repair sets the rows right from the "
+                "authoritative side.\n",
+                rule, rule);
+    return ok ? 0 : 1;
+}
+
+static int exit_code_of(json_t *job)
+{
+    if (strcmp(str_of(job, "state", ""), "done") != 0)
+        return 1;
+    if (strcmp(str_of(job, "kind", ""), "verify") != 0)
+        return 0;
+    return json_is_true(json_object_get(json_object_get(job, "result"), "ok")) ? 0 : 1;
+}
+
+/* Polls `jobs ID` until the job ends, showing progress; NULL on a connection error. */
+static json_t *poll_until_done(int fd, json_int_t id, bool tty)
+{
+    char line[64];
+    snprintf(line, sizeof line, "jobs %lld\n", (long long)id);
+    uint64_t last_line = 0;
+    for (bool first = true; !interrupted; first = false) {
+        sleep_ms(POLL_MS);
+        json_t *reply = interrupted ? NULL : exchange(fd, line);
+        json_t *job = json_incref(json_object_get(reply, "job"));
+        json_decref(reply);
+        if (job == NULL)
+            return NULL;
+        bool running = strcmp(str_of(job, "state", ""), "running") == 0;
+        if (tty) {
+            draw_bar(job);
+        } else if (running && (first || now_ms() - last_line >= PROGRESS_LINE_MS)) {
+            print_progress_line(job);
+            last_line = now_ms();
+        }
+        if (!running) {
+            if (tty)
+                fprintf(stderr, "\n");
+            return job;
+        }
+        json_decref(job);
+    }
+    return NULL;
+}
+
+static int follow_job(int fd, json_int_t id, bool as_json)
+{
+    bool tty = isatty(STDERR_FILENO);
+    struct sigaction sa = {.sa_handler = on_sigint};
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    json_t *job = poll_until_done(fd, id, tty);
+    if (job == NULL) {
+        if (tty)
+            fprintf(stderr, "\n");
+        if (interrupted) {
+            fprintf(stderr,
+                    "pgdualctl: stopped following job %lld; it keeps running in pgdual\n"
+                    "HINT:  pgdualctl jobs %lld shows it; pgdualctl cancel %lld stops "
+                    "it.\n",
+                    (long long)id, (long long)id, (long long)id);
+            return 1;
+        }
+        fprintf(stderr,
+                "pgdualctl: lost the connection to pgdual while following job %lld\n"
+                "HINT:  Is pgdual still running? A backfill resumes from its "
+                "checkpoint when started again.\n",
+                (long long)id);
+        return 2;
+    }
+    int rc = exit_code_of(job);
+    if (as_json) {
+        char *text = json_dumps(job, JSON_COMPACT);
+        printf("%s\n", text ? text : "{}");
+        free(text);
+    } else {
+        report_human(job);
+    }
+    json_decref(job);
+    return rc;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Main
+ */
+
+/* The command words as one line; --detach is ours, not pgdual's, and is left out. */
+static char *command_line(int argc, char **argv, bool *detach)
+{
+    size_t len = 2;
+    for (int j = 0; j < argc; j++)
+        len += strlen(argv[j]) + 1;
+    char *line = malloc(len);
+    if (line == NULL)
+        return NULL;
+    line[0] = '\0';
+    *detach = false;
+    for (int j = 0; j < argc; j++) {
+        if (strchr(argv[j], '\n') != NULL) {
+            fprintf(stderr, "pgdualctl: arguments cannot contain newlines\n");
+            free(line);
+            return NULL;
+        }
+        if (j > 0 && strcmp(argv[j], "--detach") == 0) {
+            *detach = true;
+            continue;
+        }
+        if (line[0] != '\0')
+            strcat(line, " ");
+        strcat(line, argv[j]);
+    }
+    strcat(line, "\n");
+    return line;
+}
+
+static void print_failure(json_t *reply)
+{
+    json_t *err = json_object_get(reply, "error");
+    json_t *hint = json_object_get(reply, "hint");
+    json_t *errors = json_object_get(reply, "errors");
+    fprintf(stderr, "pgdualctl: %s\n",
+            json_is_string(err) ? json_string_value(err) : "the command failed");
+    size_t k;
+    json_t *e;
+    json_array_foreach(errors, k, e) fprintf(stderr, "  %s\n", json_string_value(e));
+    if (json_is_string(hint))
+        fprintf(stderr, "HINT:  %s\n", json_string_value(hint));
+}
+
+/* Global options before the command; returns the index of the command word, or -exit. */
+static int parse_options(int argc, char **argv, const char **sock, bool *as_json)
+{
     int i = 1;
     for (; i < argc && argv[i][0] == '-'; i++) {
         if (strcmp(argv[i], "-s") == 0 && i + 1 < argc) {
-            sock = argv[++i];
+            *sock = argv[++i];
         } else if (strcmp(argv[i], "--json") == 0) {
-            as_json = true;
+            *as_json = true;
         } else if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
             usage(stdout);
             return 0;
         } else {
             fprintf(stderr, "pgdualctl: unknown option \"%s\"\n", argv[i]);
             usage(stderr);
-            return 2;
+            return -2;
         }
     }
     if (i >= argc) {
         usage(stderr);
-        return 2;
+        return -2;
     }
-    if (sock == NULL) {
+    if (*sock == NULL) {
         fprintf(stderr, "pgdualctl: no admin socket given\n"
                         "HINT:  Pass -s PATH or set PGDUAL_ADMIN to pgdual's admin.socket.\n");
-        return 2;
+        return -2;
     }
-    /* The command line goes out as the words given, space-separated, one line. */
-    size_t len = 0;
-    for (int j = i; j < argc; j++)
-        len += strlen(argv[j]) + 1;
-    char *line = malloc(len + 1);
+    return i;
+}
+
+int main(int argc, char **argv)
+{
+    const char *sock = getenv("PGDUAL_ADMIN");
+    bool as_json = false, detach;
+    int i = parse_options(argc, argv, &sock, &as_json);
+    if (i <= 0)
+        return -i;
+    bool starts_job = strcmp(argv[i], "verify") == 0 || strcmp(argv[i], "backfill") == 0;
+    char *line = command_line(argc - i, argv + i, &detach);
     if (line == NULL)
         return 2;
-    line[0] = '\0';
-    for (int j = i; j < argc; j++) {
-        if (strchr(argv[j], '\n') != NULL) {
-            fprintf(stderr, "pgdualctl: arguments cannot contain newlines\n");
-            free(line);
-            return 2;
-        }
-        strcat(line, argv[j]);
-        strcat(line, j + 1 < argc ? " " : "\n");
-    }
     int fd = connect_admin(sock);
     if (fd < 0) {
         free(line);
         return 2;
     }
-    char *reply_text = NULL;
-    if (send_all(fd, line, strlen(line)) == 0)
-        reply_text = read_line(fd);
-    close(fd);
+    json_t *reply = exchange(fd, line);
     free(line);
-    if (reply_text == NULL) {
-        fprintf(stderr, "pgdualctl: no reply from pgdual on \"%s\"\n", sock);
-        return 2;
-    }
-    json_error_t jerr;
-    json_t *reply = json_loads(reply_text, 0, &jerr);
-    if (reply == NULL || !json_is_object(reply)) {
-        fprintf(stderr, "pgdualctl: pgdual sent a reply that is not a JSON object: %s\n",
-                jerr.text);
-        free(reply_text);
-        json_decref(reply);
+    if (reply == NULL) {
+        fprintf(stderr, "pgdualctl: no reply (or not a JSON object) from pgdual on \"%s\"\n", sock);
+        close(fd);
         return 2;
     }
     bool ok = json_is_true(json_object_get(reply, "ok"));
-    if (as_json) {
-        printf("%s\n", reply_text);
+    json_t *job = json_object_get(reply, "job");
+    int rc = ok ? 0 : 1;
+    if (ok && starts_job && !detach && json_is_integer(job)) {
+        rc = follow_job(fd, json_integer_value(job), as_json);
+    } else if (as_json) {
+        char *text = json_dumps(reply, JSON_COMPACT);
+        printf("%s\n", text ? text : "{}");
+        free(text);
     } else if (!ok) {
-        json_t *err = json_object_get(reply, "error");
-        json_t *hint = json_object_get(reply, "hint");
-        json_t *errors = json_object_get(reply, "errors");
-        fprintf(stderr, "pgdualctl: %s\n", json_is_string(err) ? json_string_value(err)
-                                                               : "the command failed");
-        size_t k;
-        json_t *e;
-        json_array_foreach(errors, k, e) fprintf(stderr, "  %s\n", json_string_value(e));
-        if (json_is_string(hint))
-            fprintf(stderr, "HINT:  %s\n", json_string_value(hint));
+        print_failure(reply);
     } else {
         print_human(reply);
     }
-    free(reply_text);
+    close(fd);
     json_decref(reply);
-    return ok ? 0 : 1;
+    return rc;
 }

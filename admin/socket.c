@@ -16,8 +16,11 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "admin/jobs_cmd.h"
+#include "admin/render.h"
 #include "proxy/log.h"
 #include "proxy/session.h"
+#include "rules/catalog.h"
 
 #define LINE_MAX_LEN 65536
 #define MAX_WORDS    16
@@ -29,20 +32,33 @@ struct pd_admin {
     struct admin_conn *conns;
 };
 
-typedef struct admin_conn {
+typedef struct admin_conn admin_conn_t;
+
+/* A command whose reply comes later (reload). Outlives its connection if need be. */
+struct pd_admin_req {
+    admin_conn_t *conn; /* NULL once the connection closed */
+};
+
+struct admin_conn {
     uv_pipe_t pipe;
     pd_admin_t *admin;
     struct admin_conn *prev, *next;
+    char who[64]; /* "uid 0 pid 4711", from SO_PEERCRED: recorded with flag changes */
+    pd_admin_req_t *pending; /* while set, further commands wait their turn */
     char buf[LINE_MAX_LEN];
     size_t len;
     bool closing;
-} admin_conn_t;
+};
 
 /* ---------------------------------------------------------------------------------------
  * Commands
  */
 
 typedef json_t *(*handler_fn)(pd_server_t *srv, int argc, char **argv);
+typedef void (*async_handler_fn)(pd_server_t *srv, pd_admin_req_t *req, int argc, char **argv);
+
+/* The caller of the command being run (for the audit trail); set around each dispatch. */
+static const char *current_who = "unknown";
 
 static json_t *reply_error(const char *error, const char *hint)
 {
@@ -85,6 +101,10 @@ static json_t *cmd_status(pd_server_t *srv, int argc, char **argv)
     json_object_set_new(r, "sessions_total", json_integer((json_int_t)srv->total_sessions));
     json_object_set_new(r, "databases", dbs);
     json_object_set_new(r, "rules", json_integer(srv->cfg->rule_count));
+    json_t *counters = pd_render_rule_stats(srv);
+    json_object_set(r, "rule_counters", json_object_get(counters, "rules"));
+    json_object_set(r, "rewrite_cache", json_object_get(counters, "rewrite_cache"));
+    json_decref(counters);
     return r;
 }
 
@@ -109,14 +129,16 @@ static json_t *cmd_sessions(pd_server_t *srv, int argc, char **argv)
     return r;
 }
 
-static json_t *rule_json(const pd_rule_cfg_t *rule)
+static json_t *rule_json(const pd_server_t *srv, unsigned index)
 {
     static const char *const kinds[] = {[PD_RULE_COLUMNS] = "columns", [PD_RULE_TABLES] = "tables"};
+    const pd_rule_cfg_t *rule = &srv->cfg->rules[index];
+    const pd_rule_flags_t *flags = &srv->flags[index];
     char reads[32];
     json_t *j = json_pack("{s:s, s:s, s:s, s:s, s:s}", "name", rule->name, "database",
                           rule->database, "kind", kinds[rule->kind], "writes",
-                          pd_writes_name(rule->writes), "reads",
-                          pd_reads_format(&rule->reads, reads, sizeof reads));
+                          pd_writes_name(flags->writes), "reads",
+                          pd_reads_format(&flags->reads, reads, sizeof reads));
     if (rule->kind == PD_RULE_COLUMNS) {
         json_object_set_new(j, "table", json_string(rule->table));
         json_t *cols = json_array();
@@ -132,6 +154,8 @@ static json_t *rule_json(const pd_rule_cfg_t *rule)
             json_array_append_new(tables, json_string(rule->tables[i]));
         json_object_set_new(j, "tables", tables);
     }
+    const char *error = srv->facts ? srv->facts[index].error : NULL;
+    json_object_set_new(j, "error", error ? json_string(error) : json_null());
     return j;
 }
 
@@ -141,48 +165,123 @@ static json_t *cmd_rules(pd_server_t *srv, int argc, char **argv)
     (void)argv;
     json_t *list = json_array();
     for (unsigned i = 0; i < srv->cfg->rule_count; i++)
-        json_array_append_new(list, rule_json(&srv->cfg->rules[i]));
+        json_array_append_new(list, rule_json(srv, i));
     json_t *r = reply_ok();
     json_object_set_new(r, "rules", list);
     return r;
 }
 
-static json_t *cmd_reload(pd_server_t *srv, int argc, char **argv)
+static void reload_finished(pd_server_t *srv, const char *error, void *ctx)
 {
-    (void)argc;
-    (void)argv;
-    pd_config_errors_t errs = {0};
-    if (pd_server_reload(srv, &errs) != 0) {
-        json_t *r = reply_error("reload failed; pgdual still runs with the previous "
-                                "configuration",
-                                "Fix the errors listed, check with pgdual -c FILE --check, "
-                                "and reload again.");
-        json_t *list = json_array();
-        for (size_t i = 0; i < errs.count; i++)
-            json_array_append_new(list, json_string(errs.msgs[i]));
-        json_object_set_new(r, "errors", list);
-        pd_config_errors_free(&errs);
-        return r;
+    pd_admin_req_t *req = ctx;
+    if (error != NULL) {
+        pd_admin_reply(req, reply_error(error, "Fix it and reload again; pgdual still runs "
+                                               "with the previous configuration."));
+        return;
     }
     json_t *r = reply_ok();
     json_object_set_new(r, "databases", json_integer(srv->cfg->database_count));
     json_object_set_new(r, "rules", json_integer(srv->cfg->rule_count));
-    return r;
+    json_object_set_new(r, "generation", json_integer(srv->config_generation));
+    pd_admin_reply(req, r);
+}
+
+static void cmd_reload(pd_server_t *srv, pd_admin_req_t *req, int argc, char **argv)
+{
+    (void)argc;
+    (void)argv;
+    pd_config_errors_t errs = {0};
+    if (pd_server_reload(srv, &errs, reload_finished, req) == 0)
+        return;
+    json_t *r = reply_error("reload failed; pgdual still runs with the previous configuration",
+                            "Fix the errors listed, check with pgdual -c FILE --check, and "
+                            "reload again.");
+    json_t *list = json_array();
+    for (size_t i = 0; i < errs.count; i++)
+        json_array_append_new(list, json_string(errs.msgs[i]));
+    json_object_set_new(r, "errors", list);
+    pd_config_errors_free(&errs);
+    pd_admin_reply(req, r);
+}
+
+static int find_rule(const pd_server_t *srv, const char *name)
+{
+    for (unsigned i = 0; i < srv->cfg->rule_count; i++)
+        if (strcmp(srv->cfg->rules[i].name, name) == 0)
+            return (int)i;
+    return -1;
+}
+
+static json_t *flags_json(const pd_server_t *srv, unsigned i)
+{
+    char reads[32];
+    return json_pack("{s:b, s:s, s:s, s:s}", "ok", 1, "rule", srv->cfg->rules[i].name, "writes",
+                     pd_writes_name(srv->flags[i].writes),
+                     "reads", pd_reads_format(&srv->flags[i].reads, reads, sizeof reads));
+}
+
+/* flag RULE reads=VALUE|writes=VALUE [...]: all-or-nothing, persisted before in force. */
+static json_t *cmd_flag(pd_server_t *srv, int argc, char **argv)
+{
+    int rule = find_rule(srv, argv[1]);
+    if (rule < 0) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "rule \"%.64s\" does not exist", argv[1]);
+        return reply_error(msg, "pgdualctl rules lists the rules.");
+    }
+    pd_writes_t writes = srv->flags[rule].writes;
+    pd_reads_t reads = srv->flags[rule].reads;
+    for (int i = 2; i < argc; i++) {
+        char *eq = strchr(argv[i], '=');
+        bool ok = false;
+        if (eq != NULL && strncmp(argv[i], "reads=", 6) == 0)
+            ok = pd_reads_parse(eq + 1, &reads);
+        else if (eq != NULL && strncmp(argv[i], "writes=", 7) == 0)
+            ok = pd_writes_parse(eq + 1, &writes);
+        if (!ok) {
+            char msg[160];
+            snprintf(msg, sizeof msg, "invalid flag \"%.64s\"", argv[i]);
+            return reply_error(msg, "Use reads=old|shadow|new|new@N (N 0..100) or "
+                                    "writes=old|dual|dual-new|new.");
+        }
+    }
+    char *err = NULL;
+    if (pd_server_set_flags(srv, (unsigned)rule, writes, &reads, current_who, &err) != 0) {
+        json_t *r = reply_error(err ? err : "could not save the state",
+                                "The flags were not changed. Check that the state file's "
+                                "directory is writable.");
+        free(err);
+        return r;
+    }
+    return flags_json(srv, (unsigned)rule);
 }
 
 static const struct {
     const char *verb;
     int min_args, max_args;
     handler_fn handler;
+    async_handler_fn async_handler;
     const char *usage;
 } commands[] = {
-    {"status", 0, 0, cmd_status, "status"},
-    {"sessions", 0, 0, cmd_sessions, "sessions"},
-    {"rules", 0, 0, cmd_rules, "rules"},
-    {"reload", 0, 0, cmd_reload, "reload"},
+    {"status", 0, 0, cmd_status, NULL, "status"},
+    {"sessions", 0, 0, cmd_sessions, NULL, "sessions"},
+    {"rules", 0, 0, cmd_rules, NULL, "rules"},
+    {"flag", 2, 3, cmd_flag, NULL, "flag RULE reads=VALUE|writes=VALUE"},
+    {"reload", 0, 0, NULL, cmd_reload, "reload"},
+    {"verify", 1, 4, pd_cmd_verify, NULL, "verify RULE [--repair] [--batch N]"},
+    {"backfill", 1, 5, pd_cmd_backfill, NULL, "backfill RULE [--batch N] [--throttle MS]"},
+    {"jobs", 0, 1, pd_cmd_jobs, NULL, "jobs [ID]"},
+    {"cancel", 1, 1, pd_cmd_cancel, NULL, "cancel ID"},
 };
 
-json_t *pd_admin_execute(pd_server_t *srv, const char *line)
+#define COMMAND_LIST                                                                               \
+    "Commands: status, sessions, rules, flag, reload, verify, backfill, jobs, cancel."
+
+/*
+ * Runs one command line. A synchronous command returns its reply; an asynchronous one
+ * returns NULL and answers later through pd_admin_reply(req) (req NULL: not allowed).
+ */
+static json_t *dispatch(pd_server_t *srv, const char *line, pd_admin_req_t *req)
 {
     char copy[LINE_MAX_LEN];
     snprintf(copy, sizeof copy, "%s", line);
@@ -195,7 +294,7 @@ json_t *pd_admin_execute(pd_server_t *srv, const char *line)
         argv[argc++] = w;
     }
     if (argc == 0)
-        return reply_error("empty command", "Commands: status, sessions, rules, reload.");
+        return reply_error("empty command", COMMAND_LIST);
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++) {
         if (strcmp(commands[i].verb, argv[0]) != 0)
             continue;
@@ -204,11 +303,21 @@ json_t *pd_admin_execute(pd_server_t *srv, const char *line)
             snprintf(msg, sizeof msg, "wrong number of arguments; usage: %s", commands[i].usage);
             return reply_error(msg, NULL);
         }
-        return commands[i].handler(srv, argc, argv);
+        if (commands[i].handler != NULL)
+            return commands[i].handler(srv, argc, argv);
+        if (req == NULL)
+            return reply_error("this command cannot run here", NULL);
+        commands[i].async_handler(srv, req, argc, argv);
+        return NULL;
     }
     char msg[128];
     snprintf(msg, sizeof msg, "unknown command \"%.64s\"", argv[0]);
-    return reply_error(msg, "Commands: status, sessions, rules, reload.");
+    return reply_error(msg, COMMAND_LIST);
+}
+
+json_t *pd_admin_execute(pd_server_t *srv, const char *line)
+{
+    return dispatch(srv, line, NULL);
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -231,6 +340,9 @@ static void conn_close(admin_conn_t *c)
         c->admin->conns = c->next;
     if (c->next != NULL)
         c->next->prev = c->prev;
+    if (c->pending != NULL)
+        c->pending->conn = NULL; /* its reply will find nobody to send to */
+    c->pending = NULL;
     uv_close((uv_handle_t *)&c->pipe, conn_free);
 }
 
@@ -278,6 +390,47 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
     *buf = uv_buf_init(c->buf + c->len, (unsigned)(sizeof c->buf - c->len - 1));
 }
 
+/* Runs the complete lines in the buffer, one at a time: a command waiting for its
+ * asynchronous reply holds back the ones after it, so replies keep the commands' order. */
+static void run_lines(admin_conn_t *c)
+{
+    char *nl;
+    while (!c->closing && c->pending == NULL && (nl = memchr(c->buf, '\n', c->len)) != NULL) {
+        *nl = '\0';
+        pd_log_info("[admin]", "%s: %.32s", c->who, c->buf); /* verb and first words only */
+        pd_admin_req_t *req = calloc(1, sizeof *req);
+        json_t *reply;
+        if (req == NULL) {
+            reply = reply_error("out of memory", NULL);
+        } else {
+            req->conn = c;
+            c->pending = req;
+            current_who = c->who;
+            reply = dispatch(c->admin->srv, c->buf, req);
+            current_who = "unknown";
+        }
+        size_t used = (size_t)(nl - c->buf) + 1;
+        memmove(c->buf, c->buf + used, c->len - used);
+        c->len -= used;
+        c->buf[c->len] = '\0';
+        if (reply != NULL)
+            pd_admin_reply(req, reply); /* also frees req */
+    }
+}
+
+void pd_admin_reply(pd_admin_req_t *req, json_t *reply)
+{
+    admin_conn_t *c = req ? req->conn : NULL;
+    free(req);
+    if (c == NULL) {
+        json_decref(reply);
+        return;
+    }
+    c->pending = NULL;
+    send_reply(c, reply);
+    run_lines(c);
+}
+
 static void on_read(uv_stream_t *stream, ssize_t n, const uv_buf_t *buf)
 {
     admin_conn_t *c = stream->data;
@@ -288,16 +441,7 @@ static void on_read(uv_stream_t *stream, ssize_t n, const uv_buf_t *buf)
     }
     c->len += (size_t)n;
     c->buf[c->len] = '\0';
-    char *nl;
-    while (!c->closing && (nl = memchr(c->buf, '\n', c->len)) != NULL) {
-        *nl = '\0';
-        pd_log_info("[admin]", "command: %.32s", c->buf); /* the verb and its first words */
-        send_reply(c, pd_admin_execute(c->admin->srv, c->buf));
-        size_t used = (size_t)(nl - c->buf) + 1;
-        memmove(c->buf, c->buf + used, c->len - used);
-        c->len -= used;
-        c->buf[c->len] = '\0';
-    }
+    run_lines(c);
     if (!c->closing && c->len >= sizeof c->buf - 1) {
         send_reply(c, reply_error("command line too long", NULL));
         conn_close(c);
@@ -319,6 +463,14 @@ static void on_connection(uv_stream_t *server, int status)
         uv_close((uv_handle_t *)&c->pipe, conn_free);
         return;
     }
+    uv_os_fd_t fd;
+    struct ucred cred;
+    socklen_t len = sizeof cred;
+    if (uv_fileno((uv_handle_t *)&c->pipe, &fd) == 0 &&
+        getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0)
+        snprintf(c->who, sizeof c->who, "uid %u pid %d", (unsigned)cred.uid, (int)cred.pid);
+    else
+        snprintf(c->who, sizeof c->who, "unknown peer");
     c->next = a->conns;
     if (a->conns != NULL)
         a->conns->prev = c;

@@ -17,9 +17,14 @@ pd_admin_t *pd_admin_start(pd_server_t *srv, const char *path);
 /* Closes the listener and every admin connection; memory goes in close callbacks. */
 void pd_admin_stop(pd_admin_t *admin);
 
+/* A pending asynchronous command; answered exactly once with pd_admin_reply, which takes
+ * the reply's reference and frees req (the reply is dropped if the client went away). */
+typedef struct pd_admin_req pd_admin_req_t;
+struct json_t;
+void pd_admin_reply(pd_admin_req_t *req, struct json_t *reply);
+
 /* Runs one command line and returns its reply (caller frees with json_decref). Exposed
  * for the unit tests of the command table. */
-struct json_t;
 struct json_t *pd_admin_execute(pd_server_t *srv, const char *line);
 
 #endif /* PD_ADMIN_SOCKET_H */

@@ -22,6 +22,27 @@ static pd_decode_rc_t finish(const pd_reader_t *r, const char **err)
     return pd_reader_done(r) ? PD_DECODE_OK : fail(err, "invalid message format");
 }
 
+/* Where a field of an ErrorResponse goes; NULL for the fields nobody asks for. */
+static const char **error_slot(pd_be_error_t *e, const char **severity_s, uint8_t code)
+{
+    switch (code) {
+    case 'S':
+        return severity_s;
+    case 'V':
+        return &e->severity;
+    case 'C':
+        return &e->sqlstate;
+    case 'M':
+        return &e->message;
+    case 'D':
+        return &e->detail;
+    case 'H':
+        return &e->hint;
+    default:
+        return NULL;
+    }
+}
+
 /*
  * ErrorResponse and NoticeResponse: (code byte, string) fields ended by a zero byte.
  * Fields we do not name are skipped; all of them must be terminated.
@@ -36,28 +57,9 @@ pd_decode_rc_t pd_be_error_decode(const uint8_t *body, size_t n, pd_be_error_t *
     uint8_t code;
     while ((code = pd_read_u8(&r)) != 0) {
         const char *value = pd_read_str(&r);
-        switch (code) {
-        case 'S':
-            severity_s = value;
-            break;
-        case 'V':
-            out->severity = value;
-            break;
-        case 'C':
-            out->sqlstate = value;
-            break;
-        case 'M':
-            out->message = value;
-            break;
-        case 'D':
-            out->detail = value;
-            break;
-        case 'H':
-            out->hint = value;
-            break;
-        default:
-            break;
-        }
+        const char **slot = error_slot(out, &severity_s, code);
+        if (slot != NULL)
+            *slot = value;
     }
     /* 'V' (never localized) is preferred; servers before 9.6 send only 'S'. */
     if (out->severity == NULL)

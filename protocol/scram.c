@@ -52,12 +52,11 @@ static long b64_decode(const char *in, size_t len, uint8_t *out, size_t cap)
         return -1;
     uint8_t tmp[B64_MAX_IN / 4 * 3];
     int got = EVP_DecodeBlock(tmp, (const unsigned char *)in, (int)len);
-    if (got < 0 || (size_t)got < pad || (size_t)got - pad > cap)
-        return -1;
-    size_t real = (size_t)got - pad;
-    memcpy(out, tmp, real);
-    OPENSSL_cleanse(tmp, sizeof tmp);
-    return (long)real;
+    long real = got < 0 || (size_t)got < pad || (size_t)got - pad > cap ? -1 : got - (long)pad;
+    if (real > 0)
+        memcpy(out, tmp, (size_t)real);
+    OPENSSL_cleanse(tmp, sizeof tmp); /* it may have held a key */
+    return real;
 }
 
 /* Decodes exactly one key's worth of base64; anything else is malformed. */
@@ -114,13 +113,14 @@ bool pd_scram_secret_parse(const char *verifier, pd_scram_secret_t *out)
         return false;
     salt++, stored++, server++;
     long salt_len = b64_decode(salt, (size_t)(stored - 1 - salt), s.salt, sizeof s.salt);
-    if (salt_len <= 0 || !b64_decode_key(stored, (size_t)(server - 1 - stored), s.stored_key) ||
-        !b64_decode_key(server, strlen(server), s.server_key))
-        return false;
-    s.salt_len = (size_t)salt_len;
-    *out = s;
+    bool ok = salt_len > 0 && b64_decode_key(stored, (size_t)(server - 1 - stored), s.stored_key) &&
+              b64_decode_key(server, strlen(server), s.server_key);
+    if (ok) {
+        s.salt_len = (size_t)salt_len;
+        *out = s;
+    }
     OPENSSL_cleanse(&s, sizeof s);
-    return true;
+    return ok;
 }
 
 /*
@@ -274,6 +274,29 @@ static bool secret_ok(const pd_scram_secret_t *s)
     return s->iterations > 0 && s->salt_len > 0 && s->salt_len <= PD_SCRAM_SALT_MAX;
 }
 
+/* Parses a whole client-first-message, keeping its bare part and the nonces in st. */
+static const char *parse_client_first(pd_scram_t *st, cursor_t *c, const char *server_nonce)
+{
+    span_t nonce = {NULL, 0};
+    const char *bad = parse_gs2_header(c, &st->cbind_flag);
+    if (bad != NULL)
+        return bad;
+    const char *bare = c->p;
+    size_t bare_len = (size_t)(c->end - c->p);
+    if (bare_len >= sizeof st->client_first_bare)
+        return "malformed SCRAM message: client-first-message too long";
+    bad = parse_client_first_bare(c, &nonce);
+    if (bad != NULL)
+        return bad;
+    if (nonce.len + strlen(server_nonce) >= sizeof st->nonce)
+        return "malformed SCRAM message: SCRAM nonce too long";
+    memcpy(st->client_first_bare, bare, bare_len);
+    st->client_first_bare[bare_len] = '\0';
+    memcpy(st->nonce, nonce.s, nonce.len);
+    strcpy(st->nonce + nonce.len, server_nonce);
+    return NULL;
+}
+
 pd_scram_rc_t pd_scram_server_first(pd_scram_t *st, const pd_scram_secret_t *secret,
                                     const uint8_t *client_first, size_t n, const char *server_nonce,
                                     pd_buf_t *out, const char **err)
@@ -285,22 +308,9 @@ pd_scram_rc_t pd_scram_server_first(pd_scram_t *st, const pd_scram_secret_t *sec
     if (!secret_ok(secret) || !nonce_ok(server_nonce, strlen(server_nonce)))
         return protocol_error(st, err, "invalid SCRAM secret or server nonce");
     cursor_t c = {(const char *)client_first, (const char *)client_first + n};
-    span_t nonce = {NULL, 0};
-    const char *bad = parse_gs2_header(&c, &st->cbind_flag);
-    size_t bare_len = (size_t)(c.end - c.p);
-    if (bad == NULL && bare_len >= sizeof st->client_first_bare)
-        bad = "malformed SCRAM message: client-first-message too long";
-    const char *bare = c.p;
-    if (bad == NULL)
-        bad = parse_client_first_bare(&c, &nonce);
-    if (bad == NULL && nonce.len + strlen(server_nonce) >= sizeof st->nonce)
-        bad = "malformed SCRAM message: SCRAM nonce too long";
+    const char *bad = parse_client_first(st, &c, server_nonce);
     if (bad != NULL)
         return protocol_error(st, err, bad);
-    memcpy(st->client_first_bare, bare, bare_len);
-    st->client_first_bare[bare_len] = '\0';
-    memcpy(st->nonce, nonce.s, nonce.len);
-    strcpy(st->nonce + nonce.len, server_nonce);
     st->secret = *secret;
     if (!build_server_first(st))
         return protocol_error(st, err, "SCRAM server-first-message too long");

@@ -16,12 +16,29 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "admin/jobs.h"
+#include "admin/metrics.h"
+#include "admin/render.h"
 #include "admin/socket.h"
+#include "rules/catalog.h"
+#include "rules/sql.h"
+#include "rules/state.h"
+#include "proxy/compare.h"
 #include "proxy/log.h"
 #include "proxy/session.h"
 
 #define DRAIN_GRACE_MS 30000 /* SIGTERM: how long sessions may finish before they are ended */
 #define ACCEPT_BURST   64    /* connections accepted per readiness callback */
+
+static void errors_add(pd_config_errors_t *errs, const char *msg)
+{
+    char **msgs = realloc(errs->msgs, (errs->count + 1) * sizeof *msgs);
+    if (msgs == NULL)
+        return;
+    errs->msgs = msgs;
+    if ((msgs[errs->count] = strdup(msg)) != NULL)
+        errs->count++;
+}
 
 static void print_errors(pd_config_errors_t *errs)
 {
@@ -33,10 +50,14 @@ static void print_errors(pd_config_errors_t *errs)
  * Users and TLS material: built from a config, swapped in whole.
  */
 
+/* Everything derived from one config file; built off the loop, swapped in whole. */
 typedef struct {
+    pd_config_t *cfg;
     pd_users_t *users;
     pd_auth_entry_t *auth;
     SSL_CTX *ssl_ctx;
+    pd_rule_facts_t *facts;
+    pd_sql_t *sql;
 } material_t;
 
 static void material_free(material_t *m)
@@ -46,6 +67,33 @@ static void material_free(material_t *m)
     free(m->auth);
     pd_users_free(m->users);
     SSL_CTX_free(m->ssl_ctx);
+    pd_sql_free(m->sql);
+    if (m->cfg != NULL)
+        pd_catalog_free(m->facts, m->cfg->rule_count);
+    pd_config_free(m->cfg);
+    *m = (material_t){0};
+}
+
+static material_t material_take(pd_server_t *srv)
+{
+    material_t m = {srv->cfg, srv->users, srv->auth, srv->ssl_ctx, srv->facts, srv->sql};
+    srv->cfg = NULL;
+    srv->users = NULL;
+    srv->auth = NULL;
+    srv->ssl_ctx = NULL;
+    srv->facts = NULL;
+    srv->sql = NULL;
+    return m;
+}
+
+static void material_give(pd_server_t *srv, material_t *m)
+{
+    srv->cfg = m->cfg;
+    srv->users = m->users;
+    srv->auth = m->auth;
+    srv->ssl_ctx = m->ssl_ctx;
+    srv->facts = m->facts;
+    srv->sql = m->sql;
     *m = (material_t){0};
 }
 
@@ -111,13 +159,77 @@ static int load_tls(const pd_config_t *cfg, material_t *m)
     return 0;
 }
 
-static int material_load(const pd_config_t *cfg, material_t *m)
+#define SQL_CACHE_ENTRIES 4096
+
+/*
+ * Loads what the config names (users file, TLS material) and the catalog facts of its
+ * rules. Blocking (files, PBKDF2, libpq): at start, or on a worker thread for reloads.
+ * Takes ownership of cfg in m->cfg. A rule whose facts fail to load is logged and then
+ * refused when a statement concerns it; it does not stop the server.
+ */
+static int material_load(pd_config_t *cfg, material_t *m)
 {
-    *m = (material_t){0};
+    *m = (material_t){.cfg = cfg};
     if (load_users(cfg, m) != 0 || load_tls(cfg, m) != 0) {
         material_free(m);
         return -1;
     }
+    m->facts = pd_catalog_load(cfg);
+    if (m->facts == NULL) {
+        material_free(m);
+        return -1;
+    }
+    for (unsigned i = 0; i < cfg->rule_count; i++)
+        if (m->facts[i].error != NULL)
+            pd_log_error(NULL, "%s", m->facts[i].error);
+    return 0;
+}
+
+/* The rewriter needs the facts; cheap, so it is built on the loop thread. */
+static int material_finish(material_t *m)
+{
+    const pd_table_facts_t *facts[m->cfg->rule_count + 1];
+    for (unsigned i = 0; i < m->cfg->rule_count; i++)
+        facts[i] = &m->facts[i].table;
+    m->sql = pd_sql_new(m->cfg, facts, SQL_CACHE_ENTRIES);
+    return m->sql != NULL ? 0 : -1;
+}
+
+/* Flags in force: the state's (operators' changes) or else the config's initial ones. */
+static int flags_build(pd_server_t *srv)
+{
+    pd_rule_flags_t *flags = calloc(srv->cfg->rule_count + 1, sizeof *flags);
+    if (flags == NULL)
+        return -1;
+    for (unsigned i = 0; i < srv->cfg->rule_count; i++) {
+        const pd_rule_cfg_t *r = &srv->cfg->rules[i];
+        if (!pd_state_flags(srv->state, r->name, &flags[i].writes, &flags[i].reads)) {
+            flags[i].writes = r->writes;
+            flags[i].reads = r->reads;
+        }
+    }
+    /* Counters follow their rule by name across reloads. */
+    pd_rule_stats_t *stats = calloc(srv->cfg->rule_count + 1, sizeof *stats);
+    if (stats == NULL) {
+        free(flags);
+        return -1;
+    }
+    for (unsigned i = 0; i < srv->cfg->rule_count && srv->stats != NULL; i++)
+        for (unsigned j = 0; j < srv->stats_count; j++)
+            if (strcmp(srv->stats_names[j], srv->cfg->rules[i].name) == 0)
+                stats[i] = srv->stats[j];
+    free(srv->flags);
+    srv->flags = flags;
+    free(srv->stats);
+    srv->stats = stats;
+    for (unsigned j = 0; j < srv->stats_count; j++)
+        free(srv->stats_names[j]);
+    free(srv->stats_names);
+    srv->stats_count = 0;
+    srv->stats_names = calloc(srv->cfg->rule_count + 1, sizeof *srv->stats_names);
+    for (unsigned i = 0; srv->stats_names != NULL && i < srv->cfg->rule_count; i++)
+        if ((srv->stats_names[i] = strdup(srv->cfg->rules[i].name)) != NULL)
+            srv->stats_count = i + 1;
     return 0;
 }
 
@@ -260,6 +372,8 @@ static void finish(pd_server_t *srv)
     close_listener(srv);
     pd_admin_stop(srv->admin);
     srv->admin = NULL;
+    pd_metrics_stop(srv->metrics);
+    srv->metrics = NULL;
     uv_handle_t *handles[] = {(uv_handle_t *)&srv->sig_int, (uv_handle_t *)&srv->sig_term,
                               (uv_handle_t *)&srv->sig_hup, (uv_handle_t *)&srv->drain_timer};
     for (size_t i = 0; i < sizeof handles / sizeof handles[0]; i++)
@@ -330,8 +444,63 @@ static void on_drain_timeout(uv_timer_t *t)
  * Reload
  */
 
-int pd_server_reload(pd_server_t *srv, pd_config_errors_t *errs)
+typedef struct {
+    uv_work_t work;
+    pd_server_t *srv;
+    material_t m;
+    int rc;
+    pd_server_reload_cb cb;
+    void *ctx;
+} reload_job_t;
+
+static void reload_work(uv_work_t *w)
 {
+    reload_job_t *job = w->data;
+    pd_config_t *cfg = job->m.cfg;
+    job->m.cfg = NULL;
+    job->rc = material_load(cfg, &job->m);
+}
+
+static void reload_done(uv_work_t *w, int status)
+{
+    reload_job_t *job = w->data;
+    pd_server_t *srv = job->srv;
+    srv->reloading = false;
+    const char *error = NULL;
+    if (status != 0 || job->rc != 0)
+        error = "the users file, TLS material or catalog could not be loaded (see the log)";
+    else if (material_finish(&job->m) != 0)
+        error = "out of memory";
+    if (error != NULL) {
+        pd_log_error(NULL, "reload failed: %s; still running with the previous configuration",
+                     error);
+        material_free(&job->m);
+    } else {
+        const pd_config_t *old = srv->cfg;
+        if (job->m.cfg->listen_port != old->listen_port ||
+            strcmp(job->m.cfg->listen_host, old->listen_host) != 0)
+            pd_log_warning(NULL, "listen address changes take effect only after a restart");
+        material_t prev = material_take(srv);
+        material_give(srv, &job->m);
+        material_free(&prev);
+        flags_build(srv);
+        srv->config_generation++;
+        pd_log_set_level(srv->cfg->log_level);
+        pd_log_info(NULL, "configuration reloaded: %u databases, %u rules",
+                    srv->cfg->database_count, srv->cfg->rule_count);
+    }
+    if (job->cb != NULL)
+        job->cb(srv, error, job->ctx);
+    free(job);
+}
+
+int pd_server_reload(pd_server_t *srv, pd_config_errors_t *errs, pd_server_reload_cb cb,
+                     void *ctx)
+{
+    if (srv->reloading) {
+        errors_add(errs, "a reload is already in progress; try again in a moment");
+        return -1;
+    }
     pd_config_t *cfg = pd_config_load(srv->cfg->path, errs);
     if (cfg == NULL) {
         print_errors(errs);
@@ -339,25 +508,19 @@ int pd_server_reload(pd_server_t *srv, pd_config_errors_t *errs)
                            "with the previous one");
         return -1;
     }
-    material_t m;
-    if (material_load(cfg, &m) != 0) {
+    reload_job_t *job = calloc(1, sizeof *job);
+    if (job == NULL) {
         pd_config_free(cfg);
-        pd_log_error(NULL, "reload failed; still running with the previous configuration");
         return -1;
     }
-    if (cfg->listen_port != srv->cfg->listen_port ||
-        strcmp(cfg->listen_host, srv->cfg->listen_host) != 0)
-        pd_log_warning(NULL, "listen address changes take effect only after a restart");
-    material_t old = {srv->users, srv->auth, srv->ssl_ctx};
-    material_free(&old);
-    srv->users = m.users;
-    srv->auth = m.auth;
-    srv->ssl_ctx = m.ssl_ctx;
-    pd_config_free(srv->cfg);
-    srv->cfg = cfg;
-    pd_log_set_level(cfg->log_level);
-    pd_log_info(NULL, "configuration reloaded: %u databases, %u rules", cfg->database_count,
-                cfg->rule_count);
+    *job = (reload_job_t){.srv = srv, .m = {.cfg = cfg}, .cb = cb, .ctx = ctx};
+    job->work.data = job;
+    if (uv_queue_work(srv->loop, &job->work, reload_work, reload_done) != 0) {
+        pd_config_free(cfg);
+        free(job);
+        return -1;
+    }
+    srv->reloading = true;
     return 0;
 }
 
@@ -368,7 +531,7 @@ static void on_signal(uv_signal_t *h, int signum)
     case SIGHUP: {
         pd_log_info(NULL, "received SIGHUP, reloading configuration");
         pd_config_errors_t errs = {0};
-        pd_server_reload(srv, &errs);
+        pd_server_reload(srv, &errs, NULL, NULL);
         pd_config_errors_free(&errs);
         break;
     }
@@ -385,25 +548,67 @@ static void on_signal(uv_signal_t *h, int signum)
     }
 }
 
+static int open_state(pd_server_t *srv)
+{
+    const pd_config_t *cfg = srv->cfg;
+    if (cfg->state_conninfo != NULL || (cfg->state && strcmp(cfg->state, "postgres") == 0)) {
+        pd_log_error(NULL, "state: postgres is not supported yet; give a file path");
+        return -1;
+    }
+    char *err = NULL;
+    srv->state = pd_state_open(cfg->state, &err);
+    if (srv->state == NULL) {
+        pd_log_error(NULL, "%s", err ? err : "out of memory");
+        pd_log_error(NULL, "HINT:  Move the file away to start with the config's initial "
+                           "flags, or fix it.");
+        free(err);
+        return -1;
+    }
+    if (cfg->state == NULL)
+        pd_log_warning(NULL, "no `state` file configured: flag changes are lost on restart");
+    return 0;
+}
+
 int pd_server_init(pd_server_t *srv, uv_loop_t *loop, pd_config_t *cfg)
 {
-    *srv = (pd_server_t){.loop = loop, .cfg = cfg, .listen_fd = -1};
+    *srv = (pd_server_t){.loop = loop, .listen_fd = -1};
+    if (RAND_bytes(srv->mock_key, sizeof srv->mock_key) != 1) {
+        pd_log_error(NULL, "could not draw random bytes from OpenSSL");
+        return -1;
+    }
     pd_log_set_level(cfg->log_level);
     material_t m;
     if (material_load(cfg, &m) != 0)
         return -1;
-    srv->users = m.users;
-    srv->auth = m.auth;
-    srv->ssl_ctx = m.ssl_ctx;
+    if (material_finish(&m) != 0) {
+        material_free(&m);
+        return -1;
+    }
+    material_give(srv, &m);
     if (cfg->tls_mode != PD_TLS_DISABLE && srv->ssl_ctx == NULL) {
         pd_log_error(NULL, "tls.mode %s needs tls.cert and tls.key",
                      cfg->tls_mode == PD_TLS_REQUIRE ? "require" : "allow");
         return -1;
     }
+    if (open_state(srv) != 0 || flags_build(srv) != 0)
+        return -1;
+    char *err = NULL;
+    srv->divergence = pd_divergence_open(cfg->divergence_log, &err);
+    if (srv->divergence == NULL) {
+        pd_log_error(NULL, "%s", err ? err : "out of memory");
+        free(err);
+        return -1;
+    }
     srv->started_ms = uv_now(loop);
     if (open_listener(srv) != 0)
         return -1;
+    if ((srv->jobs = pd_jobs_new(srv->state)) == NULL)
+        return -1;
     if (cfg->admin_socket != NULL && (srv->admin = pd_admin_start(srv, cfg->admin_socket)) == NULL)
+        return -1;
+    if (cfg->admin_metrics != NULL &&
+        (srv->metrics = pd_metrics_start(loop, cfg->admin_metrics, pd_render_metrics, srv)) ==
+            NULL)
         return -1;
     uv_signal_init(loop, &srv->sig_int);
     uv_signal_init(loop, &srv->sig_term);
@@ -424,11 +629,35 @@ int pd_server_run(pd_server_t *srv)
 
 void pd_server_free(pd_server_t *srv)
 {
-    material_t m = {srv->users, srv->auth, srv->ssl_ctx};
+    material_t m = material_take(srv);
     material_free(&m);
-    srv->users = NULL;
-    srv->auth = NULL;
-    srv->ssl_ctx = NULL;
-    pd_config_free(srv->cfg);
-    srv->cfg = NULL;
+    /* Jobs first: their threads write checkpoints into the state. */
+    pd_jobs_free(srv->jobs);
+    srv->jobs = NULL;
+    pd_state_free(srv->state);
+    srv->state = NULL;
+    free(srv->flags);
+    srv->flags = NULL;
+    free(srv->stats);
+    srv->stats = NULL;
+    for (unsigned j = 0; j < srv->stats_count; j++)
+        free(srv->stats_names[j]);
+    free(srv->stats_names);
+    srv->stats_names = NULL;
+    pd_divergence_close(srv->divergence);
+    srv->divergence = NULL;
+}
+
+int pd_server_set_flags(pd_server_t *srv, unsigned rule, pd_writes_t writes,
+                        const pd_reads_t *reads, const char *who, char **err)
+{
+    const char *name = srv->cfg->rules[rule].name;
+    if (pd_state_set_flags(srv->state, name, writes, reads, who, err) != 0)
+        return -1;
+    srv->flags[rule].writes = writes;
+    srv->flags[rule].reads = *reads;
+    char rtext[32];
+    pd_log_info(NULL, "rule \"%s\": flags set to writes=%s reads=%s by %s", name,
+                pd_writes_name(writes), pd_reads_format(reads, rtext, sizeof rtext), who);
+    return 0;
 }

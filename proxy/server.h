@@ -17,6 +17,17 @@
 
 typedef struct pd_session pd_session_t;
 typedef struct pd_admin pd_admin_t;
+typedef struct pd_jobs pd_jobs_t;
+typedef struct pd_metrics pd_metrics_t;
+typedef struct pd_state pd_state_t;
+typedef struct pd_sql pd_sql_t;
+typedef struct pd_rule_facts pd_rule_facts_t;
+
+/* The flags in force for one rule: the config's initial ones, or the state's. */
+typedef struct {
+    pd_writes_t writes;
+    pd_reads_t reads;
+} pd_rule_flags_t;
 
 /* The session states; the X-macro gives the enum and the names used by logs and status. */
 #define PD_SESSION_STATES(X)                                                                       \
@@ -33,6 +44,12 @@ typedef enum { PD_SESSION_STATES(PD__STATE_ENUM) PD_SESSION_NSTATES } pd_session
 
 const char *pd_session_state_name(pd_session_state_t s);
 
+/* Counters per rule, for status and metrics. */
+typedef struct {
+    uint64_t passed, rewritten, refused;             /* statements concerning the rule */
+    uint64_t shadow_compared, shadow_mismatched, shadow_skipped;
+} pd_rule_stats_t;
+
 /* A users-file entry ready for SCRAM: plain-text passwords are derived once at load. */
 typedef struct {
     const pd_user_t *user; /* owned by pd_server_t.users */
@@ -45,6 +62,7 @@ typedef struct pd_server {
     pd_users_t *users;    /* owned; NULL unless auth mode scram */
     pd_auth_entry_t *auth; /* owned; one per user */
     SSL_CTX *ssl_ctx;     /* owned; NULL unless TLS is configured */
+    uint8_t mock_key[32]; /* random: salts of stand-in secrets for unknown users */
 
     int listen_fd;
     uv_poll_t *listen_poll; /* owned; freed by its close callback */
@@ -58,6 +76,18 @@ typedef struct pd_server {
     uint64_t total_sessions;
 
     pd_admin_t *admin; /* owned; NULL without admin.socket */
+    pd_metrics_t *metrics; /* owned; NULL without admin.metrics */
+    pd_state_t *state;     /* owned: flags, history, checkpoints, verify results */
+    pd_jobs_t *jobs;       /* owned: backfill and verify jobs */
+    pd_rule_flags_t *flags; /* owned; one per cfg->rules[i] */
+    pd_rule_stats_t *stats; /* owned; one per cfg->rules[i] */
+    char **stats_names;     /* owned; the rule names stats were made for (reload) */
+    unsigned stats_count;
+    pd_rule_facts_t *facts; /* owned; catalog facts, one per cfg->rules[i] */
+    struct pd_divergence_log *divergence; /* owned */
+    pd_sql_t *sql;          /* owned; the rewriter for cfg's rules */
+    bool reloading;
+    unsigned config_generation;
     uint64_t started_ms;
 
     bool stopping; /* SIGTERM: no new sessions; exit when the last one ends */
@@ -77,10 +107,19 @@ int pd_server_run(pd_server_t *srv);
 void pd_server_free(pd_server_t *srv);
 
 /*
- * Reloads the config file (users file and TLS material too) and swaps it in whole; on any
- * error keeps running with the previous one and appends the errors to errs. Returns 0/-1.
+ * Reloads the config file: parses it at once (errors appended to errs, return -1), then
+ * loads the users file, TLS material and catalog facts on a worker thread and swaps all
+ * in whole on the loop; cb (may be NULL) hears the outcome (error NULL on success). On
+ * any error pgdual keeps running with the previous configuration.
  */
-int pd_server_reload(pd_server_t *srv, pd_config_errors_t *errs);
+typedef void (*pd_server_reload_cb)(pd_server_t *srv, const char *error, void *ctx);
+int pd_server_reload(pd_server_t *srv, pd_config_errors_t *errs, pd_server_reload_cb cb,
+                     void *ctx);
+
+/* Sets a rule's flags: persisted in the state first, then in force for the next
+ * statement of every session. -1 with *err (malloc'd) when the state could not be saved. */
+int pd_server_set_flags(pd_server_t *srv, unsigned rule, pd_writes_t writes,
+                        const pd_reads_t *reads, const char *who, char **err);
 
 /* Looks up the auth entry of a user, or NULL. */
 const pd_auth_entry_t *pd_server_auth_entry(const pd_server_t *srv, const char *user);

@@ -8,6 +8,7 @@
  */
 #include "proxy/session.h"
 
+#include <openssl/evp.h>
 #include <openssl/rand.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,6 +18,7 @@
 
 #include "proxy/cancel.h"
 #include "proxy/log.h"
+#include "proxy/route.h"
 
 #define PIPE_SIZE    (64 * 1024)
 #define AUTH_MSG_MAX 65535u /* PostgreSQL's PG_MAX_AUTH_TOKEN_LENGTH */
@@ -58,7 +60,17 @@ static void free_session(uv_handle_t *h)
     pd_session_t *s = h->data;
     free(s->c2b.buf);
     free(s->b2c.buf);
+    pd_buf_free(&s->c2b.repl);
+    pd_buf_free(&s->b2c.repl);
     pd_buf_free(&s->out);
+    pd_buf_free(&s->to_server);
+    free(s->batches);
+    pd_sql_result_release(s->shadow);
+    free(s->shadow_text);
+    if (s->sums_ready) {
+        pd_result_sum_free(&s->sum_old);
+        pd_result_sum_free(&s->sum_new);
+    }
     for (unsigned i = 0; i < s->nparams; i++) {
         free(s->names[i]);
         free(s->values[i]);
@@ -107,21 +119,42 @@ pd_session_t *pd_session_find(pd_server_t *srv, uint32_t pid, uint32_t key)
 
 static bool pipe_pending(const pd_pipe_t *p)
 {
-    return p->scan > p->sent;
+    return p->scan > p->sent || p->has_hole;
 }
 
-/* Writes [sent, scan) to dst: 1 all written, 0 would block, -1 broken. Once all is
- * written, whatever unparsed tail is left moves to the front of the buffer. */
-static int pipe_flush(pd_pipe_t *p, pd_transport_t *dst)
+static int write_all(pd_transport_t *dst, const uint8_t *buf, size_t *done, size_t len)
 {
-    while (p->sent < p->scan) {
-        ssize_t n = pd_transport_write(dst, p->buf + p->sent, p->scan - p->sent);
+    while (*done < len) {
+        ssize_t n = pd_transport_write(dst, buf + *done, len - *done);
         if (n == PD_IO_AGAIN)
             return 0;
         if (n < 0)
             return -1;
-        p->sent += (size_t)n;
+        *done += (size_t)n;
     }
+    return 1;
+}
+
+/*
+ * Writes what is decided: [sent, hole_start), the replacement, then [hole_end, scan).
+ * 1 all written, 0 would block, -1 broken. Once all is written, the unparsed tail moves
+ * to the front of the buffer, and a buffer grown for one large message shrinks back.
+ */
+static int pipe_flush(pd_pipe_t *p, pd_transport_t *dst)
+{
+    int r;
+    if (p->has_hole) {
+        if ((r = write_all(dst, p->buf, &p->sent, p->hole_start)) <= 0)
+            return r;
+        if ((r = write_all(dst, p->repl.data, &p->repl_sent, p->repl.len)) <= 0)
+            return r;
+        p->has_hole = false;
+        pd_buf_reset(&p->repl);
+        p->repl_sent = 0;
+        p->sent = p->hole_end;
+    }
+    if ((r = write_all(dst, p->buf, &p->sent, p->scan)) <= 0)
+        return r;
     if (p->scan == p->end) {
         p->sent = p->scan = p->end = 0;
     } else if (p->scan > 0) {
@@ -129,7 +162,61 @@ static int pipe_flush(pd_pipe_t *p, pd_transport_t *dst)
         p->end -= p->scan;
         p->sent = p->scan = 0;
     }
+    if (p->cap > PIPE_SIZE && p->end <= PIPE_SIZE) {
+        uint8_t *small = realloc(p->buf, PIPE_SIZE);
+        if (small != NULL) {
+            p->buf = small;
+            p->cap = PIPE_SIZE;
+        }
+    }
     return 1;
+}
+
+/*
+ * Puts `bytes` in place of the message [scan, msg_end) and moves scan past it. A
+ * replacement right after the pending one joins it; otherwise it must wait until the
+ * pending one is written (returns false: stop scanning and flush).
+ */
+static bool pipe_replace(pd_pipe_t *p, size_t msg_end, const void *bytes, size_t n)
+{
+    if (p->has_hole && p->hole_end != p->scan)
+        return false;
+    if (!p->has_hole) {
+        p->has_hole = true;
+        p->hole_start = p->scan;
+    }
+    if (n > 0)
+        pd_buf_put(&p->repl, bytes, n);
+    p->hole_end = msg_end;
+    p->scan = msg_end;
+    return true;
+}
+
+/*
+ * Makes room to read more when the buffer is full: moves unsent bytes to the front, or
+ * grows the buffer for a message that must be seen whole, up to `limit` bytes.
+ */
+static bool pipe_make_room(pd_pipe_t *p, size_t limit)
+{
+    if (p->end < p->cap)
+        return true;
+    if (pipe_pending(p))
+        return false;
+    if (p->scan > 0) {
+        memmove(p->buf, p->buf + p->scan, p->end - p->scan);
+        p->end -= p->scan;
+        p->sent = p->scan = 0;
+        return true;
+    }
+    if (p->cap >= limit)
+        return false;
+    size_t cap = p->cap * 2 < limit ? p->cap * 2 : limit;
+    uint8_t *bigger = realloc(p->buf, cap);
+    if (bigger == NULL)
+        return false;
+    p->buf = bigger;
+    p->cap = cap;
+    return true;
 }
 
 static bool out_pending(const pd_session_t *s)
@@ -300,9 +387,11 @@ static void update_interest(pd_session_t *s)
         pd_transport_want(&s->client, false, out_pending(s));
         break;
     case PD_SESSION_ACTIVE:
-        pd_transport_want(&s->client, !pipe_pending(&s->c2b) && !s->client_terminated,
+        pd_transport_want(&s->client,
+                          !pipe_pending(&s->c2b) && !s->client_terminated && !s->hold_client,
                           pipe_pending(&s->b2c) || out_pending(s));
-        pd_transport_want(&s->server, !pipe_pending(&s->b2c), pipe_pending(&s->c2b));
+        pd_transport_want(&s->server, !pipe_pending(&s->b2c),
+                          pipe_pending(&s->c2b) || s->to_server.len > 0);
         break;
     case PD_SESSION_CLOSING: {
         bool owed = pipe_pending(&s->b2c) || out_pending(s);
@@ -318,11 +407,233 @@ static void update_interest(pd_session_t *s)
  * ACTIVE: the relay
  */
 
+/* ---------------------------------------------------------------------------------------
+ * Batches: what the server owes, in order (sessions with rules only)
+ */
+
+static bool batch_push(pd_session_t *s, pd_batch_t b)
+{
+    if (s->batch_count == s->batch_cap) {
+        unsigned cap = s->batch_cap ? s->batch_cap * 2 : 16;
+        if (cap > 1u << 20)
+            return false; /* a client pipelining a million batches is not served */
+        pd_batch_t *ring = malloc(cap * sizeof *ring);
+        if (ring == NULL)
+            return false;
+        for (unsigned i = 0; i < s->batch_count; i++)
+            ring[i] = s->batches[(s->batch_head + i) % s->batch_cap];
+        free(s->batches);
+        s->batches = ring;
+        s->batch_cap = cap;
+        s->batch_head = 0;
+    }
+    s->batches[(s->batch_head + s->batch_count) % s->batch_cap] = b;
+    s->batch_count++;
+    return true;
+}
+
+static pd_batch_t *batch_front(pd_session_t *s)
+{
+    return s->batch_count > 0 ? &s->batches[s->batch_head] : NULL;
+}
+
+static void batch_pop(pd_session_t *s)
+{
+    if (s->batch_count == 0)
+        return;
+    s->batch_head = (s->batch_head + 1) % s->batch_cap;
+    s->batch_count--;
+}
+
+/* Ends the batch being sent (at Sync, Query or FunctionCall). */
+static bool batch_close(pd_session_t *s, bool shadow)
+{
+    pd_batch_t b = {.nparse_before = s->batch_parse, .nbind_before = s->batch_bind,
+                    .inject = s->batch_inject, .shadow = shadow};
+    s->batch_parse = s->batch_bind = 0;
+    s->batch_inject = false;
+    return batch_push(s, b);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * ACTIVE: statements the rules may concern
+ */
+
+static void refresh_rules(pd_session_t *s)
+{
+    if (s->rules_generation == s->srv->config_generation + 1)
+        return;
+    s->rules_on = pd_route_db_has_rules(s->srv->cfg, s->database);
+    s->rules_generation = s->srv->config_generation + 1;
+}
+
+/* A shadow read is taken for a sampled share of statements that have one. */
+static bool sample_shadow(pd_session_t *s, const pd_sql_result_t *r)
+{
+    if (r->shadow_sql == NULL || r->rule < 0)
+        return false;
+    pd_rule_stats_t *st = &s->srv->stats[r->rule];
+    /* Only one shadow at a time, outside explicit transactions (the shadow query must
+     * not take part in the client's transaction), and not behind pipelined batches. */
+    if (s->shadow != NULL || s->txn_status != 'I' || s->batch_count > 0) {
+        st->shadow_skipped++;
+        return false;
+    }
+    double sample = s->srv->cfg->shadow_sample;
+    return sample >= 1.0 || (double)random() / ((double)RAND_MAX + 1.0) < sample;
+}
+
+static bool start_shadow(pd_session_t *s, pd_sql_result_t *r, const char *sql)
+{
+    if (!s->sums_ready) {
+        if (!pd_result_sum_init(&s->sum_old, false) || !pd_result_sum_init(&s->sum_new, false))
+            return false;
+        s->sums_ready = true;
+    }
+    pd_result_sum_t *sums[2] = {&s->sum_old, &s->sum_new};
+    for (int i = 0; i < 2; i++) {
+        EVP_MD_CTX *keep = sums[i]->row;
+        *sums[i] = (pd_result_sum_t){.ordered = r->ordered, .row = keep};
+    }
+    free(s->shadow_text);
+    s->shadow_text = strdup(sql);
+    s->shadow = r;
+    r->refs++;
+    return s->shadow_text != NULL;
+}
+
+/* The message that carries a refusal to PostgreSQL, which then reports it itself. */
+static void refusal_query(pd_buf_t *msg, const pd_sql_result_t *r)
+{
+    pd_buf_t sql;
+    pd_buf_init(&sql);
+    pd_route_refusal_sql(&sql, r->sqlstate, r->message, r->hint);
+    if (pd_buf_ok(&sql))
+        pd_fe_query(msg, (const char *)sql.data);
+    pd_buf_free(&sql);
+}
+
+/* In an extended-protocol batch a refused Parse becomes Parse+Bind+Execute of the
+ * refusal: PostgreSQL reports the error and skips the rest of the batch until Sync, as
+ * for an error of its own; the ParseComplete and BindComplete of ours are dropped. */
+static void refusal_extended(pd_buf_t *msg, const pd_sql_result_t *r)
+{
+    pd_buf_t sql;
+    pd_buf_init(&sql);
+    pd_route_refusal_sql(&sql, r->sqlstate, r->message, r->hint);
+    if (pd_buf_ok(&sql)) {
+        pd_fe_parse(msg, "", (const char *)sql.data, 0, NULL);
+        pd_fe_bind(msg, "", "", 0, NULL, NULL, NULL, 0, NULL);
+        pd_fe_execute(msg, "", 0);
+    }
+    pd_buf_free(&sql);
+}
+
+typedef enum { ROUTE_OK, ROUTE_WAIT, ROUTE_CLOSED } route_rc_t;
+
+/* A whole Query at [scan, scan + total). */
+static route_rc_t route_query(pd_session_t *s, pd_pipe_t *p, size_t total)
+{
+    const uint8_t *body = p->buf + p->scan + PD_MSG_HEADER_LEN;
+    pd_fe_query_t q;
+    const char *err = NULL;
+    if (pd_fe_query_decode(body, total - PD_MSG_HEADER_LEN, &q, &err) != PD_DECODE_OK) {
+        client_violation(s, err ? err : "invalid Query message");
+        return ROUTE_CLOSED;
+    }
+    if (p->has_hole && p->hole_end != p->scan)
+        return ROUTE_WAIT; /* a rewrite would need a second hole: flush first */
+    pd_sql_result_t *r = pd_route_statement(s->srv, s->database, s->route_key, q.sql);
+    if (r == NULL) {
+        pd_session_terminate(s, "53200", "out of memory", NULL);
+        return ROUTE_CLOSED;
+    }
+    bool shadow = r->action == PD_SQL_PASS && sample_shadow(s, r);
+    if (shadow && !start_shadow(s, r, q.sql))
+        shadow = false;
+    size_t msg_end = p->scan + total;
+    bool ok = true;
+    if (r->action == PD_SQL_PASS) {
+        p->scan = msg_end;
+    } else {
+        pd_buf_t msg;
+        pd_buf_init(&msg);
+        if (r->action == PD_SQL_REWRITE)
+            pd_fe_query(&msg, r->sql);
+        else
+            refusal_query(&msg, r);
+        ok = pd_buf_ok(&msg) && pipe_replace(p, msg_end, msg.data, msg.len);
+        pd_buf_free(&msg);
+    }
+    pd_sql_result_release(r);
+    if (!ok || !batch_close(s, shadow)) {
+        pd_session_terminate(s, "53200", "out of memory", NULL);
+        return ROUTE_CLOSED;
+    }
+    s->busy = true;
+    return ROUTE_OK;
+}
+
+/* A whole Parse at [scan, scan + total). */
+static route_rc_t route_parse(pd_session_t *s, pd_pipe_t *p, size_t total)
+{
+    const uint8_t *body = p->buf + p->scan + PD_MSG_HEADER_LEN;
+    pd_fe_parse_t m;
+    const char *err = NULL;
+    if (pd_fe_parse_decode(body, total - PD_MSG_HEADER_LEN, &m, &err) != PD_DECODE_OK) {
+        client_violation(s, err ? err : "invalid Parse message");
+        return ROUTE_CLOSED;
+    }
+    if (p->has_hole && p->hole_end != p->scan)
+        return ROUTE_WAIT;
+    pd_sql_result_t *r = pd_route_statement(s->srv, s->database, s->route_key, m.sql);
+    if (r == NULL) {
+        pd_session_terminate(s, "53200", "out of memory", NULL);
+        return ROUTE_CLOSED;
+    }
+    size_t msg_end = p->scan + total;
+    bool ok = true;
+    if (r->action == PD_SQL_PASS) {
+        p->scan = msg_end;
+        if (!s->batch_inject)
+            s->batch_parse++;
+    } else {
+        pd_buf_t msg;
+        pd_buf_init(&msg);
+        if (r->action == PD_SQL_REWRITE) {
+            uint32_t types[m.nparams + 1];
+            for (unsigned i = 0; i < m.nparams; i++) {
+                const uint8_t *t = m.param_types + 4 * i;
+                types[i] = (uint32_t)t[0] << 24 | (uint32_t)t[1] << 16 | (uint32_t)t[2] << 8 | t[3];
+            }
+            pd_fe_parse(&msg, m.name, r->sql, m.nparams, types);
+            if (!s->batch_inject)
+                s->batch_parse++;
+        } else if (!s->batch_inject) {
+            /* From here the counts stay as they are: they are the client's Parse and Bind
+             * answered ahead of the refusal (later ones the server skips). */
+            refusal_extended(&msg, r);
+            s->batch_inject = true;
+        }
+        /* A second refusal in one batch is dropped: the server skips to Sync anyway. */
+        ok = pd_buf_ok(&msg) && pipe_replace(p, msg_end, msg.data, msg.len);
+        pd_buf_free(&msg);
+    }
+    pd_sql_result_release(r);
+    if (!ok) {
+        pd_session_terminate(s, "53200", "out of memory", NULL);
+        return ROUTE_CLOSED;
+    }
+    s->busy = true;
+    return ROUTE_OK;
+}
+
 /* Decides every whole header in [scan, end). Returns 0, or -1 when the session ended. */
 static int scan_client(pd_session_t *s)
 {
     pd_pipe_t *p = &s->c2b;
-    while (p->scan < p->end) {
+    refresh_rules(s);
+    while (p->scan < p->end && !s->hold_client) {
         size_t avail = p->end - p->scan;
         if (p->skip > 0) {
             size_t take = p->skip < avail ? (size_t)p->skip : avail;
@@ -340,6 +651,7 @@ static int scan_client(pd_session_t *s)
             client_violation(s, err);
             return -1;
         }
+        uint64_t total = (uint64_t)h.len + 1;
         if (h.type == PD_FE_TERMINATE) {
             if (h.len != 4) {
                 client_violation(s, "invalid message length");
@@ -351,8 +663,27 @@ static int scan_client(pd_session_t *s)
             p->end = p->scan;
             break;
         }
+        if (s->rules_on && (h.type == PD_FE_QUERY || h.type == PD_FE_PARSE)) {
+            if (total > avail)
+                break; /* looked at whole: the relay loop makes room */
+            route_rc_t r = h.type == PD_FE_QUERY ? route_query(s, p, (size_t)total)
+                                                 : route_parse(s, p, (size_t)total);
+            if (r == ROUTE_CLOSED)
+                return -1;
+            if (r == ROUTE_WAIT)
+                break;
+            continue;
+        }
+        if (s->rules_on) {
+            if (h.type == PD_FE_BIND && !s->batch_inject)
+                s->batch_bind++;
+            else if ((h.type == PD_FE_SYNC || h.type == PD_FE_FUNCTION_CALL) &&
+                     !batch_close(s, false)) {
+                pd_session_terminate(s, "53200", "out of memory", NULL);
+                return -1;
+            }
+        }
         s->busy = true;
-        uint64_t total = (uint64_t)h.len + 1;
         if (total <= avail) {
             p->scan += (size_t)total;
         } else {
@@ -363,6 +694,124 @@ static int scan_client(pd_session_t *s)
     return 0;
 }
 
+/* ---------------------------------------------------------------------------------------
+ * Shadow reads: the proxy's own query after the client's, compared, never relayed
+ */
+
+static void finish_shadow(pd_session_t *s)
+{
+    pd_sql_result_t *r = s->shadow;
+    pd_rule_stats_t *st = &s->srv->stats[r->rule];
+    st->shadow_compared++;
+    if (!pd_result_equal(&s->sum_old, &s->sum_new)) {
+        st->shadow_mismatched++;
+        pd_log_info(s->tag, "shadow read differs for rule \"%s\"",
+                    s->srv->cfg->rules[r->rule].name);
+        pd_divergence_record(s->srv->divergence, s->srv->cfg->rules[r->rule].name,
+                             "shadow_read", s->shadow_text, &s->sum_old, &s->sum_new);
+    }
+    pd_sql_result_release(r);
+    s->shadow = NULL;
+}
+
+/* The client's shadowed query is answered: run the other form now, if still safe. */
+static void begin_shadow_query(pd_session_t *s)
+{
+    pd_pipe_t *c = &s->c2b;
+    bool quiet = s->batch_count == 0 && s->txn_status == 'I' && s->sum_old.sqlstate[0] == 0 &&
+                 !pipe_pending(c) && c->skip == 0 && s->batch_parse == 0 &&
+                 s->batch_bind == 0 && s->to_server.len == 0;
+    if (!quiet) {
+        s->srv->stats[s->shadow->rule].shadow_skipped++;
+        pd_sql_result_release(s->shadow);
+        s->shadow = NULL;
+        return;
+    }
+    pd_fe_query(&s->to_server, s->shadow->shadow_sql);
+    pd_batch_t b = {.internal = true};
+    if (!pd_buf_ok(&s->to_server) || !batch_push(s, b)) {
+        pd_buf_reset(&s->to_server);
+        pd_sql_result_release(s->shadow);
+        s->shadow = NULL;
+        return;
+    }
+    s->hold_client = true;
+}
+
+/* Feeds a result summary from a backend message seen whole. */
+static void sum_message(pd_result_sum_t *sum, uint8_t type, const uint8_t *body, size_t n)
+{
+    const char *err = NULL;
+    if (type == PD_BE_COMMAND_COMPLETE) {
+        const char *tag = NULL;
+        if (pd_be_command_complete_decode(body, n, &tag, &err) == PD_DECODE_OK)
+            pd_result_tag(sum, tag);
+    } else if (type == PD_BE_ERROR) {
+        pd_be_error_t e;
+        if (pd_be_error_decode(body, n, &e, &err) == PD_DECODE_OK)
+            pd_result_error(sum, e.sqlstate);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------
+ * The server's side of the relay
+ */
+
+static bool must_see_whole(const pd_session_t *s, uint8_t type)
+{
+    if (type == PD_BE_READY)
+        return true;
+    if (!s->rules_on)
+        return false;
+    if (type == PD_BE_PARSE_COMPLETE || type == PD_BE_BIND_COMPLETE)
+        return true;
+    return s->shadow != NULL && (type == PD_BE_COMMAND_COMPLETE || type == PD_BE_ERROR);
+}
+
+/* The summary the current message belongs to, if a shadow comparison is running. */
+static pd_result_sum_t *current_sum(pd_session_t *s)
+{
+    pd_batch_t *b = batch_front(s);
+    if (s->shadow == NULL || b == NULL)
+        return NULL;
+    if (b->internal)
+        return &s->sum_new;
+    return b->shadow ? &s->sum_old : NULL;
+}
+
+/* Whether a whole message at [scan, scan+total) is dropped, and what it updates. */
+static bool server_message(pd_session_t *s, uint8_t type, const uint8_t *body, size_t n)
+{
+    pd_batch_t *b = batch_front(s);
+    bool internal = b != NULL && b->internal;
+    pd_result_sum_t *sum = current_sum(s);
+    if (sum != NULL)
+        sum_message(sum, type, body, n);
+    if (type == PD_BE_READY) {
+        s->txn_status = body[0];
+        /* Idle again unless the client has already sent more (pipelining). */
+        s->busy = pipe_pending(&s->c2b) || s->c2b.end > s->c2b.scan || s->batch_count > 1;
+        bool shadow_done = b != NULL && b->shadow && s->shadow != NULL;
+        batch_pop(s);
+        if (internal) {
+            finish_shadow(s);
+            s->hold_client = false;
+            return true;
+        }
+        if (shadow_done)
+            begin_shadow_query(s);
+        return false;
+    }
+    if (b != NULL && b->inject) {
+        if (type == PD_BE_PARSE_COMPLETE && ++b->parse_seen > b->nparse_before)
+            return true;
+        if (type == PD_BE_BIND_COMPLETE && ++b->bind_seen > b->nbind_before)
+            return true;
+    }
+    /* Of the proxy's own query nothing reaches the client but what is not about it. */
+    return internal && type != PD_BE_NOTIFICATION && type != PD_BE_PARAMETER_STATUS;
+}
+
 static int scan_server(pd_session_t *s)
 {
     pd_pipe_t *p = &s->b2c;
@@ -370,8 +819,14 @@ static int scan_server(pd_session_t *s)
         size_t avail = p->end - p->scan;
         if (p->skip > 0) {
             size_t take = p->skip < avail ? (size_t)p->skip : avail;
+            if (s->tap_row)
+                pd_result_row_feed(current_sum(s), p->buf + p->scan, take);
             p->scan += take;
             p->skip -= take;
+            if (p->skip == 0 && s->tap_row) {
+                pd_result_row_end(current_sum(s));
+                s->tap_row = false;
+            }
             continue;
         }
         pd_msg_hdr_t h;
@@ -385,22 +840,42 @@ static int scan_server(pd_session_t *s)
                                              "database server", NULL);
             return -1;
         }
-        if (h.type == PD_BE_READY) {
-            /* ReadyForQuery is looked at whole: it tells the transaction status. */
-            if (h.len != 5) {
-                server_lost(s, "invalid ReadyForQuery");
-                return -1;
+        uint64_t total = (uint64_t)h.len + 1;
+        if (h.type == PD_BE_READY && h.len != 5) {
+            server_lost(s, "invalid ReadyForQuery");
+            return -1;
+        }
+        if (must_see_whole(s, h.type)) {
+            if (total > avail)
+                break; /* the relay loop makes room */
+            if (server_message(s, h.type, p->buf + p->scan + PD_MSG_HEADER_LEN, h.len - 4)) {
+                if (!pipe_replace(p, p->scan + (size_t)total, NULL, 0))
+                    break;
+            } else {
+                p->scan += (size_t)total;
             }
-            if (avail < 6)
-                break;
-            s->txn_status = p->buf[p->scan + 5];
-            /* Idle again unless the client has already sent more (pipelining). */
-            s->busy = pipe_pending(&s->c2b) || s->c2b.end > s->c2b.scan;
-            p->scan += 6;
             continue;
         }
-        uint64_t total = (uint64_t)h.len + 1;
-        if (total <= avail) {
+        pd_batch_t *b = batch_front(s);
+        bool drop = b != NULL && b->internal && h.type != PD_BE_NOTIFICATION &&
+                    h.type != PD_BE_PARAMETER_STATUS;
+        pd_result_sum_t *sum = h.type == PD_BE_DATA_ROW ? current_sum(s) : NULL;
+        if (drop && total > avail)
+            break; /* dropped messages are taken whole (they are the proxy's own) */
+        if (sum != NULL) {
+            pd_result_row_begin(sum);
+            size_t here = total <= avail ? (size_t)total : avail;
+            pd_result_row_feed(sum, p->buf + p->scan + PD_MSG_HEADER_LEN,
+                               here - PD_MSG_HEADER_LEN);
+            if (total <= avail)
+                pd_result_row_end(sum);
+            else
+                s->tap_row = true;
+        }
+        if (drop) {
+            if (!pipe_replace(p, p->scan + (size_t)total, NULL, 0))
+                break;
+        } else if (total <= avail) {
             p->scan += (size_t)total;
         } else {
             p->skip = total - avail;
@@ -408,6 +883,70 @@ static int scan_server(pd_session_t *s)
         }
     }
     return 0;
+}
+
+/* Writes the proxy's own messages to the server: 1 done, 0 would block, -1 broken. */
+static int to_server_flush(pd_session_t *s)
+{
+    int r = write_all(&s->server, s->to_server.data, &s->to_server_sent, s->to_server.len);
+    if (r > 0) {
+        pd_buf_reset(&s->to_server);
+        s->to_server_sent = 0;
+    }
+    return r;
+}
+
+/* The client's messages to the server: the proxy's own go first (they were decided
+ * before anything the client sent since). */
+static int server_flush(pd_session_t *s)
+{
+    int r = to_server_flush(s);
+    if (r <= 0)
+        return r;
+    return pipe_flush(&s->c2b, &s->server);
+}
+
+/*
+ * Scans and writes until nothing more can be decided or written: a scan stops at a
+ * second rewrite until the first is written. 0, or -1 when the session ended.
+ */
+static int pump_client(pd_session_t *s)
+{
+    for (;;) {
+        if (scan_client(s) < 0)
+            return -1;
+        if (!pipe_pending(&s->c2b) && s->to_server.len == 0)
+            return 0;
+        int f = server_flush(s);
+        if (f < 0) {
+            server_lost(s, s->server.error);
+            return -1;
+        }
+        if (f == 0)
+            return 0;
+    }
+}
+
+static int pump_server(pd_session_t *s)
+{
+    for (;;) {
+        if (scan_server(s) < 0)
+            return -1;
+        /* A shadow query decided while scanning goes out at once. */
+        if (s->to_server.len > 0 && to_server_flush(s) < 0) {
+            server_lost(s, s->server.error);
+            return -1;
+        }
+        if (!pipe_pending(&s->b2c))
+            return 0;
+        int f = pipe_flush(&s->b2c, &s->client);
+        if (f < 0) {
+            client_gone(s);
+            return -1;
+        }
+        if (f == 0)
+            return 0;
+    }
 }
 
 /*
@@ -418,9 +957,10 @@ static int scan_server(pd_session_t *s)
 static void relay_from_client(pd_session_t *s)
 {
     pd_pipe_t *p = &s->c2b;
+    size_t limit = (size_t)s->srv->cfg->max_message_size + 1;
     while (!s->closed && s->state == PD_SESSION_ACTIVE && !pipe_pending(p) &&
-           !s->client_terminated) {
-        if (p->end == p->cap) {
+           !s->client_terminated && !s->hold_client) {
+        if (!pipe_make_room(p, limit < PIPE_SIZE ? PIPE_SIZE : limit)) {
             client_violation(s, "invalid message length");
             return;
         }
@@ -433,12 +973,8 @@ static void relay_from_client(pd_session_t *s)
         }
         p->end += (size_t)n;
         s->bytes_c2b += (uint64_t)n;
-        if (scan_client(s) < 0)
+        if (pump_client(s) < 0)
             return;
-        if (pipe_flush(p, &s->server) < 0) {
-            server_lost(s, s->server.error);
-            return;
-        }
         if (s->client_terminated && !pipe_pending(p)) {
             pd_log_debug(s->tag, "client sent Terminate");
             session_close(s);
@@ -453,7 +989,7 @@ static void relay_from_server(pd_session_t *s)
 {
     pd_pipe_t *p = &s->b2c;
     while (!s->closed && s->state == PD_SESSION_ACTIVE && !pipe_pending(p)) {
-        if (p->end == p->cap) {
+        if (!pipe_make_room(p, (size_t)PD_MSG_MAX_LEN + 1)) {
             server_lost(s, "message does not fit the buffer");
             return;
         }
@@ -466,12 +1002,12 @@ static void relay_from_server(pd_session_t *s)
         }
         p->end += (size_t)n;
         s->bytes_b2c += (uint64_t)n;
-        if (scan_server(s) < 0)
+        bool held = s->hold_client;
+        if (pump_server(s) < 0)
             return;
-        if (pipe_flush(p, &s->client) < 0) {
-            client_gone(s);
+        /* The proxy's own query ended: what the client sent meanwhile goes on now. */
+        if (held && !s->hold_client && pump_client(s) < 0)
             return;
-        }
         if (!pd_transport_pending(&s->server))
             return;
     }
@@ -483,8 +1019,8 @@ static void on_server(pd_transport_t *t, void *owner, bool readable, bool writab
     (void)t;
     if (s->closed || s->state != PD_SESSION_ACTIVE)
         return;
-    if (writable && pipe_pending(&s->c2b)) {
-        int r = pipe_flush(&s->c2b, &s->server);
+    if (writable && (pipe_pending(&s->c2b) || s->to_server.len > 0)) {
+        int r = server_flush(s);
         if (r < 0) {
             server_lost(s, s->server.error);
             return;
@@ -493,6 +1029,9 @@ static void on_server(pd_transport_t *t, void *owner, bool readable, bool writab
             session_close(s);
             return;
         }
+        /* A scan that stopped at a second rewrite goes on now that the first is out. */
+        if (r > 0 && s->c2b.scan < s->c2b.end && pump_client(s) < 0)
+            return;
         /* Bytes TLS decrypted while we were blocked are not announced by the socket. */
         if (r > 0 && pd_transport_pending(&s->client))
             relay_from_client(s);
@@ -629,6 +1168,22 @@ static void begin_scram(pd_session_t *s)
     session_set_state(s, PD_SESSION_AUTH);
 }
 
+static void mock_secret(const pd_server_t *srv, const char *user, pd_scram_secret_t *secret)
+{
+    uint8_t md[EVP_MAX_MD_SIZE];
+    unsigned len = 0;
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+    if (ctx != NULL && EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) == 1 &&
+        EVP_DigestUpdate(ctx, srv->mock_key, sizeof srv->mock_key) == 1 &&
+        EVP_DigestUpdate(ctx, user, strlen(user)) == 1)
+        EVP_DigestFinal_ex(ctx, md, &len);
+    EVP_MD_CTX_free(ctx);
+    *secret = (pd_scram_secret_t){.iterations = PD_SCRAM_DEFAULT_ITER, .salt_len = 16};
+    memcpy(secret->salt, md, 16);
+    RAND_bytes(secret->stored_key, sizeof secret->stored_key);
+    RAND_bytes(secret->server_key, sizeof secret->server_key);
+}
+
 /* A printable random nonce for server-first-message. */
 static bool make_nonce(char *out, size_t size)
 {
@@ -668,16 +1223,11 @@ static int auth_message(pd_session_t *s, const uint8_t *body, size_t n)
         if (entry != NULL) {
             secret = entry->secret;
         } else {
-            /* Unknown user: go through the motions with a random secret, so that the
-             * reply does not tell which user names exist. */
-            uint8_t salt[16];
-            RAND_bytes(salt, sizeof salt);
+            /* Unknown user: go through the motions with a stand-in secret that looks like
+             * a real one (normal iteration count, a salt that is the same at every try
+             * for this name), so that the reply does not tell which user names exist. */
             s->auth_unknown_user = true;
-            if (!pd_scram_secret_from_password("", salt, sizeof salt, 16, &secret)) {
-                auth_failed(s);
-                return -1;
-            }
-            RAND_bytes(secret.stored_key, sizeof secret.stored_key);
+            mock_secret(s->srv, s->user, &secret);
         }
         char nonce[32];
         if (!make_nonce(nonce, sizeof nonce)) {
@@ -1019,6 +1569,8 @@ static void on_client(pd_transport_t *t, void *owner, bool readable, bool writab
                 client_gone(s);
                 return;
             }
+            if (r > 0 && s->b2c.scan < s->b2c.end && pump_server(s) < 0)
+                return;
             if (r > 0 && s->server_open && pd_transport_pending(&s->server))
                 relay_from_server(s);
         }
@@ -1057,6 +1609,7 @@ void pd_session_accept(pd_server_t *srv, int fd, const char *peer)
     s->id = ++srv->next_session_id;
     if (RAND_bytes((uint8_t *)&s->cancel_key, sizeof s->cancel_key) != 1)
         s->cancel_key = (uint32_t)random();
+    s->route_key = (uint64_t)s->cancel_key << 32 | s->id;
     s->started_ms = uv_now(srv->loop);
     snprintf(s->peer, sizeof s->peer, "%s", peer);
     snprintf(s->tag, sizeof s->tag, "[S-%u @%s]", s->id, peer);

@@ -18,17 +18,40 @@
 #include "protocol/scram.h"
 #include "protocol/wire.h"
 #include "proxy/backend.h"
+#include "proxy/compare.h"
 #include "proxy/server.h"
 #include "proxy/transport.h"
+#include "rules/sql.h"
 
-/* One direction of the relay. Invariant: 0 <= sent <= scan <= end <= cap.
- * [sent, scan) is decided and waiting to be written; [scan, end) is not parsed yet. */
+/*
+ * One direction of the relay. Invariant: 0 <= sent <= scan <= end <= cap.
+ * [sent, scan) is decided and waiting to be written; [scan, end) is not parsed yet.
+ * One "hole" may be pending: the input [hole_start, hole_end) is not sent, and `repl` is
+ * sent in its place (a rewritten message; empty: dropped messages).
+ */
 typedef struct {
     uint8_t *buf; /* owned */
     size_t cap;
     size_t sent, scan, end;
     uint64_t skip; /* body bytes of the current message still to stream through */
+    bool has_hole;
+    size_t hole_start, hole_end;
+    pd_buf_t repl;
+    size_t repl_sent;
 } pd_pipe_t;
+
+/*
+ * What the server owes for one batch of client messages ending in Sync, Query or
+ * FunctionCall (each answered by one ReadyForQuery). Kept only for sessions whose
+ * database has rules: it tells which responses answer messages the proxy put in.
+ */
+typedef struct {
+    uint32_t nparse_before, nbind_before; /* the client's Parse/Bind ahead of an injection */
+    uint32_t parse_seen, bind_seen;
+    bool inject;   /* a refusal was put in as Parse+Bind+Execute: drop their 1 and 2 */
+    bool shadow;   /* the client's query; its result is summed for a shadow comparison */
+    bool internal; /* the proxy's own query (shadow read): nothing of it reaches the client */
+} pd_batch_t;
 
 struct pd_session {
     pd_server_t *srv;           /* not owned */
@@ -58,6 +81,25 @@ struct pd_session {
     char *conninfo;              /* the database's old conninfo, copied: reload frees configs */
     pd_scram_t *scram;           /* owned during AUTH */
     bool auth_unknown_user;      /* SCRAM against a mock secret, fails at the end */
+
+    /* Rules: sessions on a database with rules look at Query and Parse whole. */
+    bool rules_on;
+    unsigned rules_generation;    /* srv->config_generation rules_on was computed for */
+    uint64_t route_key;           /* whose bucket decides reads new@N: sticky per session */
+    pd_batch_t *batches;          /* FIFO ring of batches awaiting ReadyForQuery, owned */
+    unsigned batch_cap, batch_head, batch_count;
+    uint32_t batch_parse, batch_bind; /* in the batch being sent */
+    bool batch_inject;
+    pd_buf_t to_server; /* the proxy's own messages for the server (shadow queries) */
+    size_t to_server_sent;
+    bool hold_client;   /* client input waits while the proxy's own query runs */
+
+    /* Shadow read in progress (one at a time). */
+    pd_sql_result_t *shadow;     /* owned reference */
+    char *shadow_text;           /* the client's statement, for the divergence log */
+    pd_result_sum_t sum_old, sum_new;
+    bool sums_ready;
+    bool tap_row;                /* b2c: the DataRow in progress is being summed */
 
     uint8_t txn_status; /* from the last ReadyForQuery: 'I', 'T' or 'E' */
     bool busy;          /* messages went to the server since its last ReadyForQuery */

@@ -38,6 +38,7 @@
 #define DEFAULT_STARTUP   60000u
 #define MIN_MESSAGE_SIZE  1024u
 #define MAX_CLIENTS_LIMIT 1000000u
+#define MAX_REPORTED      100u /* errors listed before "N more" */
 
 /* ---------------------------------------------------------------------------------------
  * The file's shape, as libcyaml fills it. Optional values whose default is not zero are
@@ -550,18 +551,26 @@ static bool errs_push(pd_config_errors_t *errs, char *msg)
     return true;
 }
 
-/* Moves the faults, in file order, to errs (which may be NULL: then they are dropped). */
+/* Moves the faults, in file order, to errs (which may be NULL: then they are dropped).
+   Past MAX_REPORTED, one message says how many more there are: a file of garbage would
+   otherwise bury the first, most useful, messages. */
 static void flush_faults(load_ctx_t *c, pd_config_errors_t *errs)
 {
     if (c->nfaults > 1)
         qsort(c->faults, c->nfaults, sizeof *c->faults, fault_cmp);
     for (size_t i = 0; i < c->nfaults; i++) {
-        if (errs != NULL)
-            errs_push(errs, c->faults[i].msg);
+        const fault_t *f = &c->faults[i];
+        char *more = NULL;
+        if (errs != NULL && i == MAX_REPORTED && f->line > 0 &&
+            asprintf(&more, "%s:%zu:%zu: %zu more errors from here on are not shown", c->name,
+                     f->line, f->column, c->found - MAX_REPORTED) >= 0)
+            errs_push(errs, more);
+        if (errs != NULL && i < MAX_REPORTED)
+            errs_push(errs, f->msg);
         else
-            free(c->faults[i].msg);
+            free(f->msg);
     }
-    if (errs != NULL && c->found > c->nfaults) {
+    if (errs != NULL && c->found > c->nfaults && c->nfaults < MAX_REPORTED) {
         char *msg = NULL;
         if (asprintf(&msg, "%s: out of memory while reporting errors", c->name) >= 0)
             errs_push(errs, msg);
@@ -574,20 +583,27 @@ static void flush_faults(load_ctx_t *c, pd_config_errors_t *errs)
 /*
  * A value quoted into a message, or nothing at all when it might be a secret: a libpq
  * conninfo put under the wrong key has '=' (key=value) or "://" (a URI, credentials and
- * all), and a long value is rather pasted than typed. Control characters show as '?'.
+ * all), and a long value is rather pasted than typed. Quotes and backslashes are escaped
+ * and control characters show as '?', so that the message stays one readable line.
  */
-static const char *echo(char *buf, size_t size, const char *v)
+#define ECHO_MAX  48
+#define ECHO_SIZE (2 * ECHO_MAX + 4)
+
+static const char *echo(char buf[ECHO_SIZE], const char *v)
 {
-    size_t n = strlen(v);
-    if (n > 48 || strchr(v, '=') != NULL || strstr(v, "://") != NULL || size < n + 4) {
-        buf[0] = '\0';
+    size_t n = strlen(v), j = 0;
+
+    buf[0] = '\0';
+    if (n > ECHO_MAX || strchr(v, '=') != NULL || strstr(v, "://") != NULL)
         return buf;
-    }
-    size_t j = 0;
     buf[j++] = ' ';
     buf[j++] = '"';
-    for (size_t i = 0; i < n; i++)
-        buf[j++] = ((unsigned char)v[i] < ' ' || v[i] == 0x7f) ? '?' : v[i];
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)v[i];
+        if (ch == '"' || ch == '\\')
+            buf[j++] = '\\';
+        buf[j++] = (ch < ' ' || ch == 0x7f) ? '?' : (char)ch;
+    }
     buf[j++] = '"';
     buf[j] = '\0';
     return buf;
@@ -710,9 +726,9 @@ static uint64_t uint_max(const cyaml_schema_value_t *s)
 static void invalid_value(load_ctx_t *c, const yaml_node_t *n, const char *key,
                           const char *expected)
 {
-    char shown[64];
+    char shown[ECHO_SIZE];
     fault_at(c, n->start_mark, "invalid value%s for \"%s\" (expected %s)",
-             echo(shown, sizeof shown, (const char *)n->data.scalar.value), key, expected);
+             echo(shown, (const char *)n->data.scalar.value), key, expected);
 }
 
 static void walk_string(load_ctx_t *c, const cyaml_schema_value_t *s, const yaml_node_t *n,
@@ -816,7 +832,7 @@ static size_t edit_distance(const char *a, const char *b)
 static int unknown_key(load_ctx_t *c, const cyaml_schema_field_t *fields, const yaml_node_t *k,
                        const char *path)
 {
-    char shown[64], in[300], hint[512];
+    char shown[ECHO_SIZE], in[300], hint[512];
     const char *name = (const char *)k->data.scalar.value;
     const char *best = NULL;
     size_t best_d = 3; /* suggest only close spellings */
@@ -838,7 +854,7 @@ static int unknown_key(load_ctx_t *c, const cyaml_schema_field_t *fields, const 
             used += (size_t)snprintf(hint + used, sizeof hint - used, "%s%s", i ? ", " : "",
                                      fields[i].key);
     }
-    fault_at(c, k->start_mark, "unknown key%s%s (%s)", echo(shown, sizeof shown, name),
+    fault_at(c, k->start_mark, "unknown key%s%s (%s)", echo(shown, name),
              where(in, sizeof in, path), hint);
     return best_i;
 }
@@ -945,7 +961,7 @@ static const yaml_node_t *find_database(load_ctx_t *c, const char *name, size_t 
 static void check_databases(load_ctx_t *c)
 {
     const yaml_node_t *dbs = map_get(c, c->root, "databases");
-    char shown[64];
+    char shown[ECHO_SIZE];
 
     for (size_t i = 0; i < seq_len(dbs); i++) {
         const yaml_node_t *name = map_get(c, seq_item(c, dbs, i), "name");
@@ -955,7 +971,7 @@ static void check_databases(load_ctx_t *c)
         const yaml_node_t *first = find_database(c, v, i);
         if (first != NULL)
             fault_at(c, name->start_mark, "duplicate database name%s (first defined on line %zu)",
-                     echo(shown, sizeof shown, v), first->start_mark.line + 1);
+                     echo(shown, v), first->start_mark.line + 1);
     }
 }
 
@@ -976,14 +992,14 @@ static void check_rule_database(load_ctx_t *c, const yaml_node_t *rule, const ch
     const yaml_node_t *dbnode = map_get(c, rule, "database");
     const yaml_node_t *kind = map_get(c, rule, "kind");
     const char *db = scalar_of(dbnode);
-    char shown[64];
+    char shown[ECHO_SIZE];
 
     if (db == NULL || db[0] == '\0')
         return;
     const yaml_node_t *target = find_database(c, db, SIZE_MAX);
     if (target == NULL) {
         fault_at(c, dbnode->start_mark, "rule %s names database%s, which is not in \"databases\"",
-                 label, echo(shown, sizeof shown, db));
+                 label, echo(shown, db));
         return;
     }
     const char *k = scalar_of(kind);
@@ -991,7 +1007,7 @@ static void check_rule_database(load_ctx_t *c, const yaml_node_t *rule, const ch
         fault_at(c, kind->start_mark,
                  "rule %s is kind tables, which moves data to a second database, but "
                  "database%s has no \"new\"",
-                 label, echo(shown, sizeof shown, db));
+                 label, echo(shown, db));
 }
 
 static void check_rule_kind(load_ctx_t *c, const yaml_node_t *rule, const char *label)
@@ -1020,7 +1036,7 @@ static void check_rule_kind(load_ctx_t *c, const yaml_node_t *rule, const char *
 static void check_rules(load_ctx_t *c)
 {
     const yaml_node_t *rules = map_get(c, c->root, "rules");
-    char shown[64], label[96];
+    char shown[ECHO_SIZE], label[ECHO_SIZE];
 
     for (size_t i = 0; i < seq_len(rules); i++) {
         const yaml_node_t *rule = seq_item(c, rules, i);
@@ -1028,7 +1044,7 @@ static void check_rules(load_ctx_t *c)
             continue;
         const yaml_node_t *name = map_get(c, rule, "name");
         const char *v = scalar_of(name);
-        if (v != NULL && echo(shown, sizeof shown, v)[0] != '\0')
+        if (v != NULL && echo(shown, v)[0] != '\0')
             snprintf(label, sizeof label, "%s", shown + 1);
         else
             snprintf(label, sizeof label, "rules[%zu]", i);

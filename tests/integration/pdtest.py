@@ -26,6 +26,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -107,6 +108,29 @@ def pg_conninfo(dbname="app", user=None, **extra):
     for k, v in extra.items():
         parts.append("%s=%s" % (k, v))
     return " ".join(parts)
+
+
+def direct_query(sql, args=(), dbname="postgres"):
+    """Runs one query on the real cluster (as postgres) and returns all rows."""
+    import psycopg2
+    c = cluster()
+    conn = psycopg2.connect(host=c["host"], port=c["port"], dbname=dbname, user="postgres",
+                            connect_timeout=10)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(sql, args)
+            return cur.fetchall() if cur.description else []
+    finally:
+        conn.close()
+
+
+def wait_backend_busy(appname, timeout=10):
+    """Waits until the backend of the session named appname is running a query (so that
+    a cancel or a cut connection hits the query, not the gap before it)."""
+    wait_for(lambda: direct_query(
+        "SELECT 1 FROM pg_stat_activity WHERE application_name = %s AND state = 'active'",
+        (appname,)), timeout, what="the backend of %s to be busy" % appname)
 
 
 def free_port():
@@ -206,6 +230,11 @@ def to_yaml(v):
 # The proxy
 
 
+def redact(text):
+    """Hides conninfo passwords in text that is about to be printed."""
+    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s\"]+)", r"\1***", text)
+
+
 class ProxyError(AssertionError):
     pass
 
@@ -288,7 +317,8 @@ class Proxy:
         while True:
             if self.proc.poll() is not None:
                 raise ProxyError("pgdual exited with status %s during start-up; config:\n%s"
-                                 "\nlog:\n%s" % (self.proc.returncode, to_yaml(self.config),
+                                 "\nlog:\n%s" % (self.proc.returncode,
+                                                 redact(to_yaml(self.config)),
                                                  self.log_tail()))
             if port_open(self.port):
                 return self

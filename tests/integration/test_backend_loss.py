@@ -166,9 +166,10 @@ class BackendLossTest(unittest.TestCase):
     def test_loss_mid_query(self):
         c = RawClient(self.port)
         try:
-            c.startup("postgres", "app")
+            appname = "pd_midquery_" + SUFFIX
+            c.startup("postgres", "app", application_name=appname)
             c.send(pdtest.query_msg("SELECT pg_sleep(20)"))
-            time.sleep(0.3)  # let the query reach the backend (no event to wait on)
+            pdtest.wait_backend_busy(appname)
             self.assertGreaterEqual(self.fwd.kill_connections(), 1)
             t0 = time.monotonic()
             err = c.read_error_then_close(5)
@@ -179,15 +180,21 @@ class BackendLossTest(unittest.TestCase):
         self.new_session_works()
 
     def test_loss_mid_result_psycopg(self):
-        conn = pdtest.connect(self.port)
+        appname = "pd_midresult_" + SUFFIX
+        conn = pdtest.connect(self.port, application_name=appname)
         conn.autocommit = True
         try:
-            killer = threading.Timer(0.5, self.fwd.kill_connections)
+            stamp = []
+
+            def kill_when_busy():
+                pdtest.wait_backend_busy(appname)
+                stamp.append(time.monotonic())
+                self.fwd.kill_connections()
+            killer = threading.Thread(target=kill_when_busy, daemon=True)
             killer.start()
-            t0 = time.monotonic()
             with self.assertRaises(psycopg2.OperationalError):
                 conn.cursor().execute("SELECT pg_sleep(20)")
-            self.assertLess(time.monotonic() - t0, 5.5)
+            self.assertLess(time.monotonic() - stamp[0], 5)
             killer.join()
         finally:
             conn.close()

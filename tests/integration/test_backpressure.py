@@ -4,7 +4,6 @@ its backend, so the proxy's memory stays bounded (RSS < 64 MB) and the whole res
 arrives."""
 
 import os
-import socket
 import struct
 import threading
 import time
@@ -51,9 +50,9 @@ class BackpressureTest(unittest.TestCase):
         cls.proxy.stop()
 
     def backend_wait_event(self):
-        return pdtest.run_psql(
-            pdtest.cluster()["port"], "SELECT coalesce(wait_event, '-') FROM pg_stat_activity "
-            "WHERE application_name = '%s'" % APPNAME, dbname="postgres").stdout.strip()
+        rows = pdtest.direct_query("SELECT coalesce(wait_event, '-') FROM pg_stat_activity "
+                                   "WHERE application_name = %s", (APPNAME,))
+        return rows[0][0] if rows else None
 
     def test_slow_reader_of_1gb(self):
         sampler = None

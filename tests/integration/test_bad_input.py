@@ -58,9 +58,8 @@ class BadInputTest(unittest.TestCase):
         return c
 
     def backend_gone(self, appname):
-        pdtest.wait_for(lambda: pdtest.run_psql(
-            pdtest.cluster()["port"], "SELECT count(*) FROM pg_stat_activity WHERE "
-            "application_name = '%s'" % appname, dbname="postgres").stdout.strip() == "0",
+        pdtest.wait_for(lambda: not pdtest.direct_query(
+            "SELECT 1 FROM pg_stat_activity WHERE application_name = %s", (appname,)),
             5, what="the backend of %s to close" % appname)
 
     # --- before or during startup --------------------------------------------------------

@@ -181,9 +181,9 @@ class PsycopgTest(unittest.TestCase):
             self.assertEqual(row[1], blob)
             self.assertEqual(struct.unpack("!i", row[2])[0], 256)
 
-    def _cancel_after(self, conn, delay, stamp):
+    def _cancel_when_busy(self, conn, appname, stamp):
         def fire():
-            time.sleep(delay)
+            pdtest.wait_backend_busy(appname)
             stamp.append(time.monotonic())
             conn.cancel()
         t = threading.Thread(target=fire, daemon=True)
@@ -191,6 +191,9 @@ class PsycopgTest(unittest.TestCase):
         return t
 
     def test_cancel(self):
+        self.conn.close()
+        appname = "pd_cancel_" + SUFFIX
+        self.conn = pdtest.connect(self.port, application_name=appname)
         self.conn.autocommit = True
         other = pdtest.connect(self.port)
         other.autocommit = True
@@ -209,7 +212,7 @@ class PsycopgTest(unittest.TestCase):
             ot.start()
             for attempt in range(2):
                 stamp = []
-                t = self._cancel_after(self.conn, 0.3, stamp)
+                t = self._cancel_when_busy(self.conn, appname, stamp)
                 cur = self.conn.cursor()
                 with self.assertRaises(psycopg2.errors.QueryCanceled) as cm:
                     cur.execute("SELECT pg_sleep(30)")
@@ -222,7 +225,7 @@ class PsycopgTest(unittest.TestCase):
             # Inside a transaction: the transaction is aborted, ROLLBACK recovers.
             self.conn.autocommit = False
             stamp = []
-            t = self._cancel_after(self.conn, 0.3, stamp)
+            t = self._cancel_when_busy(self.conn, appname, stamp)
             cur = self.conn.cursor()
             cur.execute("SELECT 1")
             with self.assertRaises(psycopg2.errors.QueryCanceled):

@@ -84,13 +84,14 @@ class TlsAllowTest(unittest.TestCase):
             conn.close()
 
     def test_cancel_over_tls(self):
-        conn = pdtest.connect(self.port, sslmode="require")
+        appname = "pd_tls_cancel_%d" % os.getpid()
+        conn = pdtest.connect(self.port, sslmode="require", application_name=appname)
         conn.autocommit = True
         try:
             stamp = []
 
             def fire():
-                time.sleep(0.3)
+                pdtest.wait_backend_busy(appname)
                 stamp.append(time.monotonic())
                 conn.cancel()
             t = threading.Thread(target=fire, daemon=True)

@@ -467,6 +467,42 @@ static void test_errors_never_show_secrets(void **state)
     }
 }
 
+static void test_many_faults_are_capped(void **state)
+{
+    char *text = NULL;
+    size_t size = 0;
+    FILE *f = open_memstream(&text, &size);
+    pd_config_errors_t errs = {0};
+
+    assert_non_null(f);
+    fprintf(f, "databases: [{ name: app, old: \"dbname=app\" }]\n");
+    for (int i = 0; i < 150; i++)
+        fprintf(f, "junk%d: 1\n", i);
+    fclose(f);
+    assert_null(pd_config_load_string(text, size, "t.yaml", &errs));
+    assert_int_equal(errs.count, 101);
+    assert_string_equal(errs.msgs[0], "t.yaml:2:1: unknown key \"junk0\" at the top level "
+                                      "(valid keys: listen, tls, auth, admin, state, "
+                                      "divergence, limits, log, databases, rules)");
+    assert_string_equal(errs.msgs[100], "t.yaml:102:1: 50 more errors from here on are not shown");
+    pd_config_errors_free(&errs);
+    free(text);
+}
+
+/* Values are quoted with escapes, so a message stays one unambiguous line. */
+static void test_echoed_values_are_escaped(void **state)
+{
+    static const char text[] = "databases: [{ name: app, old: \"dbname=app\", new: \"x=y\" }]\n"
+                               "rules: [{ name: 'a\"b', database: app, kind: tables }]\n";
+    pd_config_errors_t errs = {0};
+
+    assert_null(load_text(text, &errs));
+    assert_int_equal(errs.count, 1);
+    assert_string_equal(errs.msgs[0], "t.yaml:2:17: invalid value \"a\\\"b\" for \"name\" "
+                                      "(expected a name without spaces, quotes or backslashes)");
+    pd_config_errors_free(&errs);
+}
+
 static void test_errors_are_appended(void **state)
 {
     pd_config_errors_t errs = {0};
@@ -597,6 +633,8 @@ int main(void)
         cmocka_unit_test(test_scram_and_log_level),
         cmocka_unit_test(test_several_faults_all_reported_in_file_order),
         cmocka_unit_test(test_errors_never_show_secrets),
+        cmocka_unit_test(test_many_faults_are_capped),
+        cmocka_unit_test(test_echoed_values_are_escaped),
         cmocka_unit_test(test_errors_are_appended),
         cmocka_unit_test(test_missing_file),
         cmocka_unit_test(test_load_string_resolves_against_cwd),

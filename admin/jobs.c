@@ -1,0 +1,1149 @@
+/*
+ * jobs.c — the operator jobs of jobs.h (backfill and verify for `columns` rules) and
+ * their registry.
+ *
+ * Each job runs on a thread of its own with its own libpq connection to the rule's old
+ * database, so the event loop never waits for it. The loop thread starts, reads and
+ * cancels jobs through the registry; a job's progress, state and result live under the
+ * registry's mutex; cancellation is a flag the job checks between batches.
+ *
+ * Both jobs walk the table in key order with row comparisons, `(k1, k2) > ($1, $2)`, so
+ * that composite keys work and every step is an index range scan; keys travel as text
+ * and are cast back by PostgreSQL. Values read from the database go only into a job's
+ * result (which only the admin socket shows), never into the log.
+ */
+#include "admin/jobs.h"
+
+#include <libpq-fe.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "proxy/log.h"
+
+#define FINISHED_KEPT        50      /* finished jobs listed by `jobs` */
+#define KEYS_LISTED          100     /* divergent keys a verify result lists */
+#define DEFAULT_BATCH        1000    /* backfill rows per batch */
+#define DEFAULT_VERIFY_BATCH 5000    /* verify rows per chunk (reads only) */
+#define EXACT_COUNT_BELOW    1000000 /* pg_class estimate under this: count(*) instead */
+#define SLEEP_SLICE_MS       50      /* throttle sleeps in slices, to notice cancels */
+
+typedef enum { JOB_BACKFILL, JOB_VERIFY } job_kind_t;
+typedef enum { JOB_RUNNING, JOB_DONE, JOB_FAILED, JOB_CANCELLED } job_state_t;
+
+static const char *const kind_names[] = {[JOB_BACKFILL] = "backfill", [JOB_VERIFY] = "verify"};
+static const char *const state_names[] = {[JOB_RUNNING] = "running",
+                                          [JOB_DONE] = "done",
+                                          [JOB_FAILED] = "failed",
+                                          [JOB_CANCELLED] = "cancelled"};
+
+/* What a job needs of its rule, copied at start: the config may be reloaded meanwhile. */
+typedef struct {
+    char *name;
+    char *database;
+    char *conninfo; /* the database's old side */
+    char *table;
+    char **key;
+    unsigned nkey;
+    pd_column_map_t *cols;
+    unsigned ncols;
+    pd_writes_t writes;
+} job_rule_t;
+
+typedef struct job {
+    pd_jobs_t *jobs;
+    struct job *next; /* registry list, newest first */
+    int id;
+    job_kind_t kind;
+    job_rule_t rule; /* owned; read only after start */
+    pd_job_options_t opt;
+    char tag[160]; /* log prefix: "[job 3 backfill users-email]" */
+    uv_thread_t thread;
+    atomic_bool cancel;
+    /* The fields below are under jobs->lock. */
+    PGcancel *pgcancel; /* owned by the thread; set while its connection is up */
+    job_state_t state;
+    int64_t rows_done, rows_total, resumed_from;
+    uint64_t started_ns, finished_ns; /* uv_hrtime, for the rate */
+    time_t started_at, finished_at;
+    char *error;    /* owned; failed jobs */
+    char *hint;     /* owned; or NULL */
+    json_t *result; /* owned; done jobs (and failed verifies that got that far) */
+} job_t;
+
+struct pd_jobs {
+    pd_state_t *state;
+    pthread_mutex_t lock;
+    job_t *list; /* newest first */
+    int next_id;
+};
+
+/* A job's working set on its thread: nothing here is shared. */
+typedef struct {
+    job_t *job;
+    PGconn *conn;
+    char *table;     /* quoted "schema"."table" */
+    char **key;      /* quoted key columns */
+    char **old_cols; /* quoted */
+    char **new_cols; /* quoted */
+    char **up;       /* "(expr)" or a quoted old column */
+    char **down;     /* "(expr)" or a quoted new column */
+    char **lo;       /* last key done (text values), or NULL before the first batch */
+    char *error, *hint;
+    json_t *result;
+} run_t;
+
+/* ---------------------------------------------------------------------------------------
+ * Small helpers
+ */
+
+__attribute__((format(printf, 1, 2))) static char *strf(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    char *out = NULL;
+    int n = vasprintf(&out, fmt, ap);
+    va_end(ap);
+    return n < 0 ? NULL : out;
+}
+
+static char *xstrdup(const char *s)
+{
+    return s != NULL ? strdup(s) : NULL;
+}
+
+static void free_strv(char **v, unsigned n)
+{
+    if (v == NULL)
+        return;
+    for (unsigned i = 0; i < n; i++)
+        free(v[i]);
+    free(v);
+}
+
+static void iso_time(time_t t, char *buf, size_t size)
+{
+    struct tm tm;
+    gmtime_r(&t, &tm);
+    strftime(buf, size, "%Y-%m-%dT%H:%M:%SZ", &tm);
+}
+
+static bool cancelled(const run_t *r)
+{
+    return atomic_load(&r->job->cancel);
+}
+
+/* Sets the job's error (first one wins) and returns -1. */
+__attribute__((format(printf, 3, 4))) static int fail(run_t *r, const char *hint, const char *fmt,
+                                                      ...)
+{
+    if (r->error != NULL)
+        return -1;
+    va_list ap;
+    va_start(ap, fmt);
+    if (vasprintf(&r->error, fmt, ap) < 0)
+        r->error = NULL;
+    va_end(ap);
+    r->hint = xstrdup(hint);
+    return -1;
+}
+
+/*
+ * A failed statement: the job's error carries PostgreSQL's message (it may quote values,
+ * which is fine for the admin socket); the log gets only the SQLSTATE. Returns -1, or 1
+ * when the job was cancelled meanwhile (pd_jobs_free cancels the statement in flight).
+ */
+static int sql_fail(run_t *r, PGresult *res, const char *what)
+{
+    if (cancelled(r))
+        return 1;
+    const char *msg = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY) : NULL;
+    const char *hint = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_HINT) : NULL;
+    const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+    pd_log_warning(r->job->tag, "%s failed (SQLSTATE %s); pgdualctl jobs %d shows why", what,
+                   state ? state : "none", r->job->id);
+    if (msg == NULL)
+        msg = PQerrorMessage(r->conn);
+    return fail(r,
+                hint ? hint
+                     : "Check the rule's table, key and column expressions against the "
+                       "database (pgdualctl rules), then start the job again.",
+                "%s failed: %s", what, msg);
+}
+
+static void set_progress(run_t *r, int64_t done)
+{
+    pthread_mutex_lock(&r->job->jobs->lock);
+    r->job->rows_done = done;
+    pthread_mutex_unlock(&r->job->jobs->lock);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * The rule copied into a job
+ */
+
+static void rule_free(job_rule_t *r)
+{
+    free(r->name);
+    free(r->database);
+    free(r->conninfo);
+    free(r->table);
+    free_strv(r->key, r->nkey);
+    for (unsigned i = 0; r->cols != NULL && i < r->ncols; i++) {
+        free(r->cols[i].old);
+        free(r->cols[i].new);
+        free(r->cols[i].up);
+        free(r->cols[i].down);
+    }
+    free(r->cols);
+}
+
+static int rule_copy(job_rule_t *dst, const pd_rule_cfg_t *src, const char *conninfo,
+                     pd_writes_t writes)
+{
+    *dst = (job_rule_t){.nkey = src->key_count, .ncols = src->column_count, .writes = writes};
+    dst->name = xstrdup(src->name);
+    dst->database = xstrdup(src->database);
+    dst->conninfo = xstrdup(conninfo);
+    dst->table = xstrdup(src->table);
+    dst->key = calloc(src->key_count + 1, sizeof *dst->key);
+    dst->cols = calloc(src->column_count + 1, sizeof *dst->cols);
+    bool ok = dst->name && dst->database && dst->conninfo && dst->table && dst->key && dst->cols;
+    for (unsigned i = 0; ok && i < src->key_count; i++)
+        ok = (dst->key[i] = strdup(src->key[i])) != NULL;
+    for (unsigned i = 0; ok && i < src->column_count; i++) {
+        const pd_column_map_t *c = &src->columns[i];
+        pd_column_map_t *d = &dst->cols[i];
+        d->old = xstrdup(c->old);
+        d->new = xstrdup(c->new);
+        d->up = xstrdup(c->up);
+        d->down = xstrdup(c->down);
+        ok = d->old && d->new && (d->up || !c->up) && (d->down || !c->down);
+    }
+    return ok ? 0 : -1;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Connecting and quoting
+ */
+
+static bool conninfo_has_user(const char *conninfo)
+{
+    PQconninfoOption *opts = PQconninfoParse(conninfo, NULL);
+    bool has = false;
+    for (PQconninfoOption *o = opts; o != NULL && o->keyword != NULL; o++)
+        if (strcmp(o->keyword, "user") == 0 && o->val != NULL && o->val[0] != '\0')
+            has = true;
+    PQconninfoFree(opts);
+    return has;
+}
+
+static int run_connect(run_t *r)
+{
+    const job_rule_t *rule = &r->job->rule;
+    /* Parameters before dbname are defaults the conninfo may override; after it, not. */
+    const char *const keys[] = {"connect_timeout", "dbname", "fallback_application_name", NULL};
+    char app[64];
+    snprintf(app, sizeof app, "pgdual %s", kind_names[r->job->kind]);
+    const char *const vals[] = {"10", rule->conninfo, app, NULL};
+    r->conn = PQconnectdbParams(keys, vals, 1);
+    if (r->conn != NULL && PQstatus(r->conn) == CONNECTION_OK) {
+        PGcancel *c = PQgetCancel(r->conn);
+        pthread_mutex_lock(&r->job->jobs->lock);
+        r->job->pgcancel = c;
+        pthread_mutex_unlock(&r->job->jobs->lock);
+        return 0;
+    }
+    char *msg = xstrdup(r->conn ? PQerrorMessage(r->conn) : "out of memory");
+    size_t n = msg ? strlen(msg) : 0;
+    while (n > 0 && (msg[n - 1] == '\n' || msg[n - 1] == ' '))
+        msg[--n] = '\0';
+    pd_log_warning(r->job->tag, "could not connect to database \"%s\" (old side): %s",
+                   rule->database, msg ? msg : "");
+    fail(r,
+         conninfo_has_user(rule->conninfo)
+             ? "Check that the database's old conninfo in the config reaches PostgreSQL "
+               "with these credentials (.pgpass or PGPASSFILE for a password)."
+             : "The database's old conninfo names no user, so libpq used its defaults "
+               "(the user running pgdual); name a user in the conninfo (user=...) with a "
+               "password in .pgpass or PGPASSFILE.",
+         "could not connect to database \"%s\" (old side): %s", rule->database, msg ? msg : "");
+    free(msg);
+    return -1;
+}
+
+static char *quote_ident(run_t *r, const char *name)
+{
+    char *q = PQescapeIdentifier(r->conn, name, strlen(name));
+    if (q == NULL)
+        return NULL;
+    char *out = strdup(q); /* so that everything is released with free() */
+    PQfreemem(q);
+    return out;
+}
+
+/* "schema.table" -> "schema"."table"; a name without a dot stays one identifier. */
+static char *quote_table(run_t *r, const char *table)
+{
+    const char *dot = strchr(table, '.');
+    if (dot == NULL)
+        return quote_ident(r, table);
+    char *schema = strndup(table, (size_t)(dot - table));
+    char *qs = schema ? quote_ident(r, schema) : NULL;
+    char *qt = quote_ident(r, dot + 1);
+    char *out = qs && qt ? strf("%s.%s", qs, qt) : NULL;
+    free(schema);
+    free(qs);
+    free(qt);
+    return out;
+}
+
+static char **quote_all(run_t *r, char *const *names, unsigned n)
+{
+    char **out = calloc(n + 1, sizeof *out);
+    for (unsigned i = 0; out != NULL && i < n; i++) {
+        if ((out[i] = quote_ident(r, names[i])) == NULL) {
+            free_strv(out, n);
+            return NULL;
+        }
+    }
+    return out;
+}
+
+/* up/down: the expression in parentheses, or the other side's column when it is NULL. */
+static char **exprs(const pd_column_map_t *cols, unsigned n, bool up, char **copies)
+{
+    char **out = calloc(n + 1, sizeof *out);
+    for (unsigned i = 0; out != NULL && i < n; i++) {
+        const char *e = up ? cols[i].up : cols[i].down;
+        if ((out[i] = e ? strf("(%s)", e) : strdup(copies[i])) == NULL) {
+            free_strv(out, n);
+            return NULL;
+        }
+    }
+    return out;
+}
+
+static int run_quote(run_t *r)
+{
+    const job_rule_t *rule = &r->job->rule;
+    char **olds = calloc(rule->ncols + 1, sizeof *olds);
+    char **news = calloc(rule->ncols + 1, sizeof *news);
+    for (unsigned i = 0; olds && news && i < rule->ncols; i++) {
+        olds[i] = rule->cols[i].old;
+        news[i] = rule->cols[i].new;
+    }
+    r->table = quote_table(r, rule->table);
+    r->key = quote_all(r, rule->key, rule->nkey);
+    r->old_cols = olds && news ? quote_all(r, olds, rule->ncols) : NULL;
+    r->new_cols = olds && news ? quote_all(r, news, rule->ncols) : NULL;
+    free(olds);
+    free(news);
+    if (r->old_cols && r->new_cols) {
+        r->up = exprs(rule->cols, rule->ncols, true, r->old_cols);
+        r->down = exprs(rule->cols, rule->ncols, false, r->new_cols);
+    }
+    if (!r->table || !r->key || !r->up || !r->down)
+        return fail(r, NULL, "out of memory while preparing the job's statements");
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * SQL text
+ */
+
+/* Writes "(k1, k2)", each key followed by `suffix` (e.g. "::text"). */
+static void put_keys(FILE *f, run_t *r, const char *suffix)
+{
+    fputc('(', f);
+    for (unsigned i = 0; i < r->job->rule.nkey; i++)
+        fprintf(f, "%s%s%s", i ? ", " : "", r->key[i], suffix);
+    fputc(')', f);
+}
+
+/* Writes "($first, $first+1, ...)". */
+static void put_params(FILE *f, unsigned nkey, unsigned first)
+{
+    fputc('(', f);
+    for (unsigned i = 0; i < nkey; i++)
+        fprintf(f, "%s$%u", i ? ", " : "", first + i);
+    fputc(')', f);
+}
+
+/* Writes the key range "keys > lo AND keys <= hi" (each part only when asked for). */
+static void put_range(FILE *f, run_t *r, bool lo, bool hi)
+{
+    unsigned n = r->job->rule.nkey;
+    fputs("TRUE", f);
+    if (lo) {
+        fputs(" AND ", f);
+        put_keys(f, r, "");
+        fputs(" > ", f);
+        put_params(f, n, 1);
+    }
+    if (hi) {
+        fputs(" AND ", f);
+        put_keys(f, r, "");
+        fputs(" <= ", f);
+        put_params(f, n, lo ? n + 1 : 1);
+    }
+}
+
+/* Writes "(a IS DISTINCT FROM b OR ...)" over the column pairs. */
+static void put_distinct(FILE *f, char **a, char **b, unsigned n)
+{
+    fputc('(', f);
+    for (unsigned i = 0; i < n; i++)
+        fprintf(f, "%s%s IS DISTINCT FROM %s", i ? " OR " : "", a[i], b[i]);
+    fputc(')', f);
+}
+
+/* The divergence test of verify: new vs up(old), and old vs down(new) under dual-new. */
+static void put_divergent(FILE *f, run_t *r)
+{
+    unsigned n = r->job->rule.ncols;
+    put_distinct(f, r->new_cols, r->up, n);
+    if (r->job->rule.writes == PD_WRITES_DUAL_NEW) {
+        fputs(" OR ", f);
+        put_distinct(f, r->old_cols, r->down, n);
+    }
+}
+
+static char *sql_done(FILE *f, char **buf)
+{
+    if (fclose(f) != 0) {
+        free(*buf);
+        return NULL;
+    }
+    return *buf;
+}
+
+/*
+ * The last key of the next `limit` rows after lo, with their count:
+ *   SELECT k::text AS pgdual_t0, ..., pgdual_n FROM (SELECT k, row_number() OVER (ORDER
+ *   BY k) AS pgdual_n FROM T WHERE k > lo ORDER BY k LIMIT n) s ORDER BY pgdual_n DESC
+ *   LIMIT 1
+ */
+static char *sql_batch_end(run_t *r, unsigned limit)
+{
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    if (f == NULL)
+        return NULL;
+    fputs("SELECT ", f);
+    for (unsigned i = 0; i < r->job->rule.nkey; i++)
+        fprintf(f, "%s::text AS pgdual_t%u, ", r->key[i], i);
+    fputs("pgdual_n FROM (SELECT ", f);
+    for (unsigned i = 0; i < r->job->rule.nkey; i++)
+        fprintf(f, "%s, ", r->key[i]);
+    fputs("row_number() OVER (ORDER BY ", f);
+    put_keys(f, r, "");
+    fprintf(f, ") AS pgdual_n FROM %s WHERE ", r->table);
+    put_range(f, r, r->lo != NULL, false);
+    fputs(" ORDER BY ", f);
+    put_keys(f, r, "");
+    fprintf(f, " LIMIT %u) s ORDER BY pgdual_n DESC LIMIT 1", limit);
+    return sql_done(f, &buf);
+}
+
+/* UPDATE T SET dst = src, ... WHERE lo < k <= hi AND (dst IS DISTINCT FROM src OR ...) */
+static char *sql_update(run_t *r, char **dst, char **src)
+{
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    if (f == NULL)
+        return NULL;
+    unsigned n = r->job->rule.ncols;
+    fprintf(f, "UPDATE %s SET ", r->table);
+    for (unsigned i = 0; i < n; i++)
+        fprintf(f, "%s%s = %s", i ? ", " : "", dst[i], src[i]);
+    fputs(" WHERE ", f);
+    put_range(f, r, r->lo != NULL, true);
+    fputs(" AND ", f);
+    put_distinct(f, dst, src, n);
+    return sql_done(f, &buf);
+}
+
+/*
+ * One verify chunk: the rows that diverge plus the chunk's last row, each with its key as
+ * text, whether it diverges, its position and the chunk's row count.
+ */
+static char *sql_verify_chunk(run_t *r, unsigned limit)
+{
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    if (f == NULL)
+        return NULL;
+    unsigned nkey = r->job->rule.nkey;
+    fputs("SELECT * FROM (SELECT ", f);
+    for (unsigned i = 0; i < nkey; i++)
+        fprintf(f, "%s::text AS pgdual_t%u, ", r->key[i], i);
+    fputs("pgdual_bad, row_number() OVER (ORDER BY ", f);
+    put_keys(f, r, "");
+    fputs(") AS pgdual_n, count(*) OVER () AS pgdual_count FROM (SELECT ", f);
+    for (unsigned i = 0; i < nkey; i++)
+        fprintf(f, "%s, ", r->key[i]);
+    fputc('(', f);
+    put_divergent(f, r);
+    fprintf(f, ") AS pgdual_bad FROM %s WHERE ", r->table);
+    put_range(f, r, r->lo != NULL, false);
+    fputs(" ORDER BY ", f);
+    put_keys(f, r, "");
+    fprintf(f, " LIMIT %u) s) c WHERE pgdual_bad OR pgdual_n = pgdual_count ORDER BY pgdual_n",
+            limit);
+    return sql_done(f, &buf);
+}
+
+/* Runs sql with the key range lo (when set) and hi (when given) as text parameters. */
+static PGresult *exec_range(run_t *r, const char *sql, char *const *hi)
+{
+    unsigned nkey = r->job->rule.nkey, n = 0;
+    const char *params[2 * nkey + 1];
+    for (unsigned i = 0; r->lo != NULL && i < nkey; i++)
+        params[n++] = r->lo[i];
+    for (unsigned i = 0; hi != NULL && i < nkey; i++)
+        params[n++] = hi[i];
+    return PQexecParams(r->conn, sql, (int)n, NULL, params, NULL, NULL, 0);
+}
+
+/* The key of row `row` of res (text columns 0..nkey-1), copied. */
+static char **key_of(run_t *r, PGresult *res, int row)
+{
+    unsigned nkey = r->job->rule.nkey;
+    char **k = calloc(nkey + 1, sizeof *k);
+    for (unsigned i = 0; k != NULL && i < nkey; i++) {
+        if ((k[i] = strdup(PQgetvalue(res, row, (int)i))) == NULL) {
+            free_strv(k, nkey);
+            return NULL;
+        }
+    }
+    return k;
+}
+
+static void set_lo(run_t *r, char **key)
+{
+    free_strv(r->lo, r->job->rule.nkey);
+    r->lo = key;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Rows in the table
+ */
+
+static int64_t query_int(run_t *r, const char *sql, const char *param, const char *what, int *rc)
+{
+    const char *params[1] = {param};
+    PGresult *res = PQexecParams(r->conn, sql, param ? 1 : 0, NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
+        *rc = sql_fail(r, res, what);
+        PQclear(res);
+        return 0;
+    }
+    int64_t v = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+    PQclear(res);
+    *rc = 0;
+    return v;
+}
+
+/* rows_total: the planner's estimate, or an exact count when the table is small or was
+ * never analyzed. */
+static int run_estimate(run_t *r)
+{
+    int rc;
+    int64_t n = query_int(r, "SELECT reltuples::bigint FROM pg_class WHERE oid = $1::regclass",
+                          r->table, "reading the row estimate of the table", &rc);
+    if (rc == 0 && n < EXACT_COUNT_BELOW) {
+        char *sql = strf("SELECT count(*) FROM %s", r->table);
+        if (sql == NULL)
+            return fail(r, NULL, "out of memory");
+        n = query_int(r, sql, NULL, "counting the rows of the table", &rc);
+        free(sql);
+    }
+    if (rc != 0)
+        return rc;
+    pthread_mutex_lock(&r->job->jobs->lock);
+    r->job->rows_total = n;
+    pthread_mutex_unlock(&r->job->jobs->lock);
+    return 0;
+}
+
+/* Sleeps ms in slices; false when the job was cancelled meanwhile. */
+static bool throttle(run_t *r, unsigned ms)
+{
+    while (ms > 0 && !cancelled(r)) {
+        unsigned slice = ms < SLEEP_SLICE_MS ? ms : SLEEP_SLICE_MS;
+        struct timespec ts = {.tv_sec = 0, .tv_nsec = (long)slice * 1000000L};
+        nanosleep(&ts, NULL);
+        ms -= slice;
+    }
+    return !cancelled(r);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Backfill
+ */
+
+static void checkpoint_key(const job_t *j, char *buf, size_t size)
+{
+    snprintf(buf, size, "backfill/%s", j->rule.name);
+}
+
+/* Picks up where an interrupted backfill of the rule stopped; returns the rows it did. */
+static int64_t resume(run_t *r)
+{
+    char key[256];
+    checkpoint_key(r->job, key, sizeof key);
+    json_t *ck = pd_state_checkpoint(r->job->jobs->state, key);
+    json_t *last = json_object_get(ck, "last_key");
+    unsigned nkey = r->job->rule.nkey;
+    int64_t done = json_integer_value(json_object_get(ck, "rows_done"));
+    char **lo = json_array_size(last) == nkey ? calloc(nkey + 1, sizeof *lo) : NULL;
+    for (unsigned i = 0; lo != NULL && i < nkey; i++) {
+        const char *v = json_string_value(json_array_get(last, i));
+        if (v == NULL || (lo[i] = strdup(v)) == NULL) {
+            free_strv(lo, nkey);
+            lo = NULL;
+        }
+    }
+    json_decref(ck);
+    if (lo == NULL)
+        return 0;
+    set_lo(r, lo);
+    pd_log_info(r->job->tag, "resuming after %lld rows, from the checkpoint", (long long)done);
+    return done > 0 ? done : 0;
+}
+
+static int save_checkpoint(run_t *r, int64_t done)
+{
+    char key[256];
+    checkpoint_key(r->job, key, sizeof key);
+    json_t *last = json_array();
+    for (unsigned i = 0; i < r->job->rule.nkey; i++)
+        json_array_append_new(last, json_string(r->lo[i]));
+    json_t *ck = json_pack("{s:o, s:I}", "last_key", last, "rows_done", (json_int_t)done);
+    char *err = NULL;
+    int rc = ck ? pd_state_set_checkpoint(r->job->jobs->state, key, ck, &err) : -1;
+    json_decref(ck);
+    if (rc != 0)
+        fail(r,
+             "Make the state file's directory writable, then run the backfill again: it "
+             "resumes from the last checkpoint written.",
+             "could not record the backfill checkpoint: %s", err ? err : "out of memory");
+    free(err);
+    return rc;
+}
+
+/*
+ * One batch: finds the last key of the next `batch` rows, then sets new = up(old) in that
+ * key range where they differ. *rows is the batch's row count (0 at the end of the
+ * table), *updated the rows changed.
+ */
+static int backfill_batch(run_t *r, unsigned batch, int64_t *rows, int64_t *updated)
+{
+    char *sql = sql_batch_end(r, batch);
+    PGresult *res = sql ? exec_range(r, sql, NULL) : NULL;
+    free(sql);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        int rc = sql_fail(r, res, "reading the next batch of keys");
+        PQclear(res);
+        return rc;
+    }
+    *rows = PQntuples(res) == 1 ? strtoll(PQgetvalue(res, 0, (int)r->job->rule.nkey), NULL, 10) : 0;
+    char **hi = *rows > 0 ? key_of(r, res, 0) : NULL;
+    PQclear(res);
+    if (*rows == 0)
+        return 0;
+    if (hi == NULL)
+        return fail(r, NULL, "out of memory");
+    sql = sql_update(r, r->new_cols, r->up);
+    res = sql ? exec_range(r, sql, hi) : NULL;
+    free(sql);
+    if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+        int rc = sql_fail(r, res, "updating a batch");
+        PQclear(res);
+        free_strv(hi, r->job->rule.nkey);
+        return rc;
+    }
+    *updated = strtoll(PQcmdTuples(res), NULL, 10);
+    PQclear(res);
+    set_lo(r, hi);
+    return 0;
+}
+
+static int run_backfill(run_t *r)
+{
+    job_t *j = r->job;
+    unsigned batch = j->opt.batch ? j->opt.batch : DEFAULT_BATCH;
+    int64_t done = resume(r), updated = 0;
+    pthread_mutex_lock(&j->jobs->lock);
+    j->rows_done = j->resumed_from = done;
+    pthread_mutex_unlock(&j->jobs->lock);
+    for (;;) {
+        if (cancelled(r))
+            return 1;
+        int64_t rows = 0, changed = 0;
+        int rc = backfill_batch(r, batch, &rows, &changed);
+        if (rc != 0)
+            return rc;
+        if (rows == 0)
+            break;
+        done += rows;
+        updated += changed;
+        set_progress(r, done);
+        if (save_checkpoint(r, done) != 0)
+            return -1;
+        if (rows < batch)
+            break;
+        if (!throttle(r, j->opt.throttle_ms))
+            return 1;
+    }
+    char key[256], *err = NULL;
+    checkpoint_key(j, key, sizeof key);
+    if (pd_state_set_checkpoint(j->jobs->state, key, NULL, &err) != 0) {
+        pd_log_warning(j->tag, "could not clear the checkpoint: %s", err ? err : "");
+        free(err);
+    }
+    r->result = json_pack("{s:I, s:I, s:I}", "rows_done", (json_int_t)done, "rows_updated",
+                          (json_int_t)updated, "resumed_from", (json_int_t)j->resumed_from);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Verify
+ */
+
+typedef struct {
+    int64_t checked, divergent, repaired;
+    json_t *keys; /* the first KEYS_LISTED divergent keys, as {column: text} */
+} verify_t;
+
+static json_t *key_json(run_t *r, PGresult *res, int row)
+{
+    json_t *k = json_object();
+    for (unsigned i = 0; i < r->job->rule.nkey; i++)
+        json_object_set_new(k, r->job->rule.key[i], json_string(PQgetvalue(res, row, (int)i)));
+    return k;
+}
+
+/* Sets the divergent rows of the chunk ending at hi right, from the authoritative side. */
+static int repair_chunk(run_t *r, char *const *hi, verify_t *v)
+{
+    bool new_is_truth =
+        r->job->rule.writes == PD_WRITES_DUAL_NEW || r->job->rule.writes == PD_WRITES_NEW;
+    char *sql =
+        new_is_truth ? sql_update(r, r->old_cols, r->down) : sql_update(r, r->new_cols, r->up);
+    PGresult *res = sql ? exec_range(r, sql, hi) : NULL;
+    free(sql);
+    if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+        int rc = sql_fail(r, res, "repairing divergent rows");
+        PQclear(res);
+        return rc;
+    }
+    v->repaired += strtoll(PQcmdTuples(res), NULL, 10);
+    PQclear(res);
+    return 0;
+}
+
+/* One chunk of `limit` rows after lo; *rows is its size (0 at the end of the table). */
+static int verify_chunk(run_t *r, unsigned limit, verify_t *v, int64_t *rows)
+{
+    unsigned nkey = r->job->rule.nkey;
+    char *sql = sql_verify_chunk(r, limit);
+    PGresult *res = sql ? exec_range(r, sql, NULL) : NULL;
+    free(sql);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        int rc = sql_fail(r, res, "checking a chunk of rows");
+        PQclear(res);
+        return rc;
+    }
+    int n = PQntuples(res);
+    *rows = n > 0 ? strtoll(PQgetvalue(res, n - 1, (int)nkey + 2), NULL, 10) : 0;
+    int64_t bad = 0;
+    for (int i = 0; i < n; i++) {
+        if (strcmp(PQgetvalue(res, i, (int)nkey), "t") != 0)
+            continue;
+        bad++;
+        if (json_array_size(v->keys) < KEYS_LISTED)
+            json_array_append_new(v->keys, key_json(r, res, i));
+    }
+    char **hi = n > 0 ? key_of(r, res, n - 1) : NULL;
+    PQclear(res);
+    if (n > 0 && hi == NULL)
+        return fail(r, NULL, "out of memory");
+    v->checked += *rows;
+    v->divergent += bad;
+    int rc = bad > 0 && r->job->opt.repair ? repair_chunk(r, hi, v) : 0;
+    if (hi != NULL)
+        set_lo(r, hi);
+    return rc;
+}
+
+static json_t *verify_result(run_t *r, const verify_t *v)
+{
+    char when[32];
+    iso_time(time(NULL), when, sizeof when);
+    bool ok = v->divergent == 0 || (r->job->opt.repair && v->repaired >= v->divergent);
+    return json_pack("{s:s, s:s, s:I, s:I, s:I, s:O, s:b, s:b}", "time", when, "writes",
+                     pd_writes_name(r->job->rule.writes), "rows_checked", (json_int_t)v->checked,
+                     "divergent", (json_int_t)v->divergent, "repaired", (json_int_t)v->repaired,
+                     "keys", v->keys, "repair", r->job->opt.repair, "ok", ok);
+}
+
+static int run_verify(run_t *r)
+{
+    job_t *j = r->job;
+    unsigned limit = j->opt.batch ? j->opt.batch : DEFAULT_VERIFY_BATCH;
+    verify_t v = {.keys = json_array()};
+    int rc = 0;
+    for (;;) {
+        if (cancelled(r)) {
+            rc = 1;
+            break;
+        }
+        int64_t rows = 0;
+        if ((rc = verify_chunk(r, limit, &v, &rows)) != 0 || rows < limit)
+            break;
+        set_progress(r, v.checked);
+    }
+    set_progress(r, v.checked);
+    if (rc == 0) {
+        r->result = verify_result(r, &v);
+        char *err = NULL;
+        if (pd_state_record_verify(j->jobs->state, j->rule.name, r->result, &err) != 0) {
+            rc = fail(r, "Make the state file's directory writable and run verify again.",
+                      "could not record the verify result: %s", err ? err : "out of memory");
+            free(err);
+        }
+    }
+    json_decref(v.keys);
+    return rc;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * The job thread
+ */
+
+static void run_free(run_t *r)
+{
+    unsigned nk = r->job->rule.nkey, nc = r->job->rule.ncols;
+    pthread_mutex_lock(&r->job->jobs->lock);
+    PQfreeCancel(r->job->pgcancel);
+    r->job->pgcancel = NULL;
+    pthread_mutex_unlock(&r->job->jobs->lock);
+    if (r->conn != NULL)
+        PQfinish(r->conn);
+    free(r->table);
+    free_strv(r->key, nk);
+    free_strv(r->old_cols, nc);
+    free_strv(r->new_cols, nc);
+    free_strv(r->up, nc);
+    free_strv(r->down, nc);
+    free_strv(r->lo, nk);
+    free(r->error);
+    free(r->hint);
+    json_decref(r->result);
+}
+
+/* Publishes the outcome: the last thing the thread does with the registry. */
+static void publish(run_t *r, int rc)
+{
+    job_t *j = r->job;
+    job_state_t st = rc == 0 ? JOB_DONE : rc > 0 ? JOB_CANCELLED : JOB_FAILED;
+    if (st == JOB_FAILED && r->error == NULL)
+        fail(r, NULL, "the job failed (out of memory)");
+    pthread_mutex_lock(&j->jobs->lock);
+    j->finished_ns = uv_hrtime();
+    j->finished_at = time(NULL);
+    j->error = st == JOB_FAILED ? r->error : NULL;
+    j->hint = st == JOB_FAILED ? r->hint : NULL;
+    j->result = st == JOB_DONE ? r->result : NULL;
+    if (st == JOB_FAILED)
+        r->error = r->hint = NULL;
+    if (st == JOB_DONE)
+        r->result = NULL;
+    int64_t done = j->rows_done;
+    j->state = st;
+    pthread_mutex_unlock(&j->jobs->lock);
+    pd_log_info(j->tag, "%s after %lld rows", state_names[st], (long long)done);
+}
+
+static void job_main(void *arg)
+{
+    run_t r = {.job = arg};
+    int rc = run_connect(&r);
+    if (rc == 0 && (rc = run_quote(&r)) == 0 && (rc = run_estimate(&r)) == 0)
+        rc = r.job->kind == JOB_BACKFILL ? run_backfill(&r) : run_verify(&r);
+    publish(&r, rc);
+    run_free(&r);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * The registry
+ */
+
+pd_jobs_t *pd_jobs_new(pd_state_t *state)
+{
+    pd_jobs_t *jobs = calloc(1, sizeof *jobs);
+    if (jobs == NULL)
+        return NULL;
+    jobs->state = state;
+    jobs->next_id = 1;
+    pthread_mutex_init(&jobs->lock, NULL);
+    return jobs;
+}
+
+static void job_free(job_t *j)
+{
+    rule_free(&j->rule);
+    free(j->error);
+    free(j->hint);
+    json_decref(j->result);
+    free(j);
+}
+
+void pd_jobs_free(pd_jobs_t *jobs)
+{
+    if (jobs == NULL)
+        return;
+    /* Shutting down: the statements in flight are cancelled too (a batch may be waiting
+     * for a lock), which PQcancel does with a short blocking connection: the loop has
+     * ended by now. */
+    pthread_mutex_lock(&jobs->lock);
+    for (job_t *j = jobs->list; j != NULL; j = j->next) {
+        atomic_store(&j->cancel, true);
+        char buf[256];
+        if (j->pgcancel != NULL && !PQcancel(j->pgcancel, buf, sizeof buf))
+            pd_log_warning(j->tag, "could not cancel the statement in flight: %s", buf);
+    }
+    job_t *list = jobs->list;
+    jobs->list = NULL;
+    pthread_mutex_unlock(&jobs->lock);
+    for (job_t *next; list != NULL; list = next) {
+        next = list->next;
+        uv_thread_join(&list->thread);
+        job_free(list);
+    }
+    pthread_mutex_destroy(&jobs->lock);
+    free(jobs);
+}
+
+/* Keeps the newest FINISHED_KEPT finished jobs; joins and frees older ones. */
+static void prune(pd_jobs_t *jobs)
+{
+    job_t *gone = NULL;
+    unsigned finished = 0;
+    pthread_mutex_lock(&jobs->lock);
+    for (job_t **p = &jobs->list; *p != NULL;) {
+        job_t *j = *p;
+        if (j->state != JOB_RUNNING && ++finished > FINISHED_KEPT) {
+            *p = j->next;
+            j->next = gone;
+            gone = j;
+            continue;
+        }
+        p = &j->next;
+    }
+    pthread_mutex_unlock(&jobs->lock);
+    for (job_t *next; gone != NULL; gone = next) {
+        next = gone->next;
+        uv_thread_join(&gone->thread);
+        job_free(gone);
+    }
+}
+
+/* Why a job cannot start for this rule (malloc'd), or NULL. */
+static char *refusal(const char *kind, const pd_config_t *cfg, const pd_rule_cfg_t *rule,
+                     pd_writes_t writes)
+{
+    if (rule->kind == PD_RULE_TABLES)
+        return strf("%s of rule \"%s\" is not available: rule kind \"tables\" is not "
+                    "supported yet; table verify/backfill comes with blue/green support",
+                    kind, rule->name);
+    if (pd_config_database(cfg, rule->database) == NULL)
+        return strf("rule \"%s\" names database \"%s\", which is not in the config", rule->name,
+                    rule->database);
+    if (strcmp(kind, "backfill") == 0 && (writes == PD_WRITES_DUAL_NEW || writes == PD_WRITES_NEW))
+        return strf("backfill of rule \"%s\" would overwrite the new columns, which are "
+                    "authoritative under writes=%s; use verify --repair to set the old columns "
+                    "from the new ones, or flag writes=dual first",
+                    rule->name, pd_writes_name(writes));
+    return NULL;
+}
+
+static job_t *job_new(job_kind_t kind, const pd_config_t *cfg, const pd_rule_cfg_t *rule,
+                      pd_writes_t writes, const pd_job_options_t *opt)
+{
+    job_t *j = calloc(1, sizeof *j);
+    if (j == NULL)
+        return NULL;
+    const pd_database_cfg_t *db = pd_config_database(cfg, rule->database);
+    if (rule_copy(&j->rule, rule, db->old, writes) != 0) {
+        job_free(j);
+        return NULL;
+    }
+    j->kind = kind;
+    j->opt = opt ? *opt : (pd_job_options_t){0};
+    atomic_init(&j->cancel, false);
+    j->state = JOB_RUNNING;
+    j->started_ns = uv_hrtime();
+    j->started_at = time(NULL);
+    return j;
+}
+
+static bool running_for(pd_jobs_t *jobs, job_kind_t kind, const char *rule)
+{
+    for (job_t *j = jobs->list; j != NULL; j = j->next)
+        if (j->state == JOB_RUNNING && j->kind == kind && strcmp(j->rule.name, rule) == 0)
+            return true;
+    return false;
+}
+
+int pd_jobs_start(pd_jobs_t *jobs, const char *kind, const pd_config_t *cfg,
+                  const pd_rule_cfg_t *rule, pd_writes_t writes, const pd_job_options_t *opt,
+                  char **err)
+{
+    *err = NULL;
+    bool known = strcmp(kind, "backfill") == 0 || strcmp(kind, "verify") == 0;
+    if (!known || (*err = refusal(kind, cfg, rule, writes)) != NULL) {
+        if (*err == NULL)
+            *err = strf("unknown job kind \"%s\"", kind);
+        return -1;
+    }
+    job_kind_t k = strcmp(kind, "backfill") == 0 ? JOB_BACKFILL : JOB_VERIFY;
+    job_t *j = job_new(k, cfg, rule, writes, opt);
+    if (j == NULL) {
+        *err = strf("out of memory starting the %s job", kind);
+        return -1;
+    }
+    j->jobs = jobs;
+    pthread_mutex_lock(&jobs->lock);
+    if (running_for(jobs, k, rule->name)) {
+        pthread_mutex_unlock(&jobs->lock);
+        *err = strf("a %s of rule \"%s\" is already running; follow it with pgdualctl jobs, or "
+                    "stop it with pgdualctl cancel ID",
+                    kind, rule->name);
+        job_free(j);
+        return -1;
+    }
+    j->id = jobs->next_id++;
+    snprintf(j->tag, sizeof j->tag, "[job %d %s %s]", j->id, kind, rule->name);
+    int rc = uv_thread_create(&j->thread, job_main, j);
+    if (rc == 0) {
+        j->next = jobs->list;
+        jobs->list = j;
+    }
+    pthread_mutex_unlock(&jobs->lock);
+    if (rc != 0) {
+        *err = strf("could not start a thread for the %s job: %s", kind, uv_strerror(rc));
+        job_free(j);
+        return -1;
+    }
+    pd_log_info(j->tag, "started");
+    prune(jobs);
+    return j->id;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Reading jobs
+ */
+
+static void set_time(json_t *obj, const char *name, time_t t)
+{
+    char buf[32];
+    iso_time(t, buf, sizeof buf);
+    json_object_set_new(obj, name, t ? json_string(buf) : json_null());
+}
+
+/* Rows per second since the start (of this run: resumed rows do not count), and the time
+ * left at that rate. Called with the lock held. */
+static void set_rate(json_t *obj, const job_t *j)
+{
+    uint64_t end = j->state == JOB_RUNNING ? uv_hrtime() : j->finished_ns;
+    double secs = (double)(end - j->started_ns) / 1e9;
+    double rate = secs > 0 ? (double)(j->rows_done - j->resumed_from) / secs : 0;
+    json_object_set_new(obj, "rows_per_s", json_integer((json_int_t)(rate + 0.5)));
+    json_t *eta = json_null();
+    if (j->state != JOB_RUNNING)
+        eta = json_integer(0);
+    else if (rate > 0)
+        eta = json_integer(j->rows_total > j->rows_done
+                               ? (json_int_t)((double)(j->rows_total - j->rows_done) / rate + 0.5)
+                               : 0);
+    json_object_set_new(obj, "eta_s", eta);
+    json_object_set_new(obj, "elapsed_ms", json_integer((json_int_t)(secs * 1000)));
+}
+
+/* Called with the lock held. */
+static json_t *job_json(const job_t *j)
+{
+    json_t *o =
+        json_pack("{s:i, s:s, s:s, s:s, s:I, s:I}", "id", j->id, "kind", kind_names[j->kind],
+                  "rule", j->rule.name, "state", state_names[j->state], "rows_done",
+                  (json_int_t)j->rows_done, "rows_total", (json_int_t)j->rows_total);
+    if (o == NULL)
+        return NULL;
+    set_rate(o, j);
+    set_time(o, "started_at", j->started_at);
+    set_time(o, "finished_at", j->finished_at);
+    if (j->kind == JOB_BACKFILL) {
+        json_object_set_new(o, "resumed_from", json_integer(j->resumed_from));
+        json_object_set_new(o, "batch", json_integer(j->opt.batch ? j->opt.batch : DEFAULT_BATCH));
+        json_object_set_new(o, "throttle_ms", json_integer(j->opt.throttle_ms));
+    } else {
+        json_object_set_new(o, "repair", json_boolean(j->opt.repair));
+    }
+    if (j->error != NULL)
+        json_object_set_new(o, "error", json_string(j->error));
+    if (j->hint != NULL)
+        json_object_set_new(o, "hint", json_string(j->hint));
+    if (j->result != NULL)
+        json_object_set_new(o, "result", json_deep_copy(j->result));
+    return o;
+}
+
+json_t *pd_jobs_get(pd_jobs_t *jobs, int id)
+{
+    json_t *o = NULL;
+    pthread_mutex_lock(&jobs->lock);
+    for (job_t *j = jobs->list; j != NULL && o == NULL; j = j->next)
+        if (j->id == id)
+            o = job_json(j);
+    pthread_mutex_unlock(&jobs->lock);
+    return o;
+}
+
+json_t *pd_jobs_list(pd_jobs_t *jobs)
+{
+    json_t *list = json_array();
+    pthread_mutex_lock(&jobs->lock);
+    for (int pass = 0; pass < 2; pass++)
+        for (job_t *j = jobs->list; j != NULL; j = j->next)
+            if ((j->state == JOB_RUNNING) == (pass == 0))
+                json_array_append_new(list, job_json(j));
+    pthread_mutex_unlock(&jobs->lock);
+    return list;
+}
+
+int pd_jobs_cancel(pd_jobs_t *jobs, int id)
+{
+    int rc = -1;
+    pthread_mutex_lock(&jobs->lock);
+    for (job_t *j = jobs->list; j != NULL; j = j->next) {
+        if (j->id == id && j->state == JOB_RUNNING) {
+            atomic_store(&j->cancel, true);
+            rc = 0;
+        }
+    }
+    pthread_mutex_unlock(&jobs->lock);
+    if (rc == 0)
+        pd_log_info(NULL, "[job %d] cancel requested", id);
+    return rc;
+}

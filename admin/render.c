@@ -1,0 +1,127 @@
+/*
+ * render.c — the metrics exposition (text format 0.0.4) and status counters.
+ */
+#include "admin/render.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+
+#include "rules/catalog.h"
+#include "rules/sql.h"
+
+__attribute__((format(printf, 2, 3))) static void put(pd_buf_t *out, const char *fmt, ...)
+{
+    char line[512];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    if (n > 0)
+        pd_buf_put(out, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
+}
+
+static void help(pd_buf_t *out, const char *name, const char *type, const char *text)
+{
+    put(out, "# HELP %s %s\n# TYPE %s %s\n", name, text, name, type);
+}
+
+static void render_sessions(const pd_server_t *srv, pd_buf_t *out)
+{
+    help(out, "pgdual_sessions", "gauge", "Client sessions by state.");
+    for (int st = 0; st < PD_SESSION_NSTATES; st++)
+        put(out, "pgdual_sessions{state=\"%s\"} %u\n",
+            pd_session_state_name((pd_session_state_t)st), srv->state_counts[st]);
+    help(out, "pgdual_sessions_total", "counter", "Client sessions accepted since start.");
+    put(out, "pgdual_sessions_total %llu\n", (unsigned long long)srv->total_sessions);
+}
+
+static void render_rules(const pd_server_t *srv, pd_buf_t *out)
+{
+    const pd_config_t *cfg = srv->cfg;
+    help(out, "pgdual_statements_total", "counter",
+         "Statements concerning a rule, by what pgdual did with them.");
+    for (unsigned i = 0; i < cfg->rule_count; i++) {
+        const pd_rule_stats_t *st = &srv->stats[i];
+        const char *name = cfg->rules[i].name;
+        put(out, "pgdual_statements_total{rule=\"%s\",action=\"passed\"} %llu\n", name,
+            (unsigned long long)st->passed);
+        put(out, "pgdual_statements_total{rule=\"%s\",action=\"rewritten\"} %llu\n", name,
+            (unsigned long long)st->rewritten);
+        put(out, "pgdual_statements_total{rule=\"%s\",action=\"refused\"} %llu\n", name,
+            (unsigned long long)st->refused);
+    }
+    help(out, "pgdual_shadow_reads_total", "counter", "Shadow reads by outcome.");
+    for (unsigned i = 0; i < cfg->rule_count; i++) {
+        const pd_rule_stats_t *st = &srv->stats[i];
+        const char *name = cfg->rules[i].name;
+        put(out, "pgdual_shadow_reads_total{rule=\"%s\",outcome=\"compared\"} %llu\n", name,
+            (unsigned long long)st->shadow_compared);
+        put(out, "pgdual_shadow_reads_total{rule=\"%s\",outcome=\"skipped\"} %llu\n", name,
+            (unsigned long long)st->shadow_skipped);
+    }
+    help(out, "pgdual_divergence_total", "counter", "Divergence events by rule and kind.");
+    for (unsigned i = 0; i < cfg->rule_count; i++)
+        put(out, "pgdual_divergence_total{rule=\"%s\",kind=\"shadow_read\"} %llu\n",
+            cfg->rules[i].name, (unsigned long long)srv->stats[i].shadow_mismatched);
+    help(out, "pgdual_rule_flags", "gauge", "The flags in force (value 1).");
+    for (unsigned i = 0; i < cfg->rule_count; i++) {
+        char reads[32];
+        put(out, "pgdual_rule_flags{rule=\"%s\",writes=\"%s\",reads=\"%s\"} 1\n",
+            cfg->rules[i].name, pd_writes_name(srv->flags[i].writes),
+            pd_reads_format(&srv->flags[i].reads, reads, sizeof reads));
+    }
+    help(out, "pgdual_rule_error", "gauge",
+         "1 when the rule's catalog check failed (statements it would rewrite are refused).");
+    for (unsigned i = 0; i < cfg->rule_count; i++)
+        put(out, "pgdual_rule_error{rule=\"%s\"} %d\n", cfg->rules[i].name,
+            srv->facts != NULL && srv->facts[i].error != NULL);
+}
+
+static void render_cache(const pd_server_t *srv, pd_buf_t *out)
+{
+    pd_sql_stats_t st = {0};
+    if (srv->sql != NULL)
+        pd_sql_stats(srv->sql, &st);
+    help(out, "pgdual_rewrite_cache_hits_total", "counter", "Rewrite cache hits.");
+    put(out, "pgdual_rewrite_cache_hits_total %llu\n", (unsigned long long)st.hits);
+    help(out, "pgdual_rewrite_cache_misses_total", "counter", "Rewrite cache misses.");
+    put(out, "pgdual_rewrite_cache_misses_total %llu\n", (unsigned long long)st.misses);
+    help(out, "pgdual_rewrite_cache_entries", "gauge", "Rewrite cache entries.");
+    put(out, "pgdual_rewrite_cache_entries %llu\n", (unsigned long long)st.entries);
+    help(out, "pgdual_statements_parsed_total", "counter", "Statements parsed with libpg_query.");
+    put(out, "pgdual_statements_parsed_total %llu\n", (unsigned long long)st.parsed);
+    help(out, "pgdual_statements_unparsed_total", "counter",
+         "Statements passed without parsing (no rule table named in them).");
+    put(out, "pgdual_statements_unparsed_total %llu\n", (unsigned long long)st.skipped_unparsed);
+}
+
+void pd_render_metrics(void *ctx, pd_buf_t *out)
+{
+    const pd_server_t *srv = ctx;
+    help(out, "pgdual_up", "gauge", "1 while pgdual runs.");
+    put(out, "pgdual_up 1\n");
+    render_sessions(srv, out);
+    render_rules(srv, out);
+    render_cache(srv, out);
+}
+
+json_t *pd_render_rule_stats(const pd_server_t *srv)
+{
+    json_t *rules = json_object();
+    for (unsigned i = 0; i < srv->cfg->rule_count; i++) {
+        const pd_rule_stats_t *st = &srv->stats[i];
+        json_object_set_new(
+            rules, srv->cfg->rules[i].name,
+            json_pack("{s:I, s:I, s:I, s:I, s:I, s:I}", "passed", (json_int_t)st->passed,
+                      "rewritten", (json_int_t)st->rewritten, "refused", (json_int_t)st->refused,
+                      "shadow_compared", (json_int_t)st->shadow_compared, "shadow_mismatched",
+                      (json_int_t)st->shadow_mismatched, "shadow_skipped",
+                      (json_int_t)st->shadow_skipped));
+    }
+    pd_sql_stats_t cs = {0};
+    if (srv->sql != NULL)
+        pd_sql_stats(srv->sql, &cs);
+    return json_pack("{s:o, s:{s:I, s:I, s:I}}", "rules", rules, "rewrite_cache", "hits",
+                     (json_int_t)cs.hits, "misses", (json_int_t)cs.misses, "entries",
+                     (json_int_t)cs.entries);
+}

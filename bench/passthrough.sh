@@ -1,0 +1,231 @@
+#!/bin/bash
+# passthrough.sh — pgbench through nothing, pgbouncer and pgdual, side by side.
+#
+# Starts a throwaway PostgreSQL cluster (tests/integration/pgcluster.py), pgbouncer in
+# session mode and pgdual in pass-through mode in front of it, initialises pgbench at
+# scale 10, then runs ROUNDS rounds; each round runs select-only (-S -M prepared) and
+# tpcb-like (-M prepared) for DURATION seconds against each target in turn, 16 clients,
+# 2 threads. Prints per-round TPS, the median per target and the ratios pgdual/direct
+# and pgdual/pgbouncer. Exits non-zero only when something fails to run.
+#
+# Environment:
+#   BUILD_DIR  where pgdual was built (default: build/ in the repository)
+#   ROUNDS     rounds (default 5)
+#   DURATION   seconds per pgbench run (default 10)
+#   CLIENTS    pgbench clients (default 16); THREADS pgbench threads (default 2)
+#   SCALE      pgbench scale (default 10)
+# Everything listens on 127.0.0.1 at free high ports; everything started is stopped and
+# every temporary file removed on exit, also on failure or Ctrl-C.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/.." && pwd)
+BUILD_DIR=${BUILD_DIR:-$REPO/build}
+ROUNDS=${ROUNDS:-5}
+DURATION=${DURATION:-10}
+CLIENTS=${CLIENTS:-16}
+THREADS=${THREADS:-2}
+SCALE=${SCALE:-10}
+PY=/usr/bin/python3
+PGBIN=/usr/lib/postgresql/15/bin
+PGBENCH=$PGBIN/pgbench
+PSQL=$PGBIN/psql
+PGBOUNCER=${PGBOUNCER:-/usr/sbin/pgbouncer}
+DB=bench
+
+die() {
+	echo "passthrough.sh: $*" >&2
+	exit 1
+}
+
+for f in "$BUILD_DIR/pgdual" "$PGBENCH" "$PSQL" "$PGBOUNCER" "$PY"; do
+	[ -x "$f" ] || die "$f not found: build pgdual (cmake -S . -B build && cmake --build build) and run deploy/install-deps.sh"
+done
+for v in ROUNDS DURATION CLIENTS THREADS SCALE; do
+	[[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, not '${!v}'"
+done
+
+WORK=$(mktemp -d /tmp/pgdual-bench-XXXXXX)
+PGDUAL_PID=
+BOUNCER_PIDFILE=$WORK/bouncer/pgbouncer.pid
+
+cleanup() {
+	local rc=$?
+	trap - EXIT INT TERM
+	if [ -n "$PGDUAL_PID" ] && kill -0 "$PGDUAL_PID" 2>/dev/null; then
+		kill -TERM "$PGDUAL_PID" 2>/dev/null || true
+		for _ in $(seq 50); do kill -0 "$PGDUAL_PID" 2>/dev/null || break; sleep 0.1; done
+		kill -KILL "$PGDUAL_PID" 2>/dev/null || true
+	fi
+	if [ -f "$BOUNCER_PIDFILE" ]; then
+		local bp
+		bp=$(cat "$BOUNCER_PIDFILE" 2>/dev/null || true)
+		if [ -n "$bp" ] && kill -0 "$bp" 2>/dev/null; then
+			kill -INT "$bp" 2>/dev/null || true
+			for _ in $(seq 50); do kill -0 "$bp" 2>/dev/null || break; sleep 0.1; done
+			kill -KILL "$bp" 2>/dev/null || true
+		fi
+	fi
+	"$PY" "$REPO/tests/integration/pgcluster.py" stop "$WORK/pg" >/dev/null 2>&1 || true
+	rm -rf "$WORK"
+	exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+	"$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+wait_port() { # port what
+	for _ in $(seq 100); do
+		if "$PY" -c "import socket,sys; socket.create_connection(('127.0.0.1', $1), 0.2)" 2>/dev/null; then
+			return 0
+		fi
+		sleep 0.1
+	done
+	return 1
+}
+
+# --- PostgreSQL -------------------------------------------------------------------------
+echo "== starting PostgreSQL" >&2
+"$PY" "$REPO/tests/integration/pgcluster.py" start "$WORK/pg" >&2 || die "could not start PostgreSQL"
+PGPORT=$("$PY" -c "import json; print(json.load(open('$WORK/pg/cluster.json'))['port'])")
+"$PSQL" -X -q -h 127.0.0.1 -p "$PGPORT" -U postgres -d postgres -c "CREATE DATABASE $DB" \
+	|| die "CREATE DATABASE failed"
+
+# --- pgbouncer (refuses to run as root: run it as postgres) ------------------------------
+echo "== starting pgbouncer" >&2
+BPORT=$(free_port)
+mkdir -p "$WORK/bouncer"
+cat >"$WORK/bouncer/pgbouncer.ini" <<EOF
+[databases]
+$DB = host=127.0.0.1 port=$PGPORT dbname=$DB
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $BPORT
+unix_socket_dir =
+auth_type = trust
+auth_file = $WORK/bouncer/userlist.txt
+pool_mode = session
+max_client_conn = 200
+default_pool_size = $((CLIENTS + 8))
+logfile = $WORK/bouncer/pgbouncer.log
+pidfile = $BOUNCER_PIDFILE
+log_connections = 0
+log_disconnections = 0
+EOF
+echo '"postgres" ""' >"$WORK/bouncer/userlist.txt"
+if [ "$(id -u)" -eq 0 ]; then
+	chmod 755 "$WORK"
+	chown -R postgres: "$WORK/bouncer"
+	runuser -u postgres -- "$PGBOUNCER" -d -q "$WORK/bouncer/pgbouncer.ini" \
+		|| die "pgbouncer failed to start: $(tail -5 "$WORK/bouncer/pgbouncer.log" 2>/dev/null)"
+else
+	"$PGBOUNCER" -d -q "$WORK/bouncer/pgbouncer.ini" || die "pgbouncer failed to start"
+fi
+wait_port "$BPORT" || die "pgbouncer is not listening on $BPORT: $(tail -5 "$WORK/bouncer/pgbouncer.log")"
+
+# --- pgdual -------------------------------------------------------------------------------
+echo "== starting pgdual ($BUILD_DIR/pgdual)" >&2
+DPORT=$(free_port)
+cat >"$WORK/pgdual.yaml" <<EOF
+listen: { host: 127.0.0.1, port: $DPORT }
+log: { level: warning }
+databases:
+  - name: $DB
+    old: "host=127.0.0.1 port=$PGPORT dbname=$DB"
+EOF
+"$BUILD_DIR/pgdual" -c "$WORK/pgdual.yaml" >"$WORK/pgdual.log" 2>&1 &
+PGDUAL_PID=$!
+wait_port "$DPORT" || die "pgdual is not listening on $DPORT: $(tail -20 "$WORK/pgdual.log")"
+
+# --- the runs -----------------------------------------------------------------------------
+pgbench_on() { # port args...
+	local port=$1
+	shift
+	timeout $((DURATION + 120)) "$PGBENCH" -h 127.0.0.1 -p "$port" -U postgres "$@" "$DB"
+}
+
+echo "== pgbench -i -s $SCALE" >&2
+pgbench_on "$PGPORT" -i -q -s "$SCALE" >"$WORK/init.log" 2>&1 || die "pgbench -i failed: $(tail -5 "$WORK/init.log")"
+
+declare -A PORT=([direct]=$PGPORT [pgbouncer]=$BPORT [pgdual]=$DPORT)
+TARGETS=(direct pgbouncer pgdual)
+WORKLOADS=(select tpcb)
+declare -A ARGS=([select]="-S -M prepared" [tpcb]="-M prepared")
+declare -A TPS
+
+run_one() { # workload target round
+	local out tps
+	# shellcheck disable=SC2086
+	if ! out=$(pgbench_on "${PORT[$2]}" -n ${ARGS[$1]} -c "$CLIENTS" -j "$THREADS" -T "$DURATION" 2>&1); then
+		echo "$out" >&2
+		[ "$2" = pgdual ] && tail -20 "$WORK/pgdual.log" >&2
+		die "pgbench $1 against $2 failed (round $3)"
+	fi
+	if echo "$out" | grep -Eq "number of failed transactions: [1-9]"; then
+		echo "$out" >&2
+		die "pgbench $1 against $2 had failed transactions (round $3)"
+	fi
+	tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p')
+	[ -n "$tps" ] || { echo "$out" >&2; die "no TPS in pgbench output ($1, $2)"; }
+	TPS[$1,$2,$3]=$tps
+	printf "   round %d  %-7s %-10s %10.0f tps\n" "$3" "$1" "$2" "$tps" >&2
+}
+
+echo "== $ROUNDS rounds of ${DURATION}s runs, $CLIENTS clients, $THREADS threads" >&2
+for r in $(seq "$ROUNDS"); do
+	for w in "${WORKLOADS[@]}"; do
+		# Rotate the order each round so that no target always runs first (or last).
+		for i in 0 1 2; do
+			run_one "$w" "${TARGETS[$(((i + r) % 3))]}" "$r"
+		done
+	done
+done
+
+# --- the table ----------------------------------------------------------------------------
+median() { tr ' ' '\n' | sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
+
+declare -A MED
+echo
+echo "pgbench passthrough benchmark, $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs," \
+	"scale $SCALE, $CLIENTS clients, $THREADS threads, ${DURATION}s per run, $ROUNDS rounds"
+echo
+for w in "${WORKLOADS[@]}"; do
+	case $w in
+	select) echo "select-only (-S -M prepared), TPS:" ;;
+	tpcb) echo "tpcb-like (-M prepared), TPS:" ;;
+	esac
+	echo
+	header="| target    |"
+	sep="|-----------|"
+	for r in $(seq "$ROUNDS"); do
+		header+=$(printf " %8s |" "round $r")
+		sep+="----------|"
+	done
+	echo "$header   median |"
+	echo "$sep----------|"
+	for t in "${TARGETS[@]}"; do
+		line=$(printf "| %-9s |" "$t")
+		vals=""
+		for r in $(seq "$ROUNDS"); do
+			line+=$(printf " %8.0f |" "${TPS[$w,$t,$r]}")
+			vals+="${TPS[$w,$t,$r]} "
+		done
+		MED[$w,$t]=$(echo "$vals" | xargs | median)
+		line+=$(printf " %8.0f |" "${MED[$w,$t]}")
+		echo "$line"
+	done
+	echo
+done
+
+echo "Ratios of medians:"
+echo
+echo "| workload    | pgdual/direct | pgdual/pgbouncer | pgbouncer/direct |"
+echo "|-------------|---------------|------------------|------------------|"
+for w in "${WORKLOADS[@]}"; do
+	awk -v w="$w" -v d="${MED[$w,direct]}" -v b="${MED[$w,pgbouncer]}" -v p="${MED[$w,pgdual]}" \
+		'BEGIN { printf "| %-11s | %13.2f | %16.2f | %16.2f |\n", w, p/d, p/b, b/d }'
+done

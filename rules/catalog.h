@@ -1,0 +1,26 @@
+/*
+ * catalog.h — facts about the rules' tables read from the live catalog through libpq:
+ * that the table and the rule's old and new columns exist, every column in order and
+ * its default. Blocking: call it at start (before serving) or from a worker thread.
+ */
+#ifndef PD_RULES_CATALOG_H
+#define PD_RULES_CATALOG_H
+
+#include "rules/config.h"
+#include "rules/sql.h"
+
+/* Facts of one rule; `error` says why the rule cannot be served (malloc'd) or is NULL. */
+typedef struct pd_rule_facts {
+    pd_table_facts_t table;
+    char *error;
+} pd_rule_facts_t;
+
+/*
+ * Loads facts for every rule of cfg (an array of cfg->rule_count). A rule whose table or
+ * columns are missing, or whose database cannot be reached, gets `error` set; the others
+ * are loaded. Never NULL except out of memory.
+ */
+pd_rule_facts_t *pd_catalog_load(const pd_config_t *cfg);
+void pd_catalog_free(pd_rule_facts_t *facts, unsigned n);
+
+#endif /* PD_RULES_CATALOG_H */

@@ -1,0 +1,983 @@
+/*
+ * sql.c — the rewriter's front: compiles the rules of a config (tables, up/down templates,
+ * catalog facts), decides cheaply whether a statement can concern a rule, keeps the result
+ * cache, runs the passes of sql_write.c and sql_read.c statement by statement, splices the
+ * rewritten statements into the original text, and builds the reference-counted results.
+ * Also pd_sql_normalize for logs.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "rules/sql_internal.h"
+
+/* Statements longer than this get a token scan estimating their tree depth before they
+   are parsed: libpg_query recurses over the tree and would exhaust the stack on a chain of
+   some thousands of operators. Shorter texts cannot nest deep enough to matter. */
+#define DEEP_SCAN_MIN_LEN 2048
+#define DEPTH_ESTIMATE_MAX 1500
+
+/* Statements longer than this are rewritten but not cached, so that the cache's memory
+   stays bounded by its entry count. */
+#define CACHE_MAX_SQL 65536
+
+struct pd_sql {
+    const pd_config_t *cfg;
+    pd__rule_t *rules;
+    unsigned nrules;
+    pd__node_t *null_const;
+    pd_sql_result_t *pass; /* shared by every statement skipped without parsing */
+    pd__cache_t cache;
+    bool caching;
+    pd_sql_stats_t stats;
+};
+
+/* ---------------------------------------------------------------------------------------
+ * Refusals and small context helpers.
+ */
+void pd__refuse(pd__ctx_t *ctx, int rule, const char *sqlstate, const char *hint,
+                const char *fmt, ...)
+{
+    if (ctx->refused || ctx->oom)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    char *msg = NULL;
+    int n = vasprintf(&msg, fmt, ap);
+    va_end(ap);
+    char *h = hint != NULL ? strdup(hint) : NULL;
+    if (n < 0 || (hint != NULL && h == NULL)) {
+        free(h);
+        if (n >= 0)
+            free(msg);
+        ctx->oom = true;
+        return;
+    }
+    ctx->refused = true;
+    ctx->refuse_rule = rule;
+    ctx->sqlstate = sqlstate;
+    ctx->message = msg;
+    ctx->hint = h;
+}
+
+bool pd__oom(pd__ctx_t *ctx)
+{
+    ctx->oom = true;
+    return false;
+}
+
+bool pd__stopped(const pd__ctx_t *ctx)
+{
+    return ctx->refused || ctx->oom;
+}
+
+bool pd__rule_writes_dual(const pd__ctx_t *ctx, const pd__rule_t *r)
+{
+    pd_writes_t w = ctx->views[r->index].writes;
+    return r->columns_kind && ctx->in_db[r->index] &&
+           (w == PD_WRITES_DUAL || w == PD_WRITES_DUAL_NEW);
+}
+
+bool pd__rule_reads_new(const pd__ctx_t *ctx, const pd__rule_t *r)
+{
+    return r->columns_kind && ctx->in_db[r->index] && ctx->views[r->index].reads == PD_READS_NEW;
+}
+
+const char *pd__rule_table(const pd__rule_t *r)
+{
+    return r->cfg->table != NULL ? r->cfg->table : "?";
+}
+
+/* A relation without a schema matches a rule table in `public` or named without a schema;
+   a rule table named without a schema is taken to live in `public` (the default
+   search_path), so that "public.users" in a statement matches it too. */
+static bool tname_matches(const pd__tname_t *t, const PgQuery__RangeVar *rv)
+{
+    if (rv->relname == NULL || strcmp(rv->relname, t->rel) != 0)
+        return false;
+    const char *schema = rv->schemaname != NULL && rv->schemaname[0] != '\0' ? rv->schemaname
+                                                                             : NULL;
+    if (schema == NULL)
+        return t->schema == NULL || strcmp(t->schema, "public") == 0;
+    return strcmp(schema, t->schema != NULL ? t->schema : "public") == 0;
+}
+
+bool pd__rule_matches(const pd__rule_t *r, const PgQuery__RangeVar *rv)
+{
+    if (r->all_tables)
+        return true;
+    for (unsigned i = 0; i < r->ntables; i++)
+        if (tname_matches(&r->tables[i], rv))
+            return true;
+    return false;
+}
+
+static int facts_column(const pd__facts_t *f, const char *col)
+{
+    for (unsigned i = 0; f->loaded && i < f->ncolumns; i++)
+        if (strcmp(f->columns[i], col) == 0)
+            return (int)i;
+    return -1;
+}
+
+const pd__node_t *pd__rule_default(const pd__ctx_t *ctx, const pd__rule_t *r, const char *col,
+                                   bool *known)
+{
+    int i = facts_column(&r->facts, col);
+    *known = r->facts.loaded && (i < 0 || !r->facts.default_bad[i]);
+    if (!*known)
+        return NULL;
+    if (i < 0 || r->facts.defaults[i] == NULL)
+        return ctx->null_const;
+    return r->facts.defaults[i];
+}
+
+bool pd__rule_has_default(const pd__rule_t *r, const char *col)
+{
+    int i = facts_column(&r->facts, col);
+    return i >= 0 && (r->facts.defaults[i] != NULL || r->facts.default_bad[i]);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Compiling the rules.
+ */
+static bool split_tname(const char *text, pd__tname_t *out)
+{
+    const char *dot = strchr(text, '.');
+    out->schema = dot != NULL ? strndup(text, (size_t)(dot - text)) : NULL;
+    out->rel = strdup(dot != NULL ? dot + 1 : text);
+    return out->rel != NULL && (dot == NULL || out->schema != NULL);
+}
+
+/* A missing up/down is a plain copy: the template is a reference to the other column. */
+static pd__node_t *compile_template(const char *text, const char *copy_of)
+{
+    if (text == NULL)
+        return pd__make_column_ref(NULL, copy_of);
+    return pd__parse_expr(text);
+}
+
+static bool compile_facts(pd__facts_t *out, const pd_table_facts_t *in)
+{
+    if (in == NULL || !in->loaded)
+        return true;
+    out->columns = calloc(in->ncolumns + 1, sizeof *out->columns);
+    out->defaults = calloc(in->ncolumns + 1, sizeof *out->defaults);
+    out->default_bad = calloc(in->ncolumns + 1, sizeof *out->default_bad);
+    if (out->columns == NULL || out->defaults == NULL || out->default_bad == NULL)
+        return false;
+    out->ncolumns = in->ncolumns;
+    for (unsigned i = 0; i < in->ncolumns; i++) {
+        if ((out->columns[i] = strdup(in->columns[i])) == NULL)
+            return false;
+        if (in->defaults == NULL || in->defaults[i] == NULL)
+            continue;
+        out->defaults[i] = pd__parse_expr(in->defaults[i]);
+        out->default_bad[i] = out->defaults[i] == NULL;
+    }
+    out->loaded = true;
+    return true;
+}
+
+static bool compile_rule(pd__rule_t *r, int index, const pd_rule_cfg_t *cfg,
+                         const pd_table_facts_t *facts)
+{
+    r->index = index;
+    r->cfg = cfg;
+    r->columns_kind = cfg->kind == PD_RULE_COLUMNS;
+    unsigned ntables = r->columns_kind ? (cfg->table != NULL) : cfg->table_count;
+    r->all_tables = !r->columns_kind && ntables == 0;
+    r->tables = calloc(ntables + 1, sizeof *r->tables);
+    if (r->tables == NULL)
+        return false;
+    for (unsigned i = 0; i < ntables; i++, r->ntables++)
+        if (!split_tname(r->columns_kind ? cfg->table : cfg->tables[i], &r->tables[i]))
+            return false;
+    if (!r->columns_kind)
+        return true;
+    r->pairs = calloc(cfg->column_count + 1, sizeof *r->pairs);
+    if (r->pairs == NULL)
+        return false;
+    for (unsigned i = 0; i < cfg->column_count; i++, r->npairs++) {
+        const pd_column_map_t *m = &cfg->columns[i];
+        r->pairs[i].old = m->old;
+        r->pairs[i].new = m->new;
+        /* A template that does not parse stays NULL; statements needing it are refused
+           with a message naming the rule (config loading does not parse SQL). */
+        r->pairs[i].up = compile_template(m->up, m->old);
+        r->pairs[i].down = compile_template(m->down, m->new);
+    }
+    return compile_facts(&r->facts, facts);
+}
+
+static void free_rule(pd__rule_t *r)
+{
+    for (unsigned i = 0; i < r->ntables; i++) {
+        free(r->tables[i].schema);
+        free(r->tables[i].rel);
+    }
+    free(r->tables);
+    for (unsigned i = 0; i < r->npairs; i++) {
+        pd__node_free(r->pairs[i].up);
+        pd__node_free(r->pairs[i].down);
+    }
+    free(r->pairs);
+    for (unsigned i = 0; r->facts.columns != NULL && i < r->facts.ncolumns; i++) {
+        free(r->facts.columns[i]);
+        pd__node_free(r->facts.defaults[i]);
+    }
+    free(r->facts.columns);
+    free(r->facts.defaults);
+    free(r->facts.default_bad);
+}
+
+static pd__node_t *make_null_const(void)
+{
+    PgQuery__AConst *c = malloc(sizeof *c);
+    if (c == NULL)
+        return NULL;
+    pg_query__a__const__init(c);
+    c->isnull = true;
+    c->location = -1;
+    return pd__node_wrap(PG_QUERY__NODE__NODE_A_CONST, c);
+}
+
+static pd_sql_result_t *new_result(pd_sql_action_t action)
+{
+    pd_sql_result_t *r = calloc(1, sizeof *r);
+    if (r == NULL)
+        return NULL;
+    r->refs = 1;
+    r->action = action;
+    r->rule = -1;
+    return r;
+}
+
+pd_sql_t *pd_sql_new(const pd_config_t *cfg, const pd_table_facts_t *const *facts,
+                     size_t cache_entries)
+{
+    pd_sql_t *rw = calloc(1, sizeof *rw);
+    if (rw == NULL)
+        return NULL;
+    rw->cfg = cfg;
+    rw->rules = calloc(cfg->rule_count + 1, sizeof *rw->rules);
+    rw->null_const = make_null_const();
+    rw->pass = new_result(PD_SQL_PASS);
+    rw->caching = cache_entries > 0;
+    if (rw->rules == NULL || rw->null_const == NULL || rw->pass == NULL ||
+        (rw->caching && !pd__cache_init(&rw->cache, cache_entries))) {
+        pd_sql_free(rw);
+        return NULL;
+    }
+    for (unsigned i = 0; i < cfg->rule_count; i++) {
+        rw->nrules++;
+        if (!compile_rule(&rw->rules[i], (int)i, &cfg->rules[i],
+                          facts != NULL ? facts[i] : NULL)) {
+            pd_sql_free(rw);
+            return NULL;
+        }
+    }
+    return rw;
+}
+
+void pd_sql_free(pd_sql_t *rw)
+{
+    if (rw == NULL)
+        return;
+    for (unsigned i = 0; i < rw->nrules; i++)
+        free_rule(&rw->rules[i]);
+    free(rw->rules);
+    pd__node_free(rw->null_const);
+    if (rw->caching)
+        pd__cache_destroy(&rw->cache);
+    pd_sql_result_release(rw->pass);
+    free(rw);
+}
+
+void pd_sql_result_release(pd_sql_result_t *r)
+{
+    if (r == NULL || --r->refs > 0)
+        return;
+    free(r->sql);
+    free(r->shadow_sql);
+    free(r->message);
+    free(r->hint);
+    free(r);
+}
+
+void pd_sql_stats(const pd_sql_t *rw, pd_sql_stats_t *out)
+{
+    *out = rw->stats;
+    out->entries = rw->caching ? rw->cache.count : 0;
+}
+
+void pd_sql_cache_clear(pd_sql_t *rw)
+{
+    if (rw->caching)
+        pd__cache_clear(&rw->cache);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * The cheap check: can the text name a rule table at all?
+ */
+static bool in_database(const pd_sql_t *rw, unsigned i, const char *database)
+{
+    const char *db = rw->rules[i].cfg->database;
+    return db != NULL && database != NULL && strcmp(db, database) == 0;
+}
+
+/* The rule tables' bare names are searched case-insensitively, which also finds them
+   quoted. A Unicode-escaped identifier (U&"\0075sers") can spell a name without
+   containing it, so its mere presence sends the text to the parser. */
+static bool rule_mentioned(const pd__rule_t *r, const char *sql)
+{
+    if (r->all_tables)
+        return true;
+    for (unsigned t = 0; t < r->ntables; t++)
+        if (strcasestr(sql, r->tables[t].rel) != NULL)
+            return true;
+    return false;
+}
+
+static bool may_concern_rule(const pd_sql_t *rw, const char *database, const char *sql)
+{
+    bool escaped = strcasestr(sql, "u&\"") != NULL;
+    for (unsigned i = 0; i < rw->nrules; i++)
+        if (in_database(rw, i, database) && (escaped || rule_mentioned(&rw->rules[i], sql)))
+            return true;
+    return false;
+}
+
+static bool view_active(const pd_rule_view_t *v)
+{
+    return (v->writes != PD_WRITES_OLD && v->writes != PD_WRITES_NEW) || v->reads != PD_READS_OLD;
+}
+
+/* The rule to blame when a statement cannot be examined: the first active rule of the
+   database whose table the text mentions, else the first active rule; -1 when none is
+   active (the statement can then pass: nothing would be rewritten anyway). */
+static int blamed_rule(const pd_sql_t *rw, const char *database, const char *sql,
+                       const pd_rule_view_t *views)
+{
+    int first_active = -1;
+    for (unsigned i = 0; i < rw->nrules; i++) {
+        if (!in_database(rw, i, database) || !view_active(&views[i]))
+            continue;
+        if (rule_mentioned(&rw->rules[i], sql))
+            return (int)i;
+        if (first_active < 0)
+            first_active = (int)i;
+    }
+    return first_active;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Depth estimate from tokens. Binary operators chain to the left without parentheses and
+ * set operations and joins nest their left side; a comma, AND or OR starts a new, flat
+ * element. The estimate is the deepest sum of chain lengths over the open parentheses.
+ */
+typedef struct {
+    long chain, setops;
+} level_t;
+
+static bool is_operator_token(PgQuery__Token t)
+{
+    switch (t) {
+    case PG_QUERY__TOKEN__ASCII_37:
+    case PG_QUERY__TOKEN__ASCII_42:
+    case PG_QUERY__TOKEN__ASCII_43:
+    case PG_QUERY__TOKEN__ASCII_45:
+    case PG_QUERY__TOKEN__ASCII_47:
+    case PG_QUERY__TOKEN__ASCII_60:
+    case PG_QUERY__TOKEN__ASCII_61:
+    case PG_QUERY__TOKEN__ASCII_62:
+    case PG_QUERY__TOKEN__ASCII_94:
+    case PG_QUERY__TOKEN__Op:
+    case PG_QUERY__TOKEN__TYPECAST:
+    case PG_QUERY__TOKEN__LESS_EQUALS:
+    case PG_QUERY__TOKEN__GREATER_EQUALS:
+    case PG_QUERY__TOKEN__NOT_EQUALS:
+    case PG_QUERY__TOKEN__NOT:
+    case PG_QUERY__TOKEN__IS:
+    case PG_QUERY__TOKEN__COLLATE:
+    case PG_QUERY__TOKEN__JOIN:
+    case PG_QUERY__TOKEN__CASE:
+        return true;
+    default:
+        return false;
+    }
+}
+
+static long estimate_depth(const PgQuery__ScanResult *scan)
+{
+    level_t stack[512];
+    int top = 0;
+    long base = 0, max = 0;
+    stack[0] = (level_t){0, 0};
+    for (size_t i = 0; i < scan->n_tokens; i++) {
+        PgQuery__Token t = scan->tokens[i]->token;
+        level_t *l = &stack[top];
+        if (t == PG_QUERY__TOKEN__ASCII_40 || t == PG_QUERY__TOKEN__ASCII_91) {
+            if (top + 1 >= (int)(sizeof stack / sizeof *stack))
+                return DEPTH_ESTIMATE_MAX + 1;
+            base += l->chain + l->setops + 1;
+            stack[++top] = (level_t){0, 0};
+        } else if ((t == PG_QUERY__TOKEN__ASCII_41 || t == PG_QUERY__TOKEN__ASCII_93) &&
+                   top > 0) {
+            top--;
+            base -= stack[top].chain + stack[top].setops + 1;
+        } else if (t == PG_QUERY__TOKEN__ASCII_44 || t == PG_QUERY__TOKEN__AND ||
+                   t == PG_QUERY__TOKEN__OR) {
+            l->chain = 0;
+        } else if (t == PG_QUERY__TOKEN__ASCII_59) {
+            top = 0;
+            base = 0;
+            stack[0] = (level_t){0, 0};
+        } else if (t == PG_QUERY__TOKEN__UNION || t == PG_QUERY__TOKEN__INTERSECT ||
+                   t == PG_QUERY__TOKEN__EXCEPT) {
+            l->chain = 0;
+            l->setops++;
+        } else if (is_operator_token(t)) {
+            l->chain++;
+        }
+        long depth = base + stack[top].chain + stack[top].setops;
+        if (depth > max)
+            max = depth;
+    }
+    return max;
+}
+
+/* False when the statement may nest too deep for the parser and the passes. */
+static bool depth_ok(const char *sql)
+{
+    if (strlen(sql) < DEEP_SCAN_MIN_LEN)
+        return true;
+    PgQueryScanResult sr = pg_query_scan(sql);
+    bool ok = false;
+    if (sr.error == NULL) {
+        PgQuery__ScanResult *scan =
+            pg_query__scan_result__unpack(NULL, sr.pbuf.len, (const uint8_t *)sr.pbuf.data);
+        if (scan != NULL) {
+            ok = estimate_depth(scan) <= DEPTH_ESTIMATE_MAX;
+            pg_query__scan_result__free_unpacked(scan, NULL);
+        }
+    } else {
+        ok = true; /* the parser will reject it too, without recursing far */
+    }
+    pg_query_free_scan_result(sr);
+    return ok;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Building results.
+ */
+static pd_sql_result_t *refusal(int rule, const char *sqlstate, char *message, char *hint)
+{
+    pd_sql_result_t *r = new_result(PD_SQL_REFUSE);
+    if (r == NULL) {
+        free(message);
+        free(hint);
+        return NULL;
+    }
+    r->rule = rule;
+    r->sqlstate = sqlstate;
+    r->message = message;
+    r->hint = hint;
+    return r;
+}
+
+/* A statement the parser cannot read (or too deep to walk): PostgreSQL reports its own
+   error when no rule is active; otherwise pgdual cannot know what it writes. */
+static pd_sql_result_t *unreadable(pd_sql_t *rw, const char *database, const char *sql,
+                                   const pd_rule_view_t *views, int cursor, bool too_deep)
+{
+    int rule = blamed_rule(rw, database, sql, views);
+    if (rule < 0)
+        return new_result(PD_SQL_PASS);
+    const char *name = rw->rules[rule].cfg->name;
+    char *msg = NULL, *hint = NULL;
+    int n;
+    if (too_deep) {
+        n = asprintf(&msg,
+                     "pgdual: the statement is nested too deeply to be examined, so it cannot "
+                     "keep rule \"%s\" in step",
+                     name);
+    } else {
+        n = asprintf(&msg,
+                     "pgdual: could not parse the statement (syntax error at or near character "
+                     "%d), so it cannot keep the columns of rule \"%s\" in step",
+                     cursor, name);
+    }
+    if (n < 0)
+        return NULL;
+    if (asprintf(&hint,
+                 too_deep ? "Split the statement, or set writes=old and reads=old for rule %s "
+                            "while it runs."
+                          : "Check the statement's syntax. pgdual parses with PostgreSQL 15's "
+                            "grammar; for newer syntax, set writes=old and reads=old for rule "
+                            "%s while it runs.",
+                 name) < 0) {
+        free(msg);
+        return NULL;
+    }
+    return refusal(rule, too_deep ? "54001" : "42601", msg, hint);
+}
+
+/* The leading whitespace and comments of a statement's span, which a rewritten statement
+   keeps (application tags often live in a leading comment). */
+static size_t leading_trivia(const char *s, size_t len)
+{
+    size_t i = 0;
+    while (i < len) {
+        if (strchr(" \t\r\n\f\v", s[i]) != NULL) {
+            i++;
+        } else if (i + 1 < len && s[i] == '-' && s[i + 1] == '-') {
+            while (i < len && s[i] != '\n')
+                i++;
+        } else if (i + 1 < len && s[i] == '/' && s[i + 1] == '*') {
+            int depth = 0;
+            do {
+                if (i + 1 < len && s[i] == '/' && s[i + 1] == '*') {
+                    depth++;
+                    i += 2;
+                } else if (i + 1 < len && s[i] == '*' && s[i + 1] == '/') {
+                    depth--;
+                    i += 2;
+                } else {
+                    i++;
+                }
+            } while (depth > 0 && i < len);
+        } else {
+            break;
+        }
+    }
+    return i;
+}
+
+typedef struct {
+    char *buf;
+    size_t len, cap;
+    bool oom;
+} text_t;
+
+static void text_add(text_t *t, const char *s, size_t n)
+{
+    if (t->oom)
+        return;
+    if (t->len + n + 1 > t->cap) {
+        size_t cap = (t->len + n + 1) * 2;
+        char *grown = realloc(t->buf, cap);
+        if (grown == NULL) {
+            t->oom = true;
+            return;
+        }
+        t->buf = grown;
+        t->cap = cap;
+    }
+    memcpy(t->buf + t->len, s, n);
+    t->len += n;
+    t->buf[t->len] = '\0';
+}
+
+/* ---------------------------------------------------------------------------------------
+ * One call: every statement of the string, then the shadow form.
+ */
+typedef struct {
+    pd_sql_t *rw;
+    const char *database;
+    const char *sql;
+    const pd_rule_view_t *views;
+    bool *in_db;
+    pd_rule_view_t *primary; /* reads shadow as old */
+    pd_rule_view_t *shadow;  /* reads shadow as new */
+    bool any_shadow;
+    PgQueryProtobufParseResult parsed;
+} job_t;
+
+static void ctx_init(pd__ctx_t *ctx, const job_t *job, const pd_rule_view_t *views)
+{
+    memset(ctx, 0, sizeof *ctx);
+    ctx->rules = job->rw->rules;
+    ctx->nrules = job->rw->nrules;
+    ctx->in_db = job->in_db;
+    ctx->views = views;
+    ctx->null_const = job->rw->null_const;
+    ctx->rule = -1;
+    ctx->refuse_rule = -1;
+}
+
+static void ctx_done(pd__ctx_t *ctx)
+{
+    free(ctx->message);
+    free(ctx->hint);
+}
+
+static void run_passes(pd__ctx_t *ctx, pd__node_t *stmt, bool writes)
+{
+    pd__classify(ctx, stmt);
+    if (writes && !pd__stopped(ctx))
+        pd__rewrite_writes(ctx, stmt);
+    if (!pd__stopped(ctx))
+        pd__rewrite_reads(ctx, stmt);
+}
+
+static PgQuery__ParseResult *unpack(const job_t *job)
+{
+    return pg_query__parse_result__unpack(NULL, job->parsed.parse_tree.len,
+                                          (const uint8_t *)job->parsed.parse_tree.data);
+}
+
+/* A shadow read runs the statement a second time: only a SELECT that changes nothing and
+   calls no volatile function (nextval() would advance twice) may be run so. */
+static bool pure_read(const pd__node_t *stmt)
+{
+    const char *fname = NULL;
+    return stmt != NULL && stmt->node_case == PG_QUERY__NODE__NODE_SELECT_STMT &&
+           stmt->select_stmt->into_clause == NULL && !pd__has_dml(stmt) &&
+           !pd__calls_volatile(stmt, &fname);
+}
+
+static void stmt_span(const job_t *job, const PgQuery__RawStmt *raw, size_t *start, size_t *end)
+{
+    size_t total = strlen(job->sql);
+    *start = raw->stmt_location > 0 ? (size_t)raw->stmt_location : 0;
+    if (*start > total)
+        *start = total;
+    *end = raw->stmt_len > 0 ? *start + (size_t)raw->stmt_len : total;
+    if (*end > total)
+        *end = total;
+}
+
+/* The shadow form of a single pure read: the reads-new rewrite with shadow rules as new.
+   A refusal of the shadow form only means there is nothing to compare. */
+static bool shadow_form(job_t *job, pd_sql_result_t *res)
+{
+    PgQuery__ParseResult *tree = unpack(job);
+    if (tree == NULL)
+        return false;
+    PgQuery__RawStmt *raw = tree->stmts[0];
+    pd__ctx_t ctx;
+    ctx_init(&ctx, job, job->shadow);
+    run_passes(&ctx, raw->stmt, false);
+    bool ok = !ctx.oom;
+    if (ok && !ctx.refused && ctx.changed) {
+        size_t start, end;
+        stmt_span(job, raw, &start, &end);
+        size_t lead = leading_trivia(job->sql + start, end - start);
+        char *body = pd__deparse(raw, tree->version);
+        text_t t = {0};
+        text_add(&t, job->sql + start, lead);
+        if (body != NULL)
+            text_add(&t, body, strlen(body));
+        free(body);
+        ok = !t.oom;
+        if (body != NULL && ok && (res->sql == NULL || strcmp(res->sql, t.buf) != 0))
+            res->shadow_sql = t.buf;
+        else
+            free(t.buf);
+    }
+    ctx_done(&ctx);
+    pg_query__parse_result__free_unpacked(tree, NULL);
+    return ok;
+}
+
+static pd_sql_result_t *refused_result(pd__ctx_t *ctx)
+{
+    pd_sql_result_t *r = refusal(ctx->refuse_rule, ctx->sqlstate, ctx->message, ctx->hint);
+    ctx->message = NULL;
+    ctx->hint = NULL;
+    if (r != NULL)
+        r->is_write = ctx->is_write;
+    return r;
+}
+
+static void note_rule(pd_sql_result_t *res, const pd__ctx_t *ctx)
+{
+    res->is_write = res->is_write || ctx->is_write;
+    if (ctx->rule >= 0 && (res->rule < 0 || ctx->rule < res->rule))
+        res->rule = ctx->rule;
+}
+
+/* Rewrites one statement into text t (its original bytes when unchanged). Returns NULL to
+   continue, or a final result (a refusal), or sets *oom. */
+static pd_sql_result_t *one_statement(job_t *job, PgQuery__ParseResult *tree, size_t i,
+                                      text_t *t, size_t *cursor, pd_sql_result_t *res,
+                                      bool *changed, bool *oom)
+{
+    PgQuery__RawStmt *raw = tree->stmts[i];
+    pd__ctx_t ctx;
+    ctx_init(&ctx, job, job->primary);
+    run_passes(&ctx, raw->stmt, true);
+    note_rule(res, &ctx);
+    pd_sql_result_t *final = NULL;
+    if (ctx.oom) {
+        *oom = true;
+    } else if (ctx.refused) {
+        final = refused_result(&ctx);
+        *oom = final == NULL;
+    } else if (ctx.changed) {
+        size_t start, end;
+        stmt_span(job, raw, &start, &end);
+        char *body = pd__deparse(raw, tree->version);
+        if (body == NULL) {
+            pd__refuse(&ctx, res->rule, "XX000",
+                       "Report this statement to the pgdual maintainers; meanwhile set "
+                       "writes=old and reads=old for the rule while it runs.",
+                       "pgdual could not render its rewrite of the statement");
+            final = refused_result(&ctx);
+            *oom = final == NULL;
+        } else {
+            size_t lead = leading_trivia(job->sql + start, end - start);
+            text_add(t, job->sql + *cursor, start + lead - *cursor);
+            text_add(t, body, strlen(body));
+            *cursor = end;
+            *changed = true;
+            free(body);
+        }
+    }
+    ctx_done(&ctx);
+    return final;
+}
+
+static bool ordered(const pd__node_t *stmt)
+{
+    return stmt != NULL && stmt->node_case == PG_QUERY__NODE__NODE_SELECT_STMT &&
+           stmt->select_stmt->n_sort_clause > 0;
+}
+
+static pd_sql_result_t *rewrite_tree(job_t *job, PgQuery__ParseResult *tree)
+{
+    pd_sql_result_t *res = new_result(PD_SQL_PASS);
+    if (res == NULL)
+        return NULL;
+    text_t t = {0};
+    size_t cursor = 0;
+    bool changed = false, oom = false;
+    for (size_t i = 0; i < tree->n_stmts && !oom; i++) {
+        pd_sql_result_t *final = one_statement(job, tree, i, &t, &cursor, res, &changed, &oom);
+        if (final != NULL) {
+            if (final->rule < 0)
+                final->rule = res->rule;
+            final->is_write = final->is_write || res->is_write;
+            pd_sql_result_release(res);
+            free(t.buf);
+            return final;
+        }
+    }
+    if (changed) {
+        text_add(&t, job->sql + cursor, strlen(job->sql + cursor));
+        res->action = PD_SQL_REWRITE;
+        res->sql = t.buf;
+        t.buf = NULL;
+    }
+    free(t.buf);
+    if (!oom && !t.oom && tree->n_stmts == 1) {
+        res->ordered = ordered(tree->stmts[0]->stmt);
+        if (job->any_shadow && pure_read(tree->stmts[0]->stmt))
+            oom = !shadow_form(job, res);
+    }
+    if (oom || t.oom) {
+        pd_sql_result_release(res);
+        return NULL;
+    }
+    return res;
+}
+
+static pd_sql_result_t *compute(job_t *job)
+{
+    pd_sql_t *rw = job->rw;
+    if (!depth_ok(job->sql))
+        return unreadable(rw, job->database, job->sql, job->views, 0, true);
+    job->parsed = pg_query_parse_protobuf(job->sql);
+    rw->stats.parsed++;
+    pd_sql_result_t *res;
+    if (job->parsed.error != NULL) {
+        res = unreadable(rw, job->database, job->sql, job->views, job->parsed.error->cursorpos,
+                         false);
+    } else {
+        PgQuery__ParseResult *tree = unpack(job);
+        res = tree != NULL ? rewrite_tree(job, tree) : NULL;
+        if (tree != NULL)
+            pg_query__parse_result__free_unpacked(tree, NULL);
+    }
+    pg_query_free_protobuf_parse_result(job->parsed);
+    return res;
+}
+
+/* Splits reads=shadow into the two passes' views: old for the statement sent, new for
+   its shadow form. */
+static void resolve_views(job_t *job)
+{
+    for (unsigned i = 0; i < job->rw->nrules; i++) {
+        pd_rule_view_t v = job->views[i];
+        job->in_db[i] = in_database(job->rw, i, job->database);
+        job->primary[i] = v;
+        job->shadow[i] = v;
+        if (v.reads == PD_READS_SHADOW) {
+            job->primary[i].reads = PD_READS_OLD;
+            job->shadow[i].reads = PD_READS_NEW;
+            job->any_shadow = job->any_shadow || job->in_db[i];
+        }
+    }
+}
+
+/* The configured flags, for a caller that gives no views (new@N counts as new only at
+   100 %: choosing per session is the caller's business). */
+static void configured_views(const pd_sql_t *rw, pd_rule_view_t *out)
+{
+    for (unsigned i = 0; i < rw->nrules; i++) {
+        const pd_rule_cfg_t *cfg = rw->rules[i].cfg;
+        out[i].writes = cfg->writes;
+        out[i].reads = cfg->reads.mode;
+        if (cfg->reads.mode == PD_READS_NEW && cfg->reads.percent < 100)
+            out[i].reads = PD_READS_OLD;
+    }
+}
+
+/* The cache key: database, text, and the view of every rule of that database. */
+static char *cache_key(const job_t *job, size_t *len)
+{
+    size_t dblen = strlen(job->database), sqllen = strlen(job->sql);
+    size_t n = dblen + 1 + sqllen + 1 + 2 * (size_t)job->rw->nrules;
+    char *key = malloc(n);
+    if (key == NULL)
+        return NULL;
+    memcpy(key, job->database, dblen + 1);
+    memcpy(key + dblen + 1, job->sql, sqllen + 1);
+    size_t at = dblen + 1 + sqllen + 1;
+    for (unsigned i = 0; i < job->rw->nrules; i++) {
+        if (!job->in_db[i])
+            continue;
+        key[at++] = (char)('0' + job->views[i].writes);
+        key[at++] = (char)('0' + job->views[i].reads);
+    }
+    *len = at;
+    return key;
+}
+
+static pd_sql_result_t *rewrite_cached(job_t *job)
+{
+    pd_sql_t *rw = job->rw;
+    size_t len = 0;
+    char *key = NULL;
+    uint64_t hash = 0;
+    if (rw->caching && strlen(job->sql) <= CACHE_MAX_SQL) {
+        if ((key = cache_key(job, &len)) == NULL)
+            return NULL;
+        hash = pd__cache_hash(key, len);
+        pd_sql_result_t *hit = pd__cache_get(&rw->cache, key, len, hash);
+        if (hit != NULL) {
+            rw->stats.hits++;
+            free(key);
+            return hit;
+        }
+    }
+    rw->stats.misses++;
+    pd_sql_result_t *res = compute(job);
+    if (res != NULL && key != NULL) {
+        pd__cache_put(&rw->cache, key, len, hash, res);
+        key = NULL; /* the cache took it (and freed it when it could not keep it) */
+    }
+    free(key);
+    return res;
+}
+
+pd_sql_result_t *pd_sql_rewrite(pd_sql_t *rw, const char *database, const char *sql,
+                                const pd_rule_view_t *views)
+{
+    if (database == NULL)
+        database = "";
+    if (sql == NULL || !may_concern_rule(rw, database, sql)) {
+        rw->stats.skipped_unparsed++;
+        rw->pass->refs++;
+        return rw->pass;
+    }
+    unsigned n = rw->nrules + 1;
+    bool *in_db = calloc(n, sizeof *in_db);
+    pd_rule_view_t *primary = calloc(n, sizeof *primary);
+    pd_rule_view_t *shadow = calloc(n, sizeof *shadow);
+    pd_rule_view_t *given = views != NULL ? NULL : calloc(n, sizeof *given);
+    pd_sql_result_t *res = NULL;
+    if (in_db != NULL && primary != NULL && shadow != NULL && (views != NULL || given != NULL)) {
+        if (given != NULL)
+            configured_views(rw, given);
+        job_t job = {.rw = rw,
+                     .database = database,
+                     .sql = sql,
+                     .views = views != NULL ? views : given,
+                     .in_db = in_db,
+                     .primary = primary,
+                     .shadow = shadow};
+        resolve_views(&job);
+        res = rewrite_cached(&job);
+    }
+    free(in_db);
+    free(primary);
+    free(shadow);
+    free(given);
+    return res;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Normalization for logs.
+ */
+static bool is_literal_token(PgQuery__Token t)
+{
+    return t == PG_QUERY__TOKEN__SCONST || t == PG_QUERY__TOKEN__USCONST ||
+           t == PG_QUERY__TOKEN__BCONST || t == PG_QUERY__TOKEN__XCONST ||
+           t == PG_QUERY__TOKEN__ICONST || t == PG_QUERY__TOKEN__FCONST;
+}
+
+/* pg_query_normalize leaves literals where the grammar keeps them outside expressions
+   (COPY file names, DDL defaults, typmods, ORDER BY positions...). Logs must carry none, so
+   whatever literal tokens remain are masked too, numbered after the highest $n. */
+static char *mask_remaining(const char *norm)
+{
+    PgQueryScanResult sr = pg_query_scan(norm);
+    PgQuery__ScanResult *scan =
+        sr.error == NULL
+            ? pg_query__scan_result__unpack(NULL, sr.pbuf.len, (const uint8_t *)sr.pbuf.data)
+            : NULL;
+    char *out = NULL;
+    if (scan != NULL) {
+        long next = 1;
+        for (size_t i = 0; i < scan->n_tokens; i++)
+            if (scan->tokens[i]->token == PG_QUERY__TOKEN__PARAM) {
+                long p = strtol(norm + scan->tokens[i]->start + 1, NULL, 10);
+                next = p >= next ? p + 1 : next;
+            }
+        text_t t = {0};
+        size_t at = 0;
+        for (size_t i = 0; i < scan->n_tokens; i++) {
+            const PgQuery__ScanToken *tok = scan->tokens[i];
+            if (!is_literal_token(tok->token))
+                continue;
+            char param[32];
+            int n = snprintf(param, sizeof param, "$%ld", next++);
+            text_add(&t, norm + at, (size_t)tok->start - at);
+            text_add(&t, param, (size_t)n);
+            at = (size_t)tok->end;
+        }
+        text_add(&t, norm + at, strlen(norm + at));
+        out = t.oom ? NULL : t.buf;
+        if (t.oom)
+            free(t.buf);
+        pg_query__scan_result__free_unpacked(scan, NULL);
+    }
+    pg_query_free_scan_result(sr);
+    return out;
+}
+
+char *pd_sql_normalize(const char *sql)
+{
+    PgQueryNormalizeResult nr = pg_query_normalize(sql != NULL ? sql : "");
+    char *out = NULL;
+    if (nr.error == NULL && nr.normalized_query != NULL)
+        out = mask_remaining(nr.normalized_query);
+    else
+        out = strdup("<unparseable statement>");
+    pg_query_free_normalize_result(nr);
+    return out;
+}

@@ -1,0 +1,209 @@
+/*
+ * sql_internal.h — what the parts of the SQL rewriter share, and nothing outside rules/sql*.c
+ * may include: the compiled rules (sql.c), the statement context with its refusal, the
+ * protobuf-c tree helpers (sql_tree.c), the write rewriting (sql_write.c), the read
+ * rewriting (sql_read.c) and the result cache (sql_cache.c).
+ *
+ * Trees are libpg_query's protobuf-c messages, unpacked with the default (malloc) allocator:
+ * every message, repeated-field array and string of a tree is a separate malloc block, so
+ * nodes built here with malloc can be linked into an unpacked tree and are released by
+ * protobuf_c_message_free_unpacked together with it.
+ */
+#ifndef PD_RULES_SQL_INTERNAL_H
+#define PD_RULES_SQL_INTERNAL_H
+
+#include <pg_query.h>
+#include <pg_query/pg_query.pb-c.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "rules/sql.h"
+
+/* Deeper trees than this are not walked: the statement is treated as too complex. The
+   cheap estimate in sql.c keeps libpg_query itself well below the depth where its own
+   recursion would exhaust the stack. */
+#define PD__MAX_DEPTH 3000
+
+typedef PgQuery__Node pd__node_t;
+
+/* ---------------------------------------------------------------------------------------
+ * Compiled rules (sql.c).
+ */
+typedef struct {
+    char *schema; /* NULL when the rule names the table without a schema */
+    char *rel;
+} pd__tname_t;
+
+typedef struct {
+    const char *old; /* borrowed from the config */
+    const char *new;
+    pd__node_t *up;   /* template over old columns; NULL when the text does not parse */
+    pd__node_t *down; /* template over new columns; NULL when the text does not parse */
+} pd__pair_t;
+
+typedef struct {
+    bool loaded;
+    unsigned ncolumns;
+    char **columns;
+    pd__node_t **defaults; /* per column: the parsed default, NULL when it has none */
+    bool *default_bad;     /* per column: a default the parser could not read */
+} pd__facts_t;
+
+typedef struct {
+    int index; /* in cfg->rules */
+    const pd_rule_cfg_t *cfg;
+    bool columns_kind;
+    bool all_tables; /* a tables rule without a list: every table */
+    pd__tname_t *tables;
+    unsigned ntables;
+    pd__pair_t *pairs;
+    unsigned npairs;
+    pd__facts_t facts;
+} pd__rule_t;
+
+/* ---------------------------------------------------------------------------------------
+ * One pass over one statement: the views in force and what the pass found.
+ */
+typedef struct {
+    const pd__rule_t *rules; /* every rule of the config */
+    unsigned nrules;
+    const bool *in_db;           /* rules[i] belongs to the statement's database */
+    const pd_rule_view_t *views; /* effective: reads shadow already resolved to old or new */
+    const pd__node_t *null_const;
+
+    bool changed;  /* the tree was edited: the statement must be deparsed */
+    bool is_write; /* writes a rule table */
+    int rule;      /* lowest index of a rule whose table the statement names, or -1 */
+    bool oom;
+    int depth;
+
+    bool refused;
+    const char *sqlstate;
+    char *message;
+    char *hint;
+    int refuse_rule;
+} pd__ctx_t;
+
+/* Records the first refusal of the pass (later ones are dropped): the rule, SQLSTATE, hint
+   and a printf-style message. */
+void pd__refuse(pd__ctx_t *ctx, int rule, const char *sqlstate, const char *hint,
+                const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+/* Marks the pass out of memory; returns false so that callers can `return pd__oom(ctx)`. */
+bool pd__oom(pd__ctx_t *ctx);
+/* The pass should stop: refused or out of memory. */
+bool pd__stopped(const pd__ctx_t *ctx);
+
+/* Does the relation name one of the rule's tables? */
+bool pd__rule_matches(const pd__rule_t *r, const PgQuery__RangeVar *rv);
+/* Rule in force for writes / for reads=new in this pass? */
+bool pd__rule_writes_dual(const pd__ctx_t *ctx, const pd__rule_t *r);
+bool pd__rule_reads_new(const pd__ctx_t *ctx, const pd__rule_t *r);
+/* The rule's table as configured, for messages. */
+const char *pd__rule_table(const pd__rule_t *r);
+/* The parsed default of a column: NULL with *known = false when the facts are unknown
+   (or the default did not parse), the shared NULL constant when it has none. */
+const pd__node_t *pd__rule_default(const pd__ctx_t *ctx, const pd__rule_t *r, const char *col,
+                                   bool *known);
+/* Does the column have a default other than NULL (facts loaded)? */
+bool pd__rule_has_default(const pd__rule_t *r, const char *col);
+
+/* ---------------------------------------------------------------------------------------
+ * Tree helpers (sql_tree.c). Constructors return NULL when out of memory and then free
+ * whatever they were given to own, so that calls can be nested.
+ */
+pd__node_t *pd__node_wrap(PgQuery__Node__NodeCase kind, void *msg);
+pd__node_t *pd__node_copy(const pd__node_t *n);
+void pd__node_free(pd__node_t *n);
+/* dst takes src's content in place (dst's old content is freed, src's shell too). */
+void pd__node_become(pd__node_t *dst, pd__node_t *src);
+pd__node_t *pd__make_string(const char *s);
+pd__node_t *pd__make_column_ref(const char *qual, const char *name);
+/* A reference like `ref`'s qualifier (every field but the last) followed by name. */
+pd__node_t *pd__make_column_ref_like(const PgQuery__ColumnRef *ref, const char *name);
+pd__node_t *pd__make_star_ref(const char *qual);
+pd__node_t *pd__make_res_target(const char *name, pd__node_t *val);
+pd__node_t *pd__make_list(void);
+/* Appends item to a repeated Node field; frees item and returns false when out of memory
+   (or when item is NULL, which is how a failed constructor arrives). */
+bool pd__append(pd__node_t ***arr, size_t *n, pd__node_t *item);
+/* Inserts at position at (shifting the rest); same ownership rules as pd__append. */
+bool pd__insert(pd__node_t ***arr, size_t *n, size_t at, pd__node_t *item);
+
+/* The text of a String node, or NULL. */
+const char *pd__str(const pd__node_t *n);
+/* The column name of a single-field ColumnRef, or NULL. */
+const char *pd__plain_ref(const pd__node_t *n);
+/* Does a ColumnRef end in `*`? */
+bool pd__is_star(const PgQuery__ColumnRef *ref);
+/* The name a FROM item is referred to by (alias or relation name). */
+const char *pd__refname(const PgQuery__RangeVar *rv);
+
+/* Visits n and every node below it in pre-order; fn returns false to skip a node's
+   children. Returns false when the tree is deeper than PD__MAX_DEPTH. */
+typedef bool (*pd__visit_fn)(pd__node_t *n, void *arg);
+bool pd__walk(ProtobufCMessage *m, pd__visit_fn fn, void *arg);
+/* Calls fn on every message-valued field (each element of repeated ones) of m. */
+typedef void (*pd__child_fn)(ProtobufCMessage *child, void *arg);
+void pd__each_child(ProtobufCMessage *m, pd__child_fn fn, void *arg);
+
+/* Does the expression call a function known to be volatile (random(), nextval(), ...)?
+   Sets *fname to its name. */
+bool pd__calls_volatile(const pd__node_t *n, const char **fname);
+/* Does the tree contain an INSERT, UPDATE, DELETE or MERGE? */
+bool pd__has_dml(const pd__node_t *n);
+
+/* Parses `SELECT <expr>` and returns the expression, or NULL (bad text or out of memory). */
+pd__node_t *pd__parse_expr(const char *text);
+/* Deparses one statement; malloc'd text, or NULL. */
+char *pd__deparse(PgQuery__RawStmt *raw, int32_t version);
+/* PostgreSQL's FigureColname for the raw expressions the rewriter changes: the name a
+   target-list entry without AS gets; NULL for "?column?". Points into the tree. */
+const char *pd__figure_colname(const pd__node_t *n);
+
+/* ---------------------------------------------------------------------------------------
+ * Substitution (sql_write.c): a copy of an up/down template whose column references are
+ * replaced with the values a statement assigns.
+ */
+typedef struct {
+    const pd__rule_t *rule;
+    const char **names;  /* the columns assigned ... */
+    pd__node_t **values; /* ... and their values; NULL: assigned by a sub-SELECT */
+    size_t n;
+    bool insert;      /* unassigned columns take their default (else: the current row) */
+    const char *qual; /* UPDATE: qualifier for references to the current row, or NULL */
+} pd__assign_t;
+
+/* ---------------------------------------------------------------------------------------
+ * The passes.
+ */
+/* Sets ctx->is_write and ctx->rule. */
+void pd__classify(pd__ctx_t *ctx, pd__node_t *stmt);
+/* writes=dual/dual-new: adds the partner columns to every write, or refuses. */
+void pd__rewrite_writes(pd__ctx_t *ctx, pd__node_t *stmt);
+/* reads=new: serves old columns from the new ones, or refuses. */
+void pd__rewrite_reads(pd__ctx_t *ctx, pd__node_t *stmt);
+
+/* ---------------------------------------------------------------------------------------
+ * The LRU cache of results (sql_cache.c).
+ */
+typedef struct pd__entry pd__entry_t;
+typedef struct {
+    size_t cap, count;
+    pd__entry_t **buckets;
+    size_t nbuckets;
+    pd__entry_t *head, *tail; /* most and least recently used */
+    uint64_t evictions;
+} pd__cache_t;
+
+bool pd__cache_init(pd__cache_t *c, size_t cap);
+void pd__cache_destroy(pd__cache_t *c);
+uint64_t pd__cache_hash(const char *key, size_t len);
+/* A cached result with one more reference, or NULL. */
+pd_sql_result_t *pd__cache_get(pd__cache_t *c, const char *key, size_t len, uint64_t hash);
+/* Caches r (taking a reference of its own) under key, which the cache takes over. Returns
+   false when out of memory (key is freed, r untouched). */
+bool pd__cache_put(pd__cache_t *c, char *key, size_t len, uint64_t hash, pd_sql_result_t *r);
+void pd__cache_clear(pd__cache_t *c);
+
+#endif /* PD_RULES_SQL_INTERNAL_H */
