@@ -596,13 +596,19 @@ static void checkpoint_key(const job_t *j, char *buf, size_t size)
     snprintf(buf, size, "backfill/%s", j->rule.name);
 }
 
-/* Picks up where an interrupted backfill of the rule stopped; returns the rows it did. */
+/*
+ * Picks up where an interrupted backfill of the rule stopped; returns the rows it did. A
+ * checkpoint of another table or key (the rule was changed since) is ignored.
+ */
 static int64_t resume(run_t *r)
 {
     char key[256];
     checkpoint_key(r->job, key, sizeof key);
     json_t *ck = pd_state_checkpoint(r->job->jobs->state, key);
+    const char *table = json_string_value(json_object_get(ck, "table"));
     json_t *last = json_object_get(ck, "last_key");
+    if (table == NULL || strcmp(table, r->job->rule.table) != 0)
+        last = NULL;
     unsigned nkey = r->job->rule.nkey;
     int64_t done = json_integer_value(json_object_get(ck, "rows_done"));
     char **lo = json_array_size(last) == nkey ? calloc(nkey + 1, sizeof *lo) : NULL;
@@ -628,7 +634,8 @@ static int save_checkpoint(run_t *r, int64_t done)
     json_t *last = json_array();
     for (unsigned i = 0; i < r->job->rule.nkey; i++)
         json_array_append_new(last, json_string(r->lo[i]));
-    json_t *ck = json_pack("{s:o, s:I}", "last_key", last, "rows_done", (json_int_t)done);
+    json_t *ck = json_pack("{s:s, s:o, s:I}", "table", r->job->rule.table, "last_key", last,
+                           "rows_done", (json_int_t)done);
     char *err = NULL;
     int rc = ck ? pd_state_set_checkpoint(r->job->jobs->state, key, ck, &err) : -1;
     json_decref(ck);
@@ -831,13 +838,18 @@ static int run_verify(run_t *r)
  * The job thread
  */
 
-static void run_free(run_t *r)
+/* The connection can no longer be cancelled from outside; called before it closes. */
+static void forget_cancel(run_t *r)
 {
-    unsigned nk = r->job->rule.nkey, nc = r->job->rule.ncols;
     pthread_mutex_lock(&r->job->jobs->lock);
     PQfreeCancel(r->job->pgcancel);
     r->job->pgcancel = NULL;
     pthread_mutex_unlock(&r->job->jobs->lock);
+}
+
+static void run_free(run_t *r)
+{
+    unsigned nk = r->job->rule.nkey, nc = r->job->rule.ncols;
     if (r->conn != NULL)
         PQfinish(r->conn);
     free(r->table);
@@ -881,6 +893,7 @@ static void job_main(void *arg)
     int rc = run_connect(&r);
     if (rc == 0 && (rc = run_quote(&r)) == 0 && (rc = run_estimate(&r)) == 0)
         rc = r.job->kind == JOB_BACKFILL ? run_backfill(&r) : run_verify(&r);
+    forget_cancel(&r);
     publish(&r, rc);
     run_free(&r);
 }
@@ -1035,6 +1048,7 @@ int pd_jobs_start(pd_jobs_t *jobs, const char *kind, const pd_config_t *cfg,
     }
     j->id = jobs->next_id++;
     snprintf(j->tag, sizeof j->tag, "[job %d %s %s]", j->id, kind, rule->name);
+    pd_log_info(j->tag, "starting");
     int rc = uv_thread_create(&j->thread, job_main, j);
     if (rc == 0) {
         j->next = jobs->list;
@@ -1046,7 +1060,6 @@ int pd_jobs_start(pd_jobs_t *jobs, const char *kind, const pd_config_t *cfg,
         job_free(j);
         return -1;
     }
-    pd_log_info(j->tag, "started");
     prune(jobs);
     return j->id;
 }

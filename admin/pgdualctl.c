@@ -455,8 +455,9 @@ static int follow_job(int fd, json_int_t id, bool as_json)
  * Main
  */
 
-/* The command words as one line; --detach is ours, not pgdual's, and is left out. */
-static char *command_line(int argc, char **argv, bool *detach)
+/* The command words as one line. For commands that start a job, --detach is ours, not
+ * pgdual's, and is left out. */
+static char *command_line(int argc, char **argv, bool starts_job, bool *detach)
 {
     size_t len = 2;
     for (int j = 0; j < argc; j++)
@@ -472,7 +473,7 @@ static char *command_line(int argc, char **argv, bool *detach)
             free(line);
             return NULL;
         }
-        if (j > 0 && strcmp(argv[j], "--detach") == 0) {
+        if (starts_job && j > 0 && strcmp(argv[j], "--detach") == 0) {
             *detach = true;
             continue;
         }
@@ -536,7 +537,7 @@ int main(int argc, char **argv)
     if (i <= 0)
         return -i;
     bool starts_job = strcmp(argv[i], "verify") == 0 || strcmp(argv[i], "backfill") == 0;
-    char *line = command_line(argc - i, argv + i, &detach);
+    char *line = command_line(argc - i, argv + i, starts_job, &detach);
     if (line == NULL)
         return 2;
     int fd = connect_admin(sock);

@@ -21,6 +21,7 @@
 #include "proxy/log.h"
 #include "proxy/session.h"
 #include "rules/catalog.h"
+#include "rules/state.h"
 
 #define LINE_MAX_LEN 65536
 #define MAX_WORDS    16
@@ -156,6 +157,14 @@ static json_t *rule_json(const pd_server_t *srv, unsigned index)
     }
     const char *error = srv->facts ? srv->facts[index].error : NULL;
     json_object_set_new(j, "error", error ? json_string(error) : json_null());
+    /* The last verify's outcome, without its list of keys (those are in `jobs`). */
+    json_t *verify = pd_state_verify(srv->state, rule->name);
+    if (verify != NULL) {
+        json_object_del(verify, "keys");
+        json_object_set_new(j, "last_verify", verify);
+    } else {
+        json_object_set_new(j, "last_verify", json_null());
+    }
     return j;
 }
 
@@ -256,6 +265,87 @@ static json_t *cmd_flag(pd_server_t *srv, int argc, char **argv)
     return flags_json(srv, (unsigned)rule);
 }
 
+/*
+ * The newest events of the divergence log, read from the end of the file (at most the
+ * last 4 MB: a bounded read, so a large log never stalls the loop).
+ */
+static json_t *read_divergence(const char *path, const char *rule, long limit)
+{
+    json_t *events = json_array();
+    FILE *f = path ? fopen(path, "r") : NULL;
+    if (f == NULL)
+        return events;
+    const long window = 4L << 20;
+    if (fseek(f, 0, SEEK_END) == 0) {
+        long size = ftell(f);
+        if (size > window)
+            fseek(f, size - window, SEEK_SET);
+        else
+            rewind(f);
+        bool partial = size > window; /* the first line read may be cut: skip it */
+        char *line = NULL;
+        size_t cap = 0;
+        while (getline(&line, &cap, f) > 0) {
+            if (partial) {
+                partial = false;
+                continue;
+            }
+            json_t *ev = json_loads(line, 0, NULL);
+            const char *r = json_string_value(json_object_get(ev, "rule"));
+            if (ev != NULL && (rule == NULL || (r != NULL && strcmp(r, rule) == 0)))
+                json_array_append(events, ev);
+            json_decref(ev);
+            while ((long)json_array_size(events) > limit)
+                json_array_remove(events, 0);
+        }
+        free(line);
+    }
+    fclose(f);
+    return events;
+}
+
+/* divergence [RULE] [--limit N]: counters per rule and the newest events. */
+static json_t *cmd_divergence(pd_server_t *srv, int argc, char **argv)
+{
+    const char *rule = NULL;
+    long limit = 20;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--limit") == 0 && i + 1 < argc) {
+            char *end;
+            limit = strtol(argv[++i], &end, 10);
+            if (*end != '\0' || limit < 1 || limit > 10000)
+                return reply_error("invalid --limit: expected 1 to 10000", NULL);
+        } else if (argv[i][0] != '-' && rule == NULL) {
+            rule = argv[i];
+            if (find_rule(srv, rule) < 0) {
+                char msg[160];
+                snprintf(msg, sizeof msg, "rule \"%.64s\" does not exist", rule);
+                return reply_error(msg, "pgdualctl rules lists the rules.");
+            }
+        } else {
+            return reply_error("usage: divergence [RULE] [--limit N]", NULL);
+        }
+    }
+    json_t *counts = json_array();
+    for (unsigned i = 0; i < srv->cfg->rule_count; i++) {
+        if (rule != NULL && strcmp(rule, srv->cfg->rules[i].name) != 0)
+            continue;
+        const pd_rule_stats_t *st = &srv->stats[i];
+        json_array_append_new(counts,
+                              json_pack("{s:s, s:I, s:I, s:I}", "rule", srv->cfg->rules[i].name,
+                                        "shadow_mismatched", (json_int_t)st->shadow_mismatched,
+                                        "shadow_compared", (json_int_t)st->shadow_compared,
+                                        "shadow_skipped", (json_int_t)st->shadow_skipped));
+    }
+    json_t *r = reply_ok();
+    json_object_set_new(r, "counters", counts);
+    json_object_set_new(r, "events", read_divergence(srv->cfg->divergence_log, rule, limit));
+    if (srv->cfg->divergence_log == NULL)
+        json_object_set_new(r, "hint", json_string("No divergence.log is configured: events are "
+                                                   "counted but not kept."));
+    return r;
+}
+
 static const struct {
     const char *verb;
     int min_args, max_args;
@@ -267,6 +357,7 @@ static const struct {
     {"sessions", 0, 0, cmd_sessions, NULL, "sessions"},
     {"rules", 0, 0, cmd_rules, NULL, "rules"},
     {"flag", 2, 3, cmd_flag, NULL, "flag RULE reads=VALUE|writes=VALUE"},
+    {"divergence", 0, 3, cmd_divergence, NULL, "divergence [RULE] [--limit N]"},
     {"reload", 0, 0, NULL, cmd_reload, "reload"},
     {"verify", 1, 4, pd_cmd_verify, NULL, "verify RULE [--repair] [--batch N]"},
     {"backfill", 1, 5, pd_cmd_backfill, NULL, "backfill RULE [--batch N] [--throttle MS]"},
@@ -275,7 +366,7 @@ static const struct {
 };
 
 #define COMMAND_LIST                                                                               \
-    "Commands: status, sessions, rules, flag, reload, verify, backfill, jobs, cancel."
+    "Commands: status, sessions, rules, flag, divergence, reload, verify, backfill, jobs, cancel."
 
 /*
  * Runs one command line. A synchronous command returns its reply; an asynchronous one

@@ -16,7 +16,7 @@
 /* Statements longer than this get a token scan estimating their tree depth before they
    are parsed: libpg_query recurses over the tree and would exhaust the stack on a chain of
    some thousands of operators. Shorter texts cannot nest deep enough to matter. */
-#define DEEP_SCAN_MIN_LEN 2048
+#define DEEP_SCAN_MIN_LEN  2048
 #define DEPTH_ESTIMATE_MAX 1500
 
 /* Statements longer than this are rewritten but not cached, so that the cache's memory
@@ -37,8 +37,8 @@ struct pd_sql {
 /* ---------------------------------------------------------------------------------------
  * Refusals and small context helpers.
  */
-void pd__refuse(pd__ctx_t *ctx, int rule, const char *sqlstate, const char *hint,
-                const char *fmt, ...)
+void pd__refuse(pd__ctx_t *ctx, int rule, const char *sqlstate, const char *hint, const char *fmt,
+                ...)
 {
     if (ctx->refused || ctx->oom)
         return;
@@ -97,8 +97,8 @@ static bool tname_matches(const pd__tname_t *t, const PgQuery__RangeVar *rv)
 {
     if (rv->relname == NULL || strcmp(rv->relname, t->rel) != 0)
         return false;
-    const char *schema = rv->schemaname != NULL && rv->schemaname[0] != '\0' ? rv->schemaname
-                                                                             : NULL;
+    const char *schema =
+        rv->schemaname != NULL && rv->schemaname[0] != '\0' ? rv->schemaname : NULL;
     if (schema == NULL)
         return t->schema == NULL || strcmp(t->schema, "public") == 0;
     return strcmp(schema, t->schema != NULL ? t->schema : "public") == 0;
@@ -273,8 +273,7 @@ pd_sql_t *pd_sql_new(const pd_config_t *cfg, const pd_table_facts_t *const *fact
     }
     for (unsigned i = 0; i < cfg->rule_count; i++) {
         rw->nrules++;
-        if (!compile_rule(&rw->rules[i], (int)i, &cfg->rules[i],
-                          facts != NULL ? facts[i] : NULL)) {
+        if (!compile_rule(&rw->rules[i], (int)i, &cfg->rules[i], facts != NULL ? facts[i] : NULL)) {
             pd_sql_free(rw);
             return NULL;
         }
@@ -424,8 +423,7 @@ static long estimate_depth(const PgQuery__ScanResult *scan)
                 return DEPTH_ESTIMATE_MAX + 1;
             base += l->chain + l->setops + 1;
             stack[++top] = (level_t){0, 0};
-        } else if ((t == PG_QUERY__TOKEN__ASCII_41 || t == PG_QUERY__TOKEN__ASCII_93) &&
-                   top > 0) {
+        } else if ((t == PG_QUERY__TOKEN__ASCII_41 || t == PG_QUERY__TOKEN__ASCII_93) && top > 0) {
             top--;
             base -= stack[top].chain + stack[top].setops + 1;
         } else if (t == PG_QUERY__TOKEN__ASCII_44 || t == PG_QUERY__TOKEN__AND ||
@@ -564,7 +562,7 @@ typedef struct {
 
 static void text_add(text_t *t, const char *s, size_t n)
 {
-    if (t->oom)
+    if (t->oom || (n == 0 && t->buf != NULL))
         return;
     if (t->len + n + 1 > t->cap) {
         size_t cap = (t->len + n + 1) * 2;
@@ -702,9 +700,9 @@ static void note_rule(pd_sql_result_t *res, const pd__ctx_t *ctx)
 
 /* Rewrites one statement into text t (its original bytes when unchanged). Returns NULL to
    continue, or a final result (a refusal), or sets *oom. */
-static pd_sql_result_t *one_statement(job_t *job, PgQuery__ParseResult *tree, size_t i,
-                                      text_t *t, size_t *cursor, pd_sql_result_t *res,
-                                      bool *changed, bool *oom)
+static pd_sql_result_t *one_statement(job_t *job, PgQuery__ParseResult *tree, size_t i, text_t *t,
+                                      size_t *cursor, pd_sql_result_t *res, bool *changed,
+                                      bool *oom)
 {
     PgQuery__RawStmt *raw = tree->stmts[i];
     pd__ctx_t ctx;

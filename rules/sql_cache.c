@@ -10,7 +10,7 @@
 #include "rules/sql_internal.h"
 
 struct pd__entry {
-    pd__entry_t *chain;      /* next in the bucket */
+    pd__entry_t *chain;       /* next in the bucket */
     pd__entry_t *prev, *next; /* recency list: prev is more recent */
     uint64_t hash;
     char *key;

@@ -87,8 +87,8 @@ typedef struct {
 
 /* Records the first refusal of the pass (later ones are dropped): the rule, SQLSTATE, hint
    and a printf-style message. */
-void pd__refuse(pd__ctx_t *ctx, int rule, const char *sqlstate, const char *hint,
-                const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+void pd__refuse(pd__ctx_t *ctx, int rule, const char *sqlstate, const char *hint, const char *fmt,
+                ...) __attribute__((format(printf, 5, 6)));
 /* Marks the pass out of memory; returns false so that callers can `return pd__oom(ctx)`. */
 bool pd__oom(pd__ctx_t *ctx);
 /* The pass should stop: refused or out of memory. */

@@ -16,9 +16,9 @@
 
 /* A FROM item of one query level. */
 typedef struct {
-    const char *name;       /* what it is referred to by; NULL when it cannot be */
-    PgQuery__RangeVar *rv;  /* a table (not a CTE reference), else NULL */
-    bool hidden;            /* inside a JOIN with an alias: not reachable by its own name */
+    const char *name;      /* what it is referred to by; NULL when it cannot be */
+    PgQuery__RangeVar *rv; /* a table (not a CTE reference), else NULL */
+    bool hidden;           /* inside a JOIN with an alias: not reachable by its own name */
 } item_t;
 
 /* One query level: its FROM items and the CTE names it declares. */
@@ -141,8 +141,7 @@ static bool match_item(const pd__ctx_t *ctx, const scope_t *s, const item_t *it,
 /* An unqualified name belongs to the innermost level whose FROM items have it. A level
    with other FROM items may have it without the catalog saying so: resolution stops
    there and the reference stays as written. */
-static bool resolve_unqualified(const pd__ctx_t *ctx, const scope_t *s, const char *col,
-                                match_t *m)
+static bool resolve_unqualified(const pd__ctx_t *ctx, const scope_t *s, const char *col, match_t *m)
 {
     for (; s != NULL; s = s->parent) {
         for (size_t i = 0; i < s->nitems; i++)
@@ -459,7 +458,8 @@ static bool table_columns(pd__ctx_t *ctx, const PgQuery__RangeVar *rv, const cha
     const pd__rule_t *r = reads_rule(ctx, rv);
     if (!r->facts.loaded) {
         char what[256];
-        snprintf(what, sizeof what, "cannot expand * over \"%s\": the table's columns are not known",
+        snprintf(what, sizeof what,
+                 "cannot expand * over \"%s\": the table's columns are not known",
                  pd__rule_table(r));
         refuse_read(ctx, r, catalog_hint, what);
         return false;
@@ -468,8 +468,8 @@ static bool table_columns(pd__ctx_t *ctx, const PgQuery__RangeVar *rv, const cha
         const char *col = r->facts.columns[i];
         const pd__rule_t *pr = NULL;
         const pd__pair_t *p = old_pair(ctx, rv, col, &pr);
-        pd__node_t *val = p != NULL ? served_from_new(ctx, pr, p, NULL, qual)
-                                    : pd__make_column_ref(qual, col);
+        pd__node_t *val =
+            p != NULL ? served_from_new(ctx, pr, p, NULL, qual) : pd__make_column_ref(qual, col);
         if (val == NULL && !pd__stopped(ctx))
             pd__oom(ctx);
         if (val == NULL || !pd__append(out, nout, pd__make_res_target(p ? col : NULL, val)))
@@ -517,8 +517,8 @@ static bool expand_all(pd__ctx_t *ctx, const scope_t *s, pd__node_t ***out, size
         if (reads_rule(ctx, it->rv) != NULL) {
             if (!table_columns(ctx, it->rv, qual, out, nout))
                 return false;
-        } else if (it->name == NULL || !pd__append(out, nout, pd__make_res_target(
-                                                               NULL, pd__make_star_ref(it->name)))) {
+        } else if (it->name == NULL ||
+                   !pd__append(out, nout, pd__make_res_target(NULL, pd__make_star_ref(it->name)))) {
             return pd__oom(ctx);
         }
     }
@@ -536,8 +536,7 @@ static const item_t *find_named(const scope_t *s, const char *q)
 
 /* Replaces the `*` entry at *i with its columns when it covers a rule table; *i is left on
    the last entry that replaced it. */
-static void expand_star(pd__ctx_t *ctx, const scope_t *s, pd__node_t ***list, size_t *n,
-                        size_t *i)
+static void expand_star(pd__ctx_t *ctx, const scope_t *s, pd__node_t ***list, size_t *n, size_t *i)
 {
     const PgQuery__ColumnRef *ref = (*list)[*i]->res_target->val->column_ref;
     pd__node_t **cols = NULL;
@@ -555,8 +554,13 @@ static void expand_star(pd__ctx_t *ctx, const scope_t *s, pd__node_t ***list, si
             return;
         ok = table_columns(ctx, it->rv, q, &cols, &ncols);
     }
-    pd__node_t **grown = ok ? realloc(*list, (*n + ncols) * sizeof *grown) : NULL;
+    /* No columns known (a table without any): the `*` stays as written. */
+    pd__node_t **grown = ok && ncols > 0 ? realloc(*list, (*n + ncols) * sizeof *grown) : NULL;
     if (grown == NULL) {
+        if (ok && ncols == 0) {
+            free(cols);
+            return;
+        }
         if (ok)
             pd__oom(ctx);
         for (size_t k = 0; k < ncols; k++)
@@ -627,8 +631,8 @@ static bool names_output(const PgQuery__SelectStmt *s, const pd__node_t *expr)
             continue;
         const PgQuery__ResTarget *rt = t->res_target;
         const char *out = rt->name != NULL && rt->name[0] != '\0' ? rt->name
-                          : rt->val != NULL                      ? pd__figure_colname(rt->val)
-                                                                 : NULL;
+                          : rt->val != NULL                       ? pd__figure_colname(rt->val)
+                                                                  : NULL;
         if (out != NULL && strcmp(out, name) == 0)
             return true;
     }
@@ -800,8 +804,9 @@ static pd__node_t *copy_query(pd__ctx_t *ctx, PgQuery__CopyStmt *c, const char *
         return NULL;
     }
     for (size_t i = 0; i < n; i++)
-        if (cols[i] == NULL || !pd__append(&s->target_list, &s->n_target_list,
-                                           pd__make_res_target(NULL, pd__make_column_ref(NULL, cols[i])))) {
+        if (cols[i] == NULL ||
+            !pd__append(&s->target_list, &s->n_target_list,
+                        pd__make_res_target(NULL, pd__make_column_ref(NULL, cols[i])))) {
             pd__node_free(q);
             pd__oom(ctx);
             return NULL;

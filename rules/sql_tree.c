@@ -274,10 +274,22 @@ bool pd__walk(ProtobufCMessage *m, pd__visit_fn fn, void *arg)
    into a second column would write two different values. User-defined volatile functions
    are not known here (that needs the catalog). */
 static const char *const volatile_functions[] = {
-    "random",          "setseed",           "nextval",           "setval",
-    "gen_random_uuid", "uuid_generate_v1",  "uuid_generate_v1mc", "uuid_generate_v4",
-    "clock_timestamp", "timeofday",         "random_normal",     "txid_current",
-    "pg_sleep",        "dblink_exec",       "lo_import",         "lo_creat",
+    "random",
+    "setseed",
+    "nextval",
+    "setval",
+    "gen_random_uuid",
+    "uuid_generate_v1",
+    "uuid_generate_v1mc",
+    "uuid_generate_v4",
+    "clock_timestamp",
+    "timeofday",
+    "random_normal",
+    "txid_current",
+    "pg_sleep",
+    "dblink_exec",
+    "lo_import",
+    "lo_creat",
 };
 
 typedef struct {

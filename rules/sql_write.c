@@ -192,8 +192,8 @@ static bool subst_visit(pd__node_t *n, void *arg)
         return false;
     case SUB_KEEP:
         /* The current row's value; qualified when another relation is in scope. */
-        if (s->a->qual != NULL && !pd__insert(&n->column_ref->fields, &n->column_ref->n_fields,
-                                              0, pd__make_string(s->a->qual)))
+        if (s->a->qual != NULL && !pd__insert(&n->column_ref->fields, &n->column_ref->n_fields, 0,
+                                              pd__make_string(s->a->qual)))
             s->failed = !pd__oom(s->ctx);
         return false;
     case SUB_VALUE:
@@ -258,8 +258,8 @@ static col_status_t status(const pd__rule_t *r, const char **names, size_t n, bo
 
 /* Fills adds[] (room for every pair) and returns how many; -1 when refused. A statement
    assigning both columns of a pair, or neither, is left alone. */
-static int plan_adds(pd__ctx_t *ctx, const pd__rule_t *r, const char **names, size_t n,
-                     bool insert, add_t *adds)
+static int plan_adds(pd__ctx_t *ctx, const pd__rule_t *r, const char **names, size_t n, bool insert,
+                     add_t *adds)
 {
     int count = 0;
     for (unsigned i = 0; i < r->npairs; i++) {
@@ -295,8 +295,7 @@ static bool is_rule_column(const pd__rule_t *r, const char *col)
 
 /* The column names of a list of ResTargets (INSERT columns, SET targets). Refuses an
    assignment to part of a rule column: its partner cannot follow a subscript. */
-static const char **target_names(pd__ctx_t *ctx, const pd__rule_t *r, pd__node_t **list,
-                                 size_t n)
+static const char **target_names(pd__ctx_t *ctx, const pd__rule_t *r, pd__node_t **list, size_t n)
 {
     const char **names = calloc(n + 1, sizeof *names);
     if (names == NULL) {
@@ -319,8 +318,7 @@ static const char **target_names(pd__ctx_t *ctx, const pd__rule_t *r, pd__node_t
     return names;
 }
 
-static bool add_targets(pd__ctx_t *ctx, pd__node_t ***list, size_t *n, const add_t *adds,
-                        int nadds)
+static bool add_targets(pd__ctx_t *ctx, pd__node_t ***list, size_t *n, const add_t *adds, int nadds)
 {
     for (int i = 0; i < nadds; i++)
         if (!pd__append(list, n, pd__make_res_target(adds[i].target, NULL)))
@@ -450,7 +448,8 @@ static void fill_values(pd__ctx_t *ctx, const fill_t *f, PgQuery__SelectStmt *s)
             pd__oom(ctx);
             return;
         }
-        memcpy(vals, row->list->items, n * sizeof *vals);
+        if (n > 0)
+            memcpy(vals, row->list->items, n * sizeof *vals);
         a.values = vals;
         add_values(ctx, &a, f->adds, f->nadds, &row->list->items, &row->list->n_items, false);
         free(vals);
@@ -559,7 +558,7 @@ static bool materialize_columns(pd__ctx_t *ctx, pd__node_t ***cols, size_t *ncol
 typedef struct {
     pd__node_t ***cols;
     size_t *ncols;
-    pd__node_t **source;       /* INSERT: select_stmt slot (NULL content: DEFAULT VALUES) */
+    pd__node_t **source;        /* INSERT: select_stmt slot (NULL content: DEFAULT VALUES) */
     pd__node_t ***merge_values; /* MERGE: the values list */
     size_t *nmerge_values;
 } insert_form_t;
@@ -582,7 +581,8 @@ static void fill_insert(pd__ctx_t *ctx, const fill_t *f, const insert_form_t *fo
             pd__oom(ctx);
             return;
         }
-        memcpy(vals, *form->merge_values, *form->nmerge_values * sizeof *vals);
+        if (*form->nmerge_values > 0)
+            memcpy(vals, *form->merge_values, *form->nmerge_values * sizeof *vals);
         size_t n = *form->nmerge_values < f->n ? *form->nmerge_values : f->n;
         pd__assign_t a = {f->r, f->names, vals, n, true, NULL};
         add_values(ctx, &a, f->adds, f->nadds, form->merge_values, form->nmerge_values, false);
@@ -634,7 +634,8 @@ static void rewrite_insert(pd__ctx_t *ctx, const pd__rule_t *r, PgQuery__InsertS
     insert_form_t form = {&ins->cols, &ins->n_cols, &ins->select_stmt, NULL, NULL};
     rewrite_insert_form(ctx, r, &form);
     PgQuery__OnConflictClause *oc = ins->on_conflict_clause;
-    if (pd__stopped(ctx) || oc == NULL || oc->action != PG_QUERY__ON_CONFLICT_ACTION__ONCONFLICT_UPDATE)
+    if (pd__stopped(ctx) || oc == NULL ||
+        oc->action != PG_QUERY__ON_CONFLICT_ACTION__ONCONFLICT_UPDATE)
         return;
     /* EXCLUDED is in scope too: references to the existing row are qualified. */
     rewrite_set_list(ctx, r, &oc->target_list, &oc->n_target_list, pd__refname(ins->relation));
@@ -657,8 +658,7 @@ static void rewrite_merge(pd__ctx_t *ctx, const pd__rule_t *r, PgQuery__MergeStm
             continue;
         PgQuery__MergeWhenClause *w = n->merge_when_clause;
         if (w->command_type == PG_QUERY__CMD_TYPE__CMD_UPDATE) {
-            rewrite_set_list(ctx, r, &w->target_list, &w->n_target_list,
-                             pd__refname(m->relation));
+            rewrite_set_list(ctx, r, &w->target_list, &w->n_target_list, pd__refname(m->relation));
         } else if (w->command_type == PG_QUERY__CMD_TYPE__CMD_INSERT) {
             insert_form_t form = {&w->target_list, &w->n_target_list, NULL, &w->values,
                                   &w->n_values};
@@ -679,8 +679,8 @@ static void check_copy(pd__ctx_t *ctx, const pd__rule_t *r, const PgQuery__CopyS
         touches = col != NULL && is_rule_column(r, col);
     }
     for (unsigned i = 0; i < r->npairs && !touches; i++)
-        touches = pd__rule_has_default(r, r->pairs[i].old) ||
-                  pd__rule_has_default(r, r->pairs[i].new);
+        touches =
+            pd__rule_has_default(r, r->pairs[i].old) || pd__rule_has_default(r, r->pairs[i].new);
     if (!touches)
         return;
     char hint[256];

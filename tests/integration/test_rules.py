@@ -293,6 +293,12 @@ class ReadsTest(unittest.TestCase):
         counters = status["rule_counters"][RULE]
         self.assertEqual(counters["shadow_mismatched"], 1)
         self.assertGreaterEqual(counters["shadow_compared"], 2)
+        div = self.proxy.ctl_json("divergence", RULE, "--limit", "5")
+        self.assertEqual([e["kind"] for e in div["events"]], ["shadow_read"])
+        self.assertEqual(div["counters"][0]["shadow_mismatched"], 1)
+        r = self.proxy.ctl("divergence", "--limit", "0", check=False)
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("invalid --limit", r.stderr)
 
     def test_gradual_rollout_is_sticky_and_monotonic(self):
         self.proxy.ctl("flag", RULE, "reads=new@50")
