@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -55,6 +56,100 @@ static void session_set_state(pd_session_t *s, pd_session_state_t st)
     s->state = st;
 }
 
+static void prepared_free(pd_prepared_t *e)
+{
+    if (e == NULL)
+        return;
+    free(e->name);
+    free(e->sql);
+    pd_sql_result_release(e->r);
+    free(e->types);
+    free(e->bind);
+    free(e);
+}
+
+/* A copy of e (with r referenced once more), plus a Bind body when given. */
+static pd_prepared_t *prepared_copy(const pd_prepared_t *e, const uint8_t *bind, size_t len)
+{
+    pd_prepared_t *c = calloc(1, sizeof *c);
+    if (c == NULL)
+        return NULL;
+    c->name = strdup(e->name);
+    c->sql = strdup(e->sql);
+    c->types = malloc((e->ntypes + 1) * sizeof *c->types);
+    c->bind = bind ? malloc(len + 1) : NULL;
+    c->r = e->r;
+    e->r->refs++;
+    if (c->name == NULL || c->sql == NULL || c->types == NULL || (bind && c->bind == NULL)) {
+        prepared_free(c);
+        return NULL;
+    }
+    c->ntypes = e->ntypes;
+    memcpy(c->types, e->types, e->ntypes * sizeof *c->types);
+    if (bind != NULL)
+        memcpy(c->bind, bind, len);
+    c->bind_len = len;
+    return c;
+}
+
+static void prepared_forget(pd_session_t *s, const char *name)
+{
+    for (pd_prepared_t **pp = &s->prepared; *pp != NULL; pp = &(*pp)->next) {
+        if (strcmp((*pp)->name, name) == 0) {
+            pd_prepared_t *e = *pp;
+            *pp = e->next;
+            prepared_free(e);
+            return;
+        }
+    }
+}
+
+static void prepared_forget_all(pd_session_t *s)
+{
+    while (s->prepared != NULL) {
+        pd_prepared_t *next = s->prepared->next;
+        prepared_free(s->prepared);
+        s->prepared = next;
+    }
+}
+
+/* DEALLOCATE and DISCARD drop prepared statements by SQL: all are forgotten then (a
+ * statement forgotten too early only misses its shadow comparisons). */
+static bool forgets_prepared(const char *sql)
+{
+    while (*sql == ' ' || *sql == '\t' || *sql == '\n' || *sql == '\r' || *sql == '(')
+        sql++;
+    return strncasecmp(sql, "DEALLOCATE", 10) == 0 || strncasecmp(sql, "DISCARD", 7) == 0;
+}
+
+static pd_prepared_t *prepared_find(pd_session_t *s, const char *name)
+{
+    for (pd_prepared_t *e = s->prepared; e != NULL; e = e->next)
+        if (strcmp(e->name, name) == 0)
+            return e;
+    return NULL;
+}
+
+/* Remembers a statement with a shadow form; false when out of memory. */
+static bool prepared_remember(pd_session_t *s, const pd_fe_parse_t *m, pd_sql_result_t *r)
+{
+    prepared_forget(s, m->name);
+    pd_prepared_t tmpl = {.name = (char *)m->name, .sql = (char *)m->sql, .r = r,
+                          .ntypes = m->nparams};
+    uint32_t types[m->nparams + 1];
+    for (unsigned i = 0; i < m->nparams; i++) {
+        const uint8_t *t = m->param_types + 4 * i;
+        types[i] = (uint32_t)t[0] << 24 | (uint32_t)t[1] << 16 | (uint32_t)t[2] << 8 | t[3];
+    }
+    tmpl.types = types;
+    pd_prepared_t *e = prepared_copy(&tmpl, NULL, 0);
+    if (e == NULL)
+        return false;
+    e->next = s->prepared;
+    s->prepared = e;
+    return true;
+}
+
 static void free_session(uv_handle_t *h)
 {
     pd_session_t *s = h->data;
@@ -67,6 +162,9 @@ static void free_session(uv_handle_t *h)
     free(s->batches);
     pd_sql_result_release(s->shadow);
     free(s->shadow_text);
+    prepared_free(s->shadow_ext);
+    prepared_free(s->cand);
+    prepared_forget_all(s);
     if (s->sums_ready) {
         pd_result_sum_free(&s->sum_old);
         pd_result_sum_free(&s->sum_new);
@@ -450,8 +548,10 @@ static bool batch_close(pd_session_t *s, bool shadow)
 {
     pd_batch_t b = {.nparse_before = s->batch_parse, .nbind_before = s->batch_bind,
                     .inject = s->batch_inject, .shadow = shadow};
-    s->batch_parse = s->batch_bind = 0;
+    s->batch_parse = s->batch_bind = s->batch_exec = 0;
     s->batch_inject = false;
+    prepared_free(s->cand);
+    s->cand = NULL;
     return batch_push(s, b);
 }
 
@@ -502,6 +602,19 @@ static bool start_shadow(pd_session_t *s, pd_sql_result_t *r, const char *sql)
     return s->shadow_text != NULL;
 }
 
+/* At Sync: a batch that executes one shadowed prepared statement once is compared. */
+static bool shadow_extended(pd_session_t *s)
+{
+    pd_prepared_t *c = s->cand;
+    if (c == NULL || s->batch_exec != 1 || s->batch_inject || !sample_shadow(s, c->r))
+        return false;
+    if (!start_shadow(s, c->r, c->sql))
+        return false;
+    s->shadow_ext = c; /* Bind and types to replay, after the client's batch */
+    s->cand = NULL;
+    return true;
+}
+
 /* The message that carries a refusal to PostgreSQL, which then reports it itself. */
 static void refusal_query(pd_buf_t *msg, const pd_sql_result_t *r)
 {
@@ -548,6 +661,8 @@ static route_rc_t route_query(pd_session_t *s, pd_pipe_t *p, size_t total)
         pd_session_terminate(s, "53200", "out of memory", NULL);
         return ROUTE_CLOSED;
     }
+    if (s->prepared != NULL && forgets_prepared(q.sql))
+        prepared_forget_all(s);
     bool shadow = r->action == PD_SQL_PASS && sample_shadow(s, r);
     if (shadow && !start_shadow(s, r, q.sql))
         shadow = false;
@@ -593,6 +708,11 @@ static route_rc_t route_parse(pd_session_t *s, pd_pipe_t *p, size_t total)
     }
     size_t msg_end = p->scan + total;
     bool ok = true;
+    /* Prepared reads with a shadow form are remembered, to be compared at execution. */
+    if (r->action == PD_SQL_PASS && r->shadow_sql != NULL)
+        ok = prepared_remember(s, &m, r);
+    else if (s->prepared != NULL)
+        prepared_forget(s, m.name);
     if (r->action == PD_SQL_PASS) {
         p->scan = msg_end;
         if (!s->batch_inject)
@@ -616,7 +736,7 @@ static route_rc_t route_parse(pd_session_t *s, pd_pipe_t *p, size_t total)
             s->batch_inject = true;
         }
         /* A second refusal in one batch is dropped: the server skips to Sync anyway. */
-        ok = pd_buf_ok(&msg) && pipe_replace(p, msg_end, msg.data, msg.len);
+        ok = ok && pd_buf_ok(&msg) && pipe_replace(p, msg_end, msg.data, msg.len);
         pd_buf_free(&msg);
     }
     pd_sql_result_release(r);
@@ -624,6 +744,40 @@ static route_rc_t route_parse(pd_session_t *s, pd_pipe_t *p, size_t total)
         pd_session_terminate(s, "53200", "out of memory", NULL);
         return ROUTE_CLOSED;
     }
+    s->busy = true;
+    return ROUTE_OK;
+}
+
+/*
+ * Bind and Close seen whole while prepared statements with a shadow form exist: a Bind of
+ * one of them, first in its batch, makes the batch a shadow candidate; Close forgets.
+ */
+static route_rc_t route_bind_close(pd_session_t *s, pd_pipe_t *p, uint8_t type, size_t total)
+{
+    const uint8_t *body = p->buf + p->scan + PD_MSG_HEADER_LEN;
+    size_t n = total - PD_MSG_HEADER_LEN;
+    const char *err = NULL;
+    if (type == PD_FE_CLOSE) {
+        pd_fe_target_t t;
+        if (pd_fe_target_decode(body, n, &t, &err) != PD_DECODE_OK) {
+            client_violation(s, err ? err : "invalid Close message");
+            return ROUTE_CLOSED;
+        }
+        if (t.kind == 'S')
+            prepared_forget(s, t.name);
+    } else {
+        pd_fe_bind_t b;
+        if (pd_fe_bind_decode(body, n, &b, &err) != PD_DECODE_OK) {
+            client_violation(s, err ? err : "invalid Bind message");
+            return ROUTE_CLOSED;
+        }
+        pd_prepared_t *e = prepared_find(s, b.statement);
+        if (e != NULL && s->batch_bind == 0 && s->cand == NULL && !s->batch_inject)
+            s->cand = prepared_copy(e, body, n); /* out of memory: just no shadow */
+        if (!s->batch_inject)
+            s->batch_bind++;
+    }
+    p->scan += total;
     s->busy = true;
     return ROUTE_OK;
 }
@@ -663,11 +817,15 @@ static int scan_client(pd_session_t *s)
             p->end = p->scan;
             break;
         }
-        if (s->rules_on && (h.type == PD_FE_QUERY || h.type == PD_FE_PARSE)) {
+        bool whole = s->rules_on && (h.type == PD_FE_QUERY || h.type == PD_FE_PARSE ||
+                                     (s->prepared != NULL &&
+                                      (h.type == PD_FE_BIND || h.type == PD_FE_CLOSE)));
+        if (whole) {
             if (total > avail)
                 break; /* looked at whole: the relay loop makes room */
-            route_rc_t r = h.type == PD_FE_QUERY ? route_query(s, p, (size_t)total)
-                                                 : route_parse(s, p, (size_t)total);
+            route_rc_t r = h.type == PD_FE_QUERY   ? route_query(s, p, (size_t)total)
+                           : h.type == PD_FE_PARSE ? route_parse(s, p, (size_t)total)
+                                                   : route_bind_close(s, p, h.type, (size_t)total);
             if (r == ROUTE_CLOSED)
                 return -1;
             if (r == ROUTE_WAIT)
@@ -675,10 +833,16 @@ static int scan_client(pd_session_t *s)
             continue;
         }
         if (s->rules_on) {
+            bool closed_ok = true;
             if (h.type == PD_FE_BIND && !s->batch_inject)
                 s->batch_bind++;
-            else if ((h.type == PD_FE_SYNC || h.type == PD_FE_FUNCTION_CALL) &&
-                     !batch_close(s, false)) {
+            else if (h.type == PD_FE_EXECUTE)
+                s->batch_exec++;
+            else if (h.type == PD_FE_SYNC)
+                closed_ok = batch_close(s, shadow_extended(s));
+            else if (h.type == PD_FE_FUNCTION_CALL)
+                closed_ok = batch_close(s, false);
+            if (!closed_ok) {
                 pd_session_terminate(s, "53200", "out of memory", NULL);
                 return -1;
             }
@@ -698,6 +862,38 @@ static int scan_client(pd_session_t *s)
  * Shadow reads: the proxy's own query after the client's, compared, never relayed
  */
 
+static void drop_shadow(pd_session_t *s)
+{
+    pd_sql_result_release(s->shadow);
+    s->shadow = NULL;
+    prepared_free(s->shadow_ext);
+    s->shadow_ext = NULL;
+}
+
+/*
+ * The other form of a prepared read, replayed with the client's own parameters under a
+ * name of the proxy's (so the client's unnamed statement and portal are left alone):
+ * Close, Parse, Bind, Execute, Close, Sync — one ReadyForQuery, nothing relayed.
+ */
+static void shadow_extended_messages(pd_buf_t *out, const pd_prepared_t *e, const char *sql)
+{
+    static const char name[] = "pgdual_shadow";
+    pd_fe_close(out, 'S', name);
+    pd_fe_parse(out, name, sql, e->ntypes, e->types);
+    /* The client's Bind body after its portal and statement names: formats, values,
+     * result formats, as they were. */
+    size_t skip = strnlen((const char *)e->bind, e->bind_len) + 1;
+    skip += strnlen((const char *)e->bind + skip, e->bind_len - skip) + 1;
+    size_t start = pd_buf_begin_msg(out, PD_FE_BIND);
+    pd_buf_put_str(out, name);
+    pd_buf_put_str(out, name);
+    pd_buf_put(out, e->bind + skip, e->bind_len - skip);
+    pd_buf_end_msg(out, start);
+    pd_fe_execute(out, name, 0);
+    pd_fe_close(out, 'S', name);
+    pd_fe_sync(out);
+}
+
 static void finish_shadow(pd_session_t *s)
 {
     pd_sql_result_t *r = s->shadow;
@@ -710,8 +906,7 @@ static void finish_shadow(pd_session_t *s)
         pd_divergence_record(s->srv->divergence, s->srv->cfg->rules[r->rule].name,
                              "shadow_read", s->shadow_text, &s->sum_old, &s->sum_new);
     }
-    pd_sql_result_release(r);
-    s->shadow = NULL;
+    drop_shadow(s);
 }
 
 /* The client's shadowed query is answered: run the other form now, if still safe. */
@@ -723,16 +918,17 @@ static void begin_shadow_query(pd_session_t *s)
                  s->batch_bind == 0 && s->to_server.len == 0;
     if (!quiet) {
         s->srv->stats[s->shadow->rule].shadow_skipped++;
-        pd_sql_result_release(s->shadow);
-        s->shadow = NULL;
+        drop_shadow(s);
         return;
     }
-    pd_fe_query(&s->to_server, s->shadow->shadow_sql);
+    if (s->shadow_ext != NULL)
+        shadow_extended_messages(&s->to_server, s->shadow_ext, s->shadow->shadow_sql);
+    else
+        pd_fe_query(&s->to_server, s->shadow->shadow_sql);
     pd_batch_t b = {.internal = true};
     if (!pd_buf_ok(&s->to_server) || !batch_push(s, b)) {
         pd_buf_reset(&s->to_server);
-        pd_sql_result_release(s->shadow);
-        s->shadow = NULL;
+        drop_shadow(s);
         return;
     }
     s->hold_client = true;

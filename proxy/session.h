@@ -40,6 +40,18 @@ typedef struct {
     size_t repl_sent;
 } pd_pipe_t;
 
+/* A prepared statement whose reads have a shadow form (reads=shadow), by name. */
+typedef struct pd_prepared {
+    struct pd_prepared *next;
+    char *name;
+    char *sql;            /* the client's text, for the divergence log */
+    pd_sql_result_t *r;   /* owned reference; r->shadow_sql is the other form */
+    uint16_t ntypes;
+    uint32_t *types;      /* the parameter types the client declared */
+    uint8_t *bind;        /* a candidate's copy of the client's Bind body, or NULL */
+    size_t bind_len;
+} pd_prepared_t;
+
 /*
  * What the server owes for one batch of client messages ending in Sync, Query or
  * FunctionCall (each answered by one ReadyForQuery). Kept only for sessions whose
@@ -94,9 +106,15 @@ struct pd_session {
     size_t to_server_sent;
     bool hold_client;   /* client input waits while the proxy's own query runs */
 
+    /* Shadow reads of prepared statements. */
+    pd_prepared_t *prepared;     /* statements with a shadow form, owned */
+    pd_prepared_t *cand;         /* this batch binds one of them: an owned copy, with Bind */
+    uint32_t batch_exec;         /* Execute messages in the batch being sent */
+
     /* Shadow read in progress (one at a time). */
     pd_sql_result_t *shadow;     /* owned reference */
     char *shadow_text;           /* the client's statement, for the divergence log */
+    pd_prepared_t *shadow_ext;   /* extended protocol: statement and Bind to replay, owned */
     pd_result_sum_t sum_old, sum_new;
     bool sums_ready;
     bool tap_row;                /* b2c: the DataRow in progress is being summed */

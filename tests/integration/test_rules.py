@@ -268,6 +268,9 @@ class ReadsTest(unittest.TestCase):
 
     def test_shadow_records_mismatch_without_literals(self):
         self.proxy.ctl("flag", RULE, "reads=shadow")
+        before = len(self.proxy.divergence())
+        mismatched_before = self.proxy.ctl_json("status")["rule_counters"][RULE][
+            "shadow_mismatched"]
         conn = pdtest.connect(self.proxy.port)
         conn.autocommit = True
         cur = conn.cursor()
@@ -278,9 +281,9 @@ class ReadsTest(unittest.TestCase):
         self.assertEqual(cur.fetchall(), [("same@x",)])
         cur.execute("SELECT 1")  # the proxy's own query ran in between; the session is fine
         conn.close()
-        pdtest.wait_for(lambda: len(self.proxy.divergence()) >= 1, 5,
+        pdtest.wait_for(lambda: len(self.proxy.divergence()) > before, 5,
                         what="a divergence event")
-        events = self.proxy.divergence()
+        events = self.proxy.divergence()[before:]
         self.assertEqual(len(events), 1, events)
         ev = events[0]
         self.assertEqual(ev["rule"], RULE)
@@ -291,14 +294,45 @@ class ReadsTest(unittest.TestCase):
         self.assertNotEqual(ev["old"]["hash"], ev["new"]["hash"])
         status = self.proxy.ctl_json("status")
         counters = status["rule_counters"][RULE]
-        self.assertEqual(counters["shadow_mismatched"], 1)
+        self.assertEqual(counters["shadow_mismatched"], mismatched_before + 1)
         self.assertGreaterEqual(counters["shadow_compared"], 2)
-        div = self.proxy.ctl_json("divergence", RULE, "--limit", "5")
-        self.assertEqual([e["kind"] for e in div["events"]], ["shadow_read"])
-        self.assertEqual(div["counters"][0]["shadow_mismatched"], 1)
+        div = self.proxy.ctl_json("divergence", RULE, "--limit", "1")
+        self.assertEqual([e["statement"] for e in div["events"]], [ev["statement"]])
+        self.assertEqual(div["counters"][0]["shadow_mismatched"], mismatched_before + 1)
         r = self.proxy.ctl("divergence", "--limit", "0", check=False)
         self.assertEqual(r.returncode, 1)
         self.assertIn("invalid --limit", r.stderr)
+
+    def test_shadow_prepared_statements(self):
+        self.proxy.ctl("flag", RULE, "reads=shadow")
+        before = len(self.proxy.divergence())
+        script = self.proxy.write_file("r.sql", "SELECT email FROM rt_users WHERE id = 2;\n"
+                                       "SELECT email FROM rt_users WHERE id = 1;\n", mode=0o644)
+        for mode in ("prepared", "extended"):
+            out = pdtest.run_pgbench(self.proxy.port, ["-n", "-M", mode, "-c", "1", "-t", "5",
+                                                       "-f", script]).stdout
+            self.assertIn("number of failed transactions: 0", out)
+        events = self.proxy.divergence()[before:]
+        # Only id 2 differs: 5 runs x 2 modes, each compared (sample 1.0, autocommit).
+        self.assertEqual(len(events), 10, events)
+        self.assertEqual({e["statement"] for e in events},
+                         {"SELECT email FROM rt_users WHERE id = $1;"}, "normalized")
+        counters = self.proxy.ctl_json("status")["rule_counters"][RULE]
+        self.assertGreaterEqual(counters["shadow_compared"], 20)
+
+    def test_shadow_leaves_the_unnamed_statement_alone(self):
+        self.proxy.ctl("flag", RULE, "reads=shadow")
+        before = len(self.proxy.divergence())
+        with RawClient(self.proxy.port) as c:
+            c.startup("postgres", "app")
+            sel = "SELECT email FROM rt_users WHERE id = $1"
+            c.send(parse_msg("", sel) + bind_msg_params(["2"]) + execute_msg() + sync_msg())
+            self.assertEqual(read_batch(c), [["Old@X"]])
+            # Bound again without a new Parse: still the client's own statement.
+            c.send(bind_msg_params(["1"]) + execute_msg() + sync_msg())
+            self.assertEqual(read_batch(c), [["same@x"]])
+        pdtest.wait_for(lambda: len(self.proxy.divergence()) > before, 5,
+                        what="the shadow event of the first execution")
 
     def test_gradual_rollout_is_sticky_and_monotonic(self):
         self.proxy.ctl("flag", RULE, "reads=new@50")
@@ -460,6 +494,27 @@ def execute_msg(portal=""):
 
 def sync_msg():
     return pdtest.msg("S")
+
+
+def bind_msg_params(values, portal="", stmt=""):
+    body = pdtest.cstr(portal) + pdtest.cstr(stmt) + struct.pack("!hh", 0, len(values))
+    for v in values:
+        body += struct.pack("!i", len(v)) + v.encode()
+    return pdtest.msg("B", body + struct.pack("!h", 0))
+
+
+def read_batch(c):
+    """Rows (as text) up to ReadyForQuery; fails on an ErrorResponse."""
+    rows = []
+    while True:
+        k, body = c.recv_msg()
+        if k == "E":
+            raise AssertionError(pdtest.parse_fields(body))
+        if k == "D":
+            rows.append([v.decode() if v is not None else None
+                         for v in pdtest.decode_datarow(body)])
+        if k == "Z":
+            return rows
 
 
 if __name__ == "__main__":
