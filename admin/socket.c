@@ -254,6 +254,9 @@ static json_t *cmd_flag(pd_server_t *srv, int argc, char **argv)
                                     "writes=old|dual|dual-new|new.");
         }
     }
+    const char *refusal = pd_server_check_flags(srv, (unsigned)rule, writes, &reads);
+    if (refusal != NULL)
+        return reply_error(refusal, "The flags were not changed.");
     char *err = NULL;
     if (pd_server_set_flags(srv, (unsigned)rule, writes, &reads, current_who, &err) != 0) {
         json_t *r = reply_error(err ? err : "could not save the state",

@@ -195,19 +195,52 @@ static int material_finish(material_t *m)
     return m->sql != NULL ? 0 : -1;
 }
 
-/* Flags in force: the state's (operators' changes) or else the config's initial ones. */
-static int flags_build(pd_server_t *srv)
+/*
+ * Blue/green mirroring (kind: tables) is not built yet: a tables rule may exist (it is
+ * validated and shown) but only at writes=old and reads=old, so that no write is taken to
+ * be mirrored when it is not.
+ */
+static const char *tables_rule_refusal(const pd_rule_cfg_t *r, pd_writes_t writes,
+                                       const pd_reads_t *reads)
 {
-    pd_rule_flags_t *flags = calloc(srv->cfg->rule_count + 1, sizeof *flags);
+    if (r->kind != PD_RULE_TABLES || (writes == PD_WRITES_OLD && reads->mode == PD_READS_OLD))
+        return NULL;
+    return "kind: tables (blue/green) rules are not supported by this version of pgdual "
+           "beyond writes=old and reads=old";
+}
+
+const char *pd_server_check_flags(const pd_server_t *srv, unsigned rule, pd_writes_t writes,
+                                  const pd_reads_t *reads)
+{
+    return tables_rule_refusal(&srv->cfg->rules[rule], writes, reads);
+}
+
+/* Flags in force: the state's (operators' changes) or else the config's initial ones. */
+static pd_rule_flags_t *flags_compute(pd_state_t *state, const pd_config_t *cfg)
+{
+    pd_rule_flags_t *flags = calloc(cfg->rule_count + 1, sizeof *flags);
     if (flags == NULL)
-        return -1;
-    for (unsigned i = 0; i < srv->cfg->rule_count; i++) {
-        const pd_rule_cfg_t *r = &srv->cfg->rules[i];
-        if (!pd_state_flags(srv->state, r->name, &flags[i].writes, &flags[i].reads)) {
+        return NULL;
+    for (unsigned i = 0; i < cfg->rule_count; i++) {
+        const pd_rule_cfg_t *r = &cfg->rules[i];
+        if (!pd_state_flags(state, r->name, &flags[i].writes, &flags[i].reads)) {
             flags[i].writes = r->writes;
             flags[i].reads = r->reads;
         }
+        const char *refusal = tables_rule_refusal(r, flags[i].writes, &flags[i].reads);
+        if (refusal != NULL) {
+            pd_log_error(NULL, "rule \"%s\": %s", r->name, refusal);
+            pd_log_error(NULL, "HINT:  Set writes: old and reads: old for this rule.");
+            free(flags);
+            return NULL;
+        }
     }
+    return flags;
+}
+
+/* Installs flags (taken over) for srv->cfg, carrying counters over by rule name. */
+static int flags_build(pd_server_t *srv, pd_rule_flags_t *flags)
+{
     /* Counters follow their rule by name across reloads. */
     pd_rule_stats_t *stats = calloc(srv->cfg->rule_count + 1, sizeof *stats);
     if (stats == NULL) {
@@ -471,6 +504,9 @@ static void reload_done(uv_work_t *w, int status)
         error = "the users file, TLS material or catalog could not be loaded (see the log)";
     else if (material_finish(&job->m) != 0)
         error = "out of memory";
+    pd_rule_flags_t *flags = NULL;
+    if (error == NULL && (flags = flags_compute(srv->state, job->m.cfg)) == NULL)
+        error = "a rule's flags cannot be served (see the log)";
     if (error != NULL) {
         pd_log_error(NULL, "reload failed: %s; still running with the previous configuration",
                      error);
@@ -483,7 +519,7 @@ static void reload_done(uv_work_t *w, int status)
         material_t prev = material_take(srv);
         material_give(srv, &job->m);
         material_free(&prev);
-        flags_build(srv);
+        flags_build(srv, flags);
         srv->config_generation++;
         pd_log_set_level(srv->cfg->log_level);
         pd_log_info(NULL, "configuration reloaded: %u databases, %u rules",
@@ -590,7 +626,10 @@ int pd_server_init(pd_server_t *srv, uv_loop_t *loop, pd_config_t *cfg)
                      cfg->tls_mode == PD_TLS_REQUIRE ? "require" : "allow");
         return -1;
     }
-    if (open_state(srv) != 0 || flags_build(srv) != 0)
+    if (open_state(srv) != 0)
+        return -1;
+    pd_rule_flags_t *flags = flags_compute(srv->state, srv->cfg);
+    if (flags == NULL || flags_build(srv, flags) != 0)
         return -1;
     char *err = NULL;
     srv->divergence = pd_divergence_open(cfg->divergence_log, &err);

@@ -116,6 +116,10 @@ typedef void (*pd_server_reload_cb)(pd_server_t *srv, const char *error, void *c
 int pd_server_reload(pd_server_t *srv, pd_config_errors_t *errs, pd_server_reload_cb cb,
                      void *ctx);
 
+/* NULL when this version can serve these flags for the rule, else why not. */
+const char *pd_server_check_flags(const pd_server_t *srv, unsigned rule, pd_writes_t writes,
+                                  const pd_reads_t *reads);
+
 /* Sets a rule's flags: persisted in the state first, then in force for the next
  * statement of every session. -1 with *err (malloc'd) when the state could not be saved. */
 int pd_server_set_flags(pd_server_t *srv, unsigned rule, pd_writes_t writes,
