@@ -209,10 +209,31 @@ static const char *tables_rule_refusal(const pd_rule_cfg_t *r, pd_writes_t write
            "beyond writes=old and reads=old";
 }
 
+/*
+ * Reads must come from a side that is written: under writes=old nothing writes the new
+ * columns, so reads=new would serve what nobody keeps up; under writes=new nothing
+ * writes the old ones, so every read must be served from new.
+ */
+static const char *pairing_refusal(pd_writes_t writes, const pd_reads_t *reads)
+{
+    if (writes == PD_WRITES_OLD && reads->mode == PD_READS_NEW && reads->percent > 0)
+        return "reads=new needs the new columns written: set writes=dual (and backfill) first";
+    if (writes == PD_WRITES_NEW && (reads->mode != PD_READS_NEW || reads->percent < 100))
+        return "writes=new leaves the old columns unwritten: reads must be new (new@100)";
+    return NULL;
+}
+
+static const char *flags_refusal(const pd_rule_cfg_t *r, pd_writes_t writes,
+                                 const pd_reads_t *reads)
+{
+    const char *why = tables_rule_refusal(r, writes, reads);
+    return why != NULL ? why : pairing_refusal(writes, reads);
+}
+
 const char *pd_server_check_flags(const pd_server_t *srv, unsigned rule, pd_writes_t writes,
                                   const pd_reads_t *reads)
 {
-    return tables_rule_refusal(&srv->cfg->rules[rule], writes, reads);
+    return flags_refusal(&srv->cfg->rules[rule], writes, reads);
 }
 
 /* Flags in force: the state's (operators' changes) or else the config's initial ones. */
@@ -227,10 +248,11 @@ static pd_rule_flags_t *flags_compute(pd_state_t *state, const pd_config_t *cfg)
             flags[i].writes = r->writes;
             flags[i].reads = r->reads;
         }
-        const char *refusal = tables_rule_refusal(r, flags[i].writes, &flags[i].reads);
+        const char *refusal = flags_refusal(r, flags[i].writes, &flags[i].reads);
         if (refusal != NULL) {
             pd_log_error(NULL, "rule \"%s\": %s", r->name, refusal);
-            pd_log_error(NULL, "HINT:  Set writes: old and reads: old for this rule.");
+            pd_log_error(NULL, "HINT:  Change the rule's flags in the config (or, when they "
+                               "come from the state file, with pgdualctl flag before).");
             free(flags);
             return NULL;
         }

@@ -928,9 +928,41 @@ static bool is_literal_token(PgQuery__Token t)
            t == PG_QUERY__TOKEN__ICONST || t == PG_QUERY__TOKEN__FCONST;
 }
 
+#define UNPARSEABLE "<unparseable statement>"
+
+/* Replaces the literal tokens of norm with $n, numbered after its highest $n. */
+static char *mask_tokens(const char *norm, const PgQuery__ScanResult *scan)
+{
+    long next = 1;
+    for (size_t i = 0; i < scan->n_tokens; i++)
+        if (scan->tokens[i]->token == PG_QUERY__TOKEN__PARAM) {
+            long p = strtol(norm + scan->tokens[i]->start + 1, NULL, 10);
+            next = p >= next ? p + 1 : next;
+        }
+    text_t t = {0};
+    size_t at = 0;
+    for (size_t i = 0; i < scan->n_tokens; i++) {
+        const PgQuery__ScanToken *tok = scan->tokens[i];
+        if (!is_literal_token(tok->token))
+            continue;
+        char param[32];
+        int n = snprintf(param, sizeof param, "$%ld", next++);
+        text_add(&t, norm + at, (size_t)tok->start - at);
+        text_add(&t, param, (size_t)n);
+        at = (size_t)tok->end;
+    }
+    text_add(&t, norm + at, strlen(norm + at));
+    if (!t.oom)
+        return t.buf;
+    free(t.buf);
+    return NULL;
+}
+
 /* pg_query_normalize leaves literals where the grammar keeps them outside expressions
    (COPY file names, DDL defaults, typmods, ORDER BY positions...). Logs must carry none, so
-   whatever literal tokens remain are masked too, numbered after the highest $n. */
+   whatever literal tokens remain are masked too. A normalized text that no longer scans
+   (pg_query_normalize can glue a $n to the next word) gives the placeholder rather than
+   risk a literal. NULL only when out of memory. */
 static char *mask_remaining(const char *norm)
 {
     PgQueryScanResult sr = pg_query_scan(norm);
@@ -938,32 +970,9 @@ static char *mask_remaining(const char *norm)
         sr.error == NULL
             ? pg_query__scan_result__unpack(NULL, sr.pbuf.len, (const uint8_t *)sr.pbuf.data)
             : NULL;
-    char *out = NULL;
-    if (scan != NULL) {
-        long next = 1;
-        for (size_t i = 0; i < scan->n_tokens; i++)
-            if (scan->tokens[i]->token == PG_QUERY__TOKEN__PARAM) {
-                long p = strtol(norm + scan->tokens[i]->start + 1, NULL, 10);
-                next = p >= next ? p + 1 : next;
-            }
-        text_t t = {0};
-        size_t at = 0;
-        for (size_t i = 0; i < scan->n_tokens; i++) {
-            const PgQuery__ScanToken *tok = scan->tokens[i];
-            if (!is_literal_token(tok->token))
-                continue;
-            char param[32];
-            int n = snprintf(param, sizeof param, "$%ld", next++);
-            text_add(&t, norm + at, (size_t)tok->start - at);
-            text_add(&t, param, (size_t)n);
-            at = (size_t)tok->end;
-        }
-        text_add(&t, norm + at, strlen(norm + at));
-        out = t.oom ? NULL : t.buf;
-        if (t.oom)
-            free(t.buf);
+    char *out = scan != NULL ? mask_tokens(norm, scan) : strdup(UNPARSEABLE);
+    if (scan != NULL)
         pg_query__scan_result__free_unpacked(scan, NULL);
-    }
     pg_query_free_scan_result(sr);
     return out;
 }
@@ -975,7 +984,7 @@ char *pd_sql_normalize(const char *sql)
     if (nr.error == NULL && nr.normalized_query != NULL)
         out = mask_remaining(nr.normalized_query);
     else
-        out = strdup("<unparseable statement>");
+        out = strdup(UNPARSEABLE);
     pg_query_free_normalize_result(nr);
     return out;
 }

@@ -418,6 +418,17 @@ class FlagsTest(unittest.TestCase):
             r = p.ctl("flag", RULE, "reads=sometimes", check=False)
             self.assertEqual(r.returncode, 1)
             self.assertIn("invalid flag", r.stderr)
+            # Reads must come from a side that is written.
+            p.ctl("flag", RULE, "writes=old")
+            r = p.ctl("flag", RULE, "reads=new@10", check=False)
+            self.assertEqual(r.returncode, 1)
+            self.assertIn("set writes=dual", r.stderr)
+            r = p.ctl("flag", RULE, "writes=new", check=False)
+            self.assertEqual(r.returncode, 1)
+            self.assertIn("reads must be new", r.stderr)
+            p.ctl("flag", RULE, "writes=new", "reads=new")
+            rules = p.ctl_json("rules")["rules"]
+            self.assertEqual((rules[0]["writes"], rules[0]["reads"]), ("new", "new"))
             s = socket.socket(socket.AF_UNIX)
             s.connect(p.admin_socket)
             s.sendall(b"bogus\nflag x\nstatus\n")

@@ -1,0 +1,1 @@
+INSERT INTO users (id, email) VALUES ($1, $2), (3, DEFAULT) ON CONFLICT (id) DO UPDATE SET email = EXCLUDED.email RETURNING *

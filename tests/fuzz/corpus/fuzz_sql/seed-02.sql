@@ -1,0 +1,1 @@
+UPDATE users u SET (email, created_at) = ($1, now()) FROM staging s WHERE s.id = u.id RETURNING u.email

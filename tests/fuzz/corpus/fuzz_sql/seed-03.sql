@@ -1,0 +1,1 @@
+UPDATE users SET (email, id) = (SELECT e, 1 FROM x)

@@ -1,0 +1,1 @@
+MERGE INTO users u USING staging s ON u.id = s.id WHEN MATCHED THEN UPDATE SET email = s.email WHEN NOT MATCHED THEN INSERT VALUES (s.id, s.email)

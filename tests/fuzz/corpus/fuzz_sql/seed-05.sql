@@ -1,0 +1,1 @@
+WITH x AS (INSERT INTO accounts (id, name) SELECT id, email FROM users RETURNING *) SELECT * FROM x

@@ -1,0 +1,1 @@
+SELECT * FROM users u JOIN accounts a USING (id) WHERE u.email = $1 ORDER BY email

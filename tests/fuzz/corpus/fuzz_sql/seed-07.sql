@@ -1,0 +1,1 @@
+SELECT DISTINCT ON (email) email, (SELECT name FROM accounts WHERE accounts.id = users.id) FROM users, LATERAL (SELECT users.email AS e) l GROUP BY 1

@@ -1,0 +1,1 @@
+COPY users TO STDOUT WITH (FORMAT csv, HEADER)

@@ -1,0 +1,1 @@
+COPY accounts (id, phone) FROM STDIN

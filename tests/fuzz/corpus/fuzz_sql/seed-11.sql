@@ -1,0 +1,1 @@
+/* c */ SELECT email FROM users UNION ALL SELECT name FROM accounts ORDER BY 1; -- x

@@ -1,0 +1,1 @@
+DO $$ BEGIN UPDATE users SET email = 'x'; END $$

@@ -1,0 +1,1 @@
+SELECT u FROM users u(a, b) WHERE a = 1

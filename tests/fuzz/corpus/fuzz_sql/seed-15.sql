@@ -1,0 +1,1 @@
+INSERT INTO U&"\0075sers" ("email") VALUES ('a'

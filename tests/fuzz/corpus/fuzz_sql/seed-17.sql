@@ -1,0 +1,1 @@
+EXPLAIN ANALYZE UPDATE accounts SET name = upper(name), full_name = DEFAULT

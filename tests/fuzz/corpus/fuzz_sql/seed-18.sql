@@ -1,0 +1,1 @@
+DELETE FROM users USING accounts WHERE accounts.name = users.email RETURNING users.*
