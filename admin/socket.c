@@ -44,7 +44,7 @@ struct admin_conn {
     uv_pipe_t pipe;
     pd_admin_t *admin;
     struct admin_conn *prev, *next;
-    char who[64]; /* "uid 0 pid 4711", from SO_PEERCRED: recorded with flag changes */
+    char who[64];            /* "uid 0 pid 4711", from SO_PEERCRED: recorded with flag changes */
     pd_admin_req_t *pending; /* while set, further commands wait their turn */
     char buf[LINE_MAX_LEN];
     size_t len;
@@ -87,15 +87,15 @@ static json_t *cmd_status(pd_server_t *srv, int argc, char **argv)
     for (unsigned i = 0; i < srv->cfg->database_count; i++) {
         const pd_database_cfg_t *db = &srv->cfg->databases[i];
         /* Conninfo strings may hold passwords: only whether a side exists is shown. */
-        json_array_append_new(dbs, json_pack("{s:s, s:b}", "name", db->name, "has_new",
-                                             db->new != NULL));
+        json_array_append_new(
+            dbs, json_pack("{s:s, s:b}", "name", db->name, "has_new", db->new != NULL));
     }
     json_object_set_new(r, "version", json_string(PD_VERSION));
     json_object_set_new(r, "pid", json_integer(getpid()));
     json_object_set_new(r, "uptime_s",
                         json_integer((json_int_t)((uv_now(srv->loop) - srv->started_ms) / 1000)));
-    json_object_set_new(r, "listen", json_sprintf("%s:%u", srv->cfg->listen_host,
-                                                  srv->cfg->listen_port));
+    json_object_set_new(r, "listen",
+                        json_sprintf("%s:%u", srv->cfg->listen_host, srv->cfg->listen_port));
     json_object_set_new(r, "stopping", json_boolean(srv->stopping));
     json_object_set_new(r, "sessions", json_integer(srv->nsessions));
     json_object_set_new(r, "sessions_by_state", states);
@@ -118,12 +118,12 @@ static json_t *cmd_sessions(pd_server_t *srv, int argc, char **argv)
     for (pd_session_t *s = srv->sessions; s != NULL; s = s->next) {
         char txn[2] = {s->txn_status ? (char)s->txn_status : '-', 0};
         json_array_append_new(
-            list, json_pack("{s:I, s:s?, s:s?, s:s, s:s, s:s, s:b, s:I, s:I, s:I}", "id",
-                            (json_int_t)s->id, "database", s->database, "user", s->user, "peer",
-                            s->peer, "state", pd_session_state_name(s->state), "transaction",
-                            txn, "tls", s->tls_done, "age_s",
-                            (json_int_t)((now - s->started_ms) / 1000), "bytes_in",
-                            (json_int_t)s->bytes_c2b, "bytes_out", (json_int_t)s->bytes_b2c));
+            list,
+            json_pack("{s:I, s:s?, s:s?, s:s, s:s, s:s, s:b, s:I, s:I, s:I}", "id",
+                      (json_int_t)s->id, "database", s->database, "user", s->user, "peer", s->peer,
+                      "state", pd_session_state_name(s->state), "transaction", txn, "tls",
+                      s->tls_done, "age_s", (json_int_t)((now - s->started_ms) / 1000), "bytes_in",
+                      (json_int_t)s->bytes_c2b, "bytes_out", (json_int_t)s->bytes_b2c));
     }
     json_t *r = reply_ok();
     json_object_set_new(r, "sessions", list);
@@ -136,17 +136,17 @@ static json_t *rule_json(const pd_server_t *srv, unsigned index)
     const pd_rule_cfg_t *rule = &srv->cfg->rules[index];
     const pd_rule_flags_t *flags = &srv->flags[index];
     char reads[32];
-    json_t *j = json_pack("{s:s, s:s, s:s, s:s, s:s}", "name", rule->name, "database",
-                          rule->database, "kind", kinds[rule->kind], "writes",
-                          pd_writes_name(flags->writes), "reads",
-                          pd_reads_format(&flags->reads, reads, sizeof reads));
+    json_t *j =
+        json_pack("{s:s, s:s, s:s, s:s, s:s}", "name", rule->name, "database", rule->database,
+                  "kind", kinds[rule->kind], "writes", pd_writes_name(flags->writes), "reads",
+                  pd_reads_format(&flags->reads, reads, sizeof reads));
     if (rule->kind == PD_RULE_COLUMNS) {
         json_object_set_new(j, "table", json_string(rule->table));
         json_t *cols = json_array();
         for (unsigned i = 0; i < rule->column_count; i++) {
             const pd_column_map_t *c = &rule->columns[i];
-            json_array_append_new(cols, json_pack("{s:s, s:s, s:s?, s:s?}", "old", c->old,
-                                                  "new", c->new, "up", c->up, "down", c->down));
+            json_array_append_new(cols, json_pack("{s:s, s:s, s:s?, s:s?}", "old", c->old, "new",
+                                                  c->new, "up", c->up, "down", c->down));
         }
         json_object_set_new(j, "columns", cols);
     } else {
@@ -225,8 +225,8 @@ static json_t *flags_json(const pd_server_t *srv, unsigned i)
 {
     char reads[32];
     return json_pack("{s:b, s:s, s:s, s:s}", "ok", 1, "rule", srv->cfg->rules[i].name, "writes",
-                     pd_writes_name(srv->flags[i].writes),
-                     "reads", pd_reads_format(&srv->flags[i].reads, reads, sizeof reads));
+                     pd_writes_name(srv->flags[i].writes), "reads",
+                     pd_reads_format(&srv->flags[i].reads, reads, sizeof reads));
 }
 
 /* flag RULE reads=VALUE|writes=VALUE [...]: all-or-nothing, persisted before in force. */
@@ -344,8 +344,9 @@ static json_t *cmd_divergence(pd_server_t *srv, int argc, char **argv)
     json_object_set_new(r, "counters", counts);
     json_object_set_new(r, "events", read_divergence(srv->cfg->divergence_log, rule, limit));
     if (srv->cfg->divergence_log == NULL)
-        json_object_set_new(r, "hint", json_string("No divergence.log is configured: events are "
-                                                   "counted but not kept."));
+        json_object_set_new(r, "hint",
+                            json_string("No divergence.log is configured: events are "
+                                        "counted but not kept."));
     return r;
 }
 

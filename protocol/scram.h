@@ -44,10 +44,10 @@ typedef struct {
 } pd_scram_t;
 
 typedef enum {
-    PD_SCRAM_CONTINUE = 0,   /* *out holds the next server message to send */
-    PD_SCRAM_SUCCESS = 1,    /* client proof verified; *out holds server-final-message */
-    PD_SCRAM_FAIL = 2,       /* wrong password (proof did not verify) */
-    PD_SCRAM_PROTOCOL = -1,  /* malformed client message; *err says why */
+    PD_SCRAM_CONTINUE = 0,  /* *out holds the next server message to send */
+    PD_SCRAM_SUCCESS = 1,   /* client proof verified; *out holds server-final-message */
+    PD_SCRAM_FAIL = 2,      /* wrong password (proof did not verify) */
+    PD_SCRAM_PROTOCOL = -1, /* malformed client message; *err says why */
 } pd_scram_rc_t;
 
 /*
@@ -55,9 +55,8 @@ typedef enum {
  * server-first-message to out. server_nonce is printable ASCII without ','.
  */
 pd_scram_rc_t pd_scram_server_first(pd_scram_t *st, const pd_scram_secret_t *secret,
-                                    const uint8_t *client_first, size_t n,
-                                    const char *server_nonce, pd_buf_t *out,
-                                    const char **err) PD_MUST_CHECK;
+                                    const uint8_t *client_first, size_t n, const char *server_nonce,
+                                    pd_buf_t *out, const char **err) PD_MUST_CHECK;
 
 /*
  * Step 2: given the client-final-message (the SASLResponse data), verifies the proof

@@ -29,7 +29,7 @@
 #define PD_GSSENC_REQUEST_CODE 80877104u
 #define PD_STARTUP_MAX_LEN     10000u /* PostgreSQL's MAX_STARTUP_PACKET_LENGTH */
 #define PD_STARTUP_MAX_PARAMS  64u
-#define PD_MSG_HEADER_LEN      5u /* type byte + int32 length */
+#define PD_MSG_HEADER_LEN      5u          /* type byte + int32 length */
 #define PD_MSG_MAX_LEN         0x3fffffffu /* 1 GB - 1, PostgreSQL's PQ_LARGE_MESSAGE_LIMIT */
 
 /*
@@ -142,8 +142,8 @@ void pd_buf_reset(pd_buf_t *b); /* len = 0, keeps memory */
 bool pd_buf_ok(const pd_buf_t *b);
 void pd_buf_put(pd_buf_t *b, const void *p, size_t n);
 void pd_buf_put_u8(pd_buf_t *b, uint8_t v);
-void pd_buf_put_u16(pd_buf_t *b, uint16_t v); /* network order */
-void pd_buf_put_u32(pd_buf_t *b, uint32_t v); /* network order */
+void pd_buf_put_u16(pd_buf_t *b, uint16_t v);    /* network order */
+void pd_buf_put_u32(pd_buf_t *b, uint32_t v);    /* network order */
 void pd_buf_put_str(pd_buf_t *b, const char *s); /* with its terminating NUL */
 /* Starts a message of the given type (type 0: no type byte, for startup packets);
  * returns the offset to hand to pd_buf_end_msg, which fills in the length. */
@@ -336,8 +336,8 @@ pd_decode_rc_t pd_be_command_complete_decode(const uint8_t *body, size_t n, cons
                                              const char **err) PD_MUST_CHECK;
 pd_decode_rc_t pd_be_param_status_decode(const uint8_t *body, size_t n, const char **name,
                                          const char **value, const char **err) PD_MUST_CHECK;
-pd_decode_rc_t pd_be_backend_key_decode(const uint8_t *body, size_t n, uint32_t *pid,
-                                        uint32_t *key, const char **err) PD_MUST_CHECK;
+pd_decode_rc_t pd_be_backend_key_decode(const uint8_t *body, size_t n, uint32_t *pid, uint32_t *key,
+                                        const char **err) PD_MUST_CHECK;
 /* Like pd_fe_message_check, for one whole backend message of any type. */
 pd_decode_rc_t pd_be_message_check(const uint8_t *msg, size_t len, const char **err) PD_MUST_CHECK;
 
@@ -356,7 +356,7 @@ void pd_be_negotiate_version(pd_buf_t *b, uint32_t newest_minor, unsigned noptio
                              const char *const *unrecognized);
 void pd_be_command_complete(pd_buf_t *b, const char *tag);
 void pd_be_row_description(pd_buf_t *b, uint16_t nfields, const char *const *names,
-                           const uint32_t *type_oids);  /* text format, no table info */
+                           const uint32_t *type_oids); /* text format, no table info */
 void pd_be_data_row(pd_buf_t *b, uint16_t ncolumns, const char *const *values,
                     const int32_t *lengths); /* lengths[i] = -1 for NULL */
 void pd_be_empty_query(pd_buf_t *b);

@@ -16,9 +16,19 @@
 #include "protocol/wire.h"
 
 const char *const pd_backend_reported_params[] = {
-    "application_name", "client_encoding", "DateStyle", "default_transaction_read_only",
-    "in_hot_standby", "integer_datetimes", "IntervalStyle", "is_superuser", "server_encoding",
-    "server_version", "session_authorization", "standard_conforming_strings", "TimeZone",
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "default_transaction_read_only",
+    "in_hot_standby",
+    "integer_datetimes",
+    "IntervalStyle",
+    "is_superuser",
+    "server_encoding",
+    "server_version",
+    "session_authorization",
+    "standard_conforming_strings",
+    "TimeZone",
     NULL,
 };
 
@@ -192,8 +202,8 @@ static void connect_step(pd_backend_t *b, PostgresPollingStatusType st)
 }
 
 int pd_backend_connect(pd_backend_t *b, uv_loop_t *loop, const char *conninfo,
-                       const pd_backend_params_t *params, pd_backend_cb cb, void *owner,
-                       char *err, size_t errlen)
+                       const pd_backend_params_t *params, pd_backend_cb cb, void *owner, char *err,
+                       size_t errlen)
 {
     *b = (pd_backend_t){.loop = loop, .cb = cb, .owner = owner, .poll_fd = -1};
 

@@ -14,8 +14,7 @@
 typedef struct pd_backend pd_backend_t;
 
 /* Called once: err is NULL on success, else a message (libpq's) and its SQLSTATE guess. */
-typedef void (*pd_backend_cb)(pd_backend_t *b, void *owner, const char *err,
-                              const char *sqlstate);
+typedef void (*pd_backend_cb)(pd_backend_t *b, void *owner, const char *err, const char *sqlstate);
 
 /* What a client asked for in its startup packet, passed on to the backend. */
 typedef struct {
@@ -27,9 +26,9 @@ typedef struct {
 } pd_backend_params_t;
 
 struct pd_backend {
-    PGconn *conn;          /* owned; PQfinish'ed by pd_backend_close */
+    PGconn *conn; /* owned; PQfinish'ed by pd_backend_close */
     uv_loop_t *loop;
-    uv_poll_t *poll;       /* connect phase only; owned, freed by its close callback */
+    uv_poll_t *poll; /* connect phase only; owned, freed by its close callback */
     int poll_fd;
     bool connected;
     pd_backend_cb cb;
@@ -43,8 +42,8 @@ struct pd_backend {
  * the conninfo's own options. Returns 0, or -1 with cb not to be called and *err set.
  */
 int pd_backend_connect(pd_backend_t *b, uv_loop_t *loop, const char *conninfo,
-                       const pd_backend_params_t *params, pd_backend_cb cb, void *owner,
-                       char *err, size_t errlen);
+                       const pd_backend_params_t *params, pd_backend_cb cb, void *owner, char *err,
+                       size_t errlen);
 
 /* Stops polling and closes the connection (sending Terminate). Safe to call twice. */
 void pd_backend_close(pd_backend_t *b);

@@ -44,9 +44,9 @@ void pd_log(pd_log_level_t level, const char *tag, const char *fmt, ...)
 
     /* Build the whole line first so that one write() keeps lines from interleaving. */
     char line[2048];
-    int n = snprintf(line, sizeof line, "%s.%03d UTC [%d] %s:  %s%s", when,
-                     (int)(tv.tv_usec / 1000), (int)getpid(), level_names[level],
-                     tag ? tag : "", tag ? " " : "");
+    int n =
+        snprintf(line, sizeof line, "%s.%03d UTC [%d] %s:  %s%s", when, (int)(tv.tv_usec / 1000),
+                 (int)getpid(), level_names[level], tag ? tag : "", tag ? " " : "");
     if (n < 0)
         return;
     if ((size_t)n < sizeof line) {

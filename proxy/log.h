@@ -18,9 +18,9 @@ bool pd_log_enabled(pd_log_level_t level);
 void pd_log(pd_log_level_t level, const char *tag, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
-#define pd_log_error(tag, ...) pd_log(PD_LOG_ERROR, tag, __VA_ARGS__)
+#define pd_log_error(tag, ...)   pd_log(PD_LOG_ERROR, tag, __VA_ARGS__)
 #define pd_log_warning(tag, ...) pd_log(PD_LOG_WARNING, tag, __VA_ARGS__)
-#define pd_log_info(tag, ...) pd_log(PD_LOG_INFO, tag, __VA_ARGS__)
+#define pd_log_info(tag, ...)    pd_log(PD_LOG_INFO, tag, __VA_ARGS__)
 #define pd_log_debug(tag, ...)                                                                     \
     do {                                                                                           \
         if (pd_log_enabled(PD_LOG_DEBUG))                                                          \

@@ -16,7 +16,6 @@
 #include "proxy/log.h"
 #include "proxy/server.h"
 
-
 static void usage(FILE *out)
 {
     fprintf(out, "pgdual " PD_VERSION " - PostgreSQL proxy for zero-downtime migrations\n"
@@ -92,9 +91,12 @@ static int run(pd_config_t *cfg, pd_demo_t *demo)
 int main(int argc, char **argv)
 {
     static const struct option options[] = {
-        {"config", required_argument, NULL, 'c'}, {"check", no_argument, NULL, 'k'},
-        {"demo", no_argument, NULL, 'd'},         {"port", required_argument, NULL, 'p'},
-        {"version", no_argument, NULL, 'V'},      {"help", no_argument, NULL, 'h'},
+        {"config", required_argument, NULL, 'c'},
+        {"check", no_argument, NULL, 'k'},
+        {"demo", no_argument, NULL, 'd'},
+        {"port", required_argument, NULL, 'p'},
+        {"version", no_argument, NULL, 'V'},
+        {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
     const char *config = NULL;

@@ -68,8 +68,8 @@ static pd_sql_result_t *facts_refusal(pd_sql_result_t *r, const char *error)
     return f;
 }
 
-pd_sql_result_t *pd_route_statement(pd_server_t *srv, const char *database,
-                                    uint64_t session_key, const char *sql)
+pd_sql_result_t *pd_route_statement(pd_server_t *srv, const char *database, uint64_t session_key,
+                                    const char *sql)
 {
     unsigned n = srv->cfg->rule_count;
     pd_rule_view_t views[n + 1];

@@ -28,8 +28,8 @@ unsigned pd_route_bucket(uint64_t session_key, const char *rule);
  * action. A rewrite concerning a rule whose catalog check failed becomes a refusal that
  * carries that check's error. NULL only when out of memory.
  */
-pd_sql_result_t *pd_route_statement(pd_server_t *srv, const char *database,
-                                    uint64_t session_key, const char *sql);
+pd_sql_result_t *pd_route_statement(pd_server_t *srv, const char *database, uint64_t session_key,
+                                    const char *sql);
 
 /*
  * Appends to out a statement that, run by PostgreSQL, fails with this SQLSTATE, message

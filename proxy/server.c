@@ -20,12 +20,12 @@
 #include "admin/metrics.h"
 #include "admin/render.h"
 #include "admin/socket.h"
-#include "rules/catalog.h"
-#include "rules/sql.h"
-#include "rules/state.h"
 #include "proxy/compare.h"
 #include "proxy/log.h"
 #include "proxy/session.h"
+#include "rules/catalog.h"
+#include "rules/sql.h"
+#include "rules/state.h"
 
 #define DRAIN_GRACE_MS 30000 /* SIGTERM: how long sessions may finish before they are ended */
 #define ACCEPT_BURST   64    /* connections accepted per readiness callback */
@@ -120,8 +120,8 @@ static int load_users(const pd_config_t *cfg, material_t *m)
             /* Derived once here: PBKDF2 is too slow to run per login on the loop. */
             uint8_t salt[16];
             ok = RAND_bytes(salt, sizeof salt) == 1 &&
-                 pd_scram_secret_from_password(u->secret, salt, sizeof salt,
-                                               PD_SCRAM_DEFAULT_ITER, &m->auth[i].secret);
+                 pd_scram_secret_from_password(u->secret, salt, sizeof salt, PD_SCRAM_DEFAULT_ITER,
+                                               &m->auth[i].secret);
         }
         if (!ok) {
             pd_log_error(NULL,
@@ -332,12 +332,14 @@ static void on_listen(uv_poll_t *h, int status, int events)
     for (int i = 0; i < ACCEPT_BURST; i++) {
         struct sockaddr_storage ss;
         socklen_t len = sizeof ss;
-        int fd = accept4(srv->listen_fd, (struct sockaddr *)&ss, &len,
-                         SOCK_NONBLOCK | SOCK_CLOEXEC);
+        int fd =
+            accept4(srv->listen_fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
             if (errno == EMFILE || errno == ENFILE)
-                pd_log_warning(NULL, "could not accept a connection: %s (raise the open "
-                                     "files limit, ulimit -n)", strerror(errno));
+                pd_log_warning(NULL,
+                               "could not accept a connection: %s (raise the open "
+                               "files limit, ulimit -n)",
+                               strerror(errno));
             return;
         }
         /* Past the configured limit, sessions are still started so that they can be
@@ -359,11 +361,11 @@ static int open_listener(pd_server_t *srv)
     const pd_config_t *cfg = srv->cfg;
     char port[16];
     snprintf(port, sizeof port, "%u", cfg->listen_port);
-    struct addrinfo hints = {.ai_flags = AI_PASSIVE, .ai_family = AF_UNSPEC,
-                             .ai_socktype = SOCK_STREAM};
+    struct addrinfo hints = {
+        .ai_flags = AI_PASSIVE, .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM};
     struct addrinfo *res = NULL;
-    const char *host = cfg->listen_host && strcmp(cfg->listen_host, "*") != 0 ? cfg->listen_host
-                                                                              : NULL;
+    const char *host =
+        cfg->listen_host && strcmp(cfg->listen_host, "*") != 0 ? cfg->listen_host : NULL;
     int rc = getaddrinfo(host, port, &hints, &res);
     if (rc != 0) {
         pd_log_error(NULL, "could not resolve listen address \"%s\": %s", cfg->listen_host,
@@ -552,8 +554,7 @@ static void reload_done(uv_work_t *w, int status)
     free(job);
 }
 
-int pd_server_reload(pd_server_t *srv, pd_config_errors_t *errs, pd_server_reload_cb cb,
-                     void *ctx)
+int pd_server_reload(pd_server_t *srv, pd_config_errors_t *errs, pd_server_reload_cb cb, void *ctx)
 {
     if (srv->reloading) {
         errors_add(errs, "a reload is already in progress; try again in a moment");
@@ -668,8 +669,7 @@ int pd_server_init(pd_server_t *srv, uv_loop_t *loop, pd_config_t *cfg)
     if (cfg->admin_socket != NULL && (srv->admin = pd_admin_start(srv, cfg->admin_socket)) == NULL)
         return -1;
     if (cfg->admin_metrics != NULL &&
-        (srv->metrics = pd_metrics_start(loop, cfg->admin_metrics, pd_render_metrics, srv)) ==
-            NULL)
+        (srv->metrics = pd_metrics_start(loop, cfg->admin_metrics, pd_render_metrics, srv)) == NULL)
         return -1;
     uv_signal_init(loop, &srv->sig_int);
     uv_signal_init(loop, &srv->sig_term);

@@ -46,7 +46,7 @@ const char *pd_session_state_name(pd_session_state_t s);
 
 /* Counters per rule, for status and metrics. */
 typedef struct {
-    uint64_t passed, rewritten, refused;             /* statements concerning the rule */
+    uint64_t passed, rewritten, refused; /* statements concerning the rule */
     uint64_t shadow_compared, shadow_mismatched, shadow_skipped;
 } pd_rule_stats_t;
 
@@ -58,11 +58,11 @@ typedef struct {
 
 typedef struct pd_server {
     uv_loop_t *loop;
-    pd_config_t *cfg;     /* owned; replaced whole on reload */
-    pd_users_t *users;    /* owned; NULL unless auth mode scram */
+    pd_config_t *cfg;      /* owned; replaced whole on reload */
+    pd_users_t *users;     /* owned; NULL unless auth mode scram */
     pd_auth_entry_t *auth; /* owned; one per user */
-    SSL_CTX *ssl_ctx;     /* owned; NULL unless TLS is configured */
-    uint8_t mock_key[32]; /* random: salts of stand-in secrets for unknown users */
+    SSL_CTX *ssl_ctx;      /* owned; NULL unless TLS is configured */
+    uint8_t mock_key[32];  /* random: salts of stand-in secrets for unknown users */
 
     int listen_fd;
     uv_poll_t *listen_poll; /* owned; freed by its close callback */
@@ -75,17 +75,17 @@ typedef struct pd_server {
     uint32_t next_session_id;
     uint64_t total_sessions;
 
-    pd_admin_t *admin; /* owned; NULL without admin.socket */
-    pd_metrics_t *metrics; /* owned; NULL without admin.metrics */
-    pd_state_t *state;     /* owned: flags, history, checkpoints, verify results */
-    pd_jobs_t *jobs;       /* owned: backfill and verify jobs */
+    pd_admin_t *admin;      /* owned; NULL without admin.socket */
+    pd_metrics_t *metrics;  /* owned; NULL without admin.metrics */
+    pd_state_t *state;      /* owned: flags, history, checkpoints, verify results */
+    pd_jobs_t *jobs;        /* owned: backfill and verify jobs */
     pd_rule_flags_t *flags; /* owned; one per cfg->rules[i] */
     pd_rule_stats_t *stats; /* owned; one per cfg->rules[i] */
     char **stats_names;     /* owned; the rule names stats were made for (reload) */
     unsigned stats_count;
-    pd_rule_facts_t *facts; /* owned; catalog facts, one per cfg->rules[i] */
+    pd_rule_facts_t *facts;               /* owned; catalog facts, one per cfg->rules[i] */
     struct pd_divergence_log *divergence; /* owned */
-    pd_sql_t *sql;          /* owned; the rewriter for cfg's rules */
+    pd_sql_t *sql;                        /* owned; the rewriter for cfg's rules */
     bool reloading;
     unsigned config_generation;
     uint64_t started_ms;
@@ -113,8 +113,7 @@ void pd_server_free(pd_server_t *srv);
  * any error pgdual keeps running with the previous configuration.
  */
 typedef void (*pd_server_reload_cb)(pd_server_t *srv, const char *error, void *ctx);
-int pd_server_reload(pd_server_t *srv, pd_config_errors_t *errs, pd_server_reload_cb cb,
-                     void *ctx);
+int pd_server_reload(pd_server_t *srv, pd_config_errors_t *errs, pd_server_reload_cb cb, void *ctx);
 
 /* NULL when this version can serve these flags for the rule, else why not. */
 const char *pd_server_check_flags(const pd_server_t *srv, unsigned rule, pd_writes_t writes,

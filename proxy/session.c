@@ -134,8 +134,8 @@ static pd_prepared_t *prepared_find(pd_session_t *s, const char *name)
 static bool prepared_remember(pd_session_t *s, const pd_fe_parse_t *m, pd_sql_result_t *r)
 {
     prepared_forget(s, m->name);
-    pd_prepared_t tmpl = {.name = (char *)m->name, .sql = (char *)m->sql, .r = r,
-                          .ntypes = m->nparams};
+    pd_prepared_t tmpl = {
+        .name = (char *)m->name, .sql = (char *)m->sql, .r = r, .ntypes = m->nparams};
     uint32_t types[m->nparams + 1];
     for (unsigned i = 0; i < m->nparams; i++) {
         const uint8_t *t = m->param_types + 4 * i;
@@ -326,8 +326,8 @@ static bool out_pending(const pd_session_t *s)
 static int out_flush(pd_session_t *s)
 {
     while (s->out_sent < s->out.len) {
-        ssize_t n = pd_transport_write(&s->client, s->out.data + s->out_sent,
-                                       s->out.len - s->out_sent);
+        ssize_t n =
+            pd_transport_write(&s->client, s->out.data + s->out_sent, s->out.len - s->out_sent);
         if (n == PD_IO_AGAIN)
             return 0;
         if (n < 0)
@@ -546,8 +546,10 @@ static void batch_pop(pd_session_t *s)
 /* Ends the batch being sent (at Sync, Query or FunctionCall). */
 static bool batch_close(pd_session_t *s, bool shadow)
 {
-    pd_batch_t b = {.nparse_before = s->batch_parse, .nbind_before = s->batch_bind,
-                    .inject = s->batch_inject, .shadow = shadow};
+    pd_batch_t b = {.nparse_before = s->batch_parse,
+                    .nbind_before = s->batch_bind,
+                    .inject = s->batch_inject,
+                    .shadow = shadow};
     s->batch_parse = s->batch_bind = s->batch_exec = 0;
     s->batch_inject = false;
     prepared_free(s->cand);
@@ -817,9 +819,9 @@ static int scan_client(pd_session_t *s)
             p->end = p->scan;
             break;
         }
-        bool whole = s->rules_on && (h.type == PD_FE_QUERY || h.type == PD_FE_PARSE ||
-                                     (s->prepared != NULL &&
-                                      (h.type == PD_FE_BIND || h.type == PD_FE_CLOSE)));
+        bool whole = s->rules_on &&
+                     (h.type == PD_FE_QUERY || h.type == PD_FE_PARSE ||
+                      (s->prepared != NULL && (h.type == PD_FE_BIND || h.type == PD_FE_CLOSE)));
         if (whole) {
             if (total > avail)
                 break; /* looked at whole: the relay loop makes room */
@@ -903,8 +905,8 @@ static void finish_shadow(pd_session_t *s)
         st->shadow_mismatched++;
         pd_log_info(s->tag, "shadow read differs for rule \"%s\"",
                     s->srv->cfg->rules[r->rule].name);
-        pd_divergence_record(s->srv->divergence, s->srv->cfg->rules[r->rule].name,
-                             "shadow_read", s->shadow_text, &s->sum_old, &s->sum_new);
+        pd_divergence_record(s->srv->divergence, s->srv->cfg->rules[r->rule].name, "shadow_read",
+                             s->shadow_text, &s->sum_old, &s->sum_new);
     }
     drop_shadow(s);
 }
@@ -914,8 +916,8 @@ static void begin_shadow_query(pd_session_t *s)
 {
     pd_pipe_t *c = &s->c2b;
     bool quiet = s->batch_count == 0 && s->txn_status == 'I' && s->sum_old.sqlstate[0] == 0 &&
-                 !pipe_pending(c) && c->skip == 0 && s->batch_parse == 0 &&
-                 s->batch_bind == 0 && s->to_server.len == 0;
+                 !pipe_pending(c) && c->skip == 0 && s->batch_parse == 0 && s->batch_bind == 0 &&
+                 s->to_server.len == 0;
     if (!quiet) {
         s->srv->stats[s->shadow->rule].shadow_skipped++;
         drop_shadow(s);
@@ -1032,8 +1034,10 @@ static int scan_server(pd_session_t *s)
             break;
         if (rc != PD_DECODE_OK) {
             pd_log_error(s->tag, "protocol violation by the server: %s", err);
-            pd_session_terminate(s, "08P01", "pgdual received an invalid message from the "
-                                             "database server", NULL);
+            pd_session_terminate(s, "08P01",
+                                 "pgdual received an invalid message from the "
+                                 "database server",
+                                 NULL);
             return -1;
         }
         uint64_t total = (uint64_t)h.len + 1;
@@ -1061,8 +1065,7 @@ static int scan_server(pd_session_t *s)
         if (sum != NULL) {
             pd_result_row_begin(sum);
             size_t here = total <= avail ? (size_t)total : avail;
-            pd_result_row_feed(sum, p->buf + p->scan + PD_MSG_HEADER_LEN,
-                               here - PD_MSG_HEADER_LEN);
+            pd_result_row_feed(sum, p->buf + p->scan + PD_MSG_HEADER_LEN, here - PD_MSG_HEADER_LEN);
             if (total <= avail)
                 pd_result_row_end(sum);
             else
@@ -1249,8 +1252,8 @@ static void on_backend_connected(pd_backend_t *b, void *owner, const char *err,
         return;
     if (err != NULL) {
         char msg[768];
-        snprintf(msg, sizeof msg, "pgdual could not connect to database \"%s\": %s",
-                 s->database, err);
+        snprintf(msg, sizeof msg, "pgdual could not connect to database \"%s\": %s", s->database,
+                 err);
         pd_session_terminate(s, sqlstate, msg,
                              "Check this database's entry under `databases` in the pgdual "
                              "config and that its server is up.");
@@ -1314,11 +1317,11 @@ static void begin_connect(pd_session_t *s)
     };
     session_set_state(s, PD_SESSION_CONNECTING);
     char err[512];
-    if (pd_backend_connect(&s->backend, s->srv->loop, s->conninfo, &params,
-                           on_backend_connected, s, err, sizeof err) != 0) {
+    if (pd_backend_connect(&s->backend, s->srv->loop, s->conninfo, &params, on_backend_connected, s,
+                           err, sizeof err) != 0) {
         char msg[768];
-        snprintf(msg, sizeof msg, "pgdual could not connect to database \"%s\": %s",
-                 s->database, err);
+        snprintf(msg, sizeof msg, "pgdual could not connect to database \"%s\": %s", s->database,
+                 err);
         pd_session_terminate(s, "08006", msg,
                              "Check this database's entry under `databases` in the pgdual "
                              "config.");
@@ -1410,8 +1413,7 @@ static int auth_message(pd_session_t *s, const uint8_t *body, size_t n)
         }
         if (strcmp(init.mechanism, PD_SCRAM_MECHANISM) != 0) {
             pd_session_terminate(s, "28000",
-                                 "client selected an invalid SASL authentication mechanism",
-                                 NULL);
+                                 "client selected an invalid SASL authentication mechanism", NULL);
             return -1;
         }
         pd_scram_secret_t secret;
@@ -1430,8 +1432,8 @@ static int auth_message(pd_session_t *s, const uint8_t *body, size_t n)
             pd_session_terminate(s, "XX000", "could not generate random nonce", NULL);
             return -1;
         }
-        rc = pd_scram_server_first(s->scram, &secret, init.data, (size_t)init.len, nonce,
-                                   &reply, &err);
+        rc = pd_scram_server_first(s->scram, &secret, init.data, (size_t)init.len, nonce, &reply,
+                                   &err);
         if (rc == PD_SCRAM_CONTINUE)
             pd_be_auth_sasl_continue(&s->out, reply.data, reply.len);
     } else {
@@ -1733,8 +1735,7 @@ static void startup_read(pd_session_t *s)
             process_auth(s);
         if (!s->closed && s->state == PD_SESSION_AUTH && out_flush(s) < 0)
             session_close(s);
-    } while (!s->closed &&
-             (s->state == PD_SESSION_STARTUP || s->state == PD_SESSION_AUTH) &&
+    } while (!s->closed && (s->state == PD_SESSION_STARTUP || s->state == PD_SESSION_AUTH) &&
              pd_transport_pending(&s->client));
 }
 

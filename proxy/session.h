@@ -44,11 +44,11 @@ typedef struct {
 typedef struct pd_prepared {
     struct pd_prepared *next;
     char *name;
-    char *sql;            /* the client's text, for the divergence log */
-    pd_sql_result_t *r;   /* owned reference; r->shadow_sql is the other form */
+    char *sql;          /* the client's text, for the divergence log */
+    pd_sql_result_t *r; /* owned reference; r->shadow_sql is the other form */
     uint16_t ntypes;
-    uint32_t *types;      /* the parameter types the client declared */
-    uint8_t *bind;        /* a candidate's copy of the client's Bind body, or NULL */
+    uint32_t *types; /* the parameter types the client declared */
+    uint8_t *bind;   /* a candidate's copy of the client's Bind body, or NULL */
     size_t bind_len;
 } pd_prepared_t;
 
@@ -66,13 +66,13 @@ typedef struct {
 } pd_batch_t;
 
 struct pd_session {
-    pd_server_t *srv;           /* not owned */
-    pd_session_t *prev, *next;  /* server's list */
-    uint32_t id;                /* also the pid in our BackendKeyData */
+    pd_server_t *srv;          /* not owned */
+    pd_session_t *prev, *next; /* server's list */
+    uint32_t id;               /* also the pid in our BackendKeyData */
     uint32_t cancel_key;
-    pd_session_state_t state;   /* changed only by session_set_state() */
-    bool closed;                /* handles closed; memory freed by the timer's close cb */
-    char tag[192];              /* log prefix "[S-17 app/alice@127.0.0.1:50312]" */
+    pd_session_state_t state; /* changed only by session_set_state() */
+    bool closed;              /* handles closed; memory freed by the timer's close cb */
+    char tag[192];            /* log prefix "[S-17 app/alice@127.0.0.1:50312]" */
     char peer[64];
 
     pd_transport_t client;
@@ -81,43 +81,43 @@ struct pd_session {
     bool server_open;
 
     pd_pipe_t c2b, b2c;
-    pd_buf_t out;      /* what the proxy itself says to the client */
+    pd_buf_t out; /* what the proxy itself says to the client */
     size_t out_sent;
-    uv_timer_t timer;  /* startup deadline, then linger on close; its close cb frees us */
+    uv_timer_t timer; /* startup deadline, then linger on close; its close cb frees us */
 
     /* Startup. Copies of the client's parameters, owned. */
     bool tls_done, gss_done;
     char *user, *database;
     unsigned nparams;
     char **names, **values;
-    char *conninfo;              /* the database's old conninfo, copied: reload frees configs */
-    pd_scram_t *scram;           /* owned during AUTH */
-    bool auth_unknown_user;      /* SCRAM against a mock secret, fails at the end */
+    char *conninfo;         /* the database's old conninfo, copied: reload frees configs */
+    pd_scram_t *scram;      /* owned during AUTH */
+    bool auth_unknown_user; /* SCRAM against a mock secret, fails at the end */
 
     /* Rules: sessions on a database with rules look at Query and Parse whole. */
     bool rules_on;
-    unsigned rules_generation;    /* srv->config_generation rules_on was computed for */
-    uint64_t route_key;           /* whose bucket decides reads new@N: sticky per session */
-    pd_batch_t *batches;          /* FIFO ring of batches awaiting ReadyForQuery, owned */
+    unsigned rules_generation; /* srv->config_generation rules_on was computed for */
+    uint64_t route_key;        /* whose bucket decides reads new@N: sticky per session */
+    pd_batch_t *batches;       /* FIFO ring of batches awaiting ReadyForQuery, owned */
     unsigned batch_cap, batch_head, batch_count;
     uint32_t batch_parse, batch_bind; /* in the batch being sent */
     bool batch_inject;
     pd_buf_t to_server; /* the proxy's own messages for the server (shadow queries) */
     size_t to_server_sent;
-    bool hold_client;   /* client input waits while the proxy's own query runs */
+    bool hold_client; /* client input waits while the proxy's own query runs */
 
     /* Shadow reads of prepared statements. */
-    pd_prepared_t *prepared;     /* statements with a shadow form, owned */
-    pd_prepared_t *cand;         /* this batch binds one of them: an owned copy, with Bind */
-    uint32_t batch_exec;         /* Execute messages in the batch being sent */
+    pd_prepared_t *prepared; /* statements with a shadow form, owned */
+    pd_prepared_t *cand;     /* this batch binds one of them: an owned copy, with Bind */
+    uint32_t batch_exec;     /* Execute messages in the batch being sent */
 
     /* Shadow read in progress (one at a time). */
-    pd_sql_result_t *shadow;     /* owned reference */
-    char *shadow_text;           /* the client's statement, for the divergence log */
-    pd_prepared_t *shadow_ext;   /* extended protocol: statement and Bind to replay, owned */
+    pd_sql_result_t *shadow;   /* owned reference */
+    char *shadow_text;         /* the client's statement, for the divergence log */
+    pd_prepared_t *shadow_ext; /* extended protocol: statement and Bind to replay, owned */
     pd_result_sum_t sum_old, sum_new;
     bool sums_ready;
-    bool tap_row;                /* b2c: the DataRow in progress is being summed */
+    bool tap_row; /* b2c: the DataRow in progress is being summed */
 
     uint8_t txn_status; /* from the last ReadyForQuery: 'I', 'T' or 'E' */
     bool busy;          /* messages went to the server since its last ReadyForQuery */

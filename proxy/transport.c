@@ -32,8 +32,8 @@ static void free_handle(uv_handle_t *handle)
 int pd_transport_open(pd_transport_t *t, uv_loop_t *loop, int fd, bool own_fd,
                       pd_transport_cb on_ready, void *owner)
 {
-    *t = (pd_transport_t){.loop = loop, .fd = fd, .own_fd = own_fd, .on_ready = on_ready,
-                          .owner = owner};
+    *t = (pd_transport_t){
+        .loop = loop, .fd = fd, .own_fd = own_fd, .on_ready = on_ready, .owner = owner};
     t->poll = malloc(sizeof *t->poll);
     if (t->poll == NULL)
         return UV_ENOMEM;

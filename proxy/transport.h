@@ -31,7 +31,7 @@ struct pd_transport {
     bool own_fd;
     SSL *ssl; /* owned when own_ssl; else libpq's */
     bool own_ssl;
-    int events;                /* interest currently registered with libuv */
+    int events; /* interest currently registered with libuv */
     bool want_read, want_write;
     bool ssl_read_wants_write; /* the last SSL_read asked for writability */
     bool ssl_write_wants_read; /* the last SSL_write asked for readability */

@@ -17,8 +17,8 @@ static const char COLUMNS_SQL[] =
     "WHERE a.attrelid = pg_catalog.to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped "
     "ORDER BY a.attnum";
 
-__attribute__((format(printf, 2, 3))) static void set_error(pd_rule_facts_t *f,
-                                                             const char *fmt, ...)
+__attribute__((format(printf, 2, 3))) static void set_error(pd_rule_facts_t *f, const char *fmt,
+                                                            ...)
 {
     if (f->error != NULL)
         return; /* the first reason is the one to fix first */
@@ -70,8 +70,9 @@ static void load_table(PGconn *conn, const pd_rule_cfg_t *rule, pd_rule_facts_t 
     PQclear(res);
     for (unsigned i = 0; i < rule->column_count; i++) {
         const pd_column_map_t *c = &rule->columns[i];
-        const char *missing = !has_column(t, c->old) ? c->old : !has_column(t, c->new) ? c->new
-                                                                                     : NULL;
+        const char *missing = !has_column(t, c->old)   ? c->old
+                              : !has_column(t, c->new) ? c->new
+                                                       : NULL;
         if (missing != NULL)
             set_error(f,
                       "rule \"%s\": column \"%s\" of table %s does not exist; add it (ALTER "
@@ -80,8 +81,8 @@ static void load_table(PGconn *conn, const pd_rule_cfg_t *rule, pd_rule_facts_t 
     }
     for (unsigned i = 0; i < rule->key_count; i++)
         if (!has_column(t, rule->key[i]))
-            set_error(f, "rule \"%s\": key column \"%s\" of table %s does not exist",
-                      rule->name, rule->key[i], rule->table);
+            set_error(f, "rule \"%s\": key column \"%s\" of table %s does not exist", rule->name,
+                      rule->key[i], rule->table);
     t->loaded = f->error == NULL;
 }
 

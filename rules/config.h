@@ -72,7 +72,7 @@ typedef struct {
 typedef struct {
     char *path; /* the file this was loaded from */
 
-    char *listen_host; /* default "127.0.0.1" */
+    char *listen_host;    /* default "127.0.0.1" */
     uint16_t listen_port; /* default 6432 */
 
     bool tls_configured;
@@ -84,10 +84,10 @@ typedef struct {
     pd_auth_mode_t auth_mode; /* default trust */
     char *users_file;         /* absolute path; required for scram */
 
-    char *admin_socket; /* NULL = no admin socket */
+    char *admin_socket;  /* NULL = no admin socket */
     char *admin_metrics; /* "host:port" or NULL */
 
-    char *state; /* file path, or "postgres", or NULL (flags live in memory only) */
+    char *state;          /* file path, or "postgres", or NULL (flags live in memory only) */
     char *state_conninfo; /* for `state: { postgres: CONNINFO }`, else NULL */
 
     char *divergence_log; /* NULL = none */
@@ -95,8 +95,8 @@ typedef struct {
 
     /* limits: { max_clients, max_message_size, startup_timeout_ms } (pgdual's own
        addition to the DESIGN.md schema) */
-    unsigned max_clients;      /* default 1000 */
-    uint32_t max_message_size; /* default PD_MSG_MAX_LEN (1 GB - 1), at least 1024 */
+    unsigned max_clients;        /* default 1000 */
+    uint32_t max_message_size;   /* default PD_MSG_MAX_LEN (1 GB - 1), at least 1024 */
     unsigned startup_timeout_ms; /* default 60000 */
 
     pd_log_level_t log_level; /* log: { level: error|warning|info|debug }, default info */

@@ -41,10 +41,10 @@
 
 /* What the catalog says about a rule's table (rules/catalog.c loads it through libpq). */
 typedef struct {
-    bool loaded;          /* false: facts unknown; `*` expansion under reads=new refuses */
+    bool loaded; /* false: facts unknown; `*` expansion under reads=new refuses */
     unsigned ncolumns;
-    char **columns;       /* every column of the table, in attnum order */
-    char **defaults;      /* per column: its default expression as SQL text, or NULL */
+    char **columns;  /* every column of the table, in attnum order */
+    char **defaults; /* per column: its default expression as SQL text, or NULL */
 } pd_table_facts_t;
 
 /* The flags one session sees for one rule, with reads new@N already resolved. */
@@ -63,11 +63,11 @@ typedef enum {
 typedef struct {
     unsigned refs;
     pd_sql_action_t action;
-    char *sql;        /* REWRITE: the statement(s) to send */
-    char *shadow_sql; /* non-NULL when a shadow read is due: the reads-new form */
-    bool ordered;     /* the (shadow) query has a top-level ORDER BY */
-    bool is_write;    /* INSERT/UPDATE/DELETE/MERGE/COPY FROM touching a rule table */
-    int rule;         /* index in cfg->rules of the (first) rule concerned, or -1 */
+    char *sql;            /* REWRITE: the statement(s) to send */
+    char *shadow_sql;     /* non-NULL when a shadow read is due: the reads-new form */
+    bool ordered;         /* the (shadow) query has a top-level ORDER BY */
+    bool is_write;        /* INSERT/UPDATE/DELETE/MERGE/COPY FROM touching a rule table */
+    int rule;             /* index in cfg->rules of the (first) rule concerned, or -1 */
     const char *sqlstate; /* REFUSE */
     char *message;        /* REFUSE: names the rule, says what happened */
     char *hint;           /* REFUSE: says what to do */

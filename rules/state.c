@@ -6,8 +6,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
-#include <stdarg.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,7 +18,7 @@
 
 struct pd_state {
     pthread_mutex_t lock;
-    char *path; /* NULL: memory only */
+    char *path;  /* NULL: memory only */
     json_t *doc; /* {format, flags: {rule: {...}}, history: [...], checkpoints, verify} */
 };
 
@@ -127,7 +127,9 @@ static int persist(pd_state_t *st, char **err)
     close(fd);
     if (dumped != 0 || synced != 0 || rename(tmp, st->path) != 0) {
         *err = xasprintf("could not write state file \"%s\": %s", st->path,
-                         strerror(dumped != 0 ? EIO : synced != 0 ? saved : errno));
+                         strerror(dumped != 0   ? EIO
+                                  : synced != 0 ? saved
+                                                : errno));
         unlink(tmp);
         goto out;
     }
@@ -226,8 +228,7 @@ void pd_state_prune(pd_state_t *st, const char *const *keep, unsigned n)
     pthread_mutex_unlock(&st->lock);
 }
 
-static int set_in(pd_state_t *st, const char *section, const char *key, json_t *value,
-                  char **err)
+static int set_in(pd_state_t *st, const char *section, const char *key, json_t *value, char **err)
 {
     *err = NULL;
     pthread_mutex_lock(&st->lock);
