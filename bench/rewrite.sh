@@ -6,12 +6,12 @@
 # public.users(id, email, email_address, note) with ROWS rows, and starts one pgdual with
 # the rule users-email (email -> email_address, up lower(email), down email_address), an
 # admin socket and a state file. Then runs ROUNDS rounds; each round runs two pgbench
-# custom scripts (-M prepared, 16 clients, 2 threads, DURATION seconds), each against three
-# targets in turn (the order rotates from round to round; -M is MODE):
+# custom scripts (-M MODE, prepared by default; 16 clients, 2 threads, DURATION seconds),
+# each against three targets in turn (the order rotates from round to round):
 #   write: an UPDATE of email and an INSERT ... ON CONFLICT (id) DO UPDATE of email, on
 #          random ids — direct, pgdual with writes=old, pgdual with writes=dual;
 #   read:  SELECT email FROM users WHERE id = random — direct, pgdual with reads=old,
-#          pgdual with reads=new.
+#          pgdual with reads=new (both under writes=dual: reads=new needs it).
 # Flags are flipped with pgdualctl between runs. Prints per-round TPS, the median per
 # target and the ratios dual/old, new/old and pgdual/direct.
 #
@@ -30,8 +30,10 @@
 #              session, at Parse), extended (a Parse of the same text before every
 #              execution: a rewrite-cache lookup each time) or simple (values inlined in
 #              the text, so every statement is parsed and rewritten: the worst case)
-#   PERF_OUT   a directory: when set, pgdual is profiled (perf record -g) during round 1's
-#              writes=dual and reads=new runs, and `perf report --stdio` goes there
+#   PERF_OUT   a directory: when set, pgdual is profiled (perf record, DWARF call graphs)
+#              during round 1's writes=dual and reads=new runs (which slows those two
+#              runs down); the perf data and `perf report --stdio` (by library, and
+#              inclusive time by function) are left there
 # Everything listens on 127.0.0.1 at free high ports; everything started is stopped and
 # every temporary file removed on exit, also on failure or Ctrl-C.
 set -euo pipefail
@@ -204,12 +206,15 @@ WORKLOADS=(write read)
 declare -A TARGETS=([write]="direct old dual" [read]="direct old new")
 declare -A TPS
 
-# Which flag a target sets and which note the write script writes.
+# The flags a target needs. pgdual refuses reads=new under writes=old (reads must come
+# from a written side), so the write runs keep reads=old and the read runs keep
+# writes=dual, and each pair differs in one flag only. Flipped in an order that never
+# passes through a refused pair.
 set_target() { # workload target
 	case $1,$2 in
 	*,direct) return 0 ;;
 	write,*) ctl flag "$RULE" reads=old && ctl flag "$RULE" "writes=$2" ;;
-	read,*) ctl flag "$RULE" writes=old && ctl flag "$RULE" "reads=$2" ;;
+	read,*) ctl flag "$RULE" writes=dual && ctl flag "$RULE" "reads=$2" ;;
 	esac
 }
 
@@ -235,7 +240,10 @@ check_new() {
 }
 
 perf_start() { # name
-	"$PERF" record -g -q -p "$PGDUAL_PID" -o "$PERF_OUT/$1.data" >"$PERF_OUT/$1.record.log" 2>&1 &
+	# DWARF call graphs: libpg_query and libc have no frame pointers, and -g alone loses
+	# every stack that goes through them.
+	"$PERF" record --call-graph dwarf,16384 -F 499 -q -p "$PGDUAL_PID" -o "$PERF_OUT/$1.data" \
+		>"$PERF_OUT/$1.record.log" 2>&1 &
 	PERF_PID=$!
 }
 
@@ -243,10 +251,10 @@ perf_stop() { # name
 	kill -INT "$PERF_PID" 2>/dev/null || true
 	wait "$PERF_PID" 2>/dev/null || true
 	PERF_PID=
-	"$PERF" report --stdio -i "$PERF_OUT/$1.data" --no-children --percent-limit 0.5 \
-		>"$PERF_OUT/$1.report.txt" 2>/dev/null || true
-	"$PERF" report --stdio -i "$PERF_OUT/$1.data" --children --sort dso --percent-limit 0.5 \
-		>"$PERF_OUT/$1.dso.txt" 2>/dev/null || true
+	{
+		"$PERF" report --stdio -i "$PERF_OUT/$1.data" --no-children -g none --sort dso --percent-limit 0.5
+		"$PERF" report --stdio -i "$PERF_OUT/$1.data" --children -g none --sort sym --percent-limit 1
+	} >"$PERF_OUT/$1.report.txt" 2>/dev/null || true
 	echo "   perf report in $PERF_OUT/$1.report.txt" >&2
 }
 
