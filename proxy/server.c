@@ -545,6 +545,7 @@ static void reload_done(uv_work_t *w, int status)
         material_free(&prev);
         flags_build(srv, flags);
         srv->config_generation++;
+        srv->rules_generation++;
         pd_log_set_level(srv->cfg->log_level);
         pd_log_info(NULL, "configuration reloaded: %u databases, %u rules",
                     srv->cfg->database_count, srv->cfg->rule_count);
@@ -649,6 +650,10 @@ int pd_server_init(pd_server_t *srv, uv_loop_t *loop, pd_config_t *cfg)
                      cfg->tls_mode == PD_TLS_REQUIRE ? "require" : "allow");
         return -1;
     }
+    srv->pass_result = calloc(1, sizeof *srv->pass_result);
+    if (srv->pass_result == NULL)
+        return -1;
+    *srv->pass_result = (pd_sql_result_t){.refs = 1, .action = PD_SQL_PASS, .rule = -1};
     if (open_state(srv) != 0)
         return -1;
     pd_rule_flags_t *flags = flags_compute(srv->state, srv->cfg);
@@ -707,6 +712,8 @@ void pd_server_free(pd_server_t *srv)
     srv->stats_names = NULL;
     pd_divergence_close(srv->divergence);
     srv->divergence = NULL;
+    pd_sql_result_release(srv->pass_result);
+    srv->pass_result = NULL;
 }
 
 int pd_server_set_flags(pd_server_t *srv, unsigned rule, pd_writes_t writes,
@@ -717,6 +724,7 @@ int pd_server_set_flags(pd_server_t *srv, unsigned rule, pd_writes_t writes,
         return -1;
     srv->flags[rule].writes = writes;
     srv->flags[rule].reads = *reads;
+    srv->rules_generation++; /* prepared statements are decided again at their next Bind */
     char rtext[32];
     pd_log_info(NULL, "rule \"%s\": flags set to writes=%s reads=%s by %s", name,
                 pd_writes_name(writes), pd_reads_format(reads, rtext, sizeof rtext), who);

@@ -21,6 +21,7 @@ typedef struct pd_jobs pd_jobs_t;
 typedef struct pd_metrics pd_metrics_t;
 typedef struct pd_state pd_state_t;
 typedef struct pd_sql pd_sql_t;
+#include "rules/sql.h"
 typedef struct pd_rule_facts pd_rule_facts_t;
 
 /* The flags in force for one rule: the config's initial ones, or the state's. */
@@ -88,6 +89,8 @@ typedef struct pd_server {
     pd_sql_t *sql;                        /* owned; the rewriter for cfg's rules */
     bool reloading;
     unsigned config_generation;
+    unsigned rules_generation;    /* bumped on every flag change and reload */
+    pd_sql_result_t *pass_result; /* owned; handed out for databases whose rules are idle */
     uint64_t started_ms;
 
     bool stopping; /* SIGTERM: no new sessions; exit when the last one ends */

@@ -60,7 +60,6 @@ static void prepared_free(pd_prepared_t *e)
 {
     if (e == NULL)
         return;
-    free(e->name);
     free(e->sql);
     pd_sql_result_release(e->r);
     free(e->types);
@@ -68,49 +67,142 @@ static void prepared_free(pd_prepared_t *e)
     free(e);
 }
 
-/* A copy of e (with r referenced once more), plus a Bind body when given. */
-static pd_prepared_t *prepared_copy(const pd_prepared_t *e, const uint8_t *bind, size_t len)
+static uint32_t *types_copy(const uint32_t *types, uint16_t n)
+{
+    uint32_t *c = malloc((n + 1u) * sizeof *c);
+    if (c != NULL && n > 0)
+        memcpy(c, types, n * sizeof *c);
+    return c;
+}
+
+/* A shadow candidate: the statement's decision and the client's Bind body, copied. */
+static pd_prepared_t *prepared_from(const pd_stmt_t *e, const uint8_t *bind, size_t len)
 {
     pd_prepared_t *c = calloc(1, sizeof *c);
     if (c == NULL)
         return NULL;
-    c->name = strdup(e->name);
     c->sql = strdup(e->sql);
-    c->types = malloc((e->ntypes + 1) * sizeof *c->types);
-    c->bind = bind ? malloc(len + 1) : NULL;
+    c->types = types_copy(e->types, e->ntypes);
+    c->bind = malloc(len + 1);
     c->r = e->r;
     e->r->refs++;
-    if (c->name == NULL || c->sql == NULL || c->types == NULL || (bind && c->bind == NULL)) {
+    if (c->sql == NULL || c->types == NULL || c->bind == NULL) {
         prepared_free(c);
         return NULL;
     }
     c->ntypes = e->ntypes;
-    memcpy(c->types, e->types, e->ntypes * sizeof *c->types);
-    if (bind != NULL)
-        memcpy(c->bind, bind, len);
+    memcpy(c->bind, bind, len);
     c->bind_len = len;
     return c;
 }
 
-static void prepared_forget(pd_session_t *s, const char *name)
+/* ---------------------------------------------------------------------------------------
+ * Prepared statements by name (a small chained hash table: lookups happen per Bind)
+ */
+
+static void stmt_free(pd_stmt_t *e)
 {
-    for (pd_prepared_t **pp = &s->prepared; *pp != NULL; pp = &(*pp)->next) {
-        if (strcmp((*pp)->name, name) == 0) {
-            pd_prepared_t *e = *pp;
-            *pp = e->next;
-            prepared_free(e);
-            return;
-        }
-    }
+    free(e->name);
+    free(e->sql);
+    free(e->sent);
+    free(e->types);
+    pd_sql_result_release(e->r);
+    free(e);
 }
 
-static void prepared_forget_all(pd_session_t *s)
+static unsigned name_hash(const char *name)
 {
-    while (s->prepared != NULL) {
-        pd_prepared_t *next = s->prepared->next;
-        prepared_free(s->prepared);
-        s->prepared = next;
+    uint32_t h = 2166136261u; /* FNV-1a */
+    for (const char *p = name; *p; p++)
+        h = (h ^ (uint8_t)*p) * 16777619u;
+    return h;
+}
+
+static pd_stmt_t **stmt_slot(pd_session_t *s, const char *name)
+{
+    if (s->stmt_buckets == 0)
+        return NULL;
+    pd_stmt_t **pp = &s->stmts[name_hash(name) % s->stmt_buckets];
+    while (*pp != NULL && strcmp((*pp)->name, name) != 0)
+        pp = &(*pp)->next;
+    return pp;
+}
+
+static pd_stmt_t *stmt_find(pd_session_t *s, const char *name)
+{
+    pd_stmt_t **pp = stmt_slot(s, name);
+    return pp != NULL ? *pp : NULL;
+}
+
+static void stmt_forget(pd_session_t *s, const char *name)
+{
+    pd_stmt_t **pp = stmt_slot(s, name);
+    if (pp == NULL || *pp == NULL)
+        return;
+    pd_stmt_t *e = *pp;
+    *pp = e->next;
+    stmt_free(e);
+    s->stmt_count--;
+}
+
+static void stmt_forget_all(pd_session_t *s)
+{
+    for (unsigned i = 0; i < s->stmt_buckets; i++) {
+        while (s->stmts[i] != NULL) {
+            pd_stmt_t *next = s->stmts[i]->next;
+            stmt_free(s->stmts[i]);
+            s->stmts[i] = next;
+        }
     }
+    s->stmt_count = 0;
+}
+
+static bool stmt_grow(pd_session_t *s)
+{
+    if (s->stmt_count < s->stmt_buckets)
+        return true;
+    unsigned n = s->stmt_buckets ? s->stmt_buckets * 4 : 16;
+    pd_stmt_t **t = calloc(n, sizeof *t);
+    if (t == NULL)
+        return false;
+    for (unsigned i = 0; i < s->stmt_buckets; i++) {
+        while (s->stmts[i] != NULL) {
+            pd_stmt_t *e = s->stmts[i];
+            s->stmts[i] = e->next;
+            e->next = t[name_hash(e->name) % n];
+            t[name_hash(e->name) % n] = e;
+        }
+    }
+    free(s->stmts);
+    s->stmts = t;
+    s->stmt_buckets = n;
+    return true;
+}
+
+/* Records a statement the client prepares (replacing one of the same name). */
+static pd_stmt_t *stmt_put(pd_session_t *s, const pd_fe_parse_t *m)
+{
+    stmt_forget(s, m->name);
+    if (!stmt_grow(s))
+        return NULL;
+    pd_stmt_t *e = calloc(1, sizeof *e);
+    uint32_t types[m->nparams + 1];
+    for (unsigned i = 0; i < m->nparams; i++) {
+        const uint8_t *t = m->param_types + 4 * i;
+        types[i] = (uint32_t)t[0] << 24 | (uint32_t)t[1] << 16 | (uint32_t)t[2] << 8 | t[3];
+    }
+    if (e == NULL || (e->name = strdup(m->name)) == NULL || (e->sql = strdup(m->sql)) == NULL ||
+        (e->types = types_copy(types, m->nparams)) == NULL) {
+        if (e != NULL)
+            stmt_free(e);
+        return NULL;
+    }
+    e->ntypes = m->nparams;
+    pd_stmt_t **pp = &s->stmts[name_hash(e->name) % s->stmt_buckets];
+    e->next = *pp;
+    *pp = e;
+    s->stmt_count++;
+    return e;
 }
 
 /* DEALLOCATE and DISCARD drop prepared statements by SQL: all are forgotten then (a
@@ -120,34 +212,6 @@ static bool forgets_prepared(const char *sql)
     while (*sql == ' ' || *sql == '\t' || *sql == '\n' || *sql == '\r' || *sql == '(')
         sql++;
     return strncasecmp(sql, "DEALLOCATE", 10) == 0 || strncasecmp(sql, "DISCARD", 7) == 0;
-}
-
-static pd_prepared_t *prepared_find(pd_session_t *s, const char *name)
-{
-    for (pd_prepared_t *e = s->prepared; e != NULL; e = e->next)
-        if (strcmp(e->name, name) == 0)
-            return e;
-    return NULL;
-}
-
-/* Remembers a statement with a shadow form; false when out of memory. */
-static bool prepared_remember(pd_session_t *s, const pd_fe_parse_t *m, pd_sql_result_t *r)
-{
-    prepared_forget(s, m->name);
-    pd_prepared_t tmpl = {
-        .name = (char *)m->name, .sql = (char *)m->sql, .r = r, .ntypes = m->nparams};
-    uint32_t types[m->nparams + 1];
-    for (unsigned i = 0; i < m->nparams; i++) {
-        const uint8_t *t = m->param_types + 4 * i;
-        types[i] = (uint32_t)t[0] << 24 | (uint32_t)t[1] << 16 | (uint32_t)t[2] << 8 | t[3];
-    }
-    tmpl.types = types;
-    pd_prepared_t *e = prepared_copy(&tmpl, NULL, 0);
-    if (e == NULL)
-        return false;
-    e->next = s->prepared;
-    s->prepared = e;
-    return true;
 }
 
 static void free_session(uv_handle_t *h)
@@ -164,7 +228,9 @@ static void free_session(uv_handle_t *h)
     free(s->shadow_text);
     prepared_free(s->shadow_ext);
     prepared_free(s->cand);
-    prepared_forget_all(s);
+    stmt_forget_all(s);
+    free(s->stmts);
+    free(s->drops);
     if (s->sums_ready) {
         pd_result_sum_free(&s->sum_old);
         pd_result_sum_free(&s->sum_new);
@@ -546,29 +612,85 @@ static void batch_pop(pd_session_t *s)
 /* Ends the batch being sent (at Sync, Query or FunctionCall). */
 static bool batch_close(pd_session_t *s, bool shadow)
 {
-    pd_batch_t b = {.nparse_before = s->batch_parse,
-                    .nbind_before = s->batch_bind,
-                    .inject = s->batch_inject,
-                    .shadow = shadow};
-    s->batch_parse = s->batch_bind = s->batch_exec = 0;
-    s->batch_inject = false;
+    pd_batch_t b = {.seq = s->batch_seq++, .shadow = shadow};
+    s->batch_msgs = s->batch_exec = 0;
+    s->sent[0] = s->sent[1] = s->sent[2] = 0;
+    s->batch_refused = false;
     prepared_free(s->cand);
     s->cand = NULL;
     return batch_push(s, b);
 }
 
 /* ---------------------------------------------------------------------------------------
- * ACTIVE: statements the rules may concern
+ * Responses to drop: those that answer messages the proxy put into a client's batch
  */
 
-static void refresh_rules(pd_session_t *s)
+static int kind_index(uint8_t type)
 {
-    if (s->rules_generation == s->srv->config_generation + 1)
-        return;
-    s->rules_on = pd_route_db_has_rules(s->srv->cfg, s->database);
-    s->rules_generation = s->srv->config_generation + 1;
+    return type == PD_BE_PARSE_COMPLETE ? 0 : type == PD_BE_BIND_COMPLETE ? 1 : 2;
 }
 
+/* The message the proxy is about to send in the current batch will be answered by the
+ * next response of its kind: that one is dropped. */
+static bool drop_expect(pd_session_t *s, uint8_t response_type)
+{
+    if (s->drop_count == s->drop_cap) {
+        unsigned cap = s->drop_cap ? s->drop_cap * 2 : 16;
+        if (cap > 1u << 20)
+            return false;
+        pd_drop_t *ring = malloc(cap * sizeof *ring);
+        if (ring == NULL)
+            return false;
+        for (unsigned i = 0; i < s->drop_count; i++)
+            ring[i] = s->drops[(s->drop_head + i) % s->drop_cap];
+        free(s->drops);
+        s->drops = ring;
+        s->drop_cap = cap;
+        s->drop_head = 0;
+    }
+    int k = kind_index(response_type);
+    s->drops[(s->drop_head + s->drop_count) % s->drop_cap] =
+        (pd_drop_t){.seq = s->batch_seq, .type = response_type, .idx = s->sent[k]++};
+    s->drop_count++;
+    return true;
+}
+
+/* Whether a ParseComplete/BindComplete/CloseComplete of batch b answers the proxy. */
+static bool drop_match(pd_session_t *s, pd_batch_t *b, uint8_t type)
+{
+    uint32_t idx = b->seen[kind_index(type)]++;
+    if (s->drop_count == 0)
+        return false;
+    pd_drop_t *d = &s->drops[s->drop_head];
+    if (d->seq != b->seq || d->type != type || d->idx != idx)
+        return false;
+    s->drop_head = (s->drop_head + 1) % s->drop_cap;
+    s->drop_count--;
+    return true;
+}
+
+/* At ReadyForQuery: marks of the batch not met (the server skipped after an error). */
+static void drop_forget_batch(pd_session_t *s, uint32_t seq)
+{
+    while (s->drop_count > 0 && s->drops[s->drop_head].seq == seq) {
+        s->drop_head = (s->drop_head + 1) % s->drop_cap;
+        s->drop_count--;
+    }
+}
+
+/*
+ * Whether this session tracks statements (its database has rules), recomputed when the
+ * rules or flags changed; switched only between batches, so that the bookkeeping of
+ * responses never starts or stops in the middle of one.
+ */
+static void refresh_rules(pd_session_t *s)
+{
+    unsigned gen = s->srv->rules_generation + 1;
+    if (s->rules_generation == gen || s->busy || s->batch_count > 0)
+        return;
+    s->rules_on = pd_route_db_has_rules(s->srv->cfg, s->database);
+    s->rules_generation = gen;
+}
 /* A shadow read is taken for a sampled share of statements that have one. */
 static bool sample_shadow(pd_session_t *s, const pd_sql_result_t *r)
 {
@@ -608,7 +730,7 @@ static bool start_shadow(pd_session_t *s, pd_sql_result_t *r, const char *sql)
 static bool shadow_extended(pd_session_t *s)
 {
     pd_prepared_t *c = s->cand;
-    if (c == NULL || s->batch_exec != 1 || s->batch_inject || !sample_shadow(s, c->r))
+    if (c == NULL || s->batch_exec != 1 || s->batch_refused || !sample_shadow(s, c->r))
         return false;
     if (!start_shadow(s, c->r, c->sql))
         return false;
@@ -616,7 +738,6 @@ static bool shadow_extended(pd_session_t *s)
     s->cand = NULL;
     return true;
 }
-
 /* The message that carries a refusal to PostgreSQL, which then reports it itself. */
 static void refusal_query(pd_buf_t *msg, const pd_sql_result_t *r)
 {
@@ -628,22 +749,32 @@ static void refusal_query(pd_buf_t *msg, const pd_sql_result_t *r)
     pd_buf_free(&sql);
 }
 
-/* In an extended-protocol batch a refused Parse becomes Parse+Bind+Execute of the
- * refusal: PostgreSQL reports the error and skips the rest of the batch until Sync, as
- * for an error of its own; the ParseComplete and BindComplete of ours are dropped. */
-static void refusal_extended(pd_buf_t *msg, const pd_sql_result_t *r)
+/*
+ * In an extended-protocol batch a refusal goes to the server as Close, Parse, Bind and
+ * Execute of the raising statement under a name of pgdual's (the client's unnamed
+ * statement and portal are left alone). PostgreSQL reports the error and skips the rest
+ * of the batch up to Sync, as for an error of its own; the responses to our Close, Parse
+ * and Bind are dropped.
+ */
+static bool refusal_extended(pd_session_t *s, pd_buf_t *msg, const pd_sql_result_t *r)
 {
+    static const char name[] = "pgdual_refusal";
     pd_buf_t sql;
     pd_buf_init(&sql);
     pd_route_refusal_sql(&sql, r->sqlstate, r->message, r->hint);
-    if (pd_buf_ok(&sql)) {
-        pd_fe_parse(msg, "", (const char *)sql.data, 0, NULL);
-        pd_fe_bind(msg, "", "", 0, NULL, NULL, NULL, 0, NULL);
-        pd_fe_execute(msg, "", 0);
+    bool ok = pd_buf_ok(&sql);
+    if (ok) {
+        pd_fe_close(msg, 'S', name);
+        pd_fe_parse(msg, name, (const char *)sql.data, 0, NULL);
+        pd_fe_bind(msg, name, name, 0, NULL, NULL, NULL, 0, NULL);
+        pd_fe_execute(msg, name, 0);
+        ok = drop_expect(s, PD_BE_CLOSE_COMPLETE) && drop_expect(s, PD_BE_PARSE_COMPLETE) &&
+             drop_expect(s, PD_BE_BIND_COMPLETE);
+        s->batch_refused = true;
     }
     pd_buf_free(&sql);
+    return ok;
 }
-
 typedef enum { ROUTE_OK, ROUTE_WAIT, ROUTE_CLOSED } route_rc_t;
 
 /* A whole Query at [scan, scan + total). */
@@ -663,8 +794,8 @@ static route_rc_t route_query(pd_session_t *s, pd_pipe_t *p, size_t total)
         pd_session_terminate(s, "53200", "out of memory", NULL);
         return ROUTE_CLOSED;
     }
-    if (s->prepared != NULL && forgets_prepared(q.sql))
-        prepared_forget_all(s);
+    if (s->stmt_count > 0 && forgets_prepared(q.sql))
+        stmt_forget_all(s);
     bool shadow = r->action == PD_SQL_PASS && sample_shadow(s, r);
     if (shadow && !start_shadow(s, r, q.sql))
         shadow = false;
@@ -691,7 +822,46 @@ static route_rc_t route_query(pd_session_t *s, pd_pipe_t *p, size_t total)
     return ROUTE_OK;
 }
 
-/* A whole Parse at [scan, scan + total). */
+/* What the server is to prepare for a decision: the text, or NULL for a refusal. */
+static const char *decided_text(const pd_sql_result_t *r, const char *original)
+{
+    return r->action == PD_SQL_PASS ? original : r->action == PD_SQL_REWRITE ? r->sql : NULL;
+}
+
+/* Parse of `e` as decided (nothing for a refusal), answered by a dropped response when
+ * the proxy puts it in, not the client. */
+static bool parse_as_decided(pd_session_t *s, pd_buf_t *msg, const pd_stmt_t *e, bool ours)
+{
+    if (e->sent == NULL)
+        return true;
+    pd_fe_parse(msg, e->name, e->sent, e->ntypes, e->types);
+    if (ours)
+        return drop_expect(s, PD_BE_PARSE_COMPLETE);
+    s->sent[0]++;
+    return true;
+}
+
+/* Decides statement e under the rules in force; false when out of memory. */
+static bool stmt_decide(pd_session_t *s, pd_stmt_t *e)
+{
+    pd_sql_result_t *r = pd_route_statement(s->srv, s->database, s->route_key, e->sql);
+    if (r == NULL)
+        return false;
+    const char *text = decided_text(r, e->sql);
+    char *sent = text ? strdup(text) : NULL;
+    if (text != NULL && sent == NULL) {
+        pd_sql_result_release(r);
+        return false;
+    }
+    pd_sql_result_release(e->r);
+    e->r = r;
+    free(e->sent);
+    e->sent = sent;
+    e->gen = s->srv->rules_generation;
+    return true;
+}
+
+/* A whole Parse at [scan, scan + total): remembered, decided, sent as decided. */
 static route_rc_t route_parse(pd_session_t *s, pd_pipe_t *p, size_t total)
 {
     const uint8_t *body = p->buf + p->scan + PD_MSG_HEADER_LEN;
@@ -703,87 +873,120 @@ static route_rc_t route_parse(pd_session_t *s, pd_pipe_t *p, size_t total)
     }
     if (p->has_hole && p->hole_end != p->scan)
         return ROUTE_WAIT;
-    pd_sql_result_t *r = pd_route_statement(s->srv, s->database, s->route_key, m.sql);
-    if (r == NULL) {
+    pd_stmt_t *e = stmt_put(s, &m);
+    if (e == NULL || !stmt_decide(s, e)) {
         pd_session_terminate(s, "53200", "out of memory", NULL);
         return ROUTE_CLOSED;
     }
     size_t msg_end = p->scan + total;
     bool ok = true;
-    /* Prepared reads with a shadow form are remembered, to be compared at execution. */
-    if (r->action == PD_SQL_PASS && r->shadow_sql != NULL)
-        ok = prepared_remember(s, &m, r);
-    else if (s->prepared != NULL)
-        prepared_forget(s, m.name);
-    if (r->action == PD_SQL_PASS) {
+    if (e->r->action == PD_SQL_PASS) {
         p->scan = msg_end;
-        if (!s->batch_inject)
-            s->batch_parse++;
+        s->sent[0]++;
     } else {
         pd_buf_t msg;
         pd_buf_init(&msg);
-        if (r->action == PD_SQL_REWRITE) {
-            uint32_t types[m.nparams + 1];
-            for (unsigned i = 0; i < m.nparams; i++) {
-                const uint8_t *t = m.param_types + 4 * i;
-                types[i] = (uint32_t)t[0] << 24 | (uint32_t)t[1] << 16 | (uint32_t)t[2] << 8 | t[3];
-            }
-            pd_fe_parse(&msg, m.name, r->sql, m.nparams, types);
-            if (!s->batch_inject)
-                s->batch_parse++;
-        } else if (!s->batch_inject) {
-            /* From here the counts stay as they are: they are the client's Parse and Bind
-             * answered ahead of the refusal (later ones the server skips). */
-            refusal_extended(&msg, r);
-            s->batch_inject = true;
-        }
-        /* A second refusal in one batch is dropped: the server skips to Sync anyway. */
+        ok = e->r->action == PD_SQL_REWRITE ? parse_as_decided(s, &msg, e, false)
+                                            : refusal_extended(s, &msg, e->r);
         ok = ok && pd_buf_ok(&msg) && pipe_replace(p, msg_end, msg.data, msg.len);
         pd_buf_free(&msg);
     }
-    pd_sql_result_release(r);
     if (!ok) {
         pd_session_terminate(s, "53200", "out of memory", NULL);
         return ROUTE_CLOSED;
     }
     s->busy = true;
+    s->batch_msgs++;
     return ROUTE_OK;
+}
+/*
+ * A Bind of a statement decided under older rules: the statement is prepared again as
+ * they now decide (Close and Parse put in ahead of the Bind, their responses dropped), so
+ * that a flag flip reaches statements prepared before it. A refused one gets the refusal.
+ */
+static bool bind_prefix(pd_session_t *s, pd_stmt_t *e, pd_buf_t *prefix)
+{
+    if (e->gen != s->srv->rules_generation) {
+        char *before = e->sent ? strdup(e->sent) : NULL;
+        bool had = e->sent != NULL;
+        if ((had && before == NULL) || !stmt_decide(s, e)) {
+            free(before);
+            return false;
+        }
+        bool same = had == (e->sent != NULL) && (!had || strcmp(before, e->sent) == 0);
+        free(before);
+        if (!same) {
+            pd_fe_close(prefix, 'S', e->name);
+            if (!drop_expect(s, PD_BE_CLOSE_COMPLETE) || !parse_as_decided(s, prefix, e, true))
+                return false;
+        }
+    }
+    if (e->r->action == PD_SQL_REFUSE && !s->batch_refused)
+        return refusal_extended(s, prefix, e->r);
+    return true;
+}
+
+/* The statement name of a Bind, when its start is at hand; NULL otherwise. */
+static const char *bind_statement(const uint8_t *body, size_t n)
+{
+    const uint8_t *nul = memchr(body, 0, n);
+    if (nul == NULL)
+        return NULL;
+    size_t rest = n - (size_t)(nul + 1 - body);
+    return memchr(nul + 1, 0, rest) ? (const char *)nul + 1 : NULL;
 }
 
 /*
- * Bind and Close seen whole while prepared statements with a shadow form exist: a Bind of
- * one of them, first in its batch, makes the batch a shadow candidate; Close forgets.
+ * Bind and Close on a database with rules. Bind needs only its start (the names) to be
+ * at hand, unless it may become a shadow candidate; its body streams through as usual.
  */
 static route_rc_t route_bind_close(pd_session_t *s, pd_pipe_t *p, uint8_t type, size_t total)
 {
+    size_t avail = p->end - p->scan;
     const uint8_t *body = p->buf + p->scan + PD_MSG_HEADER_LEN;
-    size_t n = total - PD_MSG_HEADER_LEN;
+    size_t here = (avail < total ? avail : total) - PD_MSG_HEADER_LEN;
     const char *err = NULL;
     if (type == PD_FE_CLOSE) {
         pd_fe_target_t t;
-        if (pd_fe_target_decode(body, n, &t, &err) != PD_DECODE_OK) {
+        if (total > avail)
+            return ROUTE_WAIT;
+        if (pd_fe_target_decode(body, total - PD_MSG_HEADER_LEN, &t, &err) != PD_DECODE_OK) {
             client_violation(s, err ? err : "invalid Close message");
             return ROUTE_CLOSED;
         }
         if (t.kind == 'S')
-            prepared_forget(s, t.name);
-    } else {
-        pd_fe_bind_t b;
-        if (pd_fe_bind_decode(body, n, &b, &err) != PD_DECODE_OK) {
-            client_violation(s, err ? err : "invalid Bind message");
-            return ROUTE_CLOSED;
-        }
-        pd_prepared_t *e = prepared_find(s, b.statement);
-        if (e != NULL && s->batch_bind == 0 && s->cand == NULL && !s->batch_inject)
-            s->cand = prepared_copy(e, body, n); /* out of memory: just no shadow */
-        if (!s->batch_inject)
-            s->batch_bind++;
+            stmt_forget(s, t.name);
+        s->sent[2]++;
+        return ROUTE_OK;
     }
-    p->scan += total;
-    s->busy = true;
+    const char *name = bind_statement(body, here);
+    if (name == NULL)
+        return total > avail ? ROUTE_WAIT : ROUTE_OK; /* malformed: the server says so */
+    pd_stmt_t *e = stmt_find(s, name);
+    if (e == NULL) {
+        s->sent[1]++;
+        return ROUTE_OK;
+    }
+    if (p->has_hole && p->hole_end != p->scan)
+        return ROUTE_WAIT;
+    bool first_bind = s->sent[1] == 0;
+    pd_buf_t prefix;
+    pd_buf_init(&prefix);
+    bool ok = bind_prefix(s, e, &prefix) && pd_buf_ok(&prefix) &&
+              (prefix.len == 0 || pipe_replace(p, p->scan, prefix.data, prefix.len));
+    pd_buf_free(&prefix);
+    if (!ok) {
+        pd_session_terminate(s, "53200", "out of memory", NULL);
+        return ROUTE_CLOSED;
+    }
+    s->sent[1]++;
+    /* The first Bind of a batch, to a read with a shadow form, whole at hand (so not
+     * huge): the batch may be compared. */
+    if (e->r->shadow_sql != NULL && first_bind && s->cand == NULL && total <= avail &&
+        total <= PIPE_SIZE)
+        s->cand = prepared_from(e, body, total - PD_MSG_HEADER_LEN); /* NULL: no shadow */
     return ROUTE_OK;
 }
-
 /* Decides every whole header in [scan, end). Returns 0, or -1 when the session ended. */
 static int scan_client(pd_session_t *s)
 {
@@ -819,37 +1022,37 @@ static int scan_client(pd_session_t *s)
             p->end = p->scan;
             break;
         }
-        bool whole = s->rules_on &&
-                     (h.type == PD_FE_QUERY || h.type == PD_FE_PARSE ||
-                      (s->prepared != NULL && (h.type == PD_FE_BIND || h.type == PD_FE_CLOSE)));
-        if (whole) {
-            if (total > avail)
-                break; /* looked at whole: the relay loop makes room */
-            route_rc_t r = h.type == PD_FE_QUERY   ? route_query(s, p, (size_t)total)
-                           : h.type == PD_FE_PARSE ? route_parse(s, p, (size_t)total)
-                                                   : route_bind_close(s, p, h.type, (size_t)total);
-            if (r == ROUTE_CLOSED)
-                return -1;
-            if (r == ROUTE_WAIT)
-                break;
-            continue;
-        }
+        s->busy = true;
         if (s->rules_on) {
-            bool closed_ok = true;
-            if (h.type == PD_FE_BIND && !s->batch_inject)
-                s->batch_bind++;
-            else if (h.type == PD_FE_EXECUTE)
+            route_rc_t r = ROUTE_OK;
+            size_t at = p->scan;
+            if (h.type == PD_FE_QUERY || h.type == PD_FE_PARSE) {
+                if (total > avail)
+                    break; /* looked at whole: the relay loop makes room */
+                r = h.type == PD_FE_QUERY ? route_query(s, p, (size_t)total)
+                                          : route_parse(s, p, (size_t)total);
+            } else if (h.type == PD_FE_BIND || h.type == PD_FE_CLOSE) {
+                r = route_bind_close(s, p, h.type, (size_t)total);
+            } else if (h.type == PD_FE_EXECUTE) {
                 s->batch_exec++;
-            else if (h.type == PD_FE_SYNC)
-                closed_ok = batch_close(s, shadow_extended(s));
-            else if (h.type == PD_FE_FUNCTION_CALL)
-                closed_ok = batch_close(s, false);
-            if (!closed_ok) {
-                pd_session_terminate(s, "53200", "out of memory", NULL);
+            } else if (h.type == PD_FE_SYNC || h.type == PD_FE_FUNCTION_CALL) {
+                bool shadow = h.type == PD_FE_SYNC && shadow_extended(s);
+                if (!batch_close(s, shadow))
+                    r = ROUTE_CLOSED;
+            }
+            if (r == ROUTE_CLOSED) {
+                if (!s->closed && s->state != PD_SESSION_CLOSING)
+                    pd_session_terminate(s, "53200", "out of memory", NULL);
                 return -1;
             }
+            if (r == ROUTE_WAIT)
+                break;
+            if (p->scan != at && h.type != PD_FE_BIND)
+                continue; /* taken whole: decided and moved past */
+            if (h.type != PD_FE_SYNC && h.type != PD_FE_QUERY && h.type != PD_FE_FUNCTION_CALL)
+                s->batch_msgs++;
         }
-        s->busy = true;
+        /* The message streams through (a Bind after what was put in ahead of it). */
         if (total <= avail) {
             p->scan += (size_t)total;
         } else {
@@ -859,7 +1062,6 @@ static int scan_client(pd_session_t *s)
     }
     return 0;
 }
-
 /* ---------------------------------------------------------------------------------------
  * Shadow reads: the proxy's own query after the client's, compared, never relayed
  */
@@ -916,8 +1118,7 @@ static void begin_shadow_query(pd_session_t *s)
 {
     pd_pipe_t *c = &s->c2b;
     bool quiet = s->batch_count == 0 && s->txn_status == 'I' && s->sum_old.sqlstate[0] == 0 &&
-                 !pipe_pending(c) && c->skip == 0 && s->batch_parse == 0 && s->batch_bind == 0 &&
-                 s->to_server.len == 0;
+                 !pipe_pending(c) && c->skip == 0 && s->batch_msgs == 0 && s->to_server.len == 0;
     if (!quiet) {
         s->srv->stats[s->shadow->rule].shadow_skipped++;
         drop_shadow(s);
@@ -961,7 +1162,7 @@ static bool must_see_whole(const pd_session_t *s, uint8_t type)
         return true;
     if (!s->rules_on)
         return false;
-    if (type == PD_BE_PARSE_COMPLETE || type == PD_BE_BIND_COMPLETE)
+    if (type == PD_BE_PARSE_COMPLETE || type == PD_BE_BIND_COMPLETE || type == PD_BE_CLOSE_COMPLETE)
         return true;
     return s->shadow != NULL && (type == PD_BE_COMMAND_COMPLETE || type == PD_BE_ERROR);
 }
@@ -990,6 +1191,8 @@ static bool server_message(pd_session_t *s, uint8_t type, const uint8_t *body, s
         /* Idle again unless the client has already sent more (pipelining). */
         s->busy = pipe_pending(&s->c2b) || s->c2b.end > s->c2b.scan || s->batch_count > 1;
         bool shadow_done = b != NULL && b->shadow && s->shadow != NULL;
+        if (b != NULL)
+            drop_forget_batch(s, b->seq);
         batch_pop(s);
         if (internal) {
             finish_shadow(s);
@@ -1000,12 +1203,11 @@ static bool server_message(pd_session_t *s, uint8_t type, const uint8_t *body, s
             begin_shadow_query(s);
         return false;
     }
-    if (b != NULL && b->inject) {
-        if (type == PD_BE_PARSE_COMPLETE && ++b->parse_seen > b->nparse_before)
-            return true;
-        if (type == PD_BE_BIND_COMPLETE && ++b->bind_seen > b->nbind_before)
-            return true;
-    }
+    if (b != NULL && !internal &&
+        (type == PD_BE_PARSE_COMPLETE || type == PD_BE_BIND_COMPLETE ||
+         type == PD_BE_CLOSE_COMPLETE) &&
+        drop_match(s, b, type))
+        return true;
     /* Of the proxy's own query nothing reaches the client but what is not about it. */
     return internal && type != PD_BE_NOTIFICATION && type != PD_BE_PARAMETER_STATUS;
 }

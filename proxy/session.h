@@ -40,17 +40,39 @@ typedef struct {
     size_t repl_sent;
 } pd_pipe_t;
 
-/* A prepared statement whose reads have a shadow form (reads=shadow), by name. */
-typedef struct pd_prepared {
-    struct pd_prepared *next;
+/*
+ * A statement the client prepared, on a database with rules: what the server holds under
+ * its name, decided under which rules, so that a flag flip reaches statements prepared
+ * before it (they are prepared again, transparently, at their next Bind).
+ */
+typedef struct pd_stmt {
+    struct pd_stmt *next; /* hash chain */
     char *name;
-    char *sql;          /* the client's text, for the divergence log */
-    pd_sql_result_t *r; /* owned reference; r->shadow_sql is the other form */
+    char *sql;  /* the client's text */
+    char *sent; /* what the server has prepared under the name; NULL: nothing */
     uint16_t ntypes;
-    uint32_t *types; /* the parameter types the client declared */
-    uint8_t *bind;   /* a candidate's copy of the client's Bind body, or NULL */
+    uint32_t *types;    /* the parameter types the client declared */
+    unsigned gen;       /* srv->rules_generation of the decision */
+    pd_sql_result_t *r; /* the decision (rewrite, refusal, shadow form), referenced */
+} pd_stmt_t;
+
+/* A prepared read to replay for a shadow comparison: statement and the client's Bind. */
+typedef struct {
+    char *sql;          /* the client's text, for the divergence log */
+    pd_sql_result_t *r; /* referenced; r->shadow_sql is the other form */
+    uint16_t ntypes;
+    uint32_t *types;
+    uint8_t *bind; /* the client's Bind body */
     size_t bind_len;
 } pd_prepared_t;
+
+/* A response of the server to a message the proxy put in: the `idx`-th of its `type`
+ * ('1' ParseComplete, '2' BindComplete, '3' CloseComplete) in batch `seq`, dropped. */
+typedef struct {
+    uint32_t seq;
+    uint8_t type;
+    uint32_t idx;
+} pd_drop_t;
 
 /*
  * What the server owes for one batch of client messages ending in Sync, Query or
@@ -58,11 +80,10 @@ typedef struct pd_prepared {
  * database has rules: it tells which responses answer messages the proxy put in.
  */
 typedef struct {
-    uint32_t nparse_before, nbind_before; /* the client's Parse/Bind ahead of an injection */
-    uint32_t parse_seen, bind_seen;
-    bool inject;   /* a refusal was put in as Parse+Bind+Execute: drop their 1 and 2 */
-    bool shadow;   /* the client's query; its result is summed for a shadow comparison */
-    bool internal; /* the proxy's own query (shadow read): nothing of it reaches the client */
+    uint32_t seq;
+    uint32_t seen[3]; /* ParseComplete, BindComplete, CloseComplete seen so far */
+    bool shadow;      /* the client's query; its result is summed for a shadow comparison */
+    bool internal;    /* the proxy's own query (shadow read): nothing of it reaches the client */
 } pd_batch_t;
 
 struct pd_session {
@@ -96,20 +117,24 @@ struct pd_session {
 
     /* Rules: sessions on a database with rules look at Query and Parse whole. */
     bool rules_on;
-    unsigned rules_generation; /* srv->config_generation rules_on was computed for */
+    unsigned rules_generation; /* srv->rules_generation rules_on was computed for, + 1 */
     uint64_t route_key;        /* whose bucket decides reads new@N: sticky per session */
     pd_batch_t *batches;       /* FIFO ring of batches awaiting ReadyForQuery, owned */
     unsigned batch_cap, batch_head, batch_count;
-    uint32_t batch_parse, batch_bind; /* in the batch being sent */
-    bool batch_inject;
+    uint32_t batch_seq;  /* the batch being sent */
+    uint32_t batch_msgs; /* client messages sent in it */
+    uint32_t batch_exec; /* Execute messages in it */
+    uint32_t sent[3];    /* Parse, Bind, Close sent in it (the client's and ours) */
+    bool batch_refused;  /* a refusal was put in: the server skips to Sync */
+    pd_drop_t *drops;    /* FIFO ring of responses to drop, owned */
+    unsigned drop_cap, drop_head, drop_count;
+    pd_stmt_t **stmts; /* prepared statements by name (hash table), owned */
+    unsigned stmt_buckets, stmt_count;
     pd_buf_t to_server; /* the proxy's own messages for the server (shadow queries) */
     size_t to_server_sent;
     bool hold_client; /* client input waits while the proxy's own query runs */
 
-    /* Shadow reads of prepared statements. */
-    pd_prepared_t *prepared; /* statements with a shadow form, owned */
-    pd_prepared_t *cand;     /* this batch binds one of them: an owned copy, with Bind */
-    uint32_t batch_exec;     /* Execute messages in the batch being sent */
+    pd_prepared_t *cand; /* this batch binds a shadowed read: an owned copy */
 
     /* Shadow read in progress (one at a time). */
     pd_sql_result_t *shadow;   /* owned reference */

@@ -461,6 +461,64 @@ class CatalogTest(unittest.TestCase):
             conn.close()
 
 
+class ReprepareTest(unittest.TestCase):
+    """A flag flip reaches statements prepared before it: they are prepared again, as the
+    rules now decide, at their next Bind."""
+
+    def test_prepared_statements_follow_flips(self):
+        reset_table()
+        direct("INSERT INTO rt_users (id, email, email_address) VALUES (2, 'Old@X', 'diverged@x')")
+        with RulesProxy(rules=[rule(writes="old")]) as p, RawClient(p.port) as c:
+            c.startup("postgres", "app")
+            c.send(parse_msg("sel", "SELECT email FROM rt_users WHERE id = $1")
+                   + parse_msg("ins", "INSERT INTO rt_users (id, email) VALUES ($1, $2)")
+                   + parse_msg("", "SELECT count(*) FROM rt_users") + sync_msg())
+            self.assertEqual(read_batch(c), [])
+
+            def run(stmt, *args):
+                c.send(bind_msg_params(list(args), stmt=stmt) + execute_msg() + sync_msg())
+                return read_batch(c)
+
+            self.assertEqual(run("sel", "2"), [["Old@X"]])
+            self.assertEqual(run("ins", "10", "Before@X"), [])
+            p.ctl("flag", RULE, "writes=dual")
+            p.ctl("flag", RULE, "reads=new")
+            self.assertEqual(run("sel", "2"), [["diverged@x"]], "prepared before the flip")
+            self.assertEqual(run("ins", "11", "After@X"), [])
+            self.assertEqual(direct("SELECT email_address FROM rt_users WHERE id IN (10, 11) "
+                                    "ORDER BY id"), [(None,), ("after@x",)])
+            # The unnamed statement, prepared under the old flags, is decided again too.
+            self.assertEqual(run("", ), [["3"]])
+            p.ctl("flag", RULE, "reads=old")
+            self.assertEqual(run("sel", "2"), [["Old@X"]])
+            # Pipelined batches across the flips keep their responses in order.
+            c.send((bind_msg_params(["2"], stmt="sel") + execute_msg() + sync_msg()) * 3)
+            self.assertEqual([read_batch(c) for _ in range(3)], [[["Old@X"]]] * 3)
+
+    def test_pgbench_prepared_across_flips(self):
+        reset_table()
+        with RulesProxy(rules=[rule(writes="old")]) as p:
+            script = p.write_file("w.sql", "\\set id random(1, 500)\n"
+                                  "INSERT INTO rt_users (id, email) VALUES (:id, 'E' || :id || "
+                                  "'@X') ON CONFLICT (id) DO UPDATE SET email = EXCLUDED.email;\n"
+                                  "SELECT email FROM rt_users WHERE id = :id;\n", mode=0o644)
+            bench = subprocess.Popen(pdtest.pgbench_argv(p.port, "app", "postgres", "-n", "-M",
+                                                         "prepared", "-c", "4", "-T", "4", "-f",
+                                                         script),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            time.sleep(1)
+            p.ctl("flag", RULE, "writes=dual")
+            time.sleep(0.5)
+            direct("UPDATE rt_users SET email_address = lower(email)")  # catch up old rows
+            p.ctl("flag", RULE, "reads=new")
+            time.sleep(0.5)
+            p.ctl("flag", RULE, "reads=shadow")
+            out, _ = bench.communicate(timeout=60)
+            self.assertEqual(bench.returncode, 0, out)
+            self.assertIn("number of failed transactions: 0", out)
+            self.assertEqual(inconsistent_rows(), 0)
+
+
 class TablesRuleTest(unittest.TestCase):
     """Blue/green is not built yet: a tables rule is accepted only where it changes
     nothing, so that no write is taken to be mirrored when it is not."""
