@@ -15,6 +15,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "proxy/cancel.h"
@@ -300,25 +301,51 @@ static int write_all(pd_transport_t *dst, const uint8_t *buf, size_t *done, size
 }
 
 /*
- * Writes what is decided: [sent, hole_start), the replacement, then [hole_end, scan).
- * 1 all written, 0 would block, -1 broken. Once all is written, the unparsed tail moves
- * to the front of the buffer, and a buffer grown for one large message shrinks back.
+ * Writes what is decided: [sent, hole_start), the replacement, then [hole_end, scan), in
+ * one system call. 1 all written, 0 would block, -1 broken. Once all is written, the
+ * unparsed tail moves to the front of the buffer, and a buffer grown for one large
+ * message shrinks back.
  */
 static int pipe_flush(pd_pipe_t *p, pd_transport_t *dst)
 {
-    int r;
-    if (p->has_hole) {
-        if ((r = write_all(dst, p->buf, &p->sent, p->hole_start)) <= 0)
-            return r;
-        if ((r = write_all(dst, p->repl.data, &p->repl_sent, p->repl.len)) <= 0)
-            return r;
-        p->has_hole = false;
-        pd_buf_reset(&p->repl);
-        p->repl_sent = 0;
-        p->sent = p->hole_end;
+    while (p->has_hole || p->sent < p->scan) {
+        struct iovec iov[3];
+        int n = 0;
+        size_t head_end = p->has_hole ? p->hole_start : p->scan;
+        if (p->sent < head_end)
+            iov[n++] = (struct iovec){p->buf + p->sent, head_end - p->sent};
+        if (p->has_hole) {
+            if (p->repl_sent < p->repl.len)
+                iov[n++] = (struct iovec){p->repl.data + p->repl_sent, p->repl.len - p->repl_sent};
+            if (p->hole_end < p->scan)
+                iov[n++] = (struct iovec){p->buf + p->hole_end, p->scan - p->hole_end};
+        }
+        ssize_t w = n > 0 ? pd_transport_writev(dst, iov, n) : 0;
+        if (w == PD_IO_AGAIN)
+            return 0;
+        if (w < 0)
+            return -1;
+        size_t left = (size_t)w;
+        /* Account what went out, piece by piece. */
+        size_t take = head_end - p->sent < left ? head_end - p->sent : left;
+        p->sent += take;
+        left -= take;
+        if (p->has_hole && p->sent == p->hole_start) {
+            size_t rtake = p->repl.len - p->repl_sent < left ? p->repl.len - p->repl_sent : left;
+            p->repl_sent += rtake;
+            left -= rtake;
+            if (p->repl_sent == p->repl.len) {
+                p->has_hole = false;
+                pd_buf_reset(&p->repl);
+                p->repl_sent = 0;
+                p->sent = p->hole_end;
+                p->sent += left; /* the bytes after the hole went out in the same call */
+                left = 0;
+            }
+        }
+        if (n > 0 && w == 0)
+            return 0;
     }
-    if ((r = write_all(dst, p->buf, &p->sent, p->scan)) <= 0)
-        return r;
     if (p->scan == p->end) {
         p->sent = p->scan = p->end = 0;
     } else if (p->scan > 0) {
@@ -335,7 +362,6 @@ static int pipe_flush(pd_pipe_t *p, pd_transport_t *dst)
     }
     return 1;
 }
-
 /*
  * Puts `bytes` in place of the message [scan, msg_end) and moves scan past it. A
  * replacement right after the pending one joins it; otherwise it must wait until the

@@ -10,6 +10,8 @@
 #include <errno.h>
 #include <openssl/err.h>
 #include <stdlib.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 static void poll_cb(uv_poll_t *handle, int status, int events)
@@ -149,6 +151,35 @@ ssize_t pd_transport_write(pd_transport_t *t, const void *buf, size_t n)
     for (;;) {
         /* MSG_NOSIGNAL: a peer that went away is an error to handle, not a SIGPIPE. */
         ssize_t r = send(t->fd, buf, n, MSG_NOSIGNAL);
+        if (r >= 0)
+            return r;
+        if (errno == EINTR)
+            continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            return PD_IO_AGAIN;
+        t->error = "could not send data";
+        return PD_IO_ERROR;
+    }
+}
+
+ssize_t pd_transport_writev(pd_transport_t *t, const struct iovec *iov, int n)
+{
+    if (t->ssl != NULL) {
+        /* TLS records are cut per SSL_write anyway: write the pieces in turn. */
+        ssize_t done = 0;
+        for (int i = 0; i < n; i++) {
+            ssize_t w = pd_transport_write(t, iov[i].iov_base, iov[i].iov_len);
+            if (w < 0)
+                return done > 0 ? done : w;
+            done += w;
+            if ((size_t)w < iov[i].iov_len)
+                break;
+        }
+        return done;
+    }
+    struct msghdr mh = {.msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)n};
+    for (;;) {
+        ssize_t r = sendmsg(t->fd, &mh, MSG_NOSIGNAL);
         if (r >= 0)
             return r;
         if (errno == EINTR)

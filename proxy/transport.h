@@ -59,6 +59,11 @@ bool pd_transport_pending(const pd_transport_t *t);
 /* Writes up to n bytes: >= 0 bytes written, PD_IO_AGAIN or PD_IO_ERROR. */
 ssize_t pd_transport_write(pd_transport_t *t, const void *buf, size_t n);
 
+/* Writes up to the total of n buffers, in order, in one system call when plain: >= 0
+ * bytes written, PD_IO_AGAIN or PD_IO_ERROR. */
+struct iovec;
+ssize_t pd_transport_writev(pd_transport_t *t, const struct iovec *iov, int n);
+
 /*
  * TLS server handshake step: 1 done, 0 in progress (interest updated), -1 failed
  * (t->error says why).

@@ -146,6 +146,17 @@ class WriteFormsTest(unittest.TestCase):
         self.assertEqual(direct("SELECT email_address FROM rt_users WHERE id IN (1000, 1001) "
                                 "ORDER BY id"), [("multi1@x",), ("multi2@x",)])
 
+    def test_large_rewritten_statement(self):
+        # ~10 MB of VALUES, rewritten into a larger statement: written to the server in
+        # many partial writes across the replacement.
+        pad = "x" * 400
+        rows = ", ".join("(%d, 'Big%d@X', '%s')" % (100000 + i, i, pad) for i in range(25000))
+        self.run_sql("INSERT INTO rt_users (id, email, note) VALUES " + rows)
+        self.assertEqual(direct("SELECT count(*), count(*) FILTER (WHERE email_address = "
+                                "lower(email)), sum(length(note)) FROM rt_users WHERE id >= "
+                                "100000"), [(25000, 25000, 25000 * 400)])
+        self.run_sql("SELECT 1")  # the session goes on
+
     def test_setting_new_directly_fills_old(self):
         self.run_sql("INSERT INTO rt_users (id, email_address) VALUES (2000, 'direct@x')")
         self.assertEqual(direct("SELECT email FROM rt_users WHERE id = 2000"), [("direct@x",)])
