@@ -166,6 +166,20 @@ static void print_table(json_t *rows)
 }
 
 /* People's form of a reply: "key: value" lines; arrays of objects as tables. */
+static bool is_object_of_objects(json_t *v)
+{
+    const char *k;
+    json_t *m;
+    if (!json_is_object(v) || json_object_size(v) == 0)
+        return false;
+    json_object_foreach(v, k, m)
+    {
+        if (!json_is_object(m))
+            return false;
+    }
+    return true;
+}
+
 static void print_human(json_t *reply)
 {
     const char *key;
@@ -178,6 +192,22 @@ static void print_human(json_t *reply)
             json_is_object(json_array_get(value, 0))) {
             printf("%s:\n", key);
             print_table(value);
+            continue;
+        }
+        if (is_object_of_objects(value)) {
+            /* {"users-email": {...}, ...}: one row per member, its name first. */
+            json_t *rows = json_array();
+            const char *k2;
+            json_t *v2;
+            json_object_foreach(value, k2, v2)
+            {
+                json_t *row = json_pack("{s:s}", "name", k2);
+                json_object_update(row, v2);
+                json_array_append_new(rows, row);
+            }
+            printf("%s:\n", key);
+            print_table(rows);
+            json_decref(rows);
             continue;
         }
         if (json_is_object(value)) {
