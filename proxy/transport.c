@@ -115,7 +115,8 @@ ssize_t pd_transport_read(pd_transport_t *t, void *buf, size_t n)
         return r;
     }
     for (;;) {
-        ssize_t r = read(t->fd, buf, n);
+        /* recv, not read: a socket read through the VFS layer costs more per call. */
+        ssize_t r = recv(t->fd, buf, n, 0);
         if (r >= 0)
             return r;
         if (errno == EINTR)
@@ -177,6 +178,8 @@ ssize_t pd_transport_writev(pd_transport_t *t, const struct iovec *iov, int n)
         }
         return done;
     }
+    if (n == 1) /* the common case: send is cheaper than sendmsg */
+        return pd_transport_write(t, iov[0].iov_base, iov[0].iov_len);
     struct msghdr mh = {.msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)n};
     for (;;) {
         ssize_t r = sendmsg(t->fd, &mh, MSG_NOSIGNAL);
