@@ -218,6 +218,22 @@ void pd__each_child(ProtobufCMessage *m, pd__child_fn fn, void *arg)
 {
     const ProtobufCMessageDescriptor *d = m->descriptor;
     char *base = (char *)m;
+    if (d == &pg_query__node__descriptor) {
+        /* A Node is a oneof over ~240 message fields, and the walks visit every node:
+         * go straight to the set field (node_case is its field number) instead of
+         * scanning them all. */
+        const PgQuery__Node *node = (const PgQuery__Node *)m;
+        if (node->node_case == PG_QUERY__NODE__NODE__NOT_SET)
+            return;
+        const ProtobufCFieldDescriptor *f =
+            protobuf_c_message_descriptor_get_field(d, (unsigned)node->node_case);
+        if (f == NULL || f->type != PROTOBUF_C_TYPE_MESSAGE)
+            return;
+        ProtobufCMessage *child = *(ProtobufCMessage **)(base + f->offset);
+        if (child != NULL)
+            fn(child, arg);
+        return;
+    }
     for (unsigned i = 0; i < d->n_fields; i++) {
         const ProtobufCFieldDescriptor *f = &d->fields[i];
         if (f->type != PROTOBUF_C_TYPE_MESSAGE)
