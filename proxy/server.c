@@ -260,6 +260,15 @@ static pd_rule_flags_t *flags_compute(pd_state_t *state, const pd_config_t *cfg)
     return flags;
 }
 
+static void stats_names_free(pd_server_t *srv)
+{
+    for (unsigned j = 0; j < srv->stats_count; j++)
+        free(srv->stats_names[j]);
+    free(srv->stats_names);
+    srv->stats_names = NULL;
+    srv->stats_count = 0;
+}
+
 /* Installs flags (taken over) for srv->cfg, carrying counters over by rule name. */
 static int flags_build(pd_server_t *srv, pd_rule_flags_t *flags)
 {
@@ -277,10 +286,7 @@ static int flags_build(pd_server_t *srv, pd_rule_flags_t *flags)
     srv->flags = flags;
     free(srv->stats);
     srv->stats = stats;
-    for (unsigned j = 0; j < srv->stats_count; j++)
-        free(srv->stats_names[j]);
-    free(srv->stats_names);
-    srv->stats_count = 0;
+    stats_names_free(srv);
     srv->stats_names = calloc(srv->cfg->rule_count + 1, sizeof *srv->stats_names);
     for (unsigned i = 0; srv->stats_names != NULL && i < srv->cfg->rule_count; i++)
         if ((srv->stats_names[i] = strdup(srv->cfg->rules[i].name)) != NULL)
@@ -706,10 +712,7 @@ void pd_server_free(pd_server_t *srv)
     srv->flags = NULL;
     free(srv->stats);
     srv->stats = NULL;
-    for (unsigned j = 0; j < srv->stats_count; j++)
-        free(srv->stats_names[j]);
-    free(srv->stats_names);
-    srv->stats_names = NULL;
+    stats_names_free(srv);
     pd_divergence_close(srv->divergence);
     srv->divergence = NULL;
     pd_sql_result_release(srv->pass_result);

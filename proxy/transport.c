@@ -102,6 +102,17 @@ static ssize_t ssl_result(pd_transport_t *t, int rc, bool reading)
     }
 }
 
+/* Maps a plain socket call's result (EINTR already retried) to our convention. */
+static ssize_t plain_result(pd_transport_t *t, ssize_t r, const char *what)
+{
+    if (r >= 0)
+        return r;
+    if (errno == EAGAIN || errno == EWOULDBLOCK)
+        return PD_IO_AGAIN;
+    t->error = what;
+    return PD_IO_ERROR;
+}
+
 ssize_t pd_transport_read(pd_transport_t *t, void *buf, size_t n)
 {
     if (t->ssl != NULL) {
@@ -114,18 +125,11 @@ ssize_t pd_transport_read(pd_transport_t *t, void *buf, size_t n)
             pd_transport_want(t, t->want_read, t->want_write);
         return r;
     }
-    for (;;) {
-        /* recv, not read: a socket read through the VFS layer costs more per call. */
-        ssize_t r = recv(t->fd, buf, n, 0);
-        if (r >= 0)
-            return r;
-        if (errno == EINTR)
-            continue;
-        if (errno == EAGAIN || errno == EWOULDBLOCK)
-            return PD_IO_AGAIN;
-        t->error = "could not receive data";
-        return PD_IO_ERROR;
-    }
+    ssize_t r;
+    do /* recv, not read: a socket read through the VFS layer costs more per call */
+        r = recv(t->fd, buf, n, 0);
+    while (r < 0 && errno == EINTR);
+    return plain_result(t, r, "could not receive data");
 }
 
 bool pd_transport_pending(const pd_transport_t *t)
@@ -149,18 +153,11 @@ ssize_t pd_transport_write(pd_transport_t *t, const void *buf, size_t n)
             pd_transport_want(t, t->want_read, t->want_write);
         return r;
     }
-    for (;;) {
-        /* MSG_NOSIGNAL: a peer that went away is an error to handle, not a SIGPIPE. */
-        ssize_t r = send(t->fd, buf, n, MSG_NOSIGNAL);
-        if (r >= 0)
-            return r;
-        if (errno == EINTR)
-            continue;
-        if (errno == EAGAIN || errno == EWOULDBLOCK)
-            return PD_IO_AGAIN;
-        t->error = "could not send data";
-        return PD_IO_ERROR;
-    }
+    ssize_t r;
+    do /* MSG_NOSIGNAL: a peer that went away is an error to handle, not a SIGPIPE */
+        r = send(t->fd, buf, n, MSG_NOSIGNAL);
+    while (r < 0 && errno == EINTR);
+    return plain_result(t, r, "could not send data");
 }
 
 ssize_t pd_transport_writev(pd_transport_t *t, const struct iovec *iov, int n)
@@ -181,17 +178,11 @@ ssize_t pd_transport_writev(pd_transport_t *t, const struct iovec *iov, int n)
     if (n == 1) /* the common case: send is cheaper than sendmsg */
         return pd_transport_write(t, iov[0].iov_base, iov[0].iov_len);
     struct msghdr mh = {.msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)n};
-    for (;;) {
-        ssize_t r = sendmsg(t->fd, &mh, MSG_NOSIGNAL);
-        if (r >= 0)
-            return r;
-        if (errno == EINTR)
-            continue;
-        if (errno == EAGAIN || errno == EWOULDBLOCK)
-            return PD_IO_AGAIN;
-        t->error = "could not send data";
-        return PD_IO_ERROR;
-    }
+    ssize_t r;
+    do
+        r = sendmsg(t->fd, &mh, MSG_NOSIGNAL);
+    while (r < 0 && errno == EINTR);
+    return plain_result(t, r, "could not send data");
 }
 
 int pd_transport_accept_tls(pd_transport_t *t)
