@@ -137,7 +137,9 @@ databases:
   - name: $DB
     old: "host=127.0.0.1 port=$PGPORT dbname=$DB"
 EOF
-"$BUILD_DIR/pgdual" -c "$WORK/pgdual.yaml" >"$WORK/pgdual.log" 2>&1 &
+# In a session of its own, like the daemonized pgbouncer: with the scheduler's autogroups
+# enabled, a proxy left in this script's session would share its CPU slice with pgbench.
+setsid "$BUILD_DIR/pgdual" -c "$WORK/pgdual.yaml" >"$WORK/pgdual.log" 2>&1 &
 PGDUAL_PID=$!
 wait_port "$DPORT" || die "pgdual is not listening on $DPORT: $(tail -20 "$WORK/pgdual.log")"
 

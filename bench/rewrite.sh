@@ -164,7 +164,8 @@ rules:
 EOF
 # pgdual's own connections (catalog checks) use libpq's defaults when the conninfo names
 # no user: make that postgres.
-PGUSER=postgres "$BUILD_DIR/pgdual" -c "$WORK/pgdual.yaml" >"$WORK/pgdual.log" 2>&1 &
+# Its own session (see passthrough.sh: scheduler autogroups).
+PGUSER=postgres setsid "$BUILD_DIR/pgdual" -c "$WORK/pgdual.yaml" >"$WORK/pgdual.log" 2>&1 &
 PGDUAL_PID=$!
 wait_port "$DPORT" || { pgdual_tail; die "pgdual is not listening on $DPORT"; }
 for _ in $(seq 50); do [ -S "$ADMIN" ] && break; sleep 0.1; done
