@@ -33,17 +33,12 @@ PSQL=$PGBIN/psql
 PGBOUNCER=${PGBOUNCER:-/usr/sbin/pgbouncer}
 DB=bench
 
-die() {
-	echo "passthrough.sh: $*" >&2
-	exit 1
-}
+BENCH=passthrough.sh
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
 
-for f in "$BUILD_DIR/pgdual" "$PGBENCH" "$PSQL" "$PGBOUNCER" "$PY"; do
-	[ -x "$f" ] || die "$f not found: build pgdual (cmake -S . -B build && cmake --build build) and run deploy/install-deps.sh"
-done
-for v in ROUNDS DURATION CLIENTS THREADS SCALE; do
-	[[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, not '${!v}'"
-done
+require_executables "$BUILD_DIR/pgdual" "$PGBENCH" "$PSQL" "$PGBOUNCER" "$PY"
+require_positive ROUNDS DURATION CLIENTS THREADS SCALE
 
 WORK=$(mktemp -d /tmp/pgdual-bench-XXXXXX)
 PGDUAL_PID=
@@ -52,45 +47,20 @@ BOUNCER_PIDFILE=$WORK/bouncer/pgbouncer.pid
 cleanup() {
 	local rc=$?
 	trap - EXIT INT TERM
-	if [ -n "$PGDUAL_PID" ] && kill -0 "$PGDUAL_PID" 2>/dev/null; then
-		kill -TERM "$PGDUAL_PID" 2>/dev/null || true
-		for _ in $(seq 50); do kill -0 "$PGDUAL_PID" 2>/dev/null || break; sleep 0.1; done
-		kill -KILL "$PGDUAL_PID" 2>/dev/null || true
-	fi
+	stop_pid "$PGDUAL_PID"
 	if [ -f "$BOUNCER_PIDFILE" ]; then
-		local bp
-		bp=$(cat "$BOUNCER_PIDFILE" 2>/dev/null || true)
-		if [ -n "$bp" ] && kill -0 "$bp" 2>/dev/null; then
-			kill -INT "$bp" 2>/dev/null || true
-			for _ in $(seq 50); do kill -0 "$bp" 2>/dev/null || break; sleep 0.1; done
-			kill -KILL "$bp" 2>/dev/null || true
-		fi
+		stop_pid "$(cat "$BOUNCER_PIDFILE" 2>/dev/null || true)" INT
 	fi
-	"$PY" "$REPO/tests/integration/pgcluster.py" stop "$WORK/pg" >/dev/null 2>&1 || true
+	stop_cluster "$WORK/pg"
 	rm -rf "$WORK"
 	exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-	"$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-wait_port() { # port what
-	for _ in $(seq 100); do
-		if "$PY" -c "import socket,sys; socket.create_connection(('127.0.0.1', $1), 0.2)" 2>/dev/null; then
-			return 0
-		fi
-		sleep 0.1
-	done
-	return 1
-}
-
 # --- PostgreSQL -------------------------------------------------------------------------
 echo "== starting PostgreSQL" >&2
-"$PY" "$REPO/tests/integration/pgcluster.py" start "$WORK/pg" >&2 || die "could not start PostgreSQL"
-PGPORT=$("$PY" -c "import json; print(json.load(open('$WORK/pg/cluster.json'))['port'])")
+PGPORT=$(start_cluster "$WORK/pg")
 "$PSQL" -X -q -h 127.0.0.1 -p "$PGPORT" -U postgres -d postgres -c "CREATE DATABASE $DB" \
 	|| die "CREATE DATABASE failed"
 
@@ -188,7 +158,6 @@ for r in $(seq "$ROUNDS"); do
 done
 
 # --- the table ----------------------------------------------------------------------------
-median() { tr ' ' '\n' | sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 
 declare -A MED
 echo

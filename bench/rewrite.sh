@@ -56,17 +56,12 @@ PERF=${PERF:-/usr/bin/perf}
 DB=bench
 RULE=users-email
 
-die() {
-	echo "rewrite.sh: $*" >&2
-	exit 1
-}
+BENCH=rewrite.sh
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
 
-for f in "$BUILD_DIR/pgdual" "$BUILD_DIR/pgdualctl" "$PGBENCH" "$PSQL" "$PY"; do
-	[ -x "$f" ] || die "$f not found: build pgdual (cmake -S . -B build && cmake --build build) and run deploy/install-deps.sh"
-done
-for v in ROUNDS DURATION CLIENTS THREADS ROWS; do
-	[[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, not '${!v}'"
-done
+require_executables "$BUILD_DIR/pgdual" "$BUILD_DIR/pgdualctl" "$PGBENCH" "$PSQL" "$PY"
+require_positive ROUNDS DURATION CLIENTS THREADS ROWS
 [[ $MODE =~ ^(prepared|extended|simple)$ ]] || die "MODE must be prepared, extended or simple, not '$MODE'"
 if [ -n "$PERF_OUT" ]; then
 	[ -x "$PERF" ] || die "PERF_OUT is set but $PERF is not installed"
@@ -85,31 +80,13 @@ cleanup() {
 		kill -INT "$PERF_PID" 2>/dev/null || true
 		wait "$PERF_PID" 2>/dev/null || true
 	fi
-	if [ -n "$PGDUAL_PID" ] && kill -0 "$PGDUAL_PID" 2>/dev/null; then
-		kill -TERM "$PGDUAL_PID" 2>/dev/null || true
-		for _ in $(seq 50); do kill -0 "$PGDUAL_PID" 2>/dev/null || break; sleep 0.1; done
-		kill -KILL "$PGDUAL_PID" 2>/dev/null || true
-	fi
-	"$PY" "$REPO/tests/integration/pgcluster.py" stop "$WORK/pg" >/dev/null 2>&1 || true
+	stop_pid "$PGDUAL_PID"
+	stop_cluster "$WORK/pg"
 	rm -rf "$WORK"
 	exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-free_port() {
-	"$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-wait_port() { # port
-	for _ in $(seq 100); do
-		if "$PY" -c "import socket,sys; socket.create_connection(('127.0.0.1', $1), 0.2)" 2>/dev/null; then
-			return 0
-		fi
-		sleep 0.1
-	done
-	return 1
-}
 
 psql_on() { # port args... (one value per line, no headers)
 	local port=$1
@@ -121,8 +98,7 @@ pgdual_tail() { tail -20 "$WORK/pgdual.log" >&2; }
 
 # --- PostgreSQL and the table -------------------------------------------------------------
 echo "== starting PostgreSQL" >&2
-"$PY" "$REPO/tests/integration/pgcluster.py" start "$WORK/pg" >&2 || die "could not start PostgreSQL"
-PGPORT=$("$PY" -c "import json; print(json.load(open('$WORK/pg/cluster.json'))['port'])")
+PGPORT=$(start_cluster "$WORK/pg")
 timeout 120 "$PSQL" -X -q -h 127.0.0.1 -p "$PGPORT" -U postgres -d postgres -c "CREATE DATABASE $DB" \
 	|| die "CREATE DATABASE failed"
 
@@ -300,7 +276,6 @@ echo "== pgdualctl status (statement counters and the rewrite cache)" >&2
 timeout 60 "$BUILD_DIR/pgdualctl" -s "$ADMIN" status >&2 || die "pgdualctl status failed"
 
 # --- the tables ---------------------------------------------------------------------------
-median() { tr ' ' '\n' | sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 
 declare -A MED
 echo

@@ -16,13 +16,16 @@
 
 #include "rules/state.h"
 
-static char dir[] = "/tmp/pd-state-test-XXXXXX";
+/* mkdtemp's template: it replaces the trailing Xs with a unique name. */
+#define DIR_TEMPLATE "/tmp/pd-state-test-XXXXXX"
+
+static char dir[sizeof DIR_TEMPLATE];
 static char path[256];
 
 static int setup(void **ctx)
 {
     (void)ctx;
-    strcpy(dir, "/tmp/pd-state-test-XXXXXX");
+    memcpy(dir, DIR_TEMPLATE, sizeof dir);
     if (mkdtemp(dir) == NULL)
         return -1;
     snprintf(path, sizeof path, "%s/state.json", dir);

@@ -1,0 +1,55 @@
+#!/bin/bash
+# lib.sh — what the benchmarks share: sourced by passthrough.sh and rewrite.sh after they
+# set BENCH (their name, for messages), REPO and PY.
+
+die() {
+	echo "$BENCH: $*" >&2
+	exit 1
+}
+
+require_executables() { # path...
+	local f
+	for f in "$@"; do
+		[ -x "$f" ] || die "$f not found: build pgdual (cmake -S . -B build && cmake --build build) and run deploy/install-deps.sh"
+	done
+}
+
+require_positive() { # variable-name...
+	local v
+	for v in "$@"; do
+		[[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, not '${!v}'"
+	done
+}
+
+stop_pid() { # pid [signal]: signal, wait up to 5 s, then kill
+	local pid=$1 sig=${2:-TERM}
+	[ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 0
+	kill -"$sig" "$pid" 2>/dev/null || true
+	for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+	kill -KILL "$pid" 2>/dev/null || true
+}
+
+free_port() {
+	"$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+wait_port() { # port: up to 10 s
+	for _ in $(seq 100); do
+		if "$PY" -c "import socket; socket.create_connection(('127.0.0.1', $1), 0.2)" 2>/dev/null; then
+			return 0
+		fi
+		sleep 0.1
+	done
+	return 1
+}
+
+start_cluster() { # dir: prints the port
+	"$PY" "$REPO/tests/integration/pgcluster.py" start "$1" >&2 || die "could not start PostgreSQL"
+	"$PY" -c "import json; print(json.load(open('$1/cluster.json'))['port'])"
+}
+
+stop_cluster() { # dir
+	"$PY" "$REPO/tests/integration/pgcluster.py" stop "$1" >/dev/null 2>&1 || true
+}
+
+median() { tr ' ' '\n' | sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
