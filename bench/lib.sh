@@ -53,3 +53,17 @@ stop_cluster() { # dir
 }
 
 median() { tr ' ' '\n' | sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
+
+# One table row: the label, TPS[$workload,$target,round] for each round, and the median,
+# which is also stored in MED[$workload,$target]. TPS, MED and ROUNDS are the caller's.
+tps_row() { # label-width label workload target
+	local line vals="" r
+	line=$(printf "| %-*s |" "$1" "$2")
+	for r in $(seq "$ROUNDS"); do
+		line+=$(printf " %8.0f |" "${TPS[$3,$4,$r]}")
+		vals+="${TPS[$3,$4,$r]} "
+	done
+	MED[$3,$4]=$(echo "$vals" | xargs | median)
+	line+=$(printf " %8.0f |" "${MED[$3,$4]}")
+	echo "$line"
+}

@@ -179,15 +179,7 @@ for w in "${WORKLOADS[@]}"; do
 	echo "$header   median |"
 	echo "$sep----------|"
 	for t in "${TARGETS[@]}"; do
-		line=$(printf "| %-9s |" "$t")
-		vals=""
-		for r in $(seq "$ROUNDS"); do
-			line+=$(printf " %8.0f |" "${TPS[$w,$t,$r]}")
-			vals+="${TPS[$w,$t,$r]} "
-		done
-		MED[$w,$t]=$(echo "$vals" | xargs | median)
-		line+=$(printf " %8.0f |" "${MED[$w,$t]}")
-		echo "$line"
+		tps_row 9 "$t" "$w" "$t"
 	done
 	echo
 done

@@ -303,15 +303,7 @@ for w in "${WORKLOADS[@]}"; do
 		write,*) label="writes=$t" ;;
 		read,*) label="reads=$t" ;;
 		esac
-		line=$(printf "| %-11s |" "$label")
-		vals=""
-		for r in $(seq "$ROUNDS"); do
-			line+=$(printf " %8.0f |" "${TPS[$w,$t,$r]}")
-			vals+="${TPS[$w,$t,$r]} "
-		done
-		MED[$w,$t]=$(echo "$vals" | xargs | median)
-		line+=$(printf " %8.0f |" "${MED[$w,$t]}")
-		echo "$line"
+		tps_row 11 "$label" "$w" "$t"
 	done
 	echo
 done
