@@ -56,6 +56,7 @@ static pd_sql_result_t *facts_refusal(pd_sql_result_t *r, const char *error)
     f->refs = 1;
     f->action = PD_SQL_REFUSE;
     f->rule = r->rule;
+    f->mirror_rule = -1;
     f->is_write = r->is_write;
     f->sqlstate = "55000"; /* object_not_in_prerequisite_state */
     f->message = strdup(error);

@@ -1,7 +1,8 @@
 /*
  * catalog.h — facts about the rules' tables read from the live catalog through libpq:
  * that the table and the rule's old and new columns exist, every column in order and
- * its default. Blocking: call it at start (before serving) or from a worker thread.
+ * its default; for `tables` rules also every table's column types, identity/generated
+ * columns and key. Blocking: call it at start (before serving) or from a worker thread.
  */
 #ifndef PD_RULES_CATALOG_H
 #define PD_RULES_CATALOG_H
@@ -9,9 +10,12 @@
 #include "rules/config.h"
 #include "rules/sql.h"
 
-/* Facts of one rule; `error` says why the rule cannot be served (malloc'd) or is NULL. */
+/* Facts of one rule; `error` says why the rule cannot be served (malloc'd) or is NULL.
+   A `tables` rule's first table is `table`, the others are in `more`, chained by `next`. */
 typedef struct pd_rule_facts {
     pd_table_facts_t table;
+    pd_table_facts_t *more;
+    unsigned nmore;
     char *error;
 } pd_rule_facts_t;
 

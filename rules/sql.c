@@ -104,14 +104,17 @@ static bool tname_matches(const pd__tname_t *t, const PgQuery__RangeVar *rv)
     return strcmp(schema, t->schema != NULL ? t->schema : "public") == 0;
 }
 
-bool pd__rule_matches(const pd__rule_t *r, const PgQuery__RangeVar *rv)
+int pd__rule_table_index(const pd__rule_t *r, const PgQuery__RangeVar *rv)
 {
-    if (r->all_tables)
-        return true;
     for (unsigned i = 0; i < r->ntables; i++)
         if (tname_matches(&r->tables[i], rv))
-            return true;
-    return false;
+            return (int)i;
+    return -1;
+}
+
+bool pd__rule_matches(const pd__rule_t *r, const PgQuery__RangeVar *rv)
+{
+    return r->all_tables || pd__rule_table_index(r, rv) >= 0;
 }
 
 static int facts_column(const pd__facts_t *f, const char *col)
@@ -181,22 +184,49 @@ static bool compile_facts(pd__facts_t *out, const pd_table_facts_t *in)
     return true;
 }
 
+/* A tables rule: its listed tables, or every table the catalog found when it lists none
+   (unknown facts then leave it matching every table). */
+static bool compile_tables(pd__rule_t *r, const pd_rule_cfg_t *cfg, const pd_table_facts_t *facts)
+{
+    unsigned nfacts = 0;
+    for (const pd_table_facts_t *f = facts; f != NULL && f->loaded; f = f->next)
+        nfacts++;
+    unsigned n = cfg->table_count > 0 ? cfg->table_count : nfacts;
+    r->all_tables = n == 0;
+    r->tables = calloc(n + 1, sizeof *r->tables);
+    r->tfacts = calloc(n + 1, sizeof *r->tfacts);
+    if (r->tables == NULL || r->tfacts == NULL)
+        return false;
+    const pd_table_facts_t *f = facts;
+    for (unsigned i = 0; i < n; i++, r->ntables++) {
+        bool known = f != NULL && f->loaded;
+        if (cfg->table_count > 0) {
+            if (!split_tname(cfg->tables[i], &r->tables[i]))
+                return false;
+        } else {
+            r->tables[i].schema = strdup(f->schema);
+            r->tables[i].rel = strdup(f->name);
+            if (r->tables[i].schema == NULL || r->tables[i].rel == NULL)
+                return false;
+        }
+        r->tfacts[i] = known ? f : NULL;
+        f = f != NULL ? f->next : NULL;
+    }
+    return true;
+}
+
 static bool compile_rule(pd__rule_t *r, int index, const pd_rule_cfg_t *cfg,
                          const pd_table_facts_t *facts)
 {
     r->index = index;
     r->cfg = cfg;
     r->columns_kind = cfg->kind == PD_RULE_COLUMNS;
-    unsigned ntables = r->columns_kind ? (cfg->table != NULL) : cfg->table_count;
-    r->all_tables = !r->columns_kind && ntables == 0;
-    r->tables = calloc(ntables + 1, sizeof *r->tables);
-    if (r->tables == NULL)
-        return false;
-    for (unsigned i = 0; i < ntables; i++, r->ntables++)
-        if (!split_tname(r->columns_kind ? cfg->table : cfg->tables[i], &r->tables[i]))
-            return false;
     if (!r->columns_kind)
-        return true;
+        return compile_tables(r, cfg, facts);
+    r->tables = calloc(2, sizeof *r->tables);
+    if (r->tables == NULL || !split_tname(cfg->table, &r->tables[0]))
+        return false;
+    r->ntables = 1;
     r->pairs = calloc(cfg->column_count + 1, sizeof *r->pairs);
     if (r->pairs == NULL)
         return false;
@@ -219,6 +249,7 @@ static void free_rule(pd__rule_t *r)
         free(r->tables[i].rel);
     }
     free(r->tables);
+    free(r->tfacts);
     for (unsigned i = 0; i < r->npairs; i++) {
         pd__node_free(r->pairs[i].up);
         pd__node_free(r->pairs[i].down);
@@ -252,6 +283,7 @@ static pd_sql_result_t *new_result(pd_sql_action_t action)
     r->refs = 1;
     r->action = action;
     r->rule = -1;
+    r->mirror_rule = -1;
     return r;
 }
 
@@ -303,6 +335,8 @@ void pd_sql_result_release(pd_sql_result_t *r)
     free(r->shadow_sql);
     free(r->message);
     free(r->hint);
+    free(r->image_sql);
+    free(r->image_types);
     free(r);
 }
 
@@ -340,12 +374,48 @@ static bool rule_mentioned(const pd__rule_t *r, const char *sql)
     return false;
 }
 
-static bool may_concern_rule(const pd_sql_t *rw, const char *database, const char *sql)
+static size_t leading_trivia(const char *s, size_t len);
+
+/* Does the statement start with a word of transaction control or session settings, which
+   a tables rule's mirror keeps in step whatever tables they mention (none)? */
+static bool starts_with_keeping_word(const char *sql)
+{
+    static const char *const words[] = {"begin",   "start",   "commit",  "end",
+                                        "rollback", "abort",  "savepoint", "release",
+                                        "set",     "reset",   "discard", "prepare"};
+    const char *p = sql + leading_trivia(sql, strlen(sql));
+    size_t n = 0;
+    while ((p[n] >= 'a' && p[n] <= 'z') || (p[n] >= 'A' && p[n] <= 'Z'))
+        n++;
+    for (size_t i = 0; i < sizeof words / sizeof *words; i++)
+        if (strlen(words[i]) == n && strncasecmp(p, words[i], n) == 0)
+            return true;
+    return false;
+}
+
+static bool mirrors(const pd_sql_t *rw, unsigned i, const pd_rule_view_t *views)
+{
+    pd_writes_t w = views != NULL ? views[i].writes : rw->rules[i].cfg->writes;
+    return !rw->rules[i].columns_kind && (w == PD_WRITES_DUAL || w == PD_WRITES_DUAL_NEW);
+}
+
+static bool may_concern_rule(const pd_sql_t *rw, const char *database, const char *sql,
+                             const pd_rule_view_t *views)
 {
     bool escaped = strcasestr(sql, "u&\"") != NULL;
-    for (unsigned i = 0; i < rw->nrules; i++)
-        if (in_database(rw, i, database) && (escaped || rule_mentioned(&rw->rules[i], sql)))
+    int keeping = -1; /* computed when first needed */
+    for (unsigned i = 0; i < rw->nrules; i++) {
+        if (!in_database(rw, i, database))
+            continue;
+        if (escaped || rule_mentioned(&rw->rules[i], sql))
             return true;
+        if (mirrors(rw, i, views)) {
+            if (keeping < 0)
+                keeping = starts_with_keeping_word(sql);
+            if (keeping)
+                return true;
+        }
+    }
     return false;
 }
 
@@ -604,12 +674,15 @@ static void ctx_init(pd__ctx_t *ctx, const job_t *job, const pd_rule_view_t *vie
     ctx->null_const = job->rw->null_const;
     ctx->rule = -1;
     ctx->refuse_rule = -1;
+    ctx->mirror_rule = -1;
 }
 
 static void ctx_done(pd__ctx_t *ctx)
 {
     free(ctx->message);
     free(ctx->hint);
+    free(ctx->image_sql);
+    free(ctx->image_types);
 }
 
 static void run_passes(pd__ctx_t *ctx, pd__node_t *stmt, bool writes)
@@ -617,6 +690,8 @@ static void run_passes(pd__ctx_t *ctx, pd__node_t *stmt, bool writes)
     pd__classify(ctx, stmt);
     if (writes && !pd__stopped(ctx))
         pd__rewrite_writes(ctx, stmt);
+    if (writes && !pd__stopped(ctx))
+        pd__plan_mirror(ctx, stmt);
     if (!pd__stopped(ctx))
         pd__rewrite_reads(ctx, stmt);
 }
@@ -698,6 +773,48 @@ static void note_rule(pd_sql_result_t *res, const pd__ctx_t *ctx)
         res->rule = ctx->rule;
 }
 
+/*
+ * Folds one statement's mirror plan into the result. A single statement's plan is taken
+ * whole. A multi-statement string is replayed on the mirror as it is, so it may carry
+ * writes and settings, or one transaction-control statement alone; row images and
+ * transaction control mixed with mirrored statements are refused.
+ */
+static void note_mirror(pd_sql_result_t *res, pd__ctx_t *ctx, size_t nstmts)
+{
+    if (ctx->mirror == PD_MIRROR_NONE || ctx->refused)
+        return;
+    if (nstmts == 1) {
+        res->mirror = ctx->mirror;
+        res->mirror_rule = ctx->mirror_rule;
+        res->txn = ctx->txn;
+        res->set_local = ctx->set_local;
+        res->image = ctx->image;
+        res->image_sql = ctx->image_sql;
+        res->image_cols = ctx->image_cols;
+        res->image_types = ctx->image_types;
+        res->client_cols = ctx->client_cols;
+        ctx->image_sql = NULL;
+        ctx->image_types = NULL;
+        return;
+    }
+    bool txn = ctx->mirror == PD_MIRROR_TXN || res->mirror == PD_MIRROR_TXN;
+    if (ctx->mirror == PD_MIRROR_IMAGE || (txn && res->mirror != PD_MIRROR_NONE)) {
+        const pd__rule_t *r = &ctx->rules[ctx->mirror_rule];
+        pd__refuse(ctx, r->index, "0A000",
+                   "Send the statements one at a time (not in one query string).",
+                   "pgdual: a query string with several statements %s, so rule \"%s\" could "
+                   "not keep the new database in step",
+                   ctx->mirror == PD_MIRROR_IMAGE
+                       ? "has a write that must be replayed as row images"
+                       : "mixes transaction control with mirrored statements",
+                   r->cfg->name);
+        return;
+    }
+    res->mirror = ctx->mirror == PD_MIRROR_TXN ? PD_MIRROR_TXN : PD_MIRROR_WRITE;
+    res->txn = ctx->txn;
+    res->mirror_rule = ctx->mirror_rule;
+}
+
 /* Rewrites one statement into text t (its original bytes when unchanged). Returns NULL to
    continue, or a final result (a refusal), or sets *oom. */
 static pd_sql_result_t *one_statement(job_t *job, PgQuery__ParseResult *tree, size_t i, text_t *t,
@@ -709,6 +826,7 @@ static pd_sql_result_t *one_statement(job_t *job, PgQuery__ParseResult *tree, si
     ctx_init(&ctx, job, job->primary);
     run_passes(&ctx, raw->stmt, true);
     note_rule(res, &ctx);
+    note_mirror(res, &ctx, tree->n_stmts);
     pd_sql_result_t *final = NULL;
     if (ctx.oom) {
         *oom = true;
@@ -887,7 +1005,7 @@ pd_sql_result_t *pd_sql_rewrite(pd_sql_t *rw, const char *database, const char *
 {
     if (database == NULL)
         database = "";
-    if (sql == NULL || !may_concern_rule(rw, database, sql)) {
+    if (sql == NULL || !may_concern_rule(rw, database, sql, views)) {
         rw->stats.skipped_unparsed++;
         rw->pass->refs++;
         return rw->pass;

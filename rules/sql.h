@@ -40,11 +40,18 @@
 #include "rules/config.h"
 
 /* What the catalog says about a rule's table (rules/catalog.c loads it through libpq). */
-typedef struct {
+typedef struct pd_table_facts {
     bool loaded; /* false: facts unknown; `*` expansion under reads=new refuses */
     unsigned ncolumns;
     char **columns;  /* every column of the table, in attnum order */
     char **defaults; /* per column: its default expression as SQL text, or NULL */
+    /* For `tables` rules (mirroring), also: */
+    char *schema, *name;  /* where the catalog found the table */
+    uint32_t *types;      /* per column: its type's OID */
+    char *generated;      /* per column: attidentity ('a'/'d'), attgenerated ('s') or 0 */
+    unsigned nkey;        /* the rule's key, else the primary key; 0: none */
+    unsigned *key;        /* column indexes of the key */
+    const struct pd_table_facts *next; /* the rule's next table, or NULL */
 } pd_table_facts_t;
 
 /* The flags one session sees for one rule, with reads new@N already resolved. */
@@ -59,6 +66,29 @@ typedef enum {
     PD_SQL_REFUSE,   /* answer with an ErrorResponse: sqlstate, message, hint */
 } pd_sql_action_t;
 
+/* What the mirror of a `tables` rule (the other database) must do with a statement. */
+typedef enum {
+    PD_MIRROR_NONE = 0, /* nothing: a read, or nothing of a tables rule in dual */
+    PD_MIRROR_TXN,      /* transaction control: kept in step (see pd_txn_kind_t) */
+    PD_MIRROR_SET,      /* a session setting (SET, RESET, DISCARD): kept in step */
+    PD_MIRROR_WRITE,    /* a deterministic write: replayed verbatim */
+    PD_MIRROR_IMAGE,    /* a write replayed as row images captured with RETURNING */
+} pd_mirror_kind_t;
+
+typedef enum {
+    PD_TXN_BEGIN = 1, /* BEGIN, START TRANSACTION */
+    PD_TXN_END,       /* COMMIT, END, ROLLBACK, ABORT */
+    PD_TXN_INNER,     /* SAVEPOINT, RELEASE, ROLLBACK TO */
+} pd_txn_kind_t;
+
+/* How a row image is applied on the mirror. */
+typedef enum {
+    PD_IMAGE_INSERT = 1, /* every column of the new row */
+    PD_IMAGE_UPSERT,     /* the same, ON CONFLICT (key) DO UPDATE */
+    PD_IMAGE_UPDATE,     /* the new row, found by its (unchanged) key */
+    PD_IMAGE_DELETE,     /* the key of the deleted row */
+} pd_image_kind_t;
+
 /* A rewrite result. Immutable and reference-counted: the cache and each user hold one. */
 typedef struct {
     unsigned refs;
@@ -71,6 +101,17 @@ typedef struct {
     const char *sqlstate; /* REFUSE */
     char *message;        /* REFUSE: names the rule, says what happened */
     char *hint;           /* REFUSE: says what to do */
+
+    /* Mirroring (tables rules in dual): */
+    pd_mirror_kind_t mirror;
+    int mirror_rule;         /* the tables rule concerned, or -1 */
+    pd_txn_kind_t txn;       /* PD_MIRROR_TXN */
+    bool set_local;          /* PD_MIRROR_SET: SET LOCAL / SET TRANSACTION (txn-scoped) */
+    pd_image_kind_t image;   /* PD_MIRROR_IMAGE: */
+    char *image_sql;         /*   applies one row on the mirror, with $1..$image_cols */
+    unsigned image_cols;     /*   columns appended to the statement's RETURNING */
+    uint32_t *image_types;   /*   their type OIDs */
+    int client_cols;         /*   the client's own RETURNING columns, -1 when it has none */
 } pd_sql_result_t;
 
 typedef struct pd_sql pd_sql_t;

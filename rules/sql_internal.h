@@ -60,6 +60,7 @@ typedef struct {
     pd__pair_t *pairs;
     unsigned npairs;
     pd__facts_t facts;
+    const pd_table_facts_t **tfacts; /* tables rules: per table, NULL when unknown; borrowed */
 } pd__rule_t;
 
 /* ---------------------------------------------------------------------------------------
@@ -83,6 +84,17 @@ typedef struct {
     char *message;
     char *hint;
     int refuse_rule;
+
+    /* The mirror pass (tables rules in dual): */
+    pd_mirror_kind_t mirror;
+    int mirror_rule;
+    pd_txn_kind_t txn;
+    bool set_local;
+    pd_image_kind_t image;
+    char *image_sql;      /* malloc'd */
+    unsigned image_cols;
+    uint32_t *image_types; /* malloc'd */
+    int client_cols;
 } pd__ctx_t;
 
 /* Records the first refusal of the pass (later ones are dropped): the rule, SQLSTATE, hint
@@ -96,6 +108,8 @@ bool pd__stopped(const pd__ctx_t *ctx);
 
 /* Does the relation name one of the rule's tables? */
 bool pd__rule_matches(const pd__rule_t *r, const PgQuery__RangeVar *rv);
+/* Which of the rule's tables it names (index in r->tables), or -1. */
+int pd__rule_table_index(const pd__rule_t *r, const PgQuery__RangeVar *rv);
 /* Rule in force for writes / for reads=new in this pass? */
 bool pd__rule_writes_dual(const pd__ctx_t *ctx, const pd__rule_t *r);
 bool pd__rule_reads_new(const pd__ctx_t *ctx, const pd__rule_t *r);
@@ -183,6 +197,11 @@ void pd__classify(pd__ctx_t *ctx, pd__node_t *stmt);
 void pd__rewrite_writes(pd__ctx_t *ctx, pd__node_t *stmt);
 /* reads=new: serves old columns from the new ones, or refuses. */
 void pd__rewrite_reads(pd__ctx_t *ctx, pd__node_t *stmt);
+/* tables rules in dual: what the mirror does with the statement (sql_mirror.c); adds the
+   RETURNING columns of a row image to the statement, or refuses. */
+void pd__plan_mirror(pd__ctx_t *ctx, pd__node_t *stmt);
+/* Is a tables rule of the statement's database mirroring writes in this pass? */
+bool pd__rule_mirrors(const pd__ctx_t *ctx, const pd__rule_t *r);
 
 /* ---------------------------------------------------------------------------------------
  * The LRU cache of results (sql_cache.c).

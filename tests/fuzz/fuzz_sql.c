@@ -34,8 +34,10 @@ static char *users_cols[] = {"id", "email", "email_address", "created_at"};
 static char *users_defaults[] = {"nextval('users_id_seq'::regclass)", NULL, NULL, "now()"};
 static char *accounts_cols[] = {"id", "name", "full_name", "phone", "phone_e164"};
 static char *accounts_defaults[] = {NULL, NULL, NULL, "''::text", NULL};
-static const pd_table_facts_t users_facts = {true, 4, users_cols, users_defaults};
-static const pd_table_facts_t accounts_facts = {true, 5, accounts_cols, accounts_defaults};
+static const pd_table_facts_t users_facts = {
+    .loaded = true, .ncolumns = 4, .columns = users_cols, .defaults = users_defaults};
+static const pd_table_facts_t accounts_facts = {
+    .loaded = true, .ncolumns = 5, .columns = accounts_cols, .defaults = accounts_defaults};
 
 /* Every input runs under each of these (writes, reads) pairs, for both rules. */
 static const pd_rule_view_t views[][2] = {

@@ -13,7 +13,9 @@
  *     <input sql, one or more lines>
  *     --> PASS | REFUSE <sqlstate> | <exact expected output, one or more lines>
  *     --> shadow: <expected shadow_sql>      (optional; absent means none)
- *     --> flags: write ordered rule=NAME     (optional; checks is_write, ordered, rule)
+ *     --> flags: write ordered rule=NAME mirror=KIND   (optional; checks is_write,
+ *                                            ordered, rule and the mirror plan)
+ *     --> image: <expected image_sql>        (absent means none)
  *
  * Lines starting with "# " are comments. After the first expectation, further `-- views:`
  * or `-- view` lines followed by `-->` run the same input again under other flags.
@@ -76,8 +78,28 @@ static char *users_defaults[] = {"nextval('users_id_seq'::regclass)", NULL, NULL
 static char *accounts_cols[] = {"id", "name", "full_name", "phone", "phone_e164"};
 static char *accounts_defaults[] = {NULL, NULL, NULL, "''::text", NULL};
 
-static const pd_table_facts_t users_facts = {true, 4, users_cols, users_defaults};
-static const pd_table_facts_t accounts_facts = {true, 5, accounts_cols, accounts_defaults};
+static const pd_table_facts_t users_facts = {
+    .loaded = true, .ncolumns = 4, .columns = users_cols, .defaults = users_defaults};
+static const pd_table_facts_t accounts_facts = {
+    .loaded = true, .ncolumns = 5, .columns = accounts_cols, .defaults = accounts_defaults};
+
+/* The tables rule's table: a serial key, a plain column, a now() default, a generated one. */
+static char *orders_cols[] = {"id", "total", "created_at", "note", "total_cents"};
+static char *orders_defaults[] = {"nextval('orders_id_seq'::regclass)", NULL, "now()", "'none'::text",
+                                  NULL};
+static uint32_t orders_types[] = {23, 1700, 1184, 25, 20};
+static char orders_generated[] = {0, 0, 0, 0, 's'};
+static unsigned orders_key[] = {0};
+static const pd_table_facts_t orders_facts = {.loaded = true,
+                                              .ncolumns = 5,
+                                              .columns = orders_cols,
+                                              .defaults = orders_defaults,
+                                              .schema = "public",
+                                              .name = "orders",
+                                              .types = orders_types,
+                                              .generated = orders_generated,
+                                              .nkey = 1,
+                                              .key = orders_key};
 
 static pd_config_t *load_config(void)
 {
@@ -97,6 +119,7 @@ static pd_sql_t *new_rewriter(const pd_config_t *cfg, bool with_facts, size_t ca
     if (with_facts) {
         facts[R_USERS] = &users_facts;
         facts[R_ACCOUNTS] = &accounts_facts;
+        facts[R_ORDERS] = &orders_facts;
     }
     pd_sql_t *rw = pd_sql_new(cfg, facts, cache);
     assert_non_null(rw);
@@ -160,7 +183,7 @@ typedef struct {
     char views_text[400];
     pd_rule_view_t views[NRULES];
     char db[64];
-    str_t input, expect, shadow, flags;
+    str_t input, expect, shadow, flags, image;
     bool have_input, in_expect, have_expect;
 } corpus_t;
 
@@ -195,10 +218,33 @@ static const char *action_text(const pd_sql_result_t *r, char *buf, size_t size)
     return r->sql;
 }
 
+static const char *mirror_text(const pd_sql_result_t *r)
+{
+    static const char *const txn[] = {"", "txn-begin", "txn-end", "txn-inner"};
+    static const char *const image[] = {"", "image-insert", "image-upsert", "image-update",
+                                        "image-delete"};
+    switch (r->mirror) {
+    case PD_MIRROR_TXN:
+        return txn[r->txn];
+    case PD_MIRROR_SET:
+        return r->set_local ? "set-local" : "set";
+    case PD_MIRROR_WRITE:
+        return "write";
+    case PD_MIRROR_IMAGE:
+        return image[r->image];
+    default:
+        return NULL;
+    }
+}
+
 static void flags_text(const corpus_t *c, const pd_sql_result_t *r, char *buf, size_t size)
 {
-    snprintf(buf, size, "%s%s%s%s", r->is_write ? "write " : "", r->ordered ? "ordered " : "",
-             r->rule >= 0 ? "rule=" : "", r->rule >= 0 ? c->cfg->rules[r->rule].name : "");
+    const char *m = mirror_text(r);
+    snprintf(buf, size, "%s%s%s%s%s%s", r->is_write ? "write " : "", r->ordered ? "ordered " : "",
+             r->rule >= 0 ? "rule=" : "", r->rule >= 0 ? c->cfg->rules[r->rule].name : "",
+             m != NULL ? " mirror=" : "", m != NULL ? m : "");
+    if (buf[0] == ' ')
+        memmove(buf, buf + 1, strlen(buf));
     size_t n = strlen(buf);
     while (n > 0 && buf[n - 1] == ' ')
         buf[--n] = '\0';
@@ -221,6 +267,8 @@ static void dump_case(const corpus_t *c, const pd_sql_result_t *r)
            action_text(r, buf, sizeof buf));
     if (r->shadow_sql != NULL)
         printf("--> shadow: %s\n", r->shadow_sql);
+    if (r->image_sql != NULL)
+        printf("--> image: %s\n", r->image_sql);
     if (r->action == PD_SQL_REFUSE)
         printf("--  message: %s\n--  hint: %s\n", r->message, r->hint);
     printf("--  flags: %s\n\n", flags);
@@ -244,6 +292,9 @@ static void run_case(corpus_t *c)
     else if ((c->shadow.buf != NULL) != (r->shadow_sql != NULL) ||
              (c->shadow.buf != NULL && strcmp(c->shadow.buf, r->shadow_sql) != 0))
         report(c, "shadow_sql", c->shadow.buf != NULL ? c->shadow.buf : "(none)", r->shadow_sql);
+    if (!c->dump && ((c->image.buf != NULL) != (r->image_sql != NULL) ||
+                     (c->image.buf != NULL && strcmp(c->image.buf, r->image_sql) != 0)))
+        report(c, "image_sql", c->image.buf != NULL ? c->image.buf : "(none)", r->image_sql);
     if (!c->dump && c->flags.buf != NULL) {
         flags_text(c, r, flags, sizeof flags);
         str_trim(&c->flags);
@@ -257,6 +308,7 @@ static void run_case(corpus_t *c)
     str_clear(&c->expect);
     str_clear(&c->shadow);
     str_clear(&c->flags);
+    str_clear(&c->image);
     c->in_expect = false;
     c->have_expect = false;
 }
@@ -311,6 +363,11 @@ static void expect_line(corpus_t *c, const char *line)
     }
     if (strncmp(line, "--> flags:", 10) == 0) {
         str_add(&c->flags, line[10] == ' ' ? line + 11 : line + 10);
+        c->in_expect = false;
+        return;
+    }
+    if (strncmp(line, "--> image: ", 11) == 0) {
+        str_add(&c->image, line + 11);
         c->in_expect = false;
         return;
     }
@@ -643,11 +700,21 @@ static void test_configured_views_and_databases(void **state)
     assert_string_equal(r->sql, "UPDATE users SET email = $1, email_address = lower($1)");
     pd_sql_result_release(r);
 
-    /* The tables rule of shop classifies writes to its tables; nothing is rewritten. */
+    /* The tables rule of shop classifies writes to its tables: a deterministic one is
+       replayed verbatim, one that leaves a now() default is a row image. */
     pd_rule_view_t v[NRULES];
     set_views(v, PD_WRITES_DUAL, PD_READS_OLD);
-    r = pd_sql_rewrite(rw, "shop", "INSERT INTO orders (id) VALUES (1)", v);
+    r = pd_sql_rewrite(rw, "shop", "DELETE FROM orders WHERE id = 1", v);
     assert_int_equal(r->action, PD_SQL_PASS);
+    assert_int_equal(r->mirror, PD_MIRROR_WRITE);
+    assert_int_equal(r->mirror_rule, R_ORDERS);
+    pd_sql_result_release(r);
+    r = pd_sql_rewrite(rw, "shop", "INSERT INTO orders (id) VALUES (1)", v);
+    assert_int_equal(r->action, PD_SQL_REWRITE);
+    assert_int_equal(r->mirror, PD_MIRROR_IMAGE);
+    assert_int_equal(r->image_cols, 4);
+    assert_int_equal(r->image_types[2], 1184);
+    assert_int_equal(r->client_cols, -1);
     assert_true(r->is_write);
     assert_int_equal(r->rule, R_ORDERS);
     pd_sql_result_release(r);

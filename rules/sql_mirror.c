@@ -1,0 +1,603 @@
+/*
+ * sql_mirror.c — the mirror pass: what the other database of a `tables` rule in dual
+ * must do with a statement (DESIGN.md §4 "Mirroring writes to a second database").
+ *
+ *  - Transaction control and session settings are kept in step (PD_MIRROR_TXN, _SET).
+ *  - A write to a rule table whose effect is the same wherever it runs is replayed
+ *    verbatim (PD_MIRROR_WRITE).
+ *  - A write whose effect depends on where it runs — a function that is not known to give
+ *    the same result on every server (now(), random(), nextval(), user functions), a
+ *    read of a table the rule does not move, an omitted column whose default is such a
+ *    function or an identity — is replayed as row images (PD_MIRROR_IMAGE): the statement
+ *    gets RETURNING of the columns the mirror needs appended after the client's own, the
+ *    session strips them before the client sees the rows, and the mirror applies each
+ *    row with `image_sql`.
+ *  - What cannot be replayed faithfully is refused, naming the rule and what to do.
+ *
+ * Deciding "the same everywhere" errs on the side of row images: they are always right,
+ * only dearer.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "rules/sql_internal.h"
+
+/* Functions that give the same result for the same arguments on any server with the same
+   settings (the session's settings are kept in step). Anything else makes a write a row
+   image. */
+static const char *const same_everywhere[] = {
+    "abs",     "btrim",    "ceil",     "ceiling",   "char_length", "character_length",
+    "concat",  "concat_ws", "floor",   "initcap",   "left",        "length",
+    "lower",   "lpad",     "ltrim",    "md5",       "octet_length", "position",
+    "repeat",  "replace",  "reverse",  "right",     "round",       "rpad",
+    "rtrim",   "split_part", "strpos", "substr",    "substring",   "to_char",
+    "to_number", "translate", "trim",  "trunc",     "upper",       "mod",
+    "power",   "sqrt",     "sign",     "jsonb_build_object", "json_build_object",
+    "jsonb_set", "array_append", "array_remove", "coalesce", "greatest", "least",
+    "nullif",  "int4",     "int8",     "text",      "numeric",     "float8",
+};
+
+static bool same_everywhere_fn(const char *name)
+{
+    for (size_t i = 0; i < sizeof same_everywhere / sizeof *same_everywhere; i++)
+        if (strcmp(name, same_everywhere[i]) == 0)
+            return true;
+    return false;
+}
+
+bool pd__rule_mirrors(const pd__ctx_t *ctx, const pd__rule_t *r)
+{
+    if (r->columns_kind || !ctx->in_db[r->index])
+        return false;
+    pd_writes_t w = ctx->views[r->index].writes;
+    return w == PD_WRITES_DUAL || w == PD_WRITES_DUAL_NEW;
+}
+
+/* The first rule mirroring in this pass, or NULL. */
+static const pd__rule_t *mirroring_rule(const pd__ctx_t *ctx)
+{
+    for (unsigned i = 0; i < ctx->nrules; i++)
+        if (pd__rule_mirrors(ctx, &ctx->rules[i]))
+            return &ctx->rules[i];
+    return NULL;
+}
+
+/* The facts of the rule table a relation names, or NULL (not a table of the rule). Sets
+   *member when the relation is one of the rule's tables even if its facts are unknown. */
+static const pd_table_facts_t *table_of(const pd__rule_t *r, const PgQuery__RangeVar *rv,
+                                        bool *member)
+{
+    int i = pd__rule_table_index(r, rv);
+    *member = i >= 0;
+    return i >= 0 && r->tfacts != NULL ? r->tfacts[i] : NULL;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Same everywhere?
+ */
+typedef struct {
+    const pd__rule_t *rule;
+    const char *why; /* the first thing found that depends on where it runs */
+} det_t;
+
+static bool find_local(pd__node_t *n, void *arg)
+{
+    det_t *d = arg;
+    if (d->why != NULL)
+        return false;
+    switch (n->node_case) {
+    case PG_QUERY__NODE__NODE_FUNC_CALL: {
+        const PgQuery__FuncCall *f = n->func_call;
+        const char *name = f->n_funcname > 0 ? pd__str(f->funcname[f->n_funcname - 1]) : NULL;
+        if (name == NULL || !same_everywhere_fn(name))
+            d->why = "a function call";
+        break;
+    }
+    case PG_QUERY__NODE__NODE_SQLVALUE_FUNCTION:
+        d->why = "a CURRENT_... value";
+        break;
+    case PG_QUERY__NODE__NODE_SET_TO_DEFAULT:
+        d->why = "DEFAULT";
+        break;
+    case PG_QUERY__NODE__NODE_RANGE_VAR: {
+        bool member = false;
+        (void)table_of(d->rule, n->range_var, &member);
+        if (!member)
+            d->why = "a table the rule does not move";
+        break;
+    }
+    case PG_QUERY__NODE__NODE_RANGE_FUNCTION:
+    case PG_QUERY__NODE__NODE_RANGE_TABLE_SAMPLE:
+        d->why = "a function in FROM";
+        break;
+    default:
+        break;
+    }
+    return d->why == NULL;
+}
+
+/* NULL when n is the same everywhere, else what is not (for messages). */
+static const char *local_part(const pd__rule_t *r, const ProtobufCMessage *n)
+{
+    if (n == NULL)
+        return NULL;
+    det_t d = {.rule = r};
+    /* The walk does not modify the tree; the cast only fits the visitor's signature. */
+    if (!pd__walk((ProtobufCMessage *)n, find_local, &d))
+        return "a statement nested too deeply";
+    return d.why;
+}
+
+/* Is the default of column i the same everywhere (a constant, or none)? */
+static bool default_same_everywhere(const pd__rule_t *r, const pd_table_facts_t *t, unsigned i)
+{
+    if (t->generated != NULL && (t->generated[i] == 'a' || t->generated[i] == 'd'))
+        return false; /* identity */
+    if (t->defaults == NULL || t->defaults[i] == NULL)
+        return true;
+    pd__node_t *e = pd__parse_expr(t->defaults[i]);
+    bool same = e != NULL && local_part(r, &e->base) == NULL;
+    pd__node_free(e);
+    return same;
+}
+
+static bool named_in(const PgQuery__InsertStmt *ins, const char *col)
+{
+    for (size_t i = 0; i < ins->n_cols; i++) {
+        const pd__node_t *c = ins->cols[i];
+        if (c->node_case == PG_QUERY__NODE__NODE_RES_TARGET && c->res_target->name != NULL &&
+            strcmp(c->res_target->name, col) == 0)
+            return true;
+    }
+    return false;
+}
+
+/* The number of values each row of INSERT ... VALUES gives, or -1 (a SELECT). */
+static long values_width(const PgQuery__InsertStmt *ins)
+{
+    const pd__node_t *sel = ins->select_stmt;
+    if (sel == NULL || sel->node_case != PG_QUERY__NODE__NODE_SELECT_STMT ||
+        sel->select_stmt->n_values_lists == 0)
+        return -1;
+    const pd__node_t *first = sel->select_stmt->values_lists[0];
+    return first->node_case == PG_QUERY__NODE__NODE_LIST ? (long)first->list->n_items : -1;
+}
+
+/* Does an INSERT leave a column to a default that is not the same everywhere? */
+static const char *local_default(const pd__rule_t *r, const PgQuery__InsertStmt *ins,
+                                 const pd_table_facts_t *t)
+{
+    long width = ins->n_cols > 0 ? -1 : ins->select_stmt == NULL ? 0 : values_width(ins);
+    for (unsigned i = 0; i < t->ncolumns; i++) {
+        bool given = ins->n_cols > 0 ? named_in(ins, t->columns[i])
+                                     : width < 0 || (long)i < width; /* SELECT: all given */
+        if (!given && !default_same_everywhere(r, t, i))
+            return "a column default";
+    }
+    /* INSERT ... SELECT without a column list may still leave trailing columns out. */
+    if (ins->n_cols == 0 && width < 0)
+        for (unsigned i = 0; i < t->ncolumns; i++)
+            if (!default_same_everywhere(r, t, i))
+                return "a column default";
+    return NULL;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Row images
+ */
+typedef struct {
+    char *buf;
+    size_t len, cap;
+    bool oom;
+} sbuf_t;
+
+static void sb_add(sbuf_t *b, const char *s, size_t n)
+{
+    if (b->oom)
+        return;
+    if (b->len + n + 1 > b->cap) {
+        size_t cap = (b->len + n + 1) * 2;
+        char *g = realloc(b->buf, cap);
+        if (g == NULL) {
+            b->oom = true;
+            return;
+        }
+        b->buf = g;
+        b->cap = cap;
+    }
+    memcpy(b->buf + b->len, s, n);
+    b->len += n;
+    b->buf[b->len] = '\0';
+}
+
+static void sb_str(sbuf_t *b, const char *s)
+{
+    sb_add(b, s, strlen(s));
+}
+
+__attribute__((format(printf, 2, 3))) static void sb_fmt(sbuf_t *b, const char *fmt, ...)
+{
+    char tmp[64];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
+    va_end(ap);
+    if (n < 0 || (size_t)n >= sizeof tmp)
+        b->oom = true;
+    else
+        sb_add(b, tmp, (size_t)n);
+}
+
+/* An identifier, always quoted (so that any name is taken as it is). */
+static void sb_ident(sbuf_t *b, const char *id)
+{
+    sb_add(b, "\"", 1);
+    for (const char *p = id; *p; p++)
+        sb_add(b, *p == '"' ? "\"\"" : p, *p == '"' ? 2 : 1);
+    sb_add(b, "\"", 1);
+}
+
+static void sb_table(sbuf_t *b, const pd_table_facts_t *t)
+{
+    sb_ident(b, t->schema);
+    sb_add(b, ".", 1);
+    sb_ident(b, t->name);
+}
+
+static bool is_key(const pd_table_facts_t *t, unsigned col)
+{
+    for (unsigned k = 0; k < t->nkey; k++)
+        if (t->key[k] == col)
+            return true;
+    return false;
+}
+
+/* Columns a row image carries: every stored column (generated ones are computed on the
+   mirror), or the key only for a delete. */
+static bool carried(const pd_table_facts_t *t, unsigned col, pd_image_kind_t kind)
+{
+    if (kind == PD_IMAGE_DELETE)
+        return is_key(t, col);
+    return t->generated == NULL || t->generated[col] != 's';
+}
+
+/* The statement that applies one row image: its parameters are the carried columns in
+   column order. */
+static char *image_statement(const pd_table_facts_t *t, pd_image_kind_t kind)
+{
+    sbuf_t b = {0};
+    unsigned n = 0;
+    unsigned param[t->ncolumns + 1];
+    for (unsigned i = 0; i < t->ncolumns; i++)
+        param[i] = carried(t, i, kind) ? ++n : 0;
+    if (kind == PD_IMAGE_INSERT || kind == PD_IMAGE_UPSERT) {
+        sb_str(&b, "INSERT INTO ");
+        sb_table(&b, t);
+        sb_str(&b, " (");
+        for (unsigned i = 0, k = 0; i < t->ncolumns; i++)
+            if (param[i]) {
+                sb_str(&b, k++ ? ", " : "");
+                sb_ident(&b, t->columns[i]);
+            }
+        sb_str(&b, ") OVERRIDING SYSTEM VALUE VALUES (");
+        for (unsigned i = 0, k = 0; i < t->ncolumns; i++)
+            if (param[i])
+                sb_fmt(&b, "%s$%u", k++ ? ", " : "", param[i]);
+        sb_str(&b, ")");
+        if (kind == PD_IMAGE_UPSERT) {
+            sb_str(&b, " ON CONFLICT (");
+            for (unsigned k = 0; k < t->nkey; k++) {
+                sb_str(&b, k ? ", " : "");
+                sb_ident(&b, t->columns[t->key[k]]);
+            }
+            unsigned set = 0;
+            for (unsigned i = 0; i < t->ncolumns; i++)
+                if (param[i] && !is_key(t, i)) {
+                    sb_str(&b, set++ ? ", " : ") DO UPDATE SET ");
+                    sb_ident(&b, t->columns[i]);
+                    sb_str(&b, " = EXCLUDED.");
+                    sb_ident(&b, t->columns[i]);
+                }
+            if (set == 0)
+                sb_str(&b, ") DO NOTHING");
+        }
+    } else {
+        sb_str(&b, kind == PD_IMAGE_UPDATE ? "UPDATE " : "DELETE FROM ");
+        sb_table(&b, t);
+        unsigned set = 0;
+        for (unsigned i = 0; kind == PD_IMAGE_UPDATE && i < t->ncolumns; i++)
+            if (param[i] && !is_key(t, i)) {
+                sb_str(&b, set++ ? ", " : " SET ");
+                sb_ident(&b, t->columns[i]);
+                sb_fmt(&b, " = $%u", param[i]);
+            }
+        if (kind == PD_IMAGE_UPDATE && set == 0) {
+            free(b.buf);
+            return strdup(""); /* a table of key columns only: nothing to update */
+        }
+        for (unsigned k = 0; k < t->nkey; k++) {
+            sb_str(&b, k ? " AND " : " WHERE ");
+            sb_ident(&b, t->columns[t->key[k]]);
+            sb_fmt(&b, " = $%u", param[t->key[k]]);
+        }
+    }
+    if (b.oom) {
+        free(b.buf);
+        return NULL;
+    }
+    return b.buf;
+}
+
+static void refuse_mirror(pd__ctx_t *ctx, const pd__rule_t *r, const char *hint, const char *fmt,
+                          ...) __attribute__((format(printf, 4, 5)));
+
+static void refuse_mirror(pd__ctx_t *ctx, const pd__rule_t *r, const char *hint, const char *fmt,
+                          ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    char *what = NULL;
+    int n = vasprintf(&what, fmt, ap);
+    va_end(ap);
+    if (n < 0) {
+        pd__oom(ctx);
+        return;
+    }
+    pd__refuse(ctx, r->index, "0A000", hint,
+               "pgdual: %s, so rule \"%s\" (writes=%s) could not keep the new database in step",
+               what, r->cfg->name, pd_writes_name(ctx->views[r->index].writes));
+    free(what);
+}
+
+static const char *const keep_hint =
+    "Rewrite the statement, or set writes=old for the rule while it runs and then run "
+    "`pgdualctl verify RULE --repair`.";
+
+/* Appends RETURNING of the carried columns (qualified by the target's name) to a write. */
+static void plan_image(pd__ctx_t *ctx, const pd__rule_t *r, const pd_table_facts_t *t,
+                       const PgQuery__RangeVar *rv, pd__node_t ***returning, size_t *nreturning,
+                       pd_image_kind_t kind)
+{
+    if (kind != PD_IMAGE_INSERT && t->nkey == 0) {
+        refuse_mirror(ctx, r, keep_hint,
+                      "%s of %s.%s depends on where it runs and the table has no key to replay "
+                      "it by",
+                      kind == PD_IMAGE_DELETE ? "a DELETE" : "a write", t->schema, t->name);
+        return;
+    }
+    ctx->client_cols = *nreturning > 0 ? (int)*nreturning : -1;
+    ctx->image_types = calloc(t->ncolumns + 1, sizeof *ctx->image_types);
+    ctx->image_sql = image_statement(t, kind);
+    if (ctx->image_types == NULL || ctx->image_sql == NULL) {
+        pd__oom(ctx);
+        return;
+    }
+    const char *qual = pd__refname(rv);
+    for (unsigned i = 0; i < t->ncolumns; i++) {
+        if (!carried(t, i, kind))
+            continue;
+        if (!pd__append(returning, nreturning,
+                        pd__make_res_target(NULL, pd__make_column_ref(qual, t->columns[i])))) {
+            pd__oom(ctx);
+            return;
+        }
+        ctx->image_types[ctx->image_cols++] = t->types != NULL ? t->types[i] : 0;
+    }
+    ctx->mirror = PD_MIRROR_IMAGE;
+    ctx->image = kind;
+    ctx->changed = true;
+}
+
+/* An UPDATE that assigns a key column cannot be replayed by its key. */
+static const char *assigned_key(const PgQuery__UpdateStmt *u, const pd_table_facts_t *t)
+{
+    for (size_t i = 0; i < u->n_target_list; i++) {
+        const pd__node_t *n = u->target_list[i];
+        if (n->node_case != PG_QUERY__NODE__NODE_RES_TARGET || n->res_target->name == NULL)
+            continue;
+        for (unsigned k = 0; k < t->nkey; k++)
+            if (strcmp(n->res_target->name, t->columns[t->key[k]]) == 0)
+                return t->columns[t->key[k]];
+    }
+    return NULL;
+}
+
+/* The target of a top-level write to a rule table, planned; false when the statement is not
+   one (the caller looks further). */
+static bool plan_write(pd__ctx_t *ctx, const pd__rule_t *r, pd__node_t *stmt)
+{
+    PgQuery__RangeVar *rv = NULL;
+    pd__node_t ***ret = NULL;
+    size_t *nret = NULL;
+    pd_image_kind_t kind = 0;
+    const char *local = NULL;
+    switch (stmt->node_case) {
+    case PG_QUERY__NODE__NODE_INSERT_STMT: {
+        PgQuery__InsertStmt *s = stmt->insert_stmt;
+        rv = s->relation;
+        ret = &s->returning_list;
+        nret = &s->n_returning_list;
+        kind = s->on_conflict_clause != NULL ? PD_IMAGE_UPSERT : PD_IMAGE_INSERT;
+        break;
+    }
+    case PG_QUERY__NODE__NODE_UPDATE_STMT:
+        rv = stmt->update_stmt->relation;
+        ret = &stmt->update_stmt->returning_list;
+        nret = &stmt->update_stmt->n_returning_list;
+        kind = PD_IMAGE_UPDATE;
+        break;
+    case PG_QUERY__NODE__NODE_DELETE_STMT:
+        rv = stmt->delete_stmt->relation;
+        ret = &stmt->delete_stmt->returning_list;
+        nret = &stmt->delete_stmt->n_returning_list;
+        kind = PD_IMAGE_DELETE;
+        break;
+    default:
+        return false;
+    }
+    bool member = false;
+    const pd_table_facts_t *t = table_of(r, rv, &member);
+    if (!member)
+        return false;
+    ctx->is_write = true;
+    ctx->mirror_rule = r->index;
+    if (t == NULL || !t->loaded) {
+        refuse_mirror(ctx, r, "Check that pgdual could read the catalog (pgdualctl rules).",
+                      "the catalog facts of %s are unknown", rv->relname);
+        return true;
+    }
+    local = local_part(r, &stmt->base);
+    if (local == NULL && kind != PD_IMAGE_UPDATE && kind != PD_IMAGE_DELETE)
+        local = local_default(r, stmt->insert_stmt, t);
+    if (local == NULL) {
+        ctx->mirror = PD_MIRROR_WRITE;
+        return true;
+    }
+    if (kind == PD_IMAGE_UPDATE && assigned_key(stmt->update_stmt, t) != NULL) {
+        refuse_mirror(ctx, r, keep_hint,
+                      "an UPDATE of key column \"%s\" of %s.%s with %s can only be replayed by "
+                      "its key",
+                      assigned_key(stmt->update_stmt, t), t->schema, t->name, local);
+        return true;
+    }
+    plan_image(ctx, r, t, rv, ret, nret, kind);
+    return true;
+}
+
+/* Any write to a rule table below the top (WITH clauses): replayed verbatim or refused. */
+typedef struct {
+    const pd__rule_t *rule;
+    bool found;
+} dml_t;
+
+static bool find_rule_dml(pd__node_t *n, void *arg)
+{
+    dml_t *d = arg;
+    const PgQuery__RangeVar *rv = NULL;
+    if (n->node_case == PG_QUERY__NODE__NODE_INSERT_STMT)
+        rv = n->insert_stmt->relation;
+    else if (n->node_case == PG_QUERY__NODE__NODE_UPDATE_STMT)
+        rv = n->update_stmt->relation;
+    else if (n->node_case == PG_QUERY__NODE__NODE_DELETE_STMT)
+        rv = n->delete_stmt->relation;
+    else if (n->node_case == PG_QUERY__NODE__NODE_MERGE_STMT)
+        rv = n->merge_stmt->relation;
+    bool member = false;
+    if (rv != NULL)
+        (void)table_of(d->rule, rv, &member);
+    d->found = d->found || member;
+    return !d->found;
+}
+
+static void plan_other(pd__ctx_t *ctx, const pd__rule_t *r, pd__node_t *stmt)
+{
+    if (stmt->node_case == PG_QUERY__NODE__NODE_TRUNCATE_STMT) {
+        const PgQuery__TruncateStmt *t = stmt->truncate_stmt;
+        size_t members = 0;
+        for (size_t i = 0; i < t->n_relations; i++) {
+            bool member = false;
+            if (t->relations[i]->node_case == PG_QUERY__NODE__NODE_RANGE_VAR)
+                (void)table_of(r, t->relations[i]->range_var, &member);
+            members += member;
+        }
+        if (members == 0)
+            return;
+        ctx->is_write = true;
+        ctx->mirror_rule = r->index;
+        if (members < t->n_relations)
+            refuse_mirror(ctx, r, "Truncate the rule's tables and the others in two statements.",
+                          "TRUNCATE names tables of the rule together with others");
+        else
+            ctx->mirror = PD_MIRROR_WRITE;
+        return;
+    }
+    if (stmt->node_case == PG_QUERY__NODE__NODE_COPY_STMT) {
+        const PgQuery__CopyStmt *c = stmt->copy_stmt;
+        bool member = false;
+        if (c->is_from && c->relation != NULL)
+            (void)table_of(r, c->relation, &member);
+        if (member) {
+            ctx->is_write = true;
+            ctx->mirror_rule = r->index;
+            refuse_mirror(ctx, r, keep_hint, "COPY FROM into %s is not mirrored yet",
+                          c->relation->relname);
+        }
+        return;
+    }
+    dml_t d = {.rule = r};
+    if (!pd__walk(&stmt->base, find_rule_dml, &d)) {
+        refuse_mirror(ctx, r, keep_hint, "the statement is nested too deeply to examine");
+        return;
+    }
+    if (!d.found)
+        return;
+    ctx->is_write = true;
+    ctx->mirror_rule = r->index;
+    const char *local = local_part(r, &stmt->base);
+    if (local == NULL)
+        ctx->mirror = PD_MIRROR_WRITE;
+    else
+        refuse_mirror(ctx, r, keep_hint,
+                      "%s writes a table of the rule with %s, which cannot be replayed verbatim "
+                      "(only a plain INSERT, UPDATE or DELETE can be replayed as row images)",
+                      stmt->node_case == PG_QUERY__NODE__NODE_MERGE_STMT ? "MERGE"
+                                                                          : "a statement",
+                      local);
+}
+
+static void plan_txn(pd__ctx_t *ctx, const pd__rule_t *r, const PgQuery__TransactionStmt *t)
+{
+    ctx->mirror = PD_MIRROR_TXN;
+    ctx->mirror_rule = r->index;
+    switch (t->kind) {
+    case PG_QUERY__TRANSACTION_STMT_KIND__TRANS_STMT_BEGIN:
+    case PG_QUERY__TRANSACTION_STMT_KIND__TRANS_STMT_START:
+        ctx->txn = PD_TXN_BEGIN;
+        break;
+    case PG_QUERY__TRANSACTION_STMT_KIND__TRANS_STMT_COMMIT:
+    case PG_QUERY__TRANSACTION_STMT_KIND__TRANS_STMT_ROLLBACK:
+        ctx->txn = PD_TXN_END;
+        break;
+    case PG_QUERY__TRANSACTION_STMT_KIND__TRANS_STMT_SAVEPOINT:
+    case PG_QUERY__TRANSACTION_STMT_KIND__TRANS_STMT_RELEASE:
+    case PG_QUERY__TRANSACTION_STMT_KIND__TRANS_STMT_ROLLBACK_TO:
+        ctx->txn = PD_TXN_INNER;
+        break;
+    default:
+        ctx->mirror = PD_MIRROR_NONE;
+        refuse_mirror(ctx, r,
+                      "Commit or roll back without two-phase commit while the rule mirrors "
+                      "writes.",
+                      "two-phase commit (PREPARE TRANSACTION) is not kept in step across two "
+                      "databases");
+        break;
+    }
+}
+
+void pd__plan_mirror(pd__ctx_t *ctx, pd__node_t *stmt)
+{
+    const pd__rule_t *r = mirroring_rule(ctx);
+    if (r == NULL || stmt == NULL)
+        return;
+    switch (stmt->node_case) {
+    case PG_QUERY__NODE__NODE_TRANSACTION_STMT:
+        plan_txn(ctx, r, stmt->transaction_stmt);
+        return;
+    case PG_QUERY__NODE__NODE_VARIABLE_SET_STMT:
+        ctx->mirror = PD_MIRROR_SET;
+        ctx->mirror_rule = r->index;
+        ctx->set_local = stmt->variable_set_stmt->is_local ||
+                         stmt->variable_set_stmt->kind == PG_QUERY__VARIABLE_SET_KIND__VAR_SET_MULTI;
+        return;
+    case PG_QUERY__NODE__NODE_DISCARD_STMT:
+        ctx->mirror = PD_MIRROR_SET;
+        ctx->mirror_rule = r->index;
+        return;
+    default:
+        break;
+    }
+    if (!plan_write(ctx, r, stmt))
+        plan_other(ctx, r, stmt);
+}
