@@ -59,10 +59,27 @@ static void render_rules(const pd_server_t *srv, pd_buf_t *out)
         put(out, "pgdual_shadow_reads_total{rule=\"%s\",outcome=\"skipped\"} %llu\n", name,
             (unsigned long long)st->shadow_skipped);
     }
-    help(out, "pgdual_divergence_total", "counter", "Divergence events by rule and kind.");
+    help(out, "pgdual_mirrored_statements_total", "counter",
+         "Statements replayed on a tables rule's mirror.");
     for (unsigned i = 0; i < cfg->rule_count; i++)
-        put(out, "pgdual_divergence_total{rule=\"%s\",kind=\"shadow_read\"} %llu\n",
-            cfg->rules[i].name, (unsigned long long)srv->stats[i].shadow_mismatched);
+        put(out, "pgdual_mirrored_statements_total{rule=\"%s\"} %llu\n", cfg->rules[i].name,
+            (unsigned long long)srv->stats[i].mirrored);
+    help(out, "pgdual_divergence_total", "counter", "Divergence events by rule and kind.");
+    for (unsigned i = 0; i < cfg->rule_count; i++) {
+        const pd_rule_stats_t *st = &srv->stats[i];
+        const char *name = cfg->rules[i].name;
+        put(out, "pgdual_divergence_total{rule=\"%s\",kind=\"shadow_read\"} %llu\n", name,
+            (unsigned long long)st->shadow_mismatched);
+        put(out, "pgdual_divergence_total{rule=\"%s\",kind=\"mirror_outcome\"} %llu\n", name,
+            (unsigned long long)st->mirror_diverged);
+        put(out, "pgdual_divergence_total{rule=\"%s\",kind=\"mirror_unapplied\"} %llu\n", name,
+            (unsigned long long)st->mirror_unapplied);
+    }
+    help(out, "pgdual_mirror_proxy_errors_total", "counter",
+         "Errors pgdual itself caused on a mirror (a bug: report it).");
+    for (unsigned i = 0; i < cfg->rule_count; i++)
+        put(out, "pgdual_mirror_proxy_errors_total{rule=\"%s\"} %llu\n", cfg->rules[i].name,
+            (unsigned long long)srv->stats[i].mirror_proxy_errors);
     help(out, "pgdual_rule_flags", "gauge", "The flags in force (value 1).");
     for (unsigned i = 0; i < cfg->rule_count; i++) {
         char reads[32];
@@ -111,12 +128,16 @@ json_t *pd_render_rule_stats(const pd_server_t *srv)
     for (unsigned i = 0; i < srv->cfg->rule_count; i++) {
         const pd_rule_stats_t *st = &srv->stats[i];
         json_object_set_new(rules, srv->cfg->rules[i].name,
-                            json_pack("{s:I, s:I, s:I, s:I, s:I, s:I}", "passed",
-                                      (json_int_t)st->passed, "rewritten",
+                            json_pack("{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}",
+                                      "passed", (json_int_t)st->passed, "rewritten",
                                       (json_int_t)st->rewritten, "refused", (json_int_t)st->refused,
                                       "shadow_compared", (json_int_t)st->shadow_compared,
                                       "shadow_mismatched", (json_int_t)st->shadow_mismatched,
-                                      "shadow_skipped", (json_int_t)st->shadow_skipped));
+                                      "shadow_skipped", (json_int_t)st->shadow_skipped,
+                                      "mirrored", (json_int_t)st->mirrored, "mirror_diverged",
+                                      (json_int_t)st->mirror_diverged, "mirror_unapplied",
+                                      (json_int_t)st->mirror_unapplied, "mirror_proxy_errors",
+                                      (json_int_t)st->mirror_proxy_errors));
     }
     pd_sql_stats_t cs = {0};
     if (srv->sql != NULL)

@@ -22,6 +22,7 @@
 #include "admin/socket.h"
 #include "proxy/compare.h"
 #include "proxy/log.h"
+#include "proxy/mirror.h"
 #include "proxy/session.h"
 #include "rules/catalog.h"
 #include "rules/sql.h"
@@ -196,17 +197,23 @@ static int material_finish(material_t *m)
 }
 
 /*
- * Blue/green mirroring (kind: tables) is not built yet: a tables rule may exist (it is
- * validated and shown) but only at writes=old and reads=old, so that no write is taken to
- * be mirrored when it is not.
+ * Blue/green (kind: tables): writes=dual with old authoritative is built (mirror.c, commit
+ * async); new as the authoritative side (dual-new, new), lockstep commits and reads routed
+ * to new are not yet, and are refused so that nothing is believed done that is not.
  */
 static const char *tables_rule_refusal(const pd_rule_cfg_t *r, pd_writes_t writes,
                                        const pd_reads_t *reads)
 {
-    if (r->kind != PD_RULE_TABLES || (writes == PD_WRITES_OLD && reads->mode == PD_READS_OLD))
+    if (r->kind != PD_RULE_TABLES)
         return NULL;
-    return "kind: tables (blue/green) rules are not supported by this version of pgdual "
-           "beyond writes=old and reads=old";
+    if (writes != PD_WRITES_OLD && writes != PD_WRITES_DUAL)
+        return "kind: tables rules support writes=old and writes=dual (old authoritative) in "
+               "this version of pgdual; dual-new and new are not built yet";
+    if (reads->mode != PD_READS_OLD)
+        return "kind: tables rules read from old only in this version of pgdual";
+    if (writes == PD_WRITES_DUAL && r->commit == PD_COMMIT_LOCKSTEP)
+        return "mirror.commit: lockstep is not built yet; use commit: async";
+    return NULL;
 }
 
 /*
@@ -433,6 +440,7 @@ static void close_listener(pd_server_t *srv)
 static void finish(pd_server_t *srv)
 {
     close_listener(srv);
+    pd_mirror_close_all(srv);
     pd_admin_stop(srv->admin);
     srv->admin = NULL;
     pd_metrics_stop(srv->metrics);

@@ -49,6 +49,9 @@ const char *pd_session_state_name(pd_session_state_t s);
 typedef struct {
     uint64_t passed, rewritten, refused; /* statements concerning the rule */
     uint64_t shadow_compared, shadow_mismatched, shadow_skipped;
+    /* tables rules: statements replayed on the mirror; outcomes that differed (or failed
+       there); statements never applied (mirror detached); errors the proxy caused there */
+    uint64_t mirrored, mirror_diverged, mirror_unapplied, mirror_proxy_errors;
 } pd_rule_stats_t;
 
 /* A users-file entry ready for SCRAM: plain-text passwords are derived once at load. */
@@ -87,6 +90,8 @@ typedef struct pd_server {
     pd_rule_facts_t *facts;               /* owned; catalog facts, one per cfg->rules[i] */
     struct pd_divergence_log *divergence; /* owned */
     pd_sql_t *sql;                        /* owned; the rewriter for cfg's rules */
+    struct pd_mirror *mirrors;            /* owned; every mirror connection (mirror.c) */
+    struct pd_mirror_keys *mirror_keys;   /* owned; rows with images queued (mirror.c) */
     bool reloading;
     unsigned config_generation;
     unsigned rules_generation;    /* bumped on every flag change and reload */

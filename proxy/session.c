@@ -266,6 +266,7 @@ static void session_close(pd_session_t *s)
         pd_transport_close(&s->server);
     s->server_open = false;
     pd_backend_close(&s->backend);
+    pd_mirror_session_end(s);
     pd_server_session_removed(s->srv, s);
     uv_close((uv_handle_t *)&s->timer, free_session);
 }
@@ -715,6 +716,7 @@ static void refresh_rules(pd_session_t *s)
     if (s->rules_generation == gen || s->busy || s->batch_count > 0)
         return;
     s->rules_on = pd_route_db_has_rules(s->srv->cfg, s->database);
+    s->mir.on = s->rules_on && pd_mirror_db_active(s->srv, s->database);
     s->rules_generation = gen;
 }
 /* A shadow read is taken for a sampled share of statements that have one. */
@@ -822,6 +824,12 @@ static route_rc_t route_query(pd_session_t *s, pd_pipe_t *p, size_t total)
     }
     if (s->stmt_count > 0 && forgets_prepared(q.sql))
         stmt_forget_all(s);
+    if (s->mir.on && !pd_mirror_on_query(s, r, r->action == PD_SQL_REWRITE ? r->sql : q.sql,
+                                         q.sql, s->batch_seq)) {
+        pd_sql_result_release(r);
+        pd_session_terminate(s, "53200", "out of memory", NULL);
+        return ROUTE_CLOSED;
+    }
     bool shadow = r->action == PD_SQL_PASS && sample_shadow(s, r);
     if (shadow && !start_shadow(s, r, q.sql))
         shadow = false;
@@ -962,6 +970,19 @@ static const char *bind_statement(const uint8_t *body, size_t n)
     return memchr(nul + 1, 0, rest) ? (const char *)nul + 1 : NULL;
 }
 
+/* The mirror's view of a Bind (e NULL: a statement the proxy does not track). */
+static bool mirror_bind(pd_session_t *s, const pd_stmt_t *e, const uint8_t *body, size_t n,
+                        uint8_t **rewritten, size_t *len)
+{
+    uint8_t *dummy = NULL;
+    size_t dummy_len = 0;
+    bool ok = pd_mirror_on_bind(s, e ? e->r : NULL, e ? e->sql : NULL, e ? e->sent : NULL,
+                                e ? e->types : NULL, e ? e->ntypes : 0, body, n,
+                                rewritten ? rewritten : &dummy, len ? len : &dummy_len);
+    free(dummy);
+    return ok;
+}
+
 /*
  * Bind and Close on a database with rules. Bind needs only its start (the names) to be
  * at hand, unless it may become a shadow candidate; its body streams through as usual.
@@ -990,16 +1011,37 @@ static route_rc_t route_bind_close(pd_session_t *s, pd_pipe_t *p, uint8_t type, 
         return total > avail ? ROUTE_WAIT : ROUTE_OK; /* malformed: the server says so */
     pd_stmt_t *e = stmt_find(s, name);
     if (e == NULL) {
+        if (s->mir.on && !mirror_bind(s, NULL, body, here, NULL, NULL))
+            return ROUTE_CLOSED;
         s->sent[1]++;
         return ROUTE_OK;
     }
     if (p->has_hole && p->hole_end != p->scan)
         return ROUTE_WAIT;
+    if (s->mir.on && total > avail && pd_mirror_bind_needs_whole(e->r))
+        return ROUTE_WAIT; /* its parameters are replayed: the relay loop makes room */
     bool first_bind = s->sent[1] == 0;
     pd_buf_t prefix;
     pd_buf_init(&prefix);
-    bool ok = bind_prefix(s, e, &prefix) && pd_buf_ok(&prefix) &&
-              (prefix.len == 0 || pipe_replace(p, p->scan, prefix.data, prefix.len));
+    uint8_t *bind = NULL;
+    size_t bind_len = 0;
+    bool ok = bind_prefix(s, e, &prefix) &&
+              (!s->mir.on || mirror_bind(s, e, body, total - PD_MSG_HEADER_LEN, &bind, &bind_len));
+    if (ok && bind != NULL) {
+        /* The Bind itself changes too: it and what goes ahead of it, in one replacement. */
+        pd_buf_put(&prefix, bind, bind_len);
+        ok = pd_buf_ok(&prefix) && pipe_replace(p, p->scan + total, prefix.data, prefix.len);
+        free(bind);
+        pd_buf_free(&prefix);
+        if (!ok) {
+            pd_session_terminate(s, "53200", "out of memory", NULL);
+            return ROUTE_CLOSED;
+        }
+        s->sent[1]++;
+        return ROUTE_OK;
+    }
+    ok = ok && pd_buf_ok(&prefix) &&
+         (prefix.len == 0 || pipe_replace(p, p->scan, prefix.data, prefix.len));
     pd_buf_free(&prefix);
     if (!ok) {
         pd_session_terminate(s, "53200", "out of memory", NULL);
@@ -1013,6 +1055,19 @@ static route_rc_t route_bind_close(pd_session_t *s, pd_pipe_t *p, uint8_t type, 
         s->cand = prepared_from(e, body, total - PD_MSG_HEADER_LEN); /* NULL: no shadow */
     return ROUTE_OK;
 }
+/* The mirror's view of an Execute or a Describe (whole at hand). */
+static bool mirror_execute_describe(pd_session_t *s, uint8_t type, const uint8_t *body, size_t n)
+{
+    if (type == PD_FE_EXECUTE)
+        return pd_mirror_on_execute(s, body, n, s->batch_seq);
+    pd_fe_target_t t;
+    const char *err = NULL;
+    if (pd_fe_target_decode(body, n, &t, &err) != PD_DECODE_OK)
+        return true; /* the server reports it; it answers nothing we would strip */
+    const pd_stmt_t *e = t.kind == 'S' ? stmt_find(s, t.name) : NULL;
+    return pd_mirror_on_describe(s, t.kind, e != NULL ? e->r : NULL, s->batch_seq);
+}
+
 /* Decides every whole header in [scan, end). Returns 0, or -1 when the session ended. */
 static int scan_client(pd_session_t *s)
 {
@@ -1059,8 +1114,14 @@ static int scan_client(pd_session_t *s)
                                           : route_parse(s, p, (size_t)total);
             } else if (h.type == PD_FE_BIND || h.type == PD_FE_CLOSE) {
                 r = route_bind_close(s, p, h.type, (size_t)total);
-            } else if (h.type == PD_FE_EXECUTE) {
-                s->batch_exec++;
+            } else if (h.type == PD_FE_EXECUTE || h.type == PD_FE_DESCRIBE) {
+                if (s->mir.on && total > avail)
+                    break; /* small: looked at whole */
+                if (h.type == PD_FE_EXECUTE)
+                    s->batch_exec++;
+                if (s->mir.on && !mirror_execute_describe(s, h.type, p->buf + p->scan + PD_MSG_HEADER_LEN,
+                                                          (size_t)total - PD_MSG_HEADER_LEN))
+                    r = ROUTE_CLOSED;
             } else if (h.type == PD_FE_SYNC || h.type == PD_FE_FUNCTION_CALL) {
                 bool shadow = h.type == PD_FE_SYNC && shadow_extended(s);
                 if (!batch_close(s, shadow))
@@ -1073,8 +1134,11 @@ static int scan_client(pd_session_t *s)
             }
             if (r == ROUTE_WAIT)
                 break;
-            if (p->scan != at && h.type != PD_FE_BIND)
-                continue; /* taken whole: decided and moved past */
+            if (p->scan != at) {
+                if (h.type == PD_FE_BIND)
+                    s->batch_msgs++; /* a Bind replaced whole (see route_bind_close) */
+                continue;             /* taken whole: decided and moved past */
+            }
             if (h.type != PD_FE_SYNC && h.type != PD_FE_QUERY && h.type != PD_FE_FUNCTION_CALL)
                 s->batch_msgs++;
         }
@@ -1190,6 +1254,8 @@ static bool must_see_whole(const pd_session_t *s, uint8_t type)
         return false;
     if (type == PD_BE_PARSE_COMPLETE || type == PD_BE_BIND_COMPLETE || type == PD_BE_CLOSE_COMPLETE)
         return true;
+    if (s->mir.on && pd_mirror_wants(s, type))
+        return true;
     return s->shadow != NULL && (type == PD_BE_COMMAND_COMPLETE || type == PD_BE_ERROR);
 }
 
@@ -1213,6 +1279,8 @@ static bool server_message(pd_session_t *s, uint8_t type, const uint8_t *body, s
     if (sum != NULL)
         sum_message(sum, type, body, n);
     if (type == PD_BE_READY) {
+        if (s->mir.on && b != NULL && !internal)
+            pd_mirror_on_ready(s, b->seq, s->txn_status, body[0]);
         s->txn_status = body[0];
         /* Idle again unless the client has already sent more (pipelining). */
         s->busy = pipe_pending(&s->c2b) || s->c2b.end > s->c2b.scan || s->batch_count > 1;
@@ -1276,12 +1344,32 @@ static int scan_server(pd_session_t *s)
         if (must_see_whole(s, h.type)) {
             if (total > avail)
                 break; /* the relay loop makes room */
-            if (server_message(s, h.type, p->buf + p->scan + PD_MSG_HEADER_LEN, h.len - 4)) {
-                if (!pipe_replace(p, p->scan + (size_t)total, NULL, 0))
-                    break;
-            } else {
-                p->scan += (size_t)total;
+            /* A message the handlers may drop or replace cannot join a replacement
+               further back: that one is written first (the handlers run once). */
+            if (p->has_hole && p->hole_end != p->scan)
+                break;
+            const uint8_t *body = p->buf + p->scan + PD_MSG_HEADER_LEN;
+            pd_batch_t *b = batch_front(s);
+            uint32_t seq = b != NULL ? b->seq : 0;
+            bool mirrored = s->mir.on && b != NULL && !b->internal;
+            if (server_message(s, h.type, body, h.len - 4)) {
+                pipe_replace(p, p->scan + (size_t)total, NULL, 0);
+                continue;
             }
+            uint8_t *repl = NULL;
+            size_t repl_len = 0;
+            int act = mirrored && h.type != PD_BE_READY
+                          ? pd_mirror_on_server(s, seq, h.type, body, h.len - 4, &repl, &repl_len)
+                          : 0;
+            if (act < 0) {
+                pd_session_terminate(s, "53200", "out of memory", NULL);
+                return -1;
+            }
+            if (act > 0)
+                pipe_replace(p, p->scan + (size_t)total, repl, repl_len);
+            else
+                p->scan += (size_t)total;
+            free(repl);
             continue;
         }
         pd_batch_t *b = batch_front(s);

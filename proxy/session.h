@@ -19,6 +19,7 @@
 #include "protocol/wire.h"
 #include "proxy/backend.h"
 #include "proxy/compare.h"
+#include "proxy/mirror.h"
 #include "proxy/server.h"
 #include "proxy/transport.h"
 #include "rules/sql.h"
@@ -135,6 +136,8 @@ struct pd_session {
     bool hold_client; /* client input waits while the proxy's own query runs */
 
     pd_prepared_t *cand; /* this batch binds a shadowed read: an owned copy */
+
+    pd_session_mirror_t mir; /* tables rules in dual: the mirror's side (mirror.h) */
 
     /* Shadow read in progress (one at a time). */
     pd_sql_result_t *shadow;   /* owned reference */

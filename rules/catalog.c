@@ -19,13 +19,15 @@ static const char COLUMNS_SQL[] =
     "ORDER BY a.attnum";
 
 /* A tables rule's table: columns with type, default, identity/generated, and whether the
-   column is in the primary key (its position there). */
+   column is in the primary key (its position there, from 1: int2vector's bounds start at
+   0). */
 static const char TABLE_SQL[] =
     "SELECT n.nspname, c.relname, a.attname, a.atttypid, "
     "pg_catalog.pg_get_expr(d.adbin, d.adrelid), "
     "CASE WHEN a.attidentity <> '' THEN a.attidentity::text "
     "WHEN a.attgenerated <> '' THEN a.attgenerated::text END, "
-    "pg_catalog.array_position(i.indkey::int2[], a.attnum) "
+    "pg_catalog.array_position(i.indkey::int2[], a.attnum) + 1 "
+    "- pg_catalog.array_lower(i.indkey::int2[], 1) "
     "FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
     "JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid "
     "LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum "

@@ -337,6 +337,8 @@ void pd_sql_result_release(pd_sql_result_t *r)
     free(r->hint);
     free(r->image_sql);
     free(r->image_types);
+    free(r->image_table);
+    free(r->image_key);
     free(r);
 }
 
@@ -683,6 +685,8 @@ static void ctx_done(pd__ctx_t *ctx)
     free(ctx->hint);
     free(ctx->image_sql);
     free(ctx->image_types);
+    free(ctx->image_table);
+    free(ctx->image_key);
 }
 
 static void run_passes(pd__ctx_t *ctx, pd__node_t *stmt, bool writes)
@@ -793,8 +797,13 @@ static void note_mirror(pd_sql_result_t *res, pd__ctx_t *ctx, size_t nstmts)
         res->image_cols = ctx->image_cols;
         res->image_types = ctx->image_types;
         res->client_cols = ctx->client_cols;
+        res->image_table = ctx->image_table;
+        res->image_nkey = ctx->image_nkey;
+        res->image_key = ctx->image_key;
         ctx->image_sql = NULL;
         ctx->image_types = NULL;
+        ctx->image_table = NULL;
+        ctx->image_key = NULL;
         return;
     }
     bool txn = ctx->mirror == PD_MIRROR_TXN || res->mirror == PD_MIRROR_TXN;

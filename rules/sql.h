@@ -112,6 +112,9 @@ typedef struct {
     unsigned image_cols;     /*   columns appended to the statement's RETURNING */
     uint32_t *image_types;   /*   their type OIDs */
     int client_cols;         /*   the client's own RETURNING columns, -1 when it has none */
+    char *image_table;       /*   "schema.table", which with the key values names a row */
+    unsigned image_nkey;     /*   the key's columns ... */
+    unsigned *image_key;     /*   ... as positions among the image columns */
 } pd_sql_result_t;
 
 typedef struct pd_sql pd_sql_t;

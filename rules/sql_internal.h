@@ -95,6 +95,9 @@ typedef struct {
     unsigned image_cols;
     uint32_t *image_types; /* malloc'd */
     int client_cols;
+    char *image_table;    /* malloc'd */
+    unsigned image_nkey;
+    unsigned *image_key;  /* malloc'd */
 } pd__ctx_t;
 
 /* Records the first refusal of the pass (later ones are dropped): the rule, SQLSTATE, hint

@@ -369,8 +369,11 @@ static void plan_image(pd__ctx_t *ctx, const pd__rule_t *r, const pd_table_facts
     }
     ctx->client_cols = *nreturning > 0 ? (int)*nreturning : -1;
     ctx->image_types = calloc(t->ncolumns + 1, sizeof *ctx->image_types);
+    ctx->image_key = calloc(t->nkey + 1, sizeof *ctx->image_key);
     ctx->image_sql = image_statement(t, kind);
-    if (ctx->image_types == NULL || ctx->image_sql == NULL) {
+    if (ctx->image_types == NULL || ctx->image_key == NULL || ctx->image_sql == NULL ||
+        asprintf(&ctx->image_table, "%s.%s", t->schema, t->name) < 0) {
+        ctx->image_table = NULL;
         pd__oom(ctx);
         return;
     }
@@ -383,8 +386,12 @@ static void plan_image(pd__ctx_t *ctx, const pd__rule_t *r, const pd_table_facts
             pd__oom(ctx);
             return;
         }
+        for (unsigned k = 0; k < t->nkey; k++)
+            if (t->key[k] == i)
+                ctx->image_key[k] = ctx->image_cols;
         ctx->image_types[ctx->image_cols++] = t->types != NULL ? t->types[i] : 0;
     }
+    ctx->image_nkey = t->nkey;
     ctx->mirror = PD_MIRROR_IMAGE;
     ctx->image = kind;
     ctx->changed = true;
@@ -451,11 +458,17 @@ static bool plan_write(pd__ctx_t *ctx, const pd__rule_t *r, pd__node_t *stmt)
     local = local_part(r, &stmt->base);
     if (local == NULL && kind != PD_IMAGE_UPDATE && kind != PD_IMAGE_DELETE)
         local = local_default(r, stmt->insert_stmt, t);
-    if (local == NULL) {
+    /* A table with a key is replayed by row images even when the statement is the same
+       everywhere: under commit: async each session's mirror trails on its own, and only
+       exact rows, applied in the order the authoritative side wrote each key (mirror.c),
+       come out the same whatever the mirror's data is at that moment. A write that sets
+       the key itself can only be replayed verbatim. */
+    bool sets_key = kind == PD_IMAGE_UPDATE && assigned_key(stmt->update_stmt, t) != NULL;
+    if (local == NULL && (t->nkey == 0 || sets_key)) {
         ctx->mirror = PD_MIRROR_WRITE;
         return true;
     }
-    if (kind == PD_IMAGE_UPDATE && assigned_key(stmt->update_stmt, t) != NULL) {
+    if (sets_key) {
         refuse_mirror(ctx, r, keep_hint,
                       "an UPDATE of key column \"%s\" of %s.%s with %s can only be replayed by "
                       "its key",

@@ -530,32 +530,6 @@ class ReprepareTest(unittest.TestCase):
             self.assertEqual(inconsistent_rows(), 0)
 
 
-class TablesRuleTest(unittest.TestCase):
-    """Blue/green is not built yet: a tables rule is accepted only where it changes
-    nothing, so that no write is taken to be mirrored when it is not."""
-
-    def databases(self):
-        return [{"name": "app", "old": pdtest.pg_conninfo("app"),
-                 "new": pdtest.pg_conninfo("app2")}]
-
-    def tables_rule(self, **over):
-        r = {"name": "to-green", "database": "app", "kind": "tables",
-             "tables": ["public.rt_users"], "writes": "old", "reads": "old"}
-        r.update(over)
-        return r
-
-    def test_refused_beyond_old(self):
-        p = RulesProxy(rules=[self.tables_rule(writes="dual")], databases=self.databases())
-        with self.assertRaises(pdtest.ProxyError) as cm:
-            p.start()
-        self.assertIn("not supported by this version", str(cm.exception))
-        with RulesProxy(rules=[self.tables_rule()], databases=self.databases()) as p:
-            r = p.ctl("flag", "to-green", "writes=dual", check=False)
-            self.assertEqual(r.returncode, 1)
-            self.assertIn("not supported by this version", r.stderr)
-            self.assertEqual(p.ctl_json("rules")["rules"][0]["writes"], "old")
-
-
 class MetricsTest(unittest.TestCase):
     def test_rule_counters_exported(self):
         reset_table()

@@ -700,14 +700,20 @@ static void test_configured_views_and_databases(void **state)
     assert_string_equal(r->sql, "UPDATE users SET email = $1, email_address = lower($1)");
     pd_sql_result_release(r);
 
-    /* The tables rule of shop classifies writes to its tables: a deterministic one is
-       replayed verbatim, one that leaves a now() default is a row image. */
+    /* The tables rule of shop classifies writes to its tables: one that sets the key is
+       replayed verbatim, others as row images (key positions among the image columns). */
     pd_rule_view_t v[NRULES];
     set_views(v, PD_WRITES_DUAL, PD_READS_OLD);
-    r = pd_sql_rewrite(rw, "shop", "DELETE FROM orders WHERE id = 1", v);
+    r = pd_sql_rewrite(rw, "shop", "UPDATE orders SET id = id + 1 WHERE id = 1", v);
     assert_int_equal(r->action, PD_SQL_PASS);
     assert_int_equal(r->mirror, PD_MIRROR_WRITE);
     assert_int_equal(r->mirror_rule, R_ORDERS);
+    pd_sql_result_release(r);
+    r = pd_sql_rewrite(rw, "shop", "DELETE FROM orders WHERE id = 1", v);
+    assert_int_equal(r->mirror, PD_MIRROR_IMAGE);
+    assert_string_equal(r->image_table, "public.orders");
+    assert_int_equal(r->image_nkey, 1);
+    assert_int_equal(r->image_key[0], 0);
     pd_sql_result_release(r);
     r = pd_sql_rewrite(rw, "shop", "INSERT INTO orders (id) VALUES (1)", v);
     assert_int_equal(r->action, PD_SQL_REWRITE);

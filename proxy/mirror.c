@@ -1,0 +1,1294 @@
+/*
+ * mirror.c — replaying a session's mirrored statements on the rule's other database
+ * (mirror.h says what and when). Two halves:
+ *
+ *  - the session's side, on the event loop, inside the relay: what each client message
+ *    will be answered with (expectations), the authoritative outcome of each mirrored
+ *    statement and its row images, and the release of a batch's statements to the mirror
+ *    at its ReadyForQuery;
+ *  - the mirror connection: libpq in non-blocking mode on a uv_poll, one statement in
+ *    flight at a time (a session's statements apply in its order), outcomes compared as
+ *    they come back.
+ */
+#include "proxy/mirror.h"
+
+#include <libpq-fe.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "proxy/backend.h"
+#include "proxy/compare.h"
+#include "proxy/log.h"
+#include "proxy/route.h"
+#include "proxy/server.h"
+#include "proxy/session.h"
+
+#define QUEUE_MAX_OPS   10000            /* statements a mirror may trail by */
+#define QUEUE_MAX_BYTES (64u * 1024 * 1024) /* bytes of statements and rows it may hold */
+
+typedef struct key_node key_node_t;
+
+struct pd_mirror_op {
+    pd_mirror_op_t *next;
+    pd_mirror_t *m;      /* the mirror it was queued on (gated ops) */
+    key_node_t **nodes;  /* its places in the rows' queues (gated ops), owned */
+    unsigned nnodes;
+    uint32_t seq;        /* the session's batch */
+    pd_sql_result_t *r;  /* the plan, referenced */
+    int rule;
+    char *sql;           /* what the mirror runs */
+    char *stmt;          /* the client's statement, for the divergence log (normalized there) */
+    bool simple;         /* a Query's text: simple protocol (may hold several statements) */
+    bool synthetic;      /* BEGIN/COMMIT put around an implicit transaction */
+    /* Parameter sets, each in Bind's wire form: nparams x (int32 len, -1 NULL; bytes). */
+    pd_buf_t sets;
+    unsigned nsets, nparams;
+    int *formats; /* per parameter */
+    Oid *types;   /* per parameter; 0 = let the server infer */
+    /* The authoritative outcome. */
+    bool auth_done, auth_error;
+    char auth_tag[64];
+    char auth_sqlstate[6];
+    /* The mirror's. */
+    size_t set_at;     /* offset of the next set in `sets` */
+    unsigned sets_sent;
+    uint64_t mirror_rows;
+    char mirror_tag[64];
+    char mirror_sqlstate[6];
+};
+
+typedef enum { M_CONNECTING, M_READY, M_DEAD } mirror_state_t;
+
+struct pd_mirror {
+    pd_server_t *srv;
+    pd_mirror_t *prev, *next; /* srv->mirrors */
+    pd_session_t *session;    /* NULL once the session ended */
+    char tag[200];
+    pd_backend_t backend;
+    uv_poll_t *poll; /* after connect; freed by its close callback */
+    int poll_events;
+    mirror_state_t state;
+    pd_mirror_op_t *head, *tail; /* head is in flight when `busy` */
+    unsigned queued;
+    size_t queued_bytes;
+    bool busy;
+    bool in_txn;      /* a transaction the mirror opened is open */
+    bool txn_failed;  /* ...and a statement in it failed on the mirror */
+    bool closing;     /* the session ended: close when the queue is empty */
+    key_node_t **held_nodes; /* rows written in the open transaction: released at its end */
+    unsigned nheld, held_cap;
+};
+
+/* ---------------------------------------------------------------------------------------
+ * Row order across sessions
+ *
+ * Each session's mirror trails on its own connection, so two sessions' writes to one row
+ * could reach the mirror in the other order than they reached the authoritative side.
+ * A row image therefore waits until every image of the same rows released before it by
+ * another session has been applied and its transaction has ended on the mirror (a row
+ * inserted and not yet committed is invisible rather than locked, so waiting for the
+ * statement alone would not do). Release order is the order in which the
+ * authoritative side answered, which for conflicting writes is the order it applied
+ * them. Rows are named by table and key values (wire form).
+ */
+struct key_node {
+    key_node_t *prev, *next; /* the row's queue, oldest first */
+    struct key_entry *entry;
+    pd_mirror_t *m;          /* whose image */
+};
+
+typedef struct key_entry {
+    struct key_entry *chain;
+    uint64_t hash;
+    key_node_t *head, *tail;
+    size_t len;
+    uint8_t key[];
+} key_entry_t;
+
+struct pd_mirror_keys {
+    key_entry_t **buckets;
+    size_t nbuckets; /* a power of two */
+    size_t count;
+    bool pumping, again;
+};
+
+static uint64_t fnv(const uint8_t *p, size_t n)
+{
+    uint64_t h = 1469598103934665603ULL;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ p[i]) * 1099511628211ULL;
+    return h;
+}
+
+static bool keys_grow(struct pd_mirror_keys *k)
+{
+    if (k->count < k->nbuckets)
+        return true;
+    size_t n = k->nbuckets ? k->nbuckets * 2 : 256;
+    key_entry_t **b = calloc(n, sizeof *b);
+    if (b == NULL)
+        return false;
+    for (size_t i = 0; i < k->nbuckets; i++)
+        while (k->buckets[i] != NULL) {
+            key_entry_t *e = k->buckets[i];
+            k->buckets[i] = e->chain;
+            e->chain = b[e->hash & (n - 1)];
+            b[e->hash & (n - 1)] = e;
+        }
+    free(k->buckets);
+    k->buckets = b;
+    k->nbuckets = n;
+    return true;
+}
+
+/* Appends op to the queue of the row named by key[0..len). */
+static bool key_join(struct pd_mirror_keys *k, pd_mirror_op_t *op, const uint8_t *key, size_t len,
+                     unsigned slot)
+{
+    if (!keys_grow(k))
+        return false;
+    uint64_t h = fnv(key, len);
+    key_entry_t **pp = &k->buckets[h & (k->nbuckets - 1)];
+    key_entry_t *e = *pp;
+    while (e != NULL && (e->hash != h || e->len != len || memcmp(e->key, key, len) != 0))
+        e = e->chain;
+    if (e == NULL) {
+        if ((e = calloc(1, sizeof *e + len)) == NULL)
+            return false;
+        e->hash = h;
+        e->len = len;
+        memcpy(e->key, key, len);
+        e->chain = *pp;
+        *pp = e;
+        k->count++;
+    }
+    key_node_t *n = calloc(1, sizeof *n);
+    if (n == NULL)
+        return false;
+    n->entry = e;
+    n->m = op->m;
+    n->prev = e->tail;
+    if (e->tail != NULL)
+        e->tail->next = n;
+    else
+        e->head = n;
+    e->tail = n;
+    op->nodes[slot] = n;
+    return true;
+}
+
+static void key_leave(struct pd_mirror_keys *k, key_node_t *n)
+{
+    key_entry_t *e = n->entry;
+    if (n->prev != NULL)
+        n->prev->next = n->next;
+    else
+        e->head = n->next;
+    if (n->next != NULL)
+        n->next->prev = n->prev;
+    else
+        e->tail = n->prev;
+    free(n);
+    if (e->head != NULL)
+        return;
+    key_entry_t **pp = &k->buckets[e->hash & (k->nbuckets - 1)];
+    while (*pp != e)
+        pp = &(*pp)->chain;
+    *pp = e->chain;
+    free(e);
+    k->count--;
+}
+
+/* May op be applied now: is it first in each of its rows' queues but for ops of its own
+   session (which its queue orders anyway)? */
+static bool runnable(const pd_mirror_op_t *op)
+{
+    for (unsigned i = 0; i < op->nnodes; i++)
+        for (const key_node_t *n = op->nodes[i]->entry->head; n != op->nodes[i]; n = n->next)
+            if (n->m != op->m)
+                return false;
+    return true;
+}
+
+/* Rows an op applied: released now, or at the end of the mirror's open transaction. */
+static bool rows_applied(pd_mirror_t *m, pd_mirror_op_t *op)
+{
+    if (op->nnodes == 0)
+        return false;
+    if (m->in_txn) {
+        if (m->nheld + op->nnodes > m->held_cap) {
+            unsigned cap = (m->nheld + op->nnodes) * 2;
+            key_node_t **g = realloc(m->held_nodes, cap * sizeof *g);
+            if (g == NULL)
+                return false; /* they leave with the op: ordering weakens, nothing breaks */
+            m->held_nodes = g;
+            m->held_cap = cap;
+        }
+        memcpy(m->held_nodes + m->nheld, op->nodes, op->nnodes * sizeof *op->nodes);
+        m->nheld += op->nnodes;
+        op->nnodes = 0;
+        return false;
+    }
+    return true;
+}
+
+static bool release_held(pd_mirror_t *m)
+{
+    if (m->nheld == 0)
+        return false;
+    for (unsigned i = 0; i < m->nheld; i++)
+        key_leave(m->srv->mirror_keys, m->held_nodes[i]);
+    m->nheld = 0;
+    return true;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Ops
+ */
+
+static void op_free(pd_mirror_op_t *op)
+{
+    if (op == NULL)
+        return;
+    for (unsigned i = 0; i < op->nnodes; i++)
+        if (op->nodes[i] != NULL)
+            key_leave(op->m->srv->mirror_keys, op->nodes[i]);
+    free(op->nodes);
+    pd_sql_result_release(op->r);
+    free(op->sql);
+    free(op->stmt);
+    pd_buf_free(&op->sets);
+    free(op->formats);
+    free(op->types);
+    free(op);
+}
+
+static pd_mirror_op_t *op_new(const pd_sql_result_t *r, const char *sql, const char *stmt,
+                              uint32_t seq)
+{
+    pd_mirror_op_t *op = calloc(1, sizeof *op);
+    if (op == NULL)
+        return NULL;
+    pd_buf_init(&op->sets);
+    op->seq = seq;
+    op->rule = r != NULL ? r->mirror_rule : -1;
+    op->sql = strdup(sql);
+    op->stmt = strdup(stmt);
+    if (r != NULL) {
+        op->r = (pd_sql_result_t *)r;
+        op->r->refs++;
+    }
+    if (op->sql == NULL || op->stmt == NULL) {
+        op_free(op);
+        return NULL;
+    }
+    return op;
+}
+
+static size_t op_bytes(const pd_mirror_op_t *op)
+{
+    return sizeof *op + strlen(op->sql) + strlen(op->stmt) + op->sets.len;
+}
+
+static const char *rule_name(const pd_server_t *srv, int rule)
+{
+    return rule >= 0 && (unsigned)rule < srv->cfg->rule_count ? srv->cfg->rules[rule].name : "?";
+}
+
+static pd_rule_stats_t *rule_stats(pd_server_t *srv, int rule)
+{
+    return rule >= 0 && (unsigned)rule < srv->stats_count ? &srv->stats[rule] : NULL;
+}
+
+/* A divergence event for op: `kind` says which. */
+static void record(pd_server_t *srv, const pd_mirror_op_t *op, const char *kind)
+{
+    pd_result_sum_t a = {0}, m = {0};
+    snprintf(a.tag, sizeof a.tag, "%s", op->auth_tag);
+    snprintf(a.sqlstate, sizeof a.sqlstate, "%s", op->auth_sqlstate);
+    snprintf(m.tag, sizeof m.tag, "%s", op->mirror_tag);
+    snprintf(m.sqlstate, sizeof m.sqlstate, "%s", op->mirror_sqlstate);
+    bool new_auth = op->rule >= 0 && (unsigned)op->rule < srv->cfg->rule_count &&
+                    srv->flags[op->rule].writes == PD_WRITES_DUAL_NEW;
+    pd_divergence_record(srv->divergence, rule_name(srv, op->rule), kind, op->stmt,
+                         new_auth ? &m : &a, new_auth ? &a : &m);
+    pd_rule_stats_t *st = rule_stats(srv, op->rule);
+    if (st == NULL)
+        return;
+    if (strcmp(kind, "mirror_unapplied") == 0)
+        st->mirror_unapplied++;
+    else if (strcmp(kind, "mirror_proxy_error") == 0)
+        st->mirror_proxy_errors++;
+    else
+        st->mirror_diverged++;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * The mirror connection
+ */
+
+static void mirror_pump(pd_mirror_t *m);
+static void pump_blocked(pd_server_t *srv);
+
+static void poll_closed(uv_handle_t *h)
+{
+    free(h);
+}
+
+static void mirror_free(pd_mirror_t *m)
+{
+    free(m->held_nodes);
+    if (m->prev != NULL)
+        m->prev->next = m->next;
+    else if (m->srv->mirrors == m)
+        m->srv->mirrors = m->next;
+    if (m->next != NULL)
+        m->next->prev = m->prev;
+    free(m);
+}
+
+/* Ends the connection; every op not applied is recorded. Frees m when the session is gone. */
+static void mirror_die(pd_mirror_t *m, const char *why)
+{
+    if (m->state != M_DEAD && why != NULL)
+        pd_log_warning(m->tag, "mirror detached: %s", why);
+    m->state = M_DEAD;
+    if (m->poll != NULL) {
+        uv_close((uv_handle_t *)m->poll, poll_closed);
+        m->poll = NULL;
+    }
+    pd_backend_close(&m->backend);
+    release_held(m);
+    while (m->head != NULL) {
+        pd_mirror_op_t *op = m->head;
+        m->head = op->next;
+        if (!op->synthetic)
+            record(m->srv, op, "mirror_unapplied");
+        op_free(op);
+    }
+    m->tail = NULL;
+    m->queued = 0;
+    m->queued_bytes = 0;
+    m->busy = false;
+    pd_server_t *srv = m->srv;
+    if (m->session == NULL)
+        mirror_free(m);
+    pump_blocked(srv);
+}
+
+static void on_poll(uv_poll_t *h, int status, int events);
+
+static void restart_poll(pd_mirror_t *m, int events)
+{
+    if (m->poll == NULL)
+        return;
+    m->poll_events = events;
+    uv_poll_start(m->poll, events, on_poll);
+}
+
+/* Sends the head op's next statement. False when the connection broke. */
+static bool send_head(pd_mirror_t *m)
+{
+    pd_mirror_op_t *op = m->head;
+    int ok;
+    if (op->simple || op->nparams == 0) {
+        ok = PQsendQuery(m->backend.conn, op->sql);
+    } else {
+        const char *values[op->nparams + 1];
+        int lengths[op->nparams + 1];
+        const uint8_t *p = op->sets.data + op->set_at;
+        for (unsigned i = 0; i < op->nparams; i++) {
+            int32_t len = (int32_t)((uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
+                                    (uint32_t)p[2] << 8 | p[3]);
+            p += 4;
+            values[i] = len < 0 ? NULL : (const char *)p;
+            lengths[i] = len < 0 ? 0 : len;
+            p += len < 0 ? 0 : (size_t)len + 1;
+        }
+        op->set_at = (size_t)(p - op->sets.data);
+        /* Text values are NUL-terminated in place: see set_add. */
+        ok = PQsendQueryParams(m->backend.conn, op->sql, (int)op->nparams, op->types, values,
+                               lengths, op->formats, 0);
+    }
+    op->sets_sent++;
+    if (!ok)
+        return false;
+    m->busy = true;
+    int f = PQflush(m->backend.conn);
+    if (f < 0)
+        return false;
+    restart_poll(m, UV_READABLE | (f > 0 ? UV_WRITABLE : 0));
+    return true;
+}
+
+static void copy_state(char *dst, size_t size, const char *src)
+{
+    snprintf(dst, size, "%s", src != NULL ? src : "");
+}
+
+/* Errors the proxy itself causes on the mirror (statements it never prepared there,
+   protocol misuse) are counted apart from data divergence. */
+static bool proxy_caused(const char *sqlstate)
+{
+    return strcmp(sqlstate, "26000") == 0 || strcmp(sqlstate, "08P01") == 0 ||
+           strcmp(sqlstate, "34000") == 0 || strcmp(sqlstate, "42P05") == 0 ||
+           strcmp(sqlstate, "XX000") == 0;
+}
+
+/* The head op's statements are all answered: compare, and move on. */
+static bool finish_head(pd_mirror_t *m)
+{
+    pd_mirror_op_t *op = m->head;
+    bool released = rows_applied(m, op);
+    if (!m->in_txn)
+        released = release_held(m) || released;
+    m->head = op->next;
+    if (m->head == NULL)
+        m->tail = NULL;
+    m->queued--;
+    m->queued_bytes -= op_bytes(op);
+    m->busy = false;
+    pd_rule_stats_t *st = rule_stats(m->srv, op->rule);
+    if (st != NULL && !op->synthetic)
+        st->mirrored++;
+    if (op->mirror_sqlstate[0] != '\0') {
+        if (m->in_txn)
+            m->txn_failed = true;
+        if (!op->synthetic)
+            record(m->srv, op,
+                   proxy_caused(op->mirror_sqlstate) ? "mirror_proxy_error" : "mirror_error");
+    } else if (op->r != NULL && op->r->mirror == PD_MIRROR_IMAGE) {
+        /* Each image row must have touched exactly one row. */
+        if (op->mirror_rows != op->nsets) {
+            snprintf(op->mirror_tag, sizeof op->mirror_tag, "%llu of %u rows applied",
+                     (unsigned long long)op->mirror_rows, op->nsets);
+            record(m->srv, op, "write_outcome");
+        }
+    } else if (!op->synthetic && op->r != NULL &&
+               (op->r->mirror == PD_MIRROR_WRITE) && strcmp(op->auth_tag, op->mirror_tag) != 0) {
+        record(m->srv, op, "write_outcome");
+    }
+    op_free(op);
+    return released;
+}
+
+static void read_results(pd_mirror_t *m)
+{
+    if (!PQconsumeInput(m->backend.conn)) {
+        mirror_die(m, PQerrorMessage(m->backend.conn));
+        return;
+    }
+    while (m->busy && !PQisBusy(m->backend.conn)) {
+        PGresult *res = PQgetResult(m->backend.conn);
+        pd_mirror_op_t *op = m->head;
+        if (res == NULL) {
+            /* One statement (or query string) answered. */
+            if (op->sets_sent < (op->nsets > 0 ? op->nsets : 1) &&
+                op->mirror_sqlstate[0] == '\0') {
+                if (!send_head(m)) {
+                    mirror_die(m, PQerrorMessage(m->backend.conn));
+                    return;
+                }
+                continue;
+            }
+            pd_server_t *srv = m->srv;
+            bool gated = finish_head(m);
+            mirror_pump(m); /* may free m */
+            if (gated)
+                pump_blocked(srv);
+            return;
+        }
+        ExecStatusType st = PQresultStatus(res);
+        if (st == PGRES_FATAL_ERROR || st == PGRES_NONFATAL_ERROR) {
+            if (op->mirror_sqlstate[0] == '\0')
+                copy_state(op->mirror_sqlstate, sizeof op->mirror_sqlstate,
+                           PQresultErrorField(res, PG_DIAG_SQLSTATE));
+        } else if (st == PGRES_COPY_IN || st == PGRES_COPY_OUT || st == PGRES_COPY_BOTH) {
+            PQclear(res);
+            mirror_die(m, "the mirror started a COPY the proxy cannot feed");
+            return;
+        } else {
+            copy_state(op->mirror_tag, sizeof op->mirror_tag, PQcmdStatus(res));
+            const char *tuples = PQcmdTuples(res);
+            if (tuples != NULL && tuples[0] != '\0')
+                op->mirror_rows += strtoull(tuples, NULL, 10);
+        }
+        PQclear(res);
+    }
+}
+
+static void on_poll(uv_poll_t *h, int status, int events)
+{
+    pd_mirror_t *m = h->data;
+    if (status < 0) {
+        mirror_die(m, uv_strerror(status));
+        return;
+    }
+    if (events & UV_WRITABLE) {
+        int f = PQflush(m->backend.conn);
+        if (f < 0) {
+            mirror_die(m, PQerrorMessage(m->backend.conn));
+            return;
+        }
+        restart_poll(m, UV_READABLE | (f > 0 ? UV_WRITABLE : 0));
+    }
+    if (events & UV_READABLE)
+        read_results(m);
+}
+
+/* After ops left the rows' queues: mirrors whose next op waited may go on. */
+static void pump_blocked(pd_server_t *srv)
+{
+    struct pd_mirror_keys *k = srv->mirror_keys;
+    if (k == NULL)
+        return;
+    if (k->pumping) {
+        k->again = true;
+        return;
+    }
+    k->pumping = true;
+    do {
+        k->again = false;
+        pd_mirror_t *next;
+        for (pd_mirror_t *m = srv->mirrors; m != NULL; m = next) {
+            next = m->next;
+            if (m->state == M_READY && !m->busy && m->head != NULL && m->head->nnodes > 0)
+                mirror_pump(m);
+        }
+    } while (k->again);
+    k->pumping = false;
+}
+
+/* Sends the next op when nothing is in flight; closes a drained mirror of a gone session. */
+static void mirror_pump(pd_mirror_t *m)
+{
+    if (m->state != M_READY || m->busy)
+        return;
+    while (m->head != NULL) {
+        pd_mirror_op_t *op = m->head;
+        if (!runnable(op))
+            return; /* another session's image of the same row goes first */
+        /* Inside a transaction that failed on the mirror nothing applies until its end. */
+        bool ends_txn = op->r != NULL && op->r->mirror == PD_MIRROR_TXN && op->r->txn == PD_TXN_END;
+        if (m->txn_failed && !ends_txn && !(op->synthetic && strcmp(op->sql, "COMMIT") == 0)) {
+            m->head = op->next;
+            if (m->head == NULL)
+                m->tail = NULL;
+            m->queued--;
+            m->queued_bytes -= op_bytes(op);
+            if (!op->synthetic)
+                record(m->srv, op, "mirror_unapplied");
+            op_free(op);
+            continue;
+        }
+        if ((ends_txn || (op->synthetic && strcmp(op->sql, "COMMIT") == 0)) && m->txn_failed) {
+            free(op->sql);
+            op->sql = strdup("ROLLBACK");
+            if (op->sql == NULL) {
+                mirror_die(m, "out of memory");
+                return;
+            }
+        }
+        if (ends_txn || (op->synthetic && strcmp(op->sql, "BEGIN") != 0)) {
+            m->in_txn = false;
+            m->txn_failed = false;
+        } else if ((op->r != NULL && op->r->mirror == PD_MIRROR_TXN &&
+                    op->r->txn == PD_TXN_BEGIN) ||
+                   (op->synthetic && strcmp(op->sql, "BEGIN") == 0)) {
+            m->in_txn = true;
+        }
+        if (!send_head(m))
+            mirror_die(m, PQerrorMessage(m->backend.conn));
+        return;
+    }
+    if (m->closing) {
+        m->session = NULL;
+        mirror_die(m, NULL);
+    }
+}
+
+static void on_connected(pd_backend_t *b, void *owner, const char *err, const char *sqlstate)
+{
+    pd_mirror_t *m = owner;
+    (void)b;
+    (void)sqlstate;
+    if (err != NULL) {
+        mirror_die(m, err);
+        return;
+    }
+    if (PQsetnonblocking(m->backend.conn, 1) != 0) {
+        mirror_die(m, "could not make the mirror connection non-blocking");
+        return;
+    }
+    m->poll = malloc(sizeof *m->poll);
+    if (m->poll == NULL ||
+        uv_poll_init_socket(m->srv->loop, m->poll, PQsocket(m->backend.conn)) != 0) {
+        free(m->poll);
+        m->poll = NULL;
+        mirror_die(m, "could not watch the mirror socket");
+        return;
+    }
+    m->poll->data = m;
+    m->state = M_READY;
+    pd_log_info(m->tag, "mirror connected (backend pid %d)", PQbackendPID(m->backend.conn));
+    restart_poll(m, UV_READABLE);
+    mirror_pump(m);
+}
+
+static pd_mirror_t *mirror_open(pd_session_t *s)
+{
+    const pd_database_cfg_t *db = pd_config_database(s->srv->cfg, s->database);
+    pd_mirror_t *m = calloc(1, sizeof *m);
+    if (m == NULL)
+        return NULL;
+    m->srv = s->srv;
+    m->session = s;
+    snprintf(m->tag, sizeof m->tag, "%.180s mirror", s->tag);
+    m->next = s->srv->mirrors;
+    if (m->next != NULL)
+        m->next->prev = m;
+    s->srv->mirrors = m;
+    const pd_auth_entry_t *entry = pd_server_auth_entry(s->srv, s->user);
+    pd_backend_params_t params = {
+        .user = s->user,
+        .password = entry != NULL && !entry->user->is_scram ? entry->user->secret : NULL,
+        .nparams = s->nparams,
+        .names = (const char *const *)s->names,
+        .values = (const char *const *)s->values,
+    };
+    char err[512];
+    if (db == NULL || db->new == NULL ||
+        pd_backend_connect(&m->backend, s->srv->loop, db->new, &params, on_connected, m, err,
+                           sizeof err) != 0) {
+        m->state = M_DEAD;
+        pd_log_warning(m->tag, "mirror detached: %s",
+                       db == NULL || db->new == NULL ? "the database has no new side" : err);
+    }
+    return m;
+}
+
+/* Puts an image op in the queues of the rows it writes. False when out of memory. */
+static bool gate(pd_mirror_t *m, pd_mirror_op_t *op)
+{
+    const pd_sql_result_t *r = op->r;
+    if (r == NULL || r->mirror != PD_MIRROR_IMAGE || r->image_nkey == 0 || op->nsets == 0)
+        return true;
+    if (m->srv->mirror_keys == NULL &&
+        (m->srv->mirror_keys = calloc(1, sizeof *m->srv->mirror_keys)) == NULL)
+        return false;
+    op->nodes = calloc(op->nsets, sizeof *op->nodes);
+    if (op->nodes == NULL)
+        return false;
+    op->nnodes = op->nsets;
+    pd_buf_t key;
+    pd_buf_init(&key);
+    const uint8_t *p = op->sets.data;
+    bool ok = true;
+    for (unsigned set = 0; set < op->nsets && ok; set++) {
+        const uint8_t *col[op->nparams + 1];
+        for (unsigned i = 0; i < op->nparams; i++) {
+            col[i] = p;
+            int32_t len = (int32_t)((uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
+                                    (uint32_t)p[2] << 8 | p[3]);
+            p += 4 + (len < 0 ? 0 : (size_t)len + 1);
+        }
+        pd_buf_reset(&key);
+        pd_buf_put_str(&key, r->image_table);
+        for (unsigned k = 0; k < r->image_nkey; k++) {
+            const uint8_t *c = col[r->image_key[k]];
+            int32_t len = (int32_t)((uint32_t)c[0] << 24 | (uint32_t)c[1] << 16 |
+                                    (uint32_t)c[2] << 8 | c[3]);
+            pd_buf_put(&key, c, 4 + (len < 0 ? 0 : (size_t)len));
+        }
+        ok = pd_buf_ok(&key) && key_join(m->srv->mirror_keys, op, key.data, key.len, set);
+    }
+    pd_buf_free(&key);
+    return ok;
+}
+
+/* Queues an op; past the bound the mirror is detached (everything recorded). */
+static void mirror_push(pd_mirror_t *m, pd_mirror_op_t *op)
+{
+    if (m->state == M_DEAD) {
+        if (!op->synthetic)
+            record(m->srv, op, "mirror_unapplied");
+        op_free(op);
+        return;
+    }
+    if (m->queued + 1 > QUEUE_MAX_OPS || m->queued_bytes + op_bytes(op) > QUEUE_MAX_BYTES) {
+        if (m->tail != NULL)
+            m->tail->next = op;
+        else
+            m->head = op;
+        m->tail = op;
+        m->busy = false;
+        mirror_die(m, "its queue is full (the new database is too slow or stuck)");
+        return;
+    }
+    op->m = m;
+    if (!gate(m, op)) {
+        record(m->srv, op, "mirror_unapplied");
+        op_free(op);
+        mirror_die(m, "out of memory");
+        return;
+    }
+    if (m->tail != NULL)
+        m->tail->next = op;
+    else
+        m->head = op;
+    m->tail = op;
+    m->queued++;
+    m->queued_bytes += op_bytes(op);
+    mirror_pump(m);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * The session's side
+ */
+
+bool pd_mirror_db_active(const pd_server_t *srv, const char *database)
+{
+    for (unsigned i = 0; i < srv->cfg->rule_count; i++) {
+        const pd_rule_cfg_t *r = &srv->cfg->rules[i];
+        if (r->kind == PD_RULE_TABLES && strcmp(r->database, database) == 0 &&
+            (srv->flags[i].writes == PD_WRITES_DUAL || srv->flags[i].writes == PD_WRITES_DUAL_NEW))
+            return true;
+    }
+    return false;
+}
+
+static bool expect_push(pd_session_mirror_t *sm, pd_expect_t e)
+{
+    if (sm->exp_count == sm->exp_cap) {
+        unsigned cap = sm->exp_cap ? sm->exp_cap * 2 : 16;
+        if (cap > 1u << 20)
+            return false;
+        pd_expect_t *ring = malloc(cap * sizeof *ring);
+        if (ring == NULL)
+            return false;
+        for (unsigned i = 0; i < sm->exp_count; i++)
+            ring[i] = sm->expects[(sm->exp_head + i) % sm->exp_cap];
+        free(sm->expects);
+        sm->expects = ring;
+        sm->exp_cap = cap;
+        sm->exp_head = 0;
+    }
+    sm->expects[(sm->exp_head + sm->exp_count) % sm->exp_cap] = e;
+    sm->exp_count++;
+    return true;
+}
+
+static pd_expect_t *expect_front(pd_session_mirror_t *sm, uint32_t seq)
+{
+    if (sm->exp_count == 0 || sm->expects[sm->exp_head].seq != seq)
+        return NULL;
+    return &sm->expects[sm->exp_head];
+}
+
+static void expect_pop(pd_session_mirror_t *sm)
+{
+    sm->exp_head = (sm->exp_head + 1) % sm->exp_cap;
+    sm->exp_count--;
+}
+
+static void hold(pd_session_mirror_t *sm, pd_mirror_op_t *op)
+{
+    if (sm->held_tail != NULL)
+        sm->held_tail->next = op;
+    else
+        sm->held = op;
+    sm->held_tail = op;
+}
+
+static pd_expect_t image_expect(const pd_sql_result_t *r, uint8_t kind, uint32_t seq)
+{
+    pd_expect_t e = {.seq = seq, .kind = kind, .client_rows = true};
+    if (r != NULL && r->mirror == PD_MIRROR_IMAGE) {
+        e.image = true;
+        e.strip = r->image_cols;
+        e.client_rows = r->client_cols >= 0;
+    }
+    return e;
+}
+
+bool pd_mirror_on_query(pd_session_t *s, const pd_sql_result_t *r, const char *sent,
+                        const char *original, uint32_t seq)
+{
+    pd_session_mirror_t *sm = &s->mir;
+    pd_expect_t e = image_expect(r, 'Q', seq);
+    if (r->mirror != PD_MIRROR_NONE && r->action != PD_SQL_REFUSE) {
+        const char *sql = r->mirror == PD_MIRROR_IMAGE ? r->image_sql : sent;
+        pd_mirror_op_t *op = op_new(r, sql, original, seq);
+        if (op == NULL)
+            return false;
+        op->simple = r->mirror != PD_MIRROR_IMAGE;
+        if (r->mirror == PD_MIRROR_IMAGE) {
+            op->nparams = r->image_cols;
+            op->formats = calloc(op->nparams + 1, sizeof *op->formats);
+            op->types = calloc(op->nparams + 1, sizeof *op->types);
+            if (op->formats == NULL || op->types == NULL) {
+                op_free(op);
+                return false;
+            }
+            memcpy(op->types, r->image_types, op->nparams * sizeof *op->types);
+        }
+        e.op = op;
+        hold(sm, op);
+    }
+    return expect_push(sm, e);
+}
+
+bool pd_mirror_bind_needs_whole(const pd_sql_result_t *r)
+{
+    return r != NULL && r->mirror != PD_MIRROR_NONE && r->action != PD_SQL_REFUSE;
+}
+
+/*
+ * Appends ncols values in wire form (int32 len, -1 NULL; bytes) to a parameter set, each
+ * non-NULL value followed by a NUL so that libpq can take text values in place. Returns
+ * the end of the values read, or NULL when out of memory.
+ */
+static const uint8_t *set_add(pd_buf_t *set, const uint8_t *p, unsigned ncols)
+{
+    for (unsigned i = 0; i < ncols; i++) {
+        int32_t len = (int32_t)((uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
+                                (uint32_t)p[2] << 8 | p[3]);
+        pd_buf_put(set, p, 4);
+        p += 4;
+        if (len >= 0) {
+            pd_buf_put(set, p, (size_t)len);
+            pd_buf_put_u8(set, 0);
+            p += len;
+        }
+    }
+    return pd_buf_ok(set) ? p : NULL;
+}
+
+static uint16_t get16(const uint8_t *p)
+{
+    return (uint16_t)(p[0] << 8 | p[1]);
+}
+
+/* The Bind's result formats extended with text for the image columns, when the client
+   gave one per column (PostgreSQL wants as many as the statement returns). */
+static bool extend_formats(const pd_fe_bind_t *b, const uint8_t *body, size_t n, unsigned extra,
+                           uint8_t **out, size_t *out_len)
+{
+    size_t head = (size_t)(b->result_formats - body); /* up to the result formats */
+    size_t len = 1 + 4 + head - 2 + 2 + 2u * (b->nresult_formats + extra);
+    uint8_t *msg = malloc(len);
+    if (msg == NULL)
+        return false;
+    msg[0] = 'B';
+    uint32_t l = (uint32_t)(len - 1);
+    msg[1] = (uint8_t)(l >> 24);
+    msg[2] = (uint8_t)(l >> 16);
+    msg[3] = (uint8_t)(l >> 8);
+    msg[4] = (uint8_t)l;
+    memcpy(msg + 5, body, head - 2);
+    uint16_t count = (uint16_t)(b->nresult_formats + extra);
+    msg[5 + head - 2] = (uint8_t)(count >> 8);
+    msg[5 + head - 1] = (uint8_t)count;
+    memcpy(msg + 5 + head, b->result_formats, 2u * b->nresult_formats);
+    memset(msg + 5 + head + 2u * b->nresult_formats, 0, 2u * extra);
+    (void)n;
+    *out = msg;
+    *out_len = len;
+    return true;
+}
+
+bool pd_mirror_on_bind(pd_session_t *s, const pd_sql_result_t *r, const char *stmt_sql,
+                       const char *sent, const uint32_t *types, uint16_t ntypes,
+                       const uint8_t *body, size_t n, uint8_t **rewritten, size_t *rewritten_len)
+{
+    pd_session_mirror_t *sm = &s->mir;
+    *rewritten = NULL;
+    pd_fe_bind_t b;
+    const char *err = NULL;
+    bool unnamed = body[0] == '\0';
+    if (unnamed) {
+        op_free(sm->portal_op);
+        sm->portal_op = NULL;
+        pd_sql_result_release(sm->portal_plan);
+        sm->portal_plan = NULL;
+        if (r != NULL) {
+            sm->portal_plan = (pd_sql_result_t *)r;
+            sm->portal_plan->refs++;
+        }
+    }
+    if (!pd_mirror_bind_needs_whole(r) || !unnamed)
+        return true; /* named portals are not replayed: see the note in mirror.h's caller */
+    if (pd_fe_bind_decode(body, n, &b, &err) != PD_DECODE_OK)
+        return true; /* the server reports the malformed Bind; nothing to replay */
+    sm->image_format = b.nresult_formats == 1 ? (int)get16(b.result_formats) : 0;
+    if (r->mirror == PD_MIRROR_IMAGE && b.nresult_formats > 1 &&
+        !extend_formats(&b, body, n, r->image_cols, rewritten, rewritten_len))
+        return false;
+    bool image = r->mirror == PD_MIRROR_IMAGE;
+    pd_mirror_op_t *op = op_new(r, image ? r->image_sql : sent, stmt_sql, 0);
+    if (op == NULL)
+        return false;
+    op->nparams = image ? r->image_cols : b.nparams;
+    op->formats = calloc(op->nparams + 1, sizeof *op->formats);
+    op->types = calloc(op->nparams + 1, sizeof *op->types);
+    if (op->formats == NULL || op->types == NULL) {
+        op_free(op);
+        return false;
+    }
+    if (image) {
+        memcpy(op->types, r->image_types, op->nparams * sizeof *op->types);
+        for (unsigned i = 0; i < op->nparams; i++)
+            op->formats[i] = sm->image_format;
+    } else {
+        for (unsigned i = 0; i < op->nparams; i++) {
+            op->types[i] = i < ntypes ? types[i] : 0;
+            op->formats[i] = b.nformats == 0   ? 0
+                             : b.nformats == 1 ? get16(b.formats)
+                                               : get16(b.formats + 2 * (i < b.nformats ? i : 0));
+        }
+        /* One parameter set, as the client sent it. */
+        op->nsets = 1;
+        if (set_add(&op->sets, b.params, b.nparams) == NULL) {
+            op_free(op);
+            return false;
+        }
+    }
+    sm->portal_op = op;
+    return true;
+}
+
+bool pd_mirror_on_execute(pd_session_t *s, const uint8_t *body, size_t n, uint32_t seq)
+{
+    pd_session_mirror_t *sm = &s->mir;
+    bool unnamed = n > 0 && body[0] == '\0';
+    pd_expect_t e = image_expect(unnamed ? sm->portal_plan : NULL, 'E', seq);
+    if (unnamed && sm->portal_op != NULL) {
+        pd_mirror_op_t *op = sm->portal_op;
+        sm->portal_op = NULL;
+        op->seq = seq;
+        e.op = op;
+        hold(sm, op);
+    }
+    return expect_push(sm, e);
+}
+
+bool pd_mirror_on_describe(pd_session_t *s, uint8_t kind, const pd_sql_result_t *r, uint32_t seq)
+{
+    pd_session_mirror_t *sm = &s->mir;
+    const pd_sql_result_t *plan = kind == 'S' ? r : sm->portal_plan;
+    return expect_push(sm, image_expect(plan, 'D', seq));
+}
+
+bool pd_mirror_wants(const pd_session_t *s, uint8_t type)
+{
+    const pd_session_mirror_t *sm = &s->mir;
+    if (sm->exp_count == 0)
+        return false;
+    switch (type) {
+    case PD_BE_ROW_DESCRIPTION:
+    case PD_BE_NO_DATA:
+    case PD_BE_COMMAND_COMPLETE:
+    case PD_BE_ERROR:
+    case PD_BE_EMPTY_QUERY:
+    case PD_BE_PORTAL_SUSPENDED:
+        return true;
+    case PD_BE_DATA_ROW:
+        return sm->expects[sm->exp_head].image;
+    default:
+        return false;
+    }
+}
+
+static uint32_t get32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+static uint8_t *message(uint8_t type, const uint8_t *body, size_t n, size_t *len)
+{
+    uint8_t *msg = malloc(5 + n);
+    if (msg == NULL)
+        return NULL;
+    msg[0] = type;
+    uint32_t l = (uint32_t)(n + 4);
+    msg[1] = (uint8_t)(l >> 24);
+    msg[2] = (uint8_t)(l >> 16);
+    msg[3] = (uint8_t)(l >> 8);
+    msg[4] = (uint8_t)l;
+    if (n > 0)
+        memcpy(msg + 5, body, n);
+    *len = 5 + n;
+    return msg;
+}
+
+/* A RowDescription without its last `strip` fields. */
+static int strip_description(const uint8_t *body, size_t n, unsigned strip, uint8_t **out,
+                             size_t *out_len)
+{
+    pd_be_row_description_t d;
+    const char *err = NULL;
+    if (pd_be_row_description_decode(body, n, &d, &err) != PD_DECODE_OK || d.nfields < strip)
+        return 0; /* not ours to judge: pass it on */
+    const uint8_t *p = d.fields;
+    for (unsigned i = 0; i + strip < d.nfields; i++)
+        p += strlen((const char *)p) + 1 + 18;
+    size_t keep = (size_t)(p - body);
+    uint8_t *msg = message(PD_BE_ROW_DESCRIPTION, body, keep, out_len);
+    if (msg == NULL)
+        return -1;
+    uint16_t count = (uint16_t)(d.nfields - strip);
+    msg[5] = (uint8_t)(count >> 8);
+    msg[6] = (uint8_t)count;
+    *out = msg;
+    return 2;
+}
+
+/* Keeps the last `strip` columns of a DataRow as a parameter set of op; *out is the row
+   without them (or nothing when the client has no rows of its own). */
+static int take_image(pd_mirror_op_t *op, const pd_expect_t *e, const uint8_t *body, size_t n,
+                      uint8_t **out, size_t *out_len)
+{
+    pd_be_data_row_t row;
+    const char *err = NULL;
+    if (pd_be_data_row_decode(body, n, &row, &err) != PD_DECODE_OK || row.ncolumns < e->strip)
+        return 0;
+    const uint8_t *p = row.columns;
+    const uint8_t *cut = NULL;
+    for (unsigned i = 0; i < row.ncolumns; i++) {
+        if (i + e->strip == row.ncolumns)
+            cut = p;
+        int32_t len = (int32_t)get32(p);
+        p += 4 + (len < 0 ? 0 : (size_t)len);
+    }
+    if (cut == NULL)
+        cut = p;
+    if (op != NULL) {
+        op->nsets++;
+        if (set_add(&op->sets, cut, e->strip) == NULL)
+            return -1;
+    }
+    if (!e->client_rows)
+        return 1;
+    uint8_t *msg = message(PD_BE_DATA_ROW, body, (size_t)(cut - body), out_len);
+    if (msg == NULL)
+        return -1;
+    uint16_t count = (uint16_t)(row.ncolumns - e->strip);
+    msg[5] = (uint8_t)(count >> 8);
+    msg[6] = (uint8_t)count;
+    *out = msg;
+    return 2;
+}
+
+static void note_outcome(pd_mirror_op_t *op, uint8_t type, const uint8_t *body, size_t n)
+{
+    const char *err = NULL;
+    if (op == NULL)
+        return;
+    if (type == PD_BE_COMMAND_COMPLETE) {
+        const char *tag = NULL;
+        if (pd_be_command_complete_decode(body, n, &tag, &err) == PD_DECODE_OK)
+            copy_state(op->auth_tag, sizeof op->auth_tag, tag);
+    } else if (type == PD_BE_ERROR) {
+        pd_be_error_t e;
+        op->auth_error = true;
+        if (pd_be_error_decode(body, n, &e, &err) == PD_DECODE_OK)
+            copy_state(op->auth_sqlstate, sizeof op->auth_sqlstate, e.sqlstate);
+    }
+}
+
+int pd_mirror_on_server(pd_session_t *s, uint32_t seq, uint8_t type, const uint8_t *body,
+                        size_t n, uint8_t **out, size_t *out_len)
+{
+    pd_session_mirror_t *sm = &s->mir;
+    pd_expect_t *e = expect_front(sm, seq);
+    if (e == NULL)
+        return 0;
+    switch (type) {
+    case PD_BE_ROW_DESCRIPTION: {
+        if (!e->image) {
+            if (e->kind == 'D')
+                expect_pop(sm);
+            return 0;
+        }
+        int rc;
+        if (e->client_rows)
+            rc = strip_description(body, n, e->strip, out, out_len);
+        else if (e->kind == 'D')
+            rc = (*out = message(PD_BE_NO_DATA, NULL, 0, out_len)) != NULL ? 2 : -1;
+        else
+            rc = 1;
+        if (e->kind == 'D')
+            expect_pop(sm);
+        return rc;
+    }
+    case PD_BE_NO_DATA:
+        if (e->kind == 'D')
+            expect_pop(sm);
+        return 0;
+    case PD_BE_DATA_ROW:
+        return e->image && e->kind != 'D' ? take_image(e->op, e, body, n, out, out_len) : 0;
+    case PD_BE_COMMAND_COMPLETE:
+    case PD_BE_EMPTY_QUERY:
+    case PD_BE_PORTAL_SUSPENDED:
+    case PD_BE_ERROR:
+        note_outcome(e->op, type, body, n);
+        if (e->op != NULL && type != PD_BE_ERROR)
+            e->op->auth_done = true;
+        if (e->kind != 'Q')
+            expect_pop(sm);
+        return 0;
+    default:
+        return 0;
+    }
+}
+
+/* Takes the held ops of batch seq, in order. */
+static pd_mirror_op_t *take_held(pd_session_mirror_t *sm, uint32_t seq)
+{
+    pd_mirror_op_t *first = NULL, **link = &first;
+    while (sm->held != NULL && sm->held->seq == seq) {
+        pd_mirror_op_t *op = sm->held;
+        sm->held = op->next;
+        op->next = NULL;
+        *link = op;
+        link = &op->next;
+    }
+    if (sm->held == NULL)
+        sm->held_tail = NULL;
+    return first;
+}
+
+static bool is_write(const pd_mirror_op_t *op)
+{
+    return op->r != NULL && (op->r->mirror == PD_MIRROR_WRITE || op->r->mirror == PD_MIRROR_IMAGE);
+}
+
+static pd_mirror_op_t *synthetic(const char *sql, const pd_mirror_op_t *like)
+{
+    pd_mirror_op_t *op = op_new(NULL, sql, sql, like->seq);
+    if (op != NULL) {
+        op->synthetic = true;
+        op->simple = true;
+        op->rule = like->rule;
+    }
+    return op;
+}
+
+void pd_mirror_on_ready(pd_session_t *s, uint32_t seq, uint8_t status_before, uint8_t status)
+{
+    pd_session_mirror_t *sm = &s->mir;
+    /* Expectations the server skipped (after an error) end with their batch. */
+    while (sm->exp_count > 0 && sm->expects[sm->exp_head].seq == seq)
+        expect_pop(sm);
+    pd_mirror_op_t *ops = take_held(sm, seq);
+    if (ops == NULL)
+        return;
+    /* What the authoritative side applied: in an implicit transaction (autocommit batch
+       without transaction control) that failed, nothing. */
+    bool failed = false, txn_control = false;
+    unsigned writes = 0;
+    for (pd_mirror_op_t *op = ops; op != NULL; op = op->next) {
+        failed = failed || op->auth_error;
+        txn_control = txn_control || (op->r != NULL && op->r->mirror == PD_MIRROR_TXN);
+        writes += is_write(op);
+    }
+    bool implicit = status_before == 'I' && status == 'I' && !txn_control;
+    if (sm->mirror == NULL) {
+        sm->mirror = mirror_open(s);
+        if (sm->mirror == NULL) {
+            while (ops != NULL) {
+                pd_mirror_op_t *next = ops->next;
+                record(s->srv, ops, "mirror_unapplied");
+                op_free(ops);
+                ops = next;
+            }
+            return;
+        }
+    }
+    pd_mirror_t *m = sm->mirror;
+    bool wrap = implicit && writes > 1 && !failed;
+    if (wrap) {
+        pd_mirror_op_t *begin = synthetic("BEGIN", ops);
+        if (begin != NULL)
+            mirror_push(m, begin);
+    }
+    pd_mirror_op_t *last = NULL;
+    while (ops != NULL) {
+        pd_mirror_op_t *op = ops;
+        ops = op->next;
+        op->next = NULL;
+        last = op;
+        bool applied = op->auth_done && !op->auth_error && !(implicit && failed);
+        bool txn_end = op->r != NULL && op->r->mirror == PD_MIRROR_TXN && op->r->txn == PD_TXN_END;
+        if (txn_end && strncmp(op->auth_tag, "ROLLBACK", 8) == 0) {
+            /* COMMIT of a failed transaction: the authoritative side rolled back. */
+            free(op->sql);
+            op->sql = strdup("ROLLBACK");
+            applied = op->sql != NULL;
+        }
+        /* Row images of a statement that touched no row: nothing to apply. */
+        bool empty = op->r != NULL && op->r->mirror == PD_MIRROR_IMAGE && op->nsets == 0;
+        if (!applied || empty) {
+            op_free(op);
+            continue;
+        }
+        mirror_push(m, op);
+    }
+    if (wrap && last != NULL) {
+        pd_mirror_op_t *commit = synthetic("COMMIT", last);
+        if (commit != NULL)
+            mirror_push(m, commit);
+    }
+}
+
+void pd_mirror_session_end(pd_session_t *s)
+{
+    pd_session_mirror_t *sm = &s->mir;
+    while (sm->held != NULL) {
+        pd_mirror_op_t *op = sm->held;
+        sm->held = op->next;
+        /* Answered or not, the authoritative outcome is unknown or rolled back with the
+           session's connection: only what was answered and committed matters, and that was
+           released at its ReadyForQuery already. */
+        op_free(op);
+    }
+    sm->held_tail = NULL;
+    op_free(sm->portal_op);
+    sm->portal_op = NULL;
+    pd_sql_result_release(sm->portal_plan);
+    sm->portal_plan = NULL;
+    free(sm->expects);
+    sm->expects = NULL;
+    sm->exp_cap = sm->exp_count = sm->exp_head = 0;
+    pd_mirror_t *m = sm->mirror;
+    sm->mirror = NULL;
+    if (m == NULL)
+        return;
+    m->closing = true;
+    if (m->state == M_DEAD) {
+        m->session = NULL;
+        mirror_free(m);
+        return;
+    }
+    m->session = NULL;
+    if (m->state == M_READY && !m->busy && m->head == NULL)
+        mirror_die(m, NULL);
+}
+
+void pd_mirror_close_all(pd_server_t *srv)
+{
+    while (srv->mirrors != NULL) {
+        pd_mirror_t *m = srv->mirrors;
+        if (m->session != NULL) {
+            m->session->mir.mirror = NULL;
+            m->session = NULL;
+        }
+        mirror_die(m, "pgdual is stopping"); /* frees it: it has no session now */
+    }
+    if (srv->mirror_keys != NULL) {
+        free(srv->mirror_keys->buckets);
+        free(srv->mirror_keys);
+        srv->mirror_keys = NULL;
+    }
+}

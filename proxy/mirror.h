@@ -1,0 +1,105 @@
+/*
+ * mirror.h — the mirror side of a `tables` rule in dual (DESIGN.md §4): a second backend
+ * connection per session, to the database's `new` side, opened when the session first has
+ * something to keep in step, on which the session's mirrored statements are replayed.
+ *
+ * commit: async (what is built): a statement is replayed after the authoritative side has
+ * answered it, batch by batch at ReadyForQuery, so that only what the authoritative side
+ * applied is applied: writes that failed there (or were rolled back with their implicit
+ * transaction) are not replayed, and a COMMIT the authoritative side turned into ROLLBACK
+ * is a ROLLBACK on the mirror too. Transaction control is replayed only around mirrored
+ * statements (a transaction that writes nothing mirrored costs the mirror nothing);
+ * settings are replayed always. Several mirrored writes of one autocommit batch (one
+ * implicit transaction) are wrapped in BEGIN/COMMIT.
+ *
+ * Row images: for a statement planned as PD_MIRROR_IMAGE the session strips the columns
+ * appended to RETURNING from what the client sees (RowDescription, DataRow; a Describe
+ * of a statement without RETURNING of its own is answered NoData) and keeps their values;
+ * the mirror applies each row with the plan's image statement.
+ *
+ * Outcomes: each replayed statement's command tag is compared with the authoritative
+ * one; a different tag (row count), an error on the mirror only, or a statement that
+ * could not be replayed (mirror detached: unreachable, lost, or its queue past the bound)
+ * is a divergence event (normalized statement only) and counted per rule. A mirror that
+ * fails never delays or fails the client (on_failure: record).
+ *
+ * The mirror outlives its session: what the session left queued is still applied, then
+ * the connection closes (rolling back a transaction the session left open).
+ */
+#ifndef PD_PROXY_MIRROR_H
+#define PD_PROXY_MIRROR_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "rules/sql.h"
+
+typedef struct pd_session pd_session_t;
+typedef struct pd_server pd_server_t;
+typedef struct pd_mirror pd_mirror_t;
+typedef struct pd_mirror_op pd_mirror_op_t;
+
+/* What the session expects the authoritative side to answer, in order. */
+typedef struct {
+    uint32_t seq;      /* the batch */
+    uint8_t kind;      /* 'Q' a Query (until ReadyForQuery), 'E' an Execute, 'D' a Describe */
+    bool image;        /* the statement has row-image columns at the end of its rows */
+    bool client_rows;  /* the client asked for rows of its own (RETURNING) */
+    unsigned strip;    /* how many columns are the proxy's */
+    pd_mirror_op_t *op; /* the statement's replay, or NULL */
+} pd_expect_t;
+
+/* The session's side of mirroring; lives in pd_session_t. */
+typedef struct {
+    bool on;               /* the database has a tables rule mirroring writes */
+    pd_mirror_t *mirror;   /* NULL until first needed; detached on session end */
+    pd_expect_t *expects;  /* ring, owned */
+    unsigned exp_cap, exp_head, exp_count;
+    pd_mirror_op_t *held, *held_tail; /* ops waiting for their batch's ReadyForQuery */
+    pd_mirror_op_t *portal_op;        /* the unnamed portal's statement replay, bound */
+    pd_sql_result_t *portal_plan;     /* the unnamed portal's plan (Describe P), referenced */
+    int image_format;                 /* result format of image columns in this batch's Bind */
+} pd_session_mirror_t;
+
+/* Does the database have a tables rule with writes dual or dual-new? */
+bool pd_mirror_db_active(const pd_server_t *srv, const char *database);
+
+/* Session hooks (session.c calls them only when sm->on). Each returns false when out of
+   memory (the session then ends). */
+/* A Query routed with plan r; `sent` is the text sent to the authoritative side. */
+bool pd_mirror_on_query(pd_session_t *s, const pd_sql_result_t *r, const char *sent,
+                        const char *original, uint32_t seq);
+/*
+ * A whole Bind (body of n bytes) of a statement with plan r (NULL: not tracked) and the
+ * parameter types it was prepared with. *rewritten is set to a Bind to send instead when
+ * the result formats had to be extended for image columns (malloc'd message body).
+ */
+bool pd_mirror_on_bind(pd_session_t *s, const pd_sql_result_t *r, const char *stmt_sql,
+                       const char *sent, const uint32_t *types, uint16_t ntypes,
+                       const uint8_t *body, size_t n, uint8_t **rewritten, size_t *rewritten_len);
+/* Whether a Bind of plan r needs to be seen whole (its parameters are replayed). */
+bool pd_mirror_bind_needs_whole(const pd_sql_result_t *r);
+bool pd_mirror_on_execute(pd_session_t *s, const uint8_t *body, size_t n, uint32_t seq);
+/* Describe of a statement (plan r, may be NULL) or of the unnamed portal. */
+bool pd_mirror_on_describe(pd_session_t *s, uint8_t kind, const pd_sql_result_t *r,
+                           uint32_t seq);
+
+/* Must the server message of this type be seen whole by pd_mirror_on_server? */
+bool pd_mirror_wants(const pd_session_t *s, uint8_t type);
+/*
+ * A whole server message of batch `seq`. Returns 0 pass, 1 drop, 2 replace with *out
+ * (a whole message, malloc'd, *out_len bytes), -1 out of memory.
+ */
+int pd_mirror_on_server(pd_session_t *s, uint32_t seq, uint8_t type, const uint8_t *body,
+                        size_t n, uint8_t **out, size_t *out_len);
+/* ReadyForQuery of batch seq, with the transaction status before and after it. */
+void pd_mirror_on_ready(pd_session_t *s, uint32_t seq, uint8_t status_before, uint8_t status);
+
+/* The session ends: its mirror drains what is queued and closes on its own. */
+void pd_mirror_session_end(pd_session_t *s);
+
+/* Server shutdown: every mirror closes now, recording what it had not applied. */
+void pd_mirror_close_all(pd_server_t *srv);
+
+#endif /* PD_PROXY_MIRROR_H */

@@ -1,0 +1,312 @@
+#!/usr/bin/python3
+"""Blue/green mirroring (issue 4): a `tables` rule at writes=dual keeps database app2
+(new) identical to app (old) while clients talk to pgdual only — verbatim replays, row
+images for serial/identity keys and now()/gen_random_uuid() defaults, transaction control
+and savepoints, failed statements and rolled-back transactions, simple and extended
+protocol, concurrent clients; and a mirror that cannot be reached never fails a client
+but records every write it missed."""
+
+import struct
+import threading
+import random
+import unittest
+
+import psycopg2
+
+import pdtest
+from pdtest import RawClient
+from test_rules import (RulesProxy, bind_msg_params, execute_msg, parse_msg, read_batch,
+                        sync_msg)
+
+RULE = "orders-to-green"
+TABLES = ("mt_orders", "mt_items", "mt_counters", "mt_log")
+
+SCHEMA = """
+DROP TABLE IF EXISTS mt_orders, mt_items, mt_counters, mt_log;
+CREATE TABLE mt_orders (id serial PRIMARY KEY, total numeric NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    token uuid NOT NULL DEFAULT gen_random_uuid(), note text);
+CREATE TABLE mt_items (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    order_id int NOT NULL, qty int NOT NULL, doubled int GENERATED ALWAYS AS (qty * 2) STORED);
+CREATE TABLE mt_counters (id int PRIMARY KEY, n bigint NOT NULL DEFAULT 0,
+    touched timestamptz);
+CREATE TABLE mt_log (at timestamptz DEFAULT clock_timestamp(), msg text);
+INSERT INTO mt_counters (id) SELECT g FROM generate_series(1, 5) g;
+"""
+
+
+def reset_schema():
+    for db in ("app", "app2"):
+        pdtest.direct_query(SCHEMA, dbname=db)
+
+
+def table_md5(db, table):
+    return pdtest.direct_query(
+        "SELECT md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), '')), count(*) "
+        "FROM %s t" % table, dbname=db)[0]
+
+
+def tables_match():
+    return all(table_md5("app", t) == table_md5("app2", t) for t in TABLES)
+
+
+def tables_rule(**over):
+    r = {"name": RULE, "database": "app", "kind": "tables",
+         "tables": ["public." + t for t in TABLES], "writes": "dual", "reads": "old",
+         "mirror": {"commit": "async", "on_failure": "record"}}
+    r.update(over)
+    return r
+
+
+def databases(new=None):
+    return [{"name": "app", "old": pdtest.pg_conninfo("app"),
+             "new": new or pdtest.pg_conninfo("app2")}]
+
+
+def wait_match(proxy, what):
+    def ok():
+        return tables_match()
+    try:
+        pdtest.wait_for(ok, 20, interval=0.2, what=what)
+    except AssertionError:
+        diffs = [(t, table_md5("app", t), table_md5("app2", t)) for t in TABLES]
+        raise AssertionError("%s: tables differ: %r\ndivergence: %r\nlog:\n%s"
+                             % (what, diffs, proxy.divergence()[-10:], proxy.log_tail(40)))
+
+
+def counters(proxy):
+    return proxy.ctl_json("status")["rule_counters"][RULE]
+
+
+class MirrorTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        reset_schema()
+        cls.proxy = RulesProxy(rules=[tables_rule()], databases=databases()).start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.proxy.stop()
+
+    def setUp(self):
+        # Each test starts from identical, empty tables on both sides.
+        for db in ("app", "app2"):
+            pdtest.direct_query("TRUNCATE %s RESTART IDENTITY; INSERT INTO mt_counters (id) "
+                                "SELECT g FROM generate_series(1, 5) g" % ", ".join(TABLES),
+                                dbname=db)
+
+    def connect(self):
+        conn = pdtest.connect(self.proxy.port)
+        conn.autocommit = True
+        return conn
+
+    def test_write_forms_keep_new_identical(self):
+        conn = self.connect()
+        cur = conn.cursor()
+        # Row images: serial id, now() and gen_random_uuid() defaults.
+        cur.execute("INSERT INTO mt_orders (total, note) VALUES (10, 'a'), (20, 'b')")
+        self.assertEqual(cur.rowcount, 2)
+        self.assertIsNone(cur.description)  # the proxy's RETURNING is not seen
+        # The client's own RETURNING keeps exactly its columns.
+        cur.execute("INSERT INTO mt_orders (total) VALUES (30) RETURNING id, total")
+        self.assertEqual([d.name for d in cur.description], ["id", "total"])
+        oid = cur.fetchone()[0]
+        # Identity (ALWAYS) and a generated column.
+        cur.execute("INSERT INTO mt_items (order_id, qty) VALUES (%s, 3), (%s, 4)", (oid, oid))
+        # Verbatim: deterministic update and delete; an UPDATE with now() is an image.
+        cur.execute("UPDATE mt_orders SET total = total + 1 WHERE id = %s", (oid,))
+        cur.execute("UPDATE mt_orders SET created_at = now() WHERE note = 'a'")
+        cur.execute("DELETE FROM mt_items WHERE qty = 3")
+        # A transaction with a savepoint rolled back, and one rolled back whole.
+        cur.execute("BEGIN")
+        cur.execute("INSERT INTO mt_orders (total, note) VALUES (40, 'kept')")
+        cur.execute("SAVEPOINT s1")
+        cur.execute("INSERT INTO mt_orders (total, note) VALUES (41, 'undone')")
+        cur.execute("ROLLBACK TO SAVEPOINT s1")
+        cur.execute("COMMIT")
+        cur.execute("BEGIN")
+        cur.execute("DELETE FROM mt_orders")
+        cur.execute("ROLLBACK")
+        # A failed statement in a transaction: COMMIT becomes ROLLBACK on both sides.
+        cur.execute("BEGIN")
+        cur.execute("INSERT INTO mt_orders (id, total) VALUES (900001, 1)")
+        with self.assertRaises(psycopg2.Error):
+            cur.execute("INSERT INTO mt_orders (id, total) VALUES (900001, 2)")
+        cur.execute("COMMIT")
+        # An autocommit multi-row write that fails leaves nothing on either side.
+        with self.assertRaises(psycopg2.Error):
+            cur.execute("UPDATE mt_orders SET note = 'x'; INSERT INTO mt_orders (id, total) "
+                        "VALUES (%s, 1)", (oid,))
+        # Several writes in one query string: row images cannot be told apart, so it is
+        # refused (and nothing is applied on either side).
+        with self.assertRaises(psycopg2.Error) as cm:
+            cur.execute("UPDATE mt_counters SET n = n + 1 WHERE id = 1; "
+                        "UPDATE mt_counters SET n = n + 2 WHERE id = 2")
+        self.assertEqual(cm.exception.pgcode, "0A000")
+        # Writes to a table without a key replay verbatim, several in one string too.
+        cur.execute("INSERT INTO mt_log (at, msg) VALUES ('2026-01-02', 'a'); "
+                    "INSERT INTO mt_log (at, msg) VALUES ('2026-01-03', 'b')")
+        # A session setting kept in step: timestamps written as text mean the same.
+        cur.execute("SET timezone = 'Asia/Tokyo'")
+        cur.execute("INSERT INTO mt_log (at, msg) VALUES ('2026-01-01 09:00', 'tz')")
+        # Not a rule table on new: writes to other tables are not mirrored.
+        pdtest.direct_query("CREATE TABLE IF NOT EXISTS mt_other (x int)", dbname="app")
+        cur.execute("INSERT INTO mt_other VALUES (1)")
+        conn.close()
+        wait_match(self.proxy, "every write form mirrored")
+        self.assertEqual(table_md5("app", "mt_orders")[1], 4)
+        st = counters(self.proxy)
+        self.assertEqual(st["mirror_diverged"], 0, self.proxy.divergence())
+        self.assertEqual(st["mirror_unapplied"], 0)
+        self.assertEqual(st["mirror_proxy_errors"], 0)
+        self.assertGreater(st["mirrored"], 10)
+
+    def test_extended_protocol_images_and_describe(self):
+        with RawClient(self.proxy.port) as c:
+            c.startup("postgres", "app")
+            ins = "INSERT INTO mt_orders (total, note) VALUES ($1, $2)"
+            ret = "INSERT INTO mt_orders (total) VALUES ($1) RETURNING total"
+            describe = pdtest.msg("D", b"S" + pdtest.cstr("ins"))
+            c.send(parse_msg("ins", ins) + parse_msg("ret", ret) + describe
+                   + pdtest.msg("D", b"S" + pdtest.cstr("ret")) + sync_msg())
+            kinds = []
+            fields = None
+            while True:
+                k, body = c.recv_msg()
+                kinds.append(k)
+                if k == "T":
+                    fields = struct.unpack_from("!h", body)[0]
+                if k == "Z":
+                    break
+            # ins has no RETURNING of its own: NoData; ret shows its one column.
+            self.assertEqual(kinds, ["1", "1", "t", "n", "t", "T", "Z"])
+            self.assertEqual(fields, 1)
+            for i in range(20):
+                c.send(bind_msg_params([str(i), "ext%d" % i], stmt="ins") + execute_msg()
+                       + sync_msg())
+                self.assertEqual(read_batch(c), [])
+            c.send(bind_msg_params(["77"], stmt="ret") + execute_msg() + sync_msg())
+            self.assertEqual(read_batch(c), [["77"]])
+        wait_match(self.proxy, "extended-protocol inserts mirrored")
+        self.assertEqual(counters(self.proxy)["mirror_proxy_errors"], 0)
+
+    def test_pgbench_prepared(self):
+        """pgbench in each query mode: hot rows updated from 4 sessions (row images
+        applied in the order the authoritative side wrote them), inserts with defaults."""
+        script = pdtest.tmpdir() + "/mirror.sql"
+        with open(script, "w") as f:
+            f.write("\\set c random(1, 5)\n"
+                    "BEGIN;\n"
+                    "INSERT INTO mt_orders (total, note) VALUES (:c, 'pgbench');\n"
+                    "UPDATE mt_counters SET n = n + 1, touched = now() WHERE id = :c;\n"
+                    "UPDATE mt_orders SET created_at = now() WHERE id = :c;\n"
+                    "INSERT INTO mt_log (msg) VALUES ('pgbench');\n"
+                    "END;\n")
+        for mode in ("prepared", "extended", "simple"):
+            r = pdtest.run_pgbench(self.proxy.port, ["-n", "-M", mode, "-c", "4", "-j", "2",
+                                                     "-t", "100", "-f", script])
+            self.assertIn("number of failed transactions: 0", r.stdout)
+        wait_match(self.proxy, "pgbench transactions mirrored")
+        self.assertEqual(counters(self.proxy)["mirror_proxy_errors"], 0)
+
+    def test_sixteen_concurrent_clients(self):
+        """16 clients, 10k transactions: inserts with serial/identity keys and
+        now()/gen_random_uuid() defaults, commutative updates of hot rows, deletes,
+        rollbacks; afterwards every table is identical on old and new."""
+        errors = []
+
+        def worker(seed):
+            rnd = random.Random(seed)
+            try:
+                conn = pdtest.connect(self.proxy.port)
+                cur = conn.cursor()
+                for _ in range(625):
+                    op = rnd.random()
+                    if op < 0.4:
+                        cur.execute("INSERT INTO mt_orders (total, note) VALUES (%s, 'w') "
+                                    "RETURNING id", (rnd.randint(1, 100),))
+                        oid = cur.fetchone()[0]
+                        cur.execute("INSERT INTO mt_items (order_id, qty) VALUES (%s, %s)",
+                                    (oid, rnd.randint(1, 9)))
+                    elif op < 0.6:
+                        cur.execute("UPDATE mt_counters SET n = n + %s WHERE id = %s",
+                                    (rnd.randint(1, 3), rnd.randint(1, 5)))
+                    elif op < 0.7:  # not commutative: order matters
+                        cur.execute("UPDATE mt_counters SET n = %s, touched = now() "
+                                    "WHERE id = %s", (rnd.randint(1, 1000), rnd.randint(1, 5)))
+                    elif op < 0.8:
+                        cur.execute("DELETE FROM mt_items WHERE id = (SELECT min(id) FROM "
+                                    "mt_items WHERE qty = %s)", (rnd.randint(1, 9),))
+                    elif op < 0.9:
+                        cur.execute("INSERT INTO mt_log (msg) VALUES ('w')")
+                    else:
+                        cur.execute("INSERT INTO mt_orders (total) VALUES (1)")
+                        conn.rollback()
+                        continue
+                    conn.commit()
+                conn.close()
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        self.assertEqual(errors, [])
+        wait_match(self.proxy, "16 clients' transactions mirrored")
+        st = counters(self.proxy)
+        self.assertEqual(st["mirror_proxy_errors"], 0)
+        self.assertEqual(st["mirror_unapplied"], 0)
+
+
+class MirrorDownTest(unittest.TestCase):
+    def test_unreachable_new_never_fails_clients_and_records(self):
+        reset_schema()
+        dead = "host=127.0.0.1 port=%d dbname=app2 connect_timeout=2" % pdtest.free_port()
+        with RulesProxy(rules=[tables_rule()], databases=databases(dead)) as p:
+            conn = pdtest.connect(p.port)
+            conn.autocommit = True
+            cur = conn.cursor()
+            for i in range(5):
+                cur.execute("INSERT INTO mt_orders (total, note) VALUES (%s, 'down')", (i,))
+            cur.execute("UPDATE mt_counters SET n = n + 1 WHERE id = 1")
+            conn.close()
+            self.assertEqual(pdtest.direct_query("SELECT count(*) FROM mt_orders",
+                                                 dbname="app")[0][0], 5)
+            pdtest.wait_for(lambda: counters(p)["mirror_unapplied"] >= 6, 10,
+                            what="the missed writes to be recorded")
+            events = [e for e in p.divergence() if e["kind"] == "mirror_unapplied"]
+            self.assertEqual(len(events), 6)
+            for e in events:
+                self.assertEqual(e["rule"], RULE)
+                self.assertNotIn("down", e["statement"])  # literals never reach the log
+        self.assertEqual(pdtest.direct_query("SELECT count(*) FROM mt_orders",
+                                             dbname="app2")[0][0], 0)
+
+
+class MirrorRefusalTest(unittest.TestCase):
+    def test_what_cannot_be_replayed_is_refused(self):
+        reset_schema()
+        with RulesProxy(rules=[tables_rule()], databases=databases()) as p:
+            conn = pdtest.connect(p.port)
+            conn.autocommit = True
+            cur = conn.cursor()
+            with self.assertRaises(psycopg2.Error) as cm:
+                cur.execute("UPDATE mt_orders SET id = id + 1, created_at = now()")
+            self.assertEqual(cm.exception.pgcode, "0A000")
+            self.assertIn(RULE, cm.exception.pgerror)
+            with self.assertRaises(psycopg2.Error) as cm:
+                cur.execute("PREPARE TRANSACTION 'x'")
+            self.assertEqual(cm.exception.pgcode, "0A000")
+            conn.close()
+
+    def test_lockstep_and_dual_new_not_yet(self):
+        with RulesProxy(rules=[tables_rule(writes="old")], databases=databases()) as p:
+            r = p.ctl("flag", RULE, "writes=dual-new", check=False)
+            self.assertEqual(r.returncode, 1)
+            self.assertIn("not built yet", r.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()
