@@ -335,7 +335,7 @@ static json_t *cmd_divergence(pd_server_t *srv, int argc, char **argv)
             continue;
         const pd_rule_stats_t *st = &srv->stats[i];
         json_array_append_new(counts,
-                              json_pack("{s:s, s:I, s:I, s:I, s:I, s:I, s:I}", "rule",
+                              json_pack("{s:s, s:I, s:I, s:I, s:I, s:I}", "rule",
                                         srv->cfg->rules[i].name, "shadow_mismatched",
                                         (json_int_t)st->shadow_mismatched, "shadow_compared",
                                         (json_int_t)st->shadow_compared, "shadow_skipped",
