@@ -898,6 +898,73 @@ static bool extend_formats(const pd_fe_bind_t *b, const uint8_t *body, size_t n,
     return true;
 }
 
+/* A bound portal: its statement's plan (for Describe P and Execute) and its replay. */
+typedef struct pd_portal {
+    struct pd_portal *next;
+    char *name;
+    pd_sql_result_t *plan; /* referenced, or NULL */
+    pd_mirror_op_t *op;    /* taken by the portal's first Execute */
+} pd_portal_t;
+
+#define PORTALS_KEPT 64 /* named portals a client leaves open: the oldest are forgotten */
+
+static void portal_free(pd_portal_t *p)
+{
+    free(p->name);
+    pd_sql_result_release(p->plan);
+    op_free(p->op);
+    free(p);
+}
+
+static pd_portal_t *portal_find(pd_session_mirror_t *sm, const char *name)
+{
+    for (pd_portal_t *p = sm->portals; p != NULL; p = p->next)
+        if (strcmp(p->name, name) == 0)
+            return p;
+    return NULL;
+}
+
+/* The portal `name` bound anew to plan r (NULL when out of memory). */
+static pd_portal_t *portal_bind(pd_session_mirror_t *sm, const char *name,
+                                const pd_sql_result_t *r)
+{
+    pd_portal_t **pp = &sm->portals, *last = NULL;
+    unsigned n = 0;
+    while (*pp != NULL) {
+        if (strcmp((*pp)->name, name) == 0) {
+            pd_portal_t *old = *pp;
+            *pp = old->next;
+            portal_free(old);
+            sm->nportals--;
+            continue;
+        }
+        last = *pp;
+        pp = &(*pp)->next;
+        n++;
+    }
+    if (n >= PORTALS_KEPT && last != NULL) { /* forget the oldest (at the tail) */
+        pd_portal_t **q = &sm->portals;
+        while (*q != last)
+            q = &(*q)->next;
+        *q = NULL;
+        portal_free(last);
+        sm->nportals--;
+    }
+    pd_portal_t *p = calloc(1, sizeof *p);
+    if (p == NULL || (p->name = strdup(name)) == NULL) {
+        free(p);
+        return NULL;
+    }
+    if (r != NULL) {
+        p->plan = (pd_sql_result_t *)r;
+        p->plan->refs++;
+    }
+    p->next = sm->portals;
+    sm->portals = p;
+    sm->nportals++;
+    return p;
+}
+
 bool pd_mirror_on_bind(pd_session_t *s, const pd_sql_result_t *r, const char *stmt_sql,
                        const char *sent, const uint32_t *types, uint16_t ntypes,
                        const uint8_t *body, size_t n, uint8_t **rewritten, size_t *rewritten_len)
@@ -906,19 +973,13 @@ bool pd_mirror_on_bind(pd_session_t *s, const pd_sql_result_t *r, const char *st
     *rewritten = NULL;
     pd_fe_bind_t b;
     const char *err = NULL;
-    bool unnamed = body[0] == '\0';
-    if (unnamed) {
-        op_free(sm->portal_op);
-        sm->portal_op = NULL;
-        pd_sql_result_release(sm->portal_plan);
-        sm->portal_plan = NULL;
-        if (r != NULL) {
-            sm->portal_plan = (pd_sql_result_t *)r;
-            sm->portal_plan->refs++;
-        }
-    }
-    if (!pd_mirror_bind_needs_whole(r) || !unnamed)
-        return true; /* named portals are not replayed: see the note in mirror.h's caller */
+    if (memchr(body, 0, n) == NULL)
+        return true; /* malformed: the server says so */
+    pd_portal_t *portal = portal_bind(sm, (const char *)body, r);
+    if (portal == NULL)
+        return false;
+    if (!pd_mirror_bind_needs_whole(r))
+        return true;
     if (pd_fe_bind_decode(body, n, &b, &err) != PD_DECODE_OK)
         return true; /* the server reports the malformed Bind; nothing to replay */
     sm->image_format = b.nresult_formats == 1 ? (int)get16(b.result_formats) : 0;
@@ -954,18 +1015,18 @@ bool pd_mirror_on_bind(pd_session_t *s, const pd_sql_result_t *r, const char *st
             return false;
         }
     }
-    sm->portal_op = op;
+    portal->op = op;
     return true;
 }
 
 bool pd_mirror_on_execute(pd_session_t *s, const uint8_t *body, size_t n, uint32_t seq)
 {
     pd_session_mirror_t *sm = &s->mir;
-    bool unnamed = n > 0 && body[0] == '\0';
-    pd_expect_t e = image_expect(unnamed ? sm->portal_plan : NULL, 'E', seq);
-    if (unnamed && sm->portal_op != NULL) {
-        pd_mirror_op_t *op = sm->portal_op;
-        sm->portal_op = NULL;
+    pd_portal_t *portal = memchr(body, 0, n) != NULL ? portal_find(sm, (const char *)body) : NULL;
+    pd_expect_t e = image_expect(portal != NULL ? portal->plan : NULL, 'E', seq);
+    if (portal != NULL && portal->op != NULL) {
+        pd_mirror_op_t *op = portal->op;
+        portal->op = NULL;
         op->seq = seq;
         e.op = op;
         hold(sm, op);
@@ -973,10 +1034,12 @@ bool pd_mirror_on_execute(pd_session_t *s, const uint8_t *body, size_t n, uint32
     return expect_push(sm, e);
 }
 
-bool pd_mirror_on_describe(pd_session_t *s, uint8_t kind, const pd_sql_result_t *r, uint32_t seq)
+bool pd_mirror_on_describe(pd_session_t *s, uint8_t kind, const char *name,
+                           const pd_sql_result_t *r, uint32_t seq)
 {
     pd_session_mirror_t *sm = &s->mir;
-    const pd_sql_result_t *plan = kind == 'S' ? r : sm->portal_plan;
+    const pd_portal_t *portal = kind == 'P' ? portal_find(sm, name) : NULL;
+    const pd_sql_result_t *plan = kind == 'S' ? r : portal != NULL ? portal->plan : NULL;
     return expect_push(sm, image_expect(plan, 'D', seq));
 }
 
@@ -1254,10 +1317,12 @@ void pd_mirror_session_end(pd_session_t *s)
         op_free(op);
     }
     sm->held_tail = NULL;
-    op_free(sm->portal_op);
-    sm->portal_op = NULL;
-    pd_sql_result_release(sm->portal_plan);
-    sm->portal_plan = NULL;
+    while (sm->portals != NULL) {
+        pd_portal_t *p = sm->portals;
+        sm->portals = p->next;
+        portal_free(p);
+    }
+    sm->nportals = 0;
     free(sm->expects);
     sm->expects = NULL;
     sm->exp_cap = sm->exp_count = sm->exp_head = 0;

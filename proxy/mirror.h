@@ -57,8 +57,8 @@ typedef struct {
     pd_expect_t *expects;  /* ring, owned */
     unsigned exp_cap, exp_head, exp_count;
     pd_mirror_op_t *held, *held_tail; /* ops waiting for their batch's ReadyForQuery */
-    pd_mirror_op_t *portal_op;        /* the unnamed portal's statement replay, bound */
-    pd_sql_result_t *portal_plan;     /* the unnamed portal's plan (Describe P), referenced */
+    struct pd_portal *portals;        /* bound portals: their plan and replay, owned */
+    unsigned nportals;
     int image_format;                 /* result format of image columns in this batch's Bind */
 } pd_session_mirror_t;
 
@@ -81,9 +81,9 @@ bool pd_mirror_on_bind(pd_session_t *s, const pd_sql_result_t *r, const char *st
 /* Whether a Bind of plan r needs to be seen whole (its parameters are replayed). */
 bool pd_mirror_bind_needs_whole(const pd_sql_result_t *r);
 bool pd_mirror_on_execute(pd_session_t *s, const uint8_t *body, size_t n, uint32_t seq);
-/* Describe of a statement (plan r, may be NULL) or of the unnamed portal. */
-bool pd_mirror_on_describe(pd_session_t *s, uint8_t kind, const pd_sql_result_t *r,
-                           uint32_t seq);
+/* Describe of a statement (plan r, may be NULL) or of a portal (by name). */
+bool pd_mirror_on_describe(pd_session_t *s, uint8_t kind, const char *name,
+                           const pd_sql_result_t *r, uint32_t seq);
 
 /* Must the server message of this type be seen whole by pd_mirror_on_server? */
 bool pd_mirror_wants(const pd_session_t *s, uint8_t type);

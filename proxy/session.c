@@ -1065,7 +1065,7 @@ static bool mirror_execute_describe(pd_session_t *s, uint8_t type, const uint8_t
     if (pd_fe_target_decode(body, n, &t, &err) != PD_DECODE_OK)
         return true; /* the server reports it; it answers nothing we would strip */
     const pd_stmt_t *e = t.kind == 'S' ? stmt_find(s, t.name) : NULL;
-    return pd_mirror_on_describe(s, t.kind, e != NULL ? e->r : NULL, s->batch_seq);
+    return pd_mirror_on_describe(s, t.kind, t.name, e != NULL ? e->r : NULL, s->batch_seq);
 }
 
 /* Decides every whole header in [scan, end). Returns 0, or -1 when the session ended. */

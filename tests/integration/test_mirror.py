@@ -187,6 +187,11 @@ class MirrorTest(unittest.TestCase):
                 self.assertEqual(read_batch(c), [])
             c.send(bind_msg_params(["77"], stmt="ret") + execute_msg() + sync_msg())
             self.assertEqual(read_batch(c), [["77"]])
+            # Named portals are replayed too, each by its own name.
+            c.send(bind_msg_params(["5", "p1"], portal="p1", stmt="ins")
+                   + bind_msg_params(["88"], portal="p2", stmt="ret")
+                   + execute_msg("p2") + execute_msg("p1") + sync_msg())
+            self.assertEqual(read_batch(c), [["88"]])
         wait_match(self.proxy, "extended-protocol inserts mirrored")
         self.assertEqual(counters(self.proxy)["mirror_proxy_errors"], 0)
 
