@@ -6,14 +6,18 @@ and savepoints, failed statements and rolled-back transactions, simple and exten
 protocol, concurrent clients; and a mirror that cannot be reached never fails a client
 but records every write it missed."""
 
+import json
+import os
+import random
 import struct
 import threading
-import random
+import time
 import unittest
 
 import psycopg2
 
 import pdtest
+import pgcluster
 from pdtest import RawClient
 from test_rules import (RulesProxy, bind_msg_params, execute_msg, parse_msg, read_batch,
                         sync_msg)
@@ -288,6 +292,88 @@ class MirrorDownTest(unittest.TestCase):
                 self.assertNotIn("down", e["statement"])  # literals never reach the log
         self.assertEqual(pdtest.direct_query("SELECT count(*) FROM mt_orders",
                                              dbname="app2")[0][0], 0)
+
+
+class MirrorKilledTest(unittest.TestCase):
+    """The new server is killed (pg_ctl stop -m immediate) under load."""
+
+    def setUp(self):
+        self.dir = pdtest.tmpdir("pdtest-green-")
+        self.assertEqual(pgcluster.start(self.dir), 0)
+        self.addCleanup(pgcluster.stop, self.dir)
+        with open(pgcluster.info_path(self.dir)) as f:
+            self.green = json.load(f)
+        pdtest.direct_query(SCHEMA, dbname="app")
+        self.green_query(SCHEMA)
+
+    def green_query(self, sql):
+        conn = psycopg2.connect(host=self.green["host"], port=self.green["port"],
+                                dbname="app2", user="postgres")
+        conn.autocommit = True
+        try:
+            cur = conn.cursor()
+            cur.execute(sql)
+            return cur.fetchall() if cur.description else None
+        finally:
+            conn.close()
+
+    def pg_ctl(self, *args):
+        r = pgcluster.run(pgcluster.as_postgres(
+            [os.path.join(pgcluster.BINDIR, "pg_ctl"), "-D", self.green["datadir"]]
+            + list(args)))
+        self.assertEqual(r.returncode, 0, r.stdout)
+
+    def test_record_keeps_clients_whole(self):
+        new = "host=%s port=%d dbname=app2" % (self.green["host"], self.green["port"])
+        with RulesProxy(rules=[tables_rule()], databases=databases(new)) as p:
+            errors, committed = [], []
+            stop = threading.Event()
+
+            def worker(seed):
+                rnd = random.Random(seed)
+                try:
+                    conn = pdtest.connect(p.port)
+                    cur = conn.cursor()
+                    while not stop.is_set():
+                        cur.execute("INSERT INTO mt_orders (total, note) VALUES (%s, 'k') "
+                                    "RETURNING id", (rnd.randint(1, 9),))
+                        oid = cur.fetchone()[0]
+                        cur.execute("UPDATE mt_counters SET n = n + 1 WHERE id = %s",
+                                    (rnd.randint(1, 5),))
+                        conn.commit()
+                        committed.append(oid)
+                    conn.close()
+                except Exception as e:  # noqa: BLE001 - reported below
+                    errors.append(repr(e))
+
+            threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+            for t in threads:
+                t.start()
+            time.sleep(1.5)
+            self.pg_ctl("stop", "-m", "immediate")
+            time.sleep(1.5)
+            stop.set()
+            for t in threads:
+                t.join(60)
+            self.assertEqual(errors, [])
+            self.assertGreater(len(committed), 50)
+            # Old holds every write a client was told committed.
+            got = {r[0] for r in pdtest.direct_query("SELECT id FROM mt_orders", dbname="app")}
+            self.assertTrue(set(committed) <= got)
+            pdtest.wait_for(lambda: counters(p)["mirror_unapplied"] > 0, 10,
+                            what="the missed writes to be recorded")
+            kinds = {e["kind"] for e in p.divergence()}
+            self.assertIn("mirror_unapplied", kinds)
+            self.assertEqual(counters(p)["mirror_proxy_errors"], 0)
+            # Green comes back: new sessions mirror again.
+            self.pg_ctl("start", "-w", "-t", "60", "-l", self.green["logfile"])
+            before = self.green_query("SELECT count(*) FROM mt_orders")[0][0]
+            conn = pdtest.connect(p.port)
+            conn.autocommit = True
+            conn.cursor().execute("INSERT INTO mt_orders (total, note) VALUES (1, 'back')")
+            conn.close()
+            pdtest.wait_for(lambda: self.green_query("SELECT count(*) FROM mt_orders")[0][0]
+                            == before + 1, 10, what="a write mirrored after the restart")
 
 
 class MirrorRefusalTest(unittest.TestCase):
