@@ -41,6 +41,8 @@ struct pd_mirror_op {
     char *stmt;          /* the client's statement, for the divergence log (normalized there) */
     bool simple;         /* a Query's text: simple protocol (may hold several statements) */
     bool synthetic;      /* BEGIN/COMMIT put around an implicit transaction */
+    bool waited;         /* commit: lockstep: the session waits until it is applied */
+    bool applied;        /* it was applied on the mirror as on the authoritative side */
     /* Parameter sets, each in Bind's wire form: nparams x (int32 len, -1 NULL; bytes). */
     pd_buf_t sets;
     unsigned nsets, nparams;
@@ -247,10 +249,14 @@ static bool release_held(pd_mirror_t *m)
  * Ops
  */
 
+static void lockstep_settled(pd_mirror_op_t *op);
+
 static void op_free(pd_mirror_op_t *op)
 {
     if (op == NULL)
         return;
+    if (op->waited)
+        lockstep_settled(op);
     for (unsigned i = 0; i < op->nnodes; i++)
         if (op->nodes[i] != NULL)
             key_leave(op->m->srv->mirror_keys, op->nodes[i]);
@@ -468,7 +474,12 @@ static bool finish_head(pd_mirror_t *m)
     } else if (!op->synthetic && op->r != NULL &&
                (op->r->mirror == PD_MIRROR_WRITE) && strcmp(op->auth_tag, op->mirror_tag) != 0) {
         record(m->srv, op, "write_outcome");
+    } else {
+        op->applied = true;
     }
+    if (op->r != NULL && op->r->mirror == PD_MIRROR_IMAGE && op->mirror_rows == op->nsets &&
+        op->mirror_sqlstate[0] == '\0')
+        op->applied = true;
     op_free(op);
     return released;
 }
@@ -817,7 +828,10 @@ bool pd_mirror_on_query(pd_session_t *s, const pd_sql_result_t *r, const char *s
 {
     pd_session_mirror_t *sm = &s->mir;
     pd_expect_t e = image_expect(r, 'Q', seq);
-    if (r->mirror != PD_MIRROR_NONE && r->action != PD_SQL_REFUSE) {
+    bool committed = r->mirror == PD_MIRROR_TXN && r->txn == PD_TXN_END && sm->skip_end;
+    if (committed)
+        sm->skip_end = false; /* the mirror committed first (lockstep) */
+    if (r->mirror != PD_MIRROR_NONE && r->action != PD_SQL_REFUSE && !committed) {
         const char *sql = r->mirror == PD_MIRROR_IMAGE ? r->image_sql : sent;
         pd_mirror_op_t *op = op_new(r, sql, original, seq);
         if (op == NULL)
@@ -1024,6 +1038,12 @@ bool pd_mirror_on_execute(pd_session_t *s, const uint8_t *body, size_t n, uint32
     pd_session_mirror_t *sm = &s->mir;
     pd_portal_t *portal = memchr(body, 0, n) != NULL ? portal_find(sm, (const char *)body) : NULL;
     pd_expect_t e = image_expect(portal != NULL ? portal->plan : NULL, 'E', seq);
+    if (portal != NULL && portal->op != NULL && portal->plan != NULL &&
+        portal->plan->mirror == PD_MIRROR_TXN && portal->plan->txn == PD_TXN_END && sm->skip_end) {
+        sm->skip_end = false; /* the mirror committed first (lockstep) */
+        op_free(portal->op);
+        portal->op = NULL;
+    }
     if (portal != NULL && portal->op != NULL) {
         pd_mirror_op_t *op = portal->op;
         portal->op = NULL;
@@ -1238,9 +1258,61 @@ static pd_mirror_op_t *synthetic(const char *sql, const pd_mirror_op_t *like)
     return op;
 }
 
+static bool rule_lockstep(const pd_server_t *srv, int rule)
+{
+    return rule >= 0 && (unsigned)rule < srv->cfg->rule_count &&
+           srv->cfg->rules[rule].commit == PD_COMMIT_LOCKSTEP;
+}
+
+static bool rule_fails(const pd_server_t *srv, int rule)
+{
+    return rule >= 0 && (unsigned)rule < srv->cfg->rule_count &&
+           srv->cfg->rules[rule].on_failure == PD_ON_FAILURE_FAIL;
+}
+
+/* A lockstep op the session waits for is applied, failed or dropped. */
+static void lockstep_settled(pd_mirror_op_t *op)
+{
+    op->waited = false;
+    pd_session_t *s = op->m != NULL ? op->m->session : NULL;
+    if (s == NULL)
+        return;
+    pd_session_mirror_t *sm = &s->mir;
+    if (!op->applied && rule_fails(s->srv, op->rule))
+        sm->poisoned = true;
+    if (sm->waiting > 0 && --sm->waiting == 0)
+        pd_session_mirror_settled(s);
+}
+
+/* Queues op; under lockstep the session waits for it. */
+static void push_release(pd_session_t *s, pd_mirror_t *m, pd_mirror_op_t *op)
+{
+    if (rule_lockstep(s->srv, op->rule)) {
+        op->waited = true;
+        op->m = m; /* so that a drop in mirror_push still finds the session */
+        s->mir.waiting++;
+    }
+    mirror_push(m, op);
+}
+
+static void release_batch(pd_session_t *s, uint32_t seq, uint8_t status_before, uint8_t status);
+
 void pd_mirror_on_ready(pd_session_t *s, uint32_t seq, uint8_t status_before, uint8_t status)
 {
+    release_batch(s, seq, status_before, status);
+}
+
+bool pd_mirror_before_ready(pd_session_t *s, uint32_t seq, uint8_t status_before, uint8_t status)
+{
+    release_batch(s, seq, status_before, status);
+    return s->mir.waiting > 0;
+}
+
+static void release_batch(pd_session_t *s, uint32_t seq, uint8_t status_before, uint8_t status)
+{
     pd_session_mirror_t *sm = &s->mir;
+    if (status_before == 'I')
+        sm->poisoned = false; /* a new transaction */
     /* Expectations the server skipped (after an error) end with their batch. */
     while (sm->exp_count > 0 && sm->expects[sm->exp_head].seq == seq)
         expect_pop(sm);
@@ -1274,7 +1346,7 @@ void pd_mirror_on_ready(pd_session_t *s, uint32_t seq, uint8_t status_before, ui
     if (wrap) {
         pd_mirror_op_t *begin = synthetic("BEGIN", ops);
         if (begin != NULL)
-            mirror_push(m, begin);
+            push_release(s, m, begin);
     }
     pd_mirror_op_t *last = NULL;
     while (ops != NULL) {
@@ -1296,13 +1368,85 @@ void pd_mirror_on_ready(pd_session_t *s, uint32_t seq, uint8_t status_before, ui
             op_free(op);
             continue;
         }
-        mirror_push(m, op);
+        push_release(s, m, op);
     }
     if (wrap && last != NULL) {
         pd_mirror_op_t *commit = synthetic("COMMIT", last);
         if (commit != NULL)
-            mirror_push(m, commit);
+            push_release(s, m, commit);
     }
+}
+
+const pd_sql_result_t *pd_mirror_portal_plan(pd_session_t *s, const char *name)
+{
+    const pd_portal_t *p = portal_find(&s->mir, name);
+    return p != NULL ? p->plan : NULL;
+}
+
+int pd_mirror_commit_first(pd_session_t *s, const pd_sql_result_t *r, const char *sql)
+{
+    pd_session_mirror_t *sm = &s->mir;
+    if (r == NULL || r->mirror != PD_MIRROR_TXN || r->txn != PD_TXN_END || !r->txn_commit ||
+        !rule_lockstep(s->srv, r->mirror_rule))
+        return 0;
+    bool fail = rule_fails(s->srv, r->mirror_rule);
+    if (sm->commit_done) {
+        sm->commit_done = false;
+        if (sm->poisoned && fail)
+            return 2;
+        sm->skip_end = true; /* its replay is done */
+        return 0;
+    }
+    if (sm->poisoned && fail)
+        return 2;
+    if (s->txn_status == 'E')
+        return 0; /* the authoritative side rolls back: so does the mirror, after it */
+    pd_mirror_t *m = sm->mirror;
+    if (m == NULL || (m->state != M_DEAD && !m->in_txn))
+        return 0; /* nothing of this transaction on the mirror */
+    if (m->state == M_DEAD)
+        return fail ? 2 : 0;
+    pd_mirror_op_t *op = op_new(r, sql, sql, 0);
+    if (op == NULL)
+        return -1;
+    op->simple = true;
+    sm->commit_wait = true;
+    push_release(s, m, op);
+    return 1;
+}
+
+bool pd_mirror_refuses(pd_session_t *s, const pd_sql_result_t *r)
+{
+    pd_session_mirror_t *sm = &s->mir;
+    if (r == NULL || (r->mirror != PD_MIRROR_WRITE && r->mirror != PD_MIRROR_IMAGE) ||
+        !rule_fails(s->srv, r->mirror_rule))
+        return false;
+    return sm->poisoned || (sm->mirror != NULL && sm->mirror->state == M_DEAD);
+}
+
+pd_sql_result_t *pd_mirror_refusal(pd_session_t *s, int rule)
+{
+    pd_sql_result_t *f = calloc(1, sizeof *f);
+    if (f == NULL)
+        return NULL;
+    f->refs = 1;
+    f->action = PD_SQL_REFUSE;
+    f->rule = rule;
+    f->mirror_rule = -1;
+    f->sqlstate = "55000"; /* object_not_in_prerequisite_state */
+    if (asprintf(&f->message,
+                 "pgdual: the new database of rule \"%s\" did not apply this transaction's "
+                 "writes and the rule has mirror.on_failure: fail, so nothing of it is "
+                 "committed",
+                 rule_name(s->srv, rule)) < 0)
+        f->message = NULL;
+    f->hint = strdup("Roll back, check the new database (pgdualctl status, divergence), and "
+                     "retry; or set mirror.on_failure: record to keep writing to old alone.");
+    if (f->message == NULL || f->hint == NULL) {
+        pd_sql_result_release(f);
+        return NULL;
+    }
+    return f;
 }
 
 void pd_mirror_session_end(pd_session_t *s)

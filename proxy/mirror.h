@@ -3,14 +3,17 @@
  * connection per session, to the database's `new` side, opened when the session first has
  * something to keep in step, on which the session's mirrored statements are replayed.
  *
- * commit: async (what is built): a statement is replayed after the authoritative side has
- * answered it, batch by batch at ReadyForQuery, so that only what the authoritative side
- * applied is applied: writes that failed there (or were rolled back with their implicit
- * transaction) are not replayed, and a COMMIT the authoritative side turned into ROLLBACK
- * is a ROLLBACK on the mirror too. Transaction control is replayed only around mirrored
- * statements (a transaction that writes nothing mirrored costs the mirror nothing);
- * settings are replayed always. Several mirrored writes of one autocommit batch (one
- * implicit transaction) are wrapped in BEGIN/COMMIT.
+ * A statement is replayed after the authoritative side has answered it, batch by batch
+ * at ReadyForQuery, so that only what the authoritative side applied is applied: writes
+ * that failed there (or were rolled back with their implicit transaction) are not
+ * replayed, and a COMMIT the authoritative side turned into ROLLBACK is a ROLLBACK on the
+ * mirror too. Transaction control and settings are replayed. Several mirrored writes of
+ * one autocommit batch (one implicit transaction) are wrapped in BEGIN/COMMIT.
+ *
+ * commit: async — the client hears the authoritative answer at once; the mirror trails.
+ * commit: lockstep — the client hears the batch's ReadyForQuery once the mirror applied
+ * it, and COMMIT goes to the mirror first. on_failure: fail turns a mirror failure into a
+ * refused COMMIT (rolled back on the authoritative side) and refused writes.
  *
  * Row images: for a statement planned as PD_MIRROR_IMAGE the session strips the columns
  * appended to RETURNING from what the client sees (RowDescription, DataRow; a Describe
@@ -59,6 +62,12 @@ typedef struct {
     pd_mirror_op_t *held, *held_tail; /* ops waiting for their batch's ReadyForQuery */
     struct pd_portal *portals;        /* bound portals: their plan and replay, owned */
     unsigned nportals;
+    /* commit: lockstep */
+    unsigned waiting;  /* ops released to the mirror that the session waits for */
+    bool commit_wait;  /* the client's COMMIT waits for the mirror's */
+    bool commit_done;  /* ... which is done: route the COMMIT now */
+    bool skip_end;     /* the COMMIT that follows needs no replay */
+    bool poisoned;     /* the mirror failed in this transaction (on_failure: fail) */
     int image_format;                 /* result format of image columns in this batch's Bind */
 } pd_session_mirror_t;
 
@@ -95,6 +104,26 @@ int pd_mirror_on_server(pd_session_t *s, uint32_t seq, uint8_t type, const uint8
                         size_t n, uint8_t **out, size_t *out_len);
 /* ReadyForQuery of batch seq, with the transaction status before and after it. */
 void pd_mirror_on_ready(pd_session_t *s, uint32_t seq, uint8_t status_before, uint8_t status);
+/*
+ * The same, before the ReadyForQuery reaches the client: true when the client must not
+ * hear it yet (commit: lockstep, the batch's statements are not applied on the mirror);
+ * pd_session_mirror_settled is called when they are.
+ */
+bool pd_mirror_before_ready(pd_session_t *s, uint32_t seq, uint8_t status_before,
+                            uint8_t status);
+/*
+ * A COMMIT (plan r, text sql) about to go to the authoritative side: under lockstep the
+ * mirror commits first. 0 go on, 1 hold the client's message until
+ * pd_session_mirror_settled, 2 refuse it (on_failure: fail and the mirror failed), -1 out
+ * of memory.
+ */
+int pd_mirror_commit_first(pd_session_t *s, const pd_sql_result_t *r, const char *sql);
+/* Must a mirrored write be refused (on_failure: fail, the mirror failed)? */
+bool pd_mirror_refuses(pd_session_t *s, const pd_sql_result_t *r);
+/* The refusal for those two cases. */
+pd_sql_result_t *pd_mirror_refusal(pd_session_t *s, int rule);
+/* The plan of a bound portal, or NULL. */
+const pd_sql_result_t *pd_mirror_portal_plan(pd_session_t *s, const char *name);
 
 /* The session ends: its mirror drains what is queued and closes on its own. */
 void pd_mirror_session_end(pd_session_t *s);

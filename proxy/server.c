@@ -198,8 +198,8 @@ static int material_finish(material_t *m)
 
 /*
  * Blue/green (kind: tables): writes=dual with old authoritative is built (mirror.c, commit
- * async); new as the authoritative side (dual-new, new), lockstep commits and reads routed
- * to new are not yet, and are refused so that nothing is believed done that is not.
+ * async and lockstep); new as the authoritative side (dual-new, new) and reads routed to
+ * new are not yet, and are refused so that nothing is believed done that is not.
  */
 static const char *tables_rule_refusal(const pd_rule_cfg_t *r, pd_writes_t writes,
                                        const pd_reads_t *reads)
@@ -211,8 +211,6 @@ static const char *tables_rule_refusal(const pd_rule_cfg_t *r, pd_writes_t write
                "this version of pgdual; dual-new and new are not built yet";
     if (reads->mode != PD_READS_OLD)
         return "kind: tables rules read from old only in this version of pgdual";
-    if (writes == PD_WRITES_DUAL && r->commit == PD_COMMIT_LOCKSTEP)
-        return "mirror.commit: lockstep is not built yet; use commit: async";
     return NULL;
 }
 

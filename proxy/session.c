@@ -581,7 +581,7 @@ static void update_interest(pd_session_t *s)
         pd_transport_want(&s->client,
                           !pipe_pending(&s->c2b) && !s->client_terminated && !s->hold_client,
                           pipe_pending(&s->b2c) || out_pending(s));
-        pd_transport_want(&s->server, !pipe_pending(&s->b2c),
+        pd_transport_want(&s->server, !pipe_pending(&s->b2c) && !s->mirror_wait,
                           pipe_pending(&s->c2b) || s->to_server.len > 0);
         break;
     case PD_SESSION_CLOSING: {
@@ -767,10 +767,14 @@ static bool shadow_extended(pd_session_t *s)
     return true;
 }
 /* The message that carries a refusal to PostgreSQL, which then reports it itself. */
-static void refusal_query(pd_buf_t *msg, const pd_sql_result_t *r)
+static void refusal_query(pd_buf_t *msg, const pd_sql_result_t *r, bool rollback_first)
 {
     pd_buf_t sql;
     pd_buf_init(&sql);
+    /* A refused COMMIT ends the transaction, as a COMMIT that fails in PostgreSQL does
+       (clients take the transaction to be over): ROLLBACK, then the error. */
+    if (rollback_first)
+        pd_buf_put(&sql, "ROLLBACK; ", 10);
     pd_route_refusal_sql(&sql, r->sqlstate, r->message, r->hint);
     if (pd_buf_ok(&sql))
         pd_fe_query(msg, (const char *)sql.data);
@@ -822,6 +826,26 @@ static route_rc_t route_query(pd_session_t *s, pd_pipe_t *p, size_t total)
         pd_session_terminate(s, "53200", "out of memory", NULL);
         return ROUTE_CLOSED;
     }
+    bool end_txn = false;
+    if (s->mir.on) {
+        int first = pd_mirror_commit_first(s, r, q.sql);
+        end_txn = first == 2;
+        if (first == 1) {
+            pd_sql_result_release(r);
+            s->hold_client = true; /* the mirror commits first; then this COMMIT */
+            return ROUTE_WAIT;
+        }
+        if (first == 2 || pd_mirror_refuses(s, r)) {
+            int rule = r->mirror_rule >= 0 ? r->mirror_rule : r->rule;
+            pd_sql_result_release(r);
+            r = pd_mirror_refusal(s, rule);
+        }
+        if (r == NULL || first < 0) {
+            pd_sql_result_release(r);
+            pd_session_terminate(s, "53200", "out of memory", NULL);
+            return ROUTE_CLOSED;
+        }
+    }
     if (s->stmt_count > 0 && forgets_prepared(q.sql))
         stmt_forget_all(s);
     if (s->mir.on && !pd_mirror_on_query(s, r, r->action == PD_SQL_REWRITE ? r->sql : q.sql,
@@ -843,7 +867,7 @@ static route_rc_t route_query(pd_session_t *s, pd_pipe_t *p, size_t total)
         if (r->action == PD_SQL_REWRITE)
             pd_fe_query(&msg, r->sql);
         else
-            refusal_query(&msg, r);
+            refusal_query(&msg, r, end_txn);
         ok = pd_buf_ok(&msg) && pipe_replace(p, msg_end, msg.data, msg.len);
         pd_buf_free(&msg);
     }
@@ -1056,10 +1080,39 @@ static route_rc_t route_bind_close(pd_session_t *s, pd_pipe_t *p, uint8_t type, 
     return ROUTE_OK;
 }
 /* The mirror's view of an Execute or a Describe (whole at hand). */
+static route_rc_t mirror_execute(pd_session_t *s, pd_pipe_t *p, const uint8_t *body, size_t n)
+{
+    if (memchr(body, 0, n) == NULL)
+        return ROUTE_OK; /* malformed: the server says so */
+    const pd_sql_result_t *plan = pd_mirror_portal_plan(s, (const char *)body);
+    int first = pd_mirror_commit_first(s, plan, plan != NULL && plan->mirror == PD_MIRROR_TXN
+                                                     ? "COMMIT"
+                                                     : "");
+    if (first == 1) {
+        s->hold_client = true; /* the mirror commits first; then this Execute */
+        return ROUTE_WAIT;
+    }
+    if (first < 0)
+        return ROUTE_CLOSED;
+    if ((first == 2 || pd_mirror_refuses(s, plan)) && !s->batch_refused) {
+        if (p->has_hole && p->hole_end != p->scan)
+            return ROUTE_WAIT;
+        pd_sql_result_t *r = pd_mirror_refusal(s, plan->mirror_rule >= 0 ? plan->mirror_rule
+                                                                        : plan->rule);
+        pd_buf_t prefix;
+        pd_buf_init(&prefix);
+        bool ok = r != NULL && refusal_extended(s, &prefix, r) && pd_buf_ok(&prefix) &&
+                  pipe_replace(p, p->scan, prefix.data, prefix.len);
+        pd_buf_free(&prefix);
+        pd_sql_result_release(r);
+        if (!ok)
+            return ROUTE_CLOSED;
+    }
+    return pd_mirror_on_execute(s, body, n, s->batch_seq) ? ROUTE_OK : ROUTE_CLOSED;
+}
+
 static bool mirror_execute_describe(pd_session_t *s, uint8_t type, const uint8_t *body, size_t n)
 {
-    if (type == PD_FE_EXECUTE)
-        return pd_mirror_on_execute(s, body, n, s->batch_seq);
     pd_fe_target_t t;
     const char *err = NULL;
     if (pd_fe_target_decode(body, n, &t, &err) != PD_DECODE_OK)
@@ -1117,11 +1170,14 @@ static int scan_client(pd_session_t *s)
             } else if (h.type == PD_FE_EXECUTE || h.type == PD_FE_DESCRIBE) {
                 if (s->mir.on && total > avail)
                     break; /* small: looked at whole */
-                if (h.type == PD_FE_EXECUTE)
-                    s->batch_exec++;
-                if (s->mir.on && !mirror_execute_describe(s, h.type, p->buf + p->scan + PD_MSG_HEADER_LEN,
-                                                          (size_t)total - PD_MSG_HEADER_LEN))
+                const uint8_t *mbody = p->buf + p->scan + PD_MSG_HEADER_LEN;
+                size_t mlen = (size_t)total - PD_MSG_HEADER_LEN;
+                if (s->mir.on && h.type == PD_FE_EXECUTE)
+                    r = mirror_execute(s, p, mbody, mlen);
+                else if (s->mir.on && !mirror_execute_describe(s, h.type, mbody, mlen))
                     r = ROUTE_CLOSED;
+                if (h.type == PD_FE_EXECUTE && r == ROUTE_OK)
+                    s->batch_exec++;
             } else if (h.type == PD_FE_SYNC || h.type == PD_FE_FUNCTION_CALL) {
                 bool shadow = h.type == PD_FE_SYNC && shadow_extended(s);
                 if (!batch_close(s, shadow))
@@ -1352,6 +1408,13 @@ static int scan_server(pd_session_t *s)
             pd_batch_t *b = batch_front(s);
             uint32_t seq = b != NULL ? b->seq : 0;
             bool mirrored = s->mir.on && b != NULL && !b->internal;
+            /* commit: lockstep: the client hears ReadyForQuery once the mirror applied the
+               batch (what came before it goes on). */
+            if (mirrored && h.type == PD_BE_READY &&
+                (s->mirror_wait || pd_mirror_before_ready(s, seq, s->txn_status, body[0]))) {
+                s->mirror_wait = true;
+                break;
+            }
             if (server_message(s, h.type, body, h.len - 4)) {
                 pipe_replace(p, p->scan + (size_t)total, NULL, 0);
                 continue;
@@ -1503,7 +1566,7 @@ static void relay_from_client(pd_session_t *s)
 static void relay_from_server(pd_session_t *s)
 {
     pd_pipe_t *p = &s->b2c;
-    while (!s->closed && s->state == PD_SESSION_ACTIVE && !pipe_pending(p)) {
+    while (!s->closed && s->state == PD_SESSION_ACTIVE && !pipe_pending(p) && !s->mirror_wait) {
         if (!pipe_make_room(p, (size_t)PD_MSG_MAX_LEN + 1)) {
             server_lost(s, "message does not fit the buffer");
             return;
@@ -1554,6 +1617,43 @@ static void on_server(pd_transport_t *t, void *owner, bool readable, bool writab
     if (readable && !s->closed)
         relay_from_server(s);
     update_interest(s);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * commit: lockstep — resuming once the mirror applied what the session waited for. From
+ * a timer, not from inside the mirror's callback, so that the relay never runs with the
+ * mirror's call stack below it.
+ */
+
+static void on_mirror_settled(uv_timer_t *t)
+{
+    pd_session_t *s = t->data;
+    if (s->closed || s->state != PD_SESSION_ACTIVE)
+        return;
+    if (s->mirror_wait) {
+        s->mirror_wait = false;
+        if (pump_server(s) < 0)
+            return;
+        if (s->mirror_wait) { /* the next batch waits too */
+            update_interest(s);
+            return;
+        }
+    }
+    if (s->mir.commit_wait && s->mir.waiting == 0) {
+        s->mir.commit_wait = false;
+        s->mir.commit_done = true;
+        s->hold_client = false;
+        if (pump_client(s) < 0)
+            return;
+    }
+    update_interest(s);
+}
+
+void pd_session_mirror_settled(pd_session_t *s)
+{
+    if (s->closed || s->state != PD_SESSION_ACTIVE)
+        return;
+    uv_timer_start(&s->timer, on_mirror_settled, 0, 0);
 }
 
 /* ---------------------------------------------------------------------------------------

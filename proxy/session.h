@@ -134,6 +134,7 @@ struct pd_session {
     pd_buf_t to_server; /* the proxy's own messages for the server (shadow queries) */
     size_t to_server_sent;
     bool hold_client; /* client input waits while the proxy's own query runs */
+    bool mirror_wait; /* b2c waits at a ReadyForQuery for the mirror (lockstep) */
 
     pd_prepared_t *cand; /* this batch binds a shadowed read: an owned copy */
 
@@ -161,6 +162,9 @@ void pd_session_accept(pd_server_t *srv, int fd, const char *peer);
  * at a message boundary; the backend is closed at once. */
 void pd_session_terminate(pd_session_t *s, const char *sqlstate, const char *message,
                           const char *hint);
+
+/* The mirror applied what the session waited for (commit: lockstep): resume the relay. */
+void pd_session_mirror_settled(pd_session_t *s);
 
 /* Finds the session that issued BackendKeyData (pid, key), or NULL. */
 pd_session_t *pd_session_find(pd_server_t *srv, uint32_t pid, uint32_t key);

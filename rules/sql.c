@@ -791,6 +791,7 @@ static void note_mirror(pd_sql_result_t *res, pd__ctx_t *ctx, size_t nstmts)
         res->mirror = ctx->mirror;
         res->mirror_rule = ctx->mirror_rule;
         res->txn = ctx->txn;
+        res->txn_commit = ctx->txn_commit;
         res->set_local = ctx->set_local;
         res->image = ctx->image;
         res->image_sql = ctx->image_sql;

@@ -106,6 +106,7 @@ typedef struct {
     pd_mirror_kind_t mirror;
     int mirror_rule;         /* the tables rule concerned, or -1 */
     pd_txn_kind_t txn;       /* PD_MIRROR_TXN */
+    bool txn_commit;         /* PD_TXN_END: COMMIT/END (not ROLLBACK/ABORT) */
     bool set_local;          /* PD_MIRROR_SET: SET LOCAL / SET TRANSACTION (txn-scoped) */
     pd_image_kind_t image;   /* PD_MIRROR_IMAGE: */
     char *image_sql;         /*   applies one row on the mirror, with $1..$image_cols */

@@ -89,6 +89,7 @@ typedef struct {
     pd_mirror_kind_t mirror;
     int mirror_rule;
     pd_txn_kind_t txn;
+    bool txn_commit;
     bool set_local;
     pd_image_kind_t image;
     char *image_sql;      /* malloc'd */

@@ -570,6 +570,9 @@ static void plan_txn(pd__ctx_t *ctx, const pd__rule_t *r, const PgQuery__Transac
         ctx->txn = PD_TXN_BEGIN;
         break;
     case PG_QUERY__TRANSACTION_STMT_KIND__TRANS_STMT_COMMIT:
+        ctx->txn_commit = true;
+        ctx->txn = PD_TXN_END;
+        break;
     case PG_QUERY__TRANSACTION_STMT_KIND__TRANS_STMT_ROLLBACK:
         ctx->txn = PD_TXN_END;
         break;

@@ -269,6 +269,32 @@ class MirrorTest(unittest.TestCase):
         self.assertEqual(st["mirror_unapplied"], 0)
 
 
+class MirrorLockstepTest(MirrorTest):
+    """The same workloads under commit: lockstep: the client hears ReadyForQuery once the
+    mirror applied the batch, and COMMIT goes to the mirror first."""
+
+    @classmethod
+    def setUpClass(cls):
+        reset_schema()
+        cls.proxy = RulesProxy(rules=[tables_rule(mirror={"commit": "lockstep",
+                                                          "on_failure": "record"})],
+                               databases=databases()).start()
+
+    def test_client_hears_after_the_mirror(self):
+        """No wait for the tables to match: under lockstep they already do once the client
+        has its answer."""
+        conn = self.connect()
+        cur = conn.cursor()
+        for i in range(20):
+            cur.execute("INSERT INTO mt_orders (total, note) VALUES (%s, 'ls')", (i,))
+            self.assertEqual(table_md5("app", "mt_orders"), table_md5("app2", "mt_orders"))
+        conn.autocommit = False
+        cur.execute("UPDATE mt_counters SET n = n + 5 WHERE id = 3")
+        conn.commit()
+        self.assertEqual(table_md5("app", "mt_counters"), table_md5("app2", "mt_counters"))
+        conn.close()
+
+
 class MirrorDownTest(unittest.TestCase):
     def test_unreachable_new_never_fails_clients_and_records(self):
         reset_schema()
@@ -374,6 +400,60 @@ class MirrorKilledTest(unittest.TestCase):
             conn.close()
             pdtest.wait_for(lambda: self.green_query("SELECT count(*) FROM mt_orders")[0][0]
                             == before + 1, 10, what="a write mirrored after the restart")
+
+
+class MirrorFailTest(MirrorKilledTest):
+    """on_failure: fail under lockstep: with the new server killed, clients get a clear
+    error, and old holds no write a client was told failed."""
+
+    def test_record_keeps_clients_whole(self):
+        pass  # the record variant runs in MirrorKilledTest
+
+    def test_fail_refuses_and_old_keeps_nothing_refused(self):
+        new = "host=%s port=%d dbname=app2" % (self.green["host"], self.green["port"])
+        rule = tables_rule(mirror={"commit": "lockstep", "on_failure": "fail"})
+        with RulesProxy(rules=[rule], databases=databases(new)) as p:
+            committed, failed, other = [], [], []
+            stop = threading.Event()
+
+            def worker(seed):
+                rnd = random.Random(seed)
+                conn = pdtest.connect(p.port)
+                cur = conn.cursor()
+                while not stop.is_set():
+                    oid = None
+                    try:
+                        cur.execute("INSERT INTO mt_orders (total, note) VALUES (%s, 'f') "
+                                    "RETURNING id", (rnd.randint(1, 9),))
+                        oid = cur.fetchone()[0]
+                        conn.commit()
+                        committed.append(oid)
+                    except psycopg2.Error as e:
+                        conn.rollback()
+                        if e.pgcode == "55000" and "on_failure: fail" in e.pgerror:
+                            if oid is not None:
+                                failed.append(oid)
+                        else:
+                            other.append("%s at %s" % (repr(e), "commit" if oid is not None else "insert"))
+                conn.close()
+
+            threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+            for t in threads:
+                t.start()
+            time.sleep(1.0)
+            self.pg_ctl("stop", "-m", "immediate")
+            time.sleep(1.5)
+            stop.set()
+            for t in threads:
+                t.join(60)
+            self.assertEqual(other[:3], [], "\n".join(other[:3]))
+            self.assertGreater(len(committed), 10)
+            self.assertGreater(len(failed), 0, "no COMMIT was refused")
+            on_old = {r[0] for r in pdtest.direct_query("SELECT id FROM mt_orders",
+                                                        dbname="app")}
+            self.assertTrue(set(committed) <= on_old)
+            self.assertEqual(set(failed) & on_old, set(), "old kept writes clients were "
+                             "told failed")
 
 
 class MirrorRefusalTest(unittest.TestCase):
