@@ -1,6 +1,6 @@
 #!/bin/bash
-# lib.sh — what the benchmarks share: sourced by passthrough.sh and rewrite.sh after they
-# set BENCH (their name, for messages), REPO and PY.
+# lib.sh — what the benchmarks share: sourced by passthrough.sh, rewrite.sh and
+# dualwrite.sh after they set BENCH (their name, for messages), REPO and PY.
 
 die() {
 	echo "$BENCH: $*" >&2
@@ -50,6 +50,20 @@ start_cluster() { # dir: prints the port
 
 stop_cluster() { # dir
 	"$PY" "$REPO/tests/integration/pgcluster.py" stop "$1" >/dev/null 2>&1 || true
+}
+
+# The TPS of a pgbench run, from its output; fails, showing the output, when the run had
+# failed transactions or printed no TPS. For tps=$(pgbench_tps ...): die ends the
+# command substitution, and set -e the script.
+pgbench_tps() { # output what (for messages: "select against pgdual (round 2)")
+	local tps
+	if echo "$1" | grep -Eq "number of failed transactions: [1-9]"; then
+		echo "$1" >&2
+		die "pgbench $2 had failed transactions"
+	fi
+	tps=$(echo "$1" | sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p')
+	[ -n "$tps" ] || { echo "$1" >&2; die "no TPS in the output of pgbench $2"; }
+	echo "$tps"
 }
 
 median() { tr ' ' '\n' | sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }

@@ -137,12 +137,7 @@ run_one() { # workload target round
 		[ "$2" = pgdual ] && tail -20 "$WORK/pgdual.log" >&2
 		die "pgbench $1 against $2 failed (round $3)"
 	fi
-	if echo "$out" | grep -Eq "number of failed transactions: [1-9]"; then
-		echo "$out" >&2
-		die "pgbench $1 against $2 had failed transactions (round $3)"
-	fi
-	tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p')
-	[ -n "$tps" ] || { echo "$out" >&2; die "no TPS in pgbench output ($1, $2)"; }
+	tps=$(pgbench_tps "$out" "$1 against $2 (round $3)")
 	TPS[$1,$2,$3]=$tps
 	printf "   round %d  %-7s %-10s %10.0f tps\n" "$3" "$1" "$2" "$tps" >&2
 }

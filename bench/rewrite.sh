@@ -249,12 +249,7 @@ run_one() { # workload target round
 		die "pgbench $1 against $2 failed (round $3)"
 	fi
 	[ -n "$profile" ] && perf_stop "$profile"
-	if echo "$out" | grep -Eq "number of failed transactions: [1-9]"; then
-		echo "$out" >&2
-		die "pgbench $1 against $2 had failed transactions (round $3)"
-	fi
-	tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p')
-	[ -n "$tps" ] || { echo "$out" >&2; die "no TPS in pgbench output ($1, $2)"; }
+	tps=$(pgbench_tps "$out" "$1 against $2 (round $3)")
 	TPS[$1,$2,$3]=$tps
 	printf "   round %d  %-5s %-6s %10.0f tps\n" "$3" "$1" "$2" "$tps" >&2
 	[ "$1,$2" = write,dual ] && check_dual "$3"
