@@ -263,6 +263,128 @@ static bool carried(const pd_table_facts_t *t, unsigned col, pd_image_kind_t kin
     return t->generated == NULL || t->generated[col] != 's';
 }
 
+/* The rule's mapping of an old column to new (renamed or transformed), or NULL. */
+static const pd_column_map_t *mapping(const pd__rule_t *r, const char *col)
+{
+    for (unsigned i = 0; i < r->cfg->column_count; i++)
+        if (strcmp(r->cfg->columns[i].old, col) == 0)
+            return &r->cfg->columns[i];
+    return NULL;
+}
+
+static bool table_mapped(const pd__rule_t *r, const pd_table_facts_t *t)
+{
+    for (unsigned i = 0; i < t->ncolumns; i++)
+        if (mapping(r, t->columns[i]) != NULL)
+            return true;
+    return false;
+}
+
+/* The new side's name of a column. */
+static const char *new_name(const pd__rule_t *r, const char *col)
+{
+    const pd_column_map_t *m = mapping(r, col);
+    return m != NULL ? m->new : col;
+}
+
+/*
+ * The image statement when the rule maps columns: the row's old values become a one-row
+ * VALUES list named with the old column names, over which each new column is computed
+ * (`up`, or a plain copy), so that an `up` expression is evaluated by the new server on
+ * exactly the values the old side wrote.
+ */
+static char *mapped_image_statement(const pd__rule_t *r, const pd_table_facts_t *t,
+                                    pd_image_kind_t kind)
+{
+    sbuf_t b = {0};
+    unsigned n = 0;
+    unsigned param[t->ncolumns + 1];
+    for (unsigned i = 0; i < t->ncolumns; i++)
+        param[i] = carried(t, i, kind) ? ++n : 0;
+    /* SELECT <new values> FROM (VALUES ($1, ...)) AS pgdual_image (<old names>) */
+    sbuf_t sel = {0};
+    sb_str(&sel, "SELECT ");
+    for (unsigned i = 0, k = 0; i < t->ncolumns; i++) {
+        if (!param[i])
+            continue;
+        const pd_column_map_t *m = mapping(r, t->columns[i]);
+        sb_str(&sel, k++ ? ", " : "");
+        if (m != NULL && m->up != NULL) {
+            sb_str(&sel, "(");
+            sb_str(&sel, m->up);
+            sb_str(&sel, ")");
+        } else {
+            sb_ident(&sel, t->columns[i]);
+        }
+    }
+    sb_str(&sel, " FROM (VALUES (");
+    for (unsigned i = 0, k = 0; i < t->ncolumns; i++)
+        if (param[i])
+            sb_fmt(&sel, "%s$%u", k++ ? ", " : "", param[i]);
+    sb_str(&sel, ")) AS pgdual_image (");
+    for (unsigned i = 0, k = 0; i < t->ncolumns; i++)
+        if (param[i]) {
+            sb_str(&sel, k++ ? ", " : "");
+            sb_ident(&sel, t->columns[i]);
+        }
+    sb_str(&sel, ")");
+    if (kind == PD_IMAGE_INSERT || kind == PD_IMAGE_UPSERT) {
+        sb_str(&b, "INSERT INTO ");
+        sb_table(&b, t);
+        sb_str(&b, " (");
+        for (unsigned i = 0, k = 0; i < t->ncolumns; i++)
+            if (param[i]) {
+                sb_str(&b, k++ ? ", " : "");
+                sb_ident(&b, new_name(r, t->columns[i]));
+            }
+        sb_str(&b, ") OVERRIDING SYSTEM VALUE ");
+        sb_str(&b, sel.buf != NULL ? sel.buf : "");
+        if (kind == PD_IMAGE_UPSERT) {
+            sb_str(&b, " ON CONFLICT (");
+            for (unsigned k = 0; k < t->nkey; k++) {
+                sb_str(&b, k ? ", " : "");
+                sb_ident(&b, new_name(r, t->columns[t->key[k]]));
+            }
+            unsigned set = 0;
+            for (unsigned i = 0; i < t->ncolumns; i++)
+                if (param[i] && !is_key(t, i)) {
+                    sb_str(&b, set++ ? ", " : ") DO UPDATE SET ");
+                    sb_ident(&b, new_name(r, t->columns[i]));
+                    sb_str(&b, " = EXCLUDED.");
+                    sb_ident(&b, new_name(r, t->columns[i]));
+                }
+            if (set == 0)
+                sb_str(&b, ") DO NOTHING");
+        }
+    } else if (kind == PD_IMAGE_UPDATE) {
+        sb_str(&b, "UPDATE ");
+        sb_table(&b, t);
+        sb_str(&b, " SET (");
+        for (unsigned i = 0, k = 0; i < t->ncolumns; i++)
+            if (param[i]) {
+                sb_str(&b, k++ ? ", " : "");
+                sb_ident(&b, new_name(r, t->columns[i]));
+            }
+        sb_str(&b, ") = (");
+        sb_str(&b, sel.buf != NULL ? sel.buf : "");
+        sb_str(&b, ")");
+    } else {
+        sb_str(&b, "DELETE FROM ");
+        sb_table(&b, t);
+    }
+    for (unsigned k = 0; kind != PD_IMAGE_INSERT && kind != PD_IMAGE_UPSERT && k < t->nkey; k++) {
+        sb_str(&b, k ? " AND " : " WHERE ");
+        sb_ident(&b, new_name(r, t->columns[t->key[k]]));
+        sb_fmt(&b, " = $%u", param[t->key[k]]);
+    }
+    free(sel.buf);
+    if (b.oom || sel.oom) {
+        free(b.buf);
+        return NULL;
+    }
+    return b.buf;
+}
+
 /* The statement that applies one row image: its parameters are the carried columns in
    column order. */
 static char *image_statement(const pd_table_facts_t *t, pd_image_kind_t kind)
@@ -370,7 +492,8 @@ static void plan_image(pd__ctx_t *ctx, const pd__rule_t *r, const pd_table_facts
     ctx->client_cols = *nreturning > 0 ? (int)*nreturning : -1;
     ctx->image_types = calloc(t->ncolumns + 1, sizeof *ctx->image_types);
     ctx->image_key = calloc(t->nkey + 1, sizeof *ctx->image_key);
-    ctx->image_sql = image_statement(t, kind);
+    ctx->image_sql = table_mapped(r, t) ? mapped_image_statement(r, t, kind)
+                                        : image_statement(t, kind);
     if (ctx->image_types == NULL || ctx->image_key == NULL || ctx->image_sql == NULL ||
         asprintf(&ctx->image_table, "%s.%s", t->schema, t->name) < 0) {
         ctx->image_table = NULL;
@@ -464,7 +587,24 @@ static bool plan_write(pd__ctx_t *ctx, const pd__rule_t *r, pd__node_t *stmt)
        come out the same whatever the mirror's data is at that moment. A write that sets
        the key itself can only be replayed verbatim. */
     bool sets_key = kind == PD_IMAGE_UPDATE && assigned_key(stmt->update_stmt, t) != NULL;
-    if (local == NULL && (t->nkey == 0 || sets_key)) {
+    bool mapped = table_mapped(r, t);
+    for (unsigned k = 0; mapped && k < t->nkey; k++) {
+        const pd_column_map_t *m = mapping(r, t->columns[t->key[k]]);
+        if (m != NULL && m->up != NULL) {
+            refuse_mirror(ctx, r, "Map key columns by name only (no up expression).",
+                          "key column \"%s\" of %s.%s is transformed on the new side",
+                          t->columns[t->key[k]], t->schema, t->name);
+            return true;
+        }
+    }
+    if (mapped && (sets_key || (t->nkey == 0 && kind != PD_IMAGE_INSERT))) {
+        refuse_mirror(ctx, r, keep_hint,
+                      "%s.%s has columns renamed or transformed on the new side, and this "
+                      "write can only be replayed as written",
+                      t->schema, t->name);
+        return true;
+    }
+    if (local == NULL && !mapped && (t->nkey == 0 || sets_key)) {
         ctx->mirror = PD_MIRROR_WRITE;
         return true;
     }

@@ -456,6 +456,47 @@ class MirrorFailTest(MirrorKilledTest):
                              "told failed")
 
 
+class MirrorMappingTest(unittest.TestCase):
+    """A column renamed and transformed on new: email on old is email_address =
+    lower(email) on new; row images carry old's values and new computes `up` on them."""
+
+    def test_renamed_transformed_column(self):
+        pdtest.direct_query("DROP TABLE IF EXISTS mt_people; CREATE TABLE mt_people "
+                            "(id serial PRIMARY KEY, email text, name text)", dbname="app")
+        pdtest.direct_query("DROP TABLE IF EXISTS mt_people; CREATE TABLE mt_people "
+                            "(id serial PRIMARY KEY, email_address text, name text)",
+                            dbname="app2")
+        rule = tables_rule(tables=["public.mt_people"], columns=[
+            {"old": "email", "new": "email_address", "up": "lower(email)",
+             "down": "email_address"}])
+        with RulesProxy(rules=[rule], databases=databases()) as p:
+            conn = pdtest.connect(p.port)
+            conn.autocommit = True
+            cur = conn.cursor()
+            cur.executemany("INSERT INTO mt_people (email, name) VALUES (%s, %s)",
+                            [("A@X.org", "a"), ("B@Y.org", "b"), ("C@Z.org", "c")])
+            cur.execute("UPDATE mt_people SET email = 'New@X.org' WHERE name = 'a'")
+            cur.execute("UPDATE mt_people SET name = 'bee' WHERE email = 'B@Y.org'")
+            cur.execute("DELETE FROM mt_people WHERE name = 'c'")
+            cur.execute("INSERT INTO mt_people (id, email, name) VALUES (2, 'Up@Sert', 'u') "
+                        "ON CONFLICT (id) DO UPDATE SET email = EXCLUDED.email")
+            conn.close()
+
+            def same():
+                old = pdtest.direct_query("SELECT id, lower(email), name FROM mt_people "
+                                          "ORDER BY id", dbname="app")
+                new = pdtest.direct_query("SELECT id, email_address, name FROM mt_people "
+                                          "ORDER BY id", dbname="app2")
+                return old == new
+            pdtest.wait_for(same, 10, what="new to hold lower(email) in email_address")
+            self.assertEqual(pdtest.direct_query(
+                "SELECT email_address FROM mt_people ORDER BY id", dbname="app2"),
+                [("new@x.org",), ("up@sert",)])
+            st = counters(p)
+            self.assertEqual((st["mirror_diverged"], st["mirror_proxy_errors"]), (0, 0),
+                             p.divergence())
+
+
 class MirrorRefusalTest(unittest.TestCase):
     def test_what_cannot_be_replayed_is_refused(self):
         reset_schema()
