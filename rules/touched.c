@@ -20,9 +20,9 @@ typedef struct {
 typedef struct {
     char *rule, *table;
     pd_touched_status_t status;
-    unsigned nkey;  /* values per key; 0 until the first key of a fresh set */
-    void *tree;     /* tsearch root over tkey_t *, the same keys as `keys` */
-    tkey_t **keys;  /* in the order they were added */
+    unsigned nkey; /* values per key; 0 until the first key of a fresh set */
+    void *tree;    /* tsearch root over tkey_t *, the same keys as `keys` */
+    tkey_t **keys; /* in the order they were added */
     size_t count, cap;
 } ttable_t;
 
@@ -43,22 +43,27 @@ struct pd_touched_set {
  * Keys
  */
 
+int pd_touched_key_cmp(unsigned n, const char *const *a, const char *const *b)
+{
+    for (unsigned i = 0; i < n; i++) {
+        if (a[i] == NULL || b[i] == NULL) {
+            if (a[i] != b[i])
+                return a[i] == NULL ? -1 : 1;
+            continue;
+        }
+        int c = strcmp(a[i], b[i]);
+        if (c != 0)
+            return c;
+    }
+    return 0;
+}
+
 static int key_cmp(const void *pa, const void *pb)
 {
     const tkey_t *a = pa, *b = pb;
     if (a->n != b->n)
         return a->n < b->n ? -1 : 1;
-    for (unsigned i = 0; i < a->n; i++) {
-        if (a->v[i] == NULL || b->v[i] == NULL) {
-            if (a->v[i] != b->v[i])
-                return a->v[i] == NULL ? -1 : 1;
-            continue;
-        }
-        int c = strcmp(a->v[i], b->v[i]);
-        if (c != 0)
-            return c;
-    }
-    return 0;
+    return pd_touched_key_cmp(a->n, (const char *const *)a->v, (const char *const *)b->v);
 }
 
 /* A copy of the values as one block; NULL when out of memory or longer than allowed
@@ -285,8 +290,7 @@ pd_touched_set_t *pd_touched_take(pd_touched_t *t, const char *rule, const char 
     return set;
 }
 
-void pd_touched_restore(pd_touched_t *t, const char *rule, const char *table,
-                        pd_touched_set_t *set)
+void pd_touched_restore(pd_touched_t *t, const char *rule, const char *table, pd_touched_set_t *set)
 {
     if (set == NULL)
         return;
@@ -337,8 +341,8 @@ void pd_touched_set_free(pd_touched_set_t *set)
 
 const char *pd_touched_status_name(pd_touched_status_t status)
 {
-    static const char *const names[] = {
-        [PD_TOUCHED_KEYS] = "keys", [PD_TOUCHED_UNKNOWN] = "unknown",
-        [PD_TOUCHED_OVERFLOW] = "overflowed"};
+    static const char *const names[] = {[PD_TOUCHED_KEYS] = "keys",
+                                        [PD_TOUCHED_UNKNOWN] = "unknown",
+                                        [PD_TOUCHED_OVERFLOW] = "overflowed"};
     return status <= PD_TOUCHED_OVERFLOW ? names[status] : "?";
 }

@@ -98,6 +98,10 @@ unsigned pd_touched_set_nkey(const pd_touched_set_t *set);
 const char *const *pd_touched_set_key(const pd_touched_set_t *set, size_t i);
 void pd_touched_set_free(pd_touched_set_t *set);
 
+/* How keys are told apart here, for callers that match keys themselves: 0 for the same
+ * key, else an order (SQL NULL before any value, values in byte order). */
+int pd_touched_key_cmp(unsigned n, const char *const *a, const char *const *b);
+
 /* "keys", "unknown", "overflowed". */
 const char *pd_touched_status_name(pd_touched_status_t status);
 
