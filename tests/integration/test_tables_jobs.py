@@ -397,7 +397,39 @@ class TablesJobsTest(pdtest.CtlMixin, unittest.TestCase):
         self.assertEqual(driver.returncode, 0, driver.stderr.read())
         self.assert_shop_identical()
 
-    def test_7_errors(self):
+    def test_7_repair_of_old_when_new_is_authoritative(self):
+        # pgdual itself does not yet run tables rules beyond writes=old (no mirror), but the
+        # jobs follow the rule's flag: under dual-new they set old right from new, through
+        # `down`. Driven in-process, with a config whose rule says so.
+        config = os.path.join(self.dir, "dual-new.yaml")
+        rule = dict(tables_rule("shop", ["public.customers", "public.lines"], MAPPING),
+                    writes="dual-new", reads="new")
+        with open(config, "w") as f:
+            f.write(pdtest.to_yaml({"databases": self.proxy.config["databases"],
+                                    "rules": [rule]}))
+        old("UPDATE customers SET email = 'SOMEONE@ELSE.ORG', visits = 9 WHERE id = 50")
+        old("DELETE FROM customers WHERE id = 60")
+        old("INSERT INTO customers (id, email, name) VALUES (30000, 'x', 'y')")
+        old("DELETE FROM lines WHERE (order_id, line_no) = (7, 7)")
+        r = subprocess.run([os.path.join(pdtest.build_dir(), "tests", "touched_verify"),
+                            config, "shop"], input="verify --repair\nverify\n",
+                           capture_output=True, text=True, timeout=60)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        first, second = [json.loads(line)["result"] for line in r.stdout.splitlines()]
+        self.assertEqual(first["writes"], "dual-new")
+        self.assertEqual(self.divergent_keys(first), {
+            ("public.customers", "different", (("id", "50"),)),
+            ("public.customers", "extra", (("id", "60"),)),      # on new only
+            ("public.customers", "missing", (("id", "30000"),)),  # on old only
+            ("public.lines", "extra", (("line_no", "7"), ("order_id", "7")))})
+        self.assertEqual((first["repaired"], second["divergent"]), (4, 0))
+        # old now holds down(new): email_address as it is on new, full_name as name.
+        self.assertEqual(old("SELECT email, name, visits FROM customers WHERE id IN (50, 60) "
+                             "ORDER BY id"), [("c50@x.org", "N50", 0), ("c60@x.org", "N60", 0)])
+        self.assertEqual(old("SELECT count(*) FROM customers WHERE id = 30000"), [(0,)])
+        self.assert_shop_identical()
+
+    def test_8_errors(self):
         r = self.ctl("verify", "ghost")
         self.assertEqual(r.returncode, 1)
         self.assertIn("table public.ghost of rule \"ghost\" does not exist on the new side of "
