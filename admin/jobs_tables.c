@@ -446,7 +446,7 @@ static char *array_literal(char **const *keys, size_t n, unsigned col)
 static PGresult *exec_keys(PGconn *conn, const table_t *tb, const char *sql, char **const *keys,
                            size_t n)
 {
-    char *arrays[tb->nkey];
+    char *arrays[tb->nkey + 1];
     bool ok = true;
     for (unsigned i = 0; i < tb->nkey; i++)
         ok = (arrays[i] = array_literal(keys, n, i)) != NULL && ok;
@@ -558,8 +558,9 @@ static bool is_key(const table_t *tb, pd_job_side_t side, const char *quoted)
  * The projection onto `target`'s columns from the other side: per target column the
  * mapping's expression (up to new, down to old) or the renamed column, else the source's
  * column of the same name, cast to the target's type where the source knows it (so that
- * both sides print a value alike). Target columns without a source are left out, and so
- * are source columns that give no target column; both are named in tb->one_side.
+ * both sides print a value alike). Target columns without a source are left out and named
+ * in tb->one_side under the target's side (built for both targets, that names the columns
+ * of each side that the other lacks).
  */
 static int build_proj(tjob_t *tj, table_t *tb, const columns_t *cols[2], pd_job_side_t target)
 {
@@ -643,13 +644,15 @@ static int resolve_key(tjob_t *tj, table_t *tb, const columns_t *cols[2])
     for (unsigned i = 0; i < n; i++) {
         const pd_column_map_t *m = mapping(rule, cols, PD_JOB_OLD, names[i]);
         const char *side_name[2] = {names[i], m ? m->new : names[i]};
-        if (m != NULL && m->up != NULL)
+        bool transformed = m != NULL && ((m->up != NULL && strcmp(m->up, m->old) != 0) ||
+                                         (m->down != NULL && strcmp(m->down, m->new) != 0));
+        if (transformed)
             return pd__job_fail(tj->r,
                                 "Key values must be the same on both sides: map a key column by "
                                 "renaming it only (no up/down), or name another key in the "
                                 "rule's `key`.",
-                                "key column \"%s\" of table %s is transformed by the rule's up "
-                                "expression",
+                                "key column \"%s\" of table %s is transformed by the rule's "
+                                "up/down expressions",
                                 names[i], tb->name);
         for (int s = PD_JOB_OLD; s <= PD_JOB_NEW; s++) {
             const column_t *c = column(cols[s], side_name[s]);
