@@ -1327,7 +1327,7 @@ static int verify_full(tjob_t *tj, const table_t *tb, tally_t *ty, repair_t *rp)
 }
 
 /* Only the keys written since the last verify, looked up on both sides. */
-static int verify_touched(tjob_t *tj, const table_t *tb, tally_t *ty)
+static int verify_touched(tjob_t *tj, const table_t *tb, tally_t *ty, repair_t *rp)
 {
     size_t n = pd_touched_set_count(tb->taken);
     int rc = 0;
@@ -1345,6 +1345,8 @@ static int verify_touched(tjob_t *tj, const table_t *tb, tally_t *ty)
                 rc = pend(tj, ty, tb, (const char *const *)keys[i], kinds[i]);
         ty->checked += (int64_t)m;
         progress(tj, (int64_t)m);
+        if (rc == 0 && ty->npending >= PENDING_MAX)
+            rc = settle(tj, tb, ty, rp);
     }
     return rc;
 }
@@ -1426,7 +1428,7 @@ static int verify_table(tjob_t *tj, const table_t *tb, json_t *tables, json_t *k
     if (tb->nkey == 0)
         rc = verify_checksum(tj, tb, out, &ty, &unkeyed);
     else
-        rc = touched ? verify_touched(tj, tb, &ty) : verify_full(tj, tb, &ty, &rp);
+        rc = touched ? verify_touched(tj, tb, &ty, &rp) : verify_full(tj, tb, &ty, &rp);
     if (rc == 0)
         rc = settle(tj, tb, &ty, &rp);
     if (rc == 0) {

@@ -20,6 +20,14 @@
  * columns of the table's primary key in index order. Two keys are the same key when
  * every value is byte for byte the same.
  *
+ * The mirror's side, e.g. after it applied a write that RETURNING said touched id 42:
+ *     pd_touched_t *t = pd_jobs_touched(srv->jobs);      (admin/jobs.h; one per pgdual)
+ *     const char *key[1] = {"42"};
+ *     pd_touched_add(t, rule->name, "public.orders", 1, key);
+ * and for a write whose rows it cannot name (UPDATE ... WHERE without RETURNING, a
+ * detached session's lost writes, a table without a key):
+ *     pd_touched_mark_unknown(t, rule->name, "public.orders");
+ *
  * A table's set is in one of three states:
  *  - known (PD_TOUCHED_KEYS): exactly the keys added since the last take;
  *  - unknown (PD_TOUCHED_UNKNOWN): every table starts so (nothing is known about writes
