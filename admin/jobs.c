@@ -1,16 +1,17 @@
 /*
- * jobs.c — the operator jobs of jobs.h (backfill and verify for `columns` rules) and
- * their registry.
+ * jobs.c — the registry of the operator jobs of jobs.h, the helpers every job shares
+ * (jobs_internal.h), and backfill and verify for `columns` rules. The jobs of `tables`
+ * rules are in jobs_tables.c; the job thread dispatches on the rule's kind.
  *
- * Each job runs on a thread of its own with its own libpq connection to the rule's old
- * database, so the event loop never waits for it. The loop thread starts, reads and
- * cancels jobs through the registry; a job's progress, state and result live under the
- * registry's mutex; cancellation is a flag the job checks between batches.
+ * Each job runs on a thread of its own with its own libpq connections, so the event loop
+ * never waits for it. The loop thread starts, reads and cancels jobs through the
+ * registry; a job's progress, state and result live under the registry's mutex;
+ * cancellation is a flag the job checks between batches.
  *
- * Both jobs walk the table in key order with row comparisons, `(k1, k2) > ($1, $2)`, so
- * that composite keys work and every step is an index range scan; keys travel as text
- * and are cast back by PostgreSQL. Values read from the database go only into a job's
- * result (which only the admin socket shows), never into the log.
+ * Both columns jobs walk the table in key order with row comparisons, `(k1, k2) > ($1,
+ * $2)`, so that composite keys work and every step is an index range scan; keys travel as
+ * text and are cast back by PostgreSQL. Values read from the database go only into a
+ * job's result (which only the admin socket shows), never into the log.
  */
 #include "admin/jobs.h"
 
@@ -24,85 +25,24 @@
 #include <string.h>
 #include <time.h>
 
+#include "admin/jobs_internal.h"
 #include "proxy/log.h"
 
-#define FINISHED_KEPT        50      /* finished jobs listed by `jobs` */
-#define KEYS_LISTED          100     /* divergent keys a verify result lists */
-#define DEFAULT_BATCH        1000    /* backfill rows per batch */
-#define DEFAULT_VERIFY_BATCH 5000    /* verify rows per chunk (reads only) */
-#define EXACT_COUNT_BELOW    1000000 /* pg_class estimate under this: count(*) instead */
-#define SLEEP_SLICE_MS       50      /* throttle sleeps in slices, to notice cancels */
-
-typedef enum { JOB_BACKFILL, JOB_VERIFY } job_kind_t;
-typedef enum { JOB_RUNNING, JOB_DONE, JOB_FAILED, JOB_CANCELLED } job_state_t;
+#define FINISHED_KEPT  50 /* finished jobs listed by `jobs` */
+#define SLEEP_SLICE_MS 50 /* throttle sleeps in slices, to notice cancels */
 
 static const char *const kind_names[] = {[JOB_BACKFILL] = "backfill", [JOB_VERIFY] = "verify"};
 static const char *const state_names[] = {[JOB_RUNNING] = "running",
                                           [JOB_DONE] = "done",
                                           [JOB_FAILED] = "failed",
                                           [JOB_CANCELLED] = "cancelled"};
-
-/* What a job needs of its rule, copied at start: the config may be reloaded meanwhile. */
-typedef struct {
-    char *name;
-    char *database;
-    char *conninfo; /* the database's old side */
-    char *table;
-    char **key;
-    unsigned nkey;
-    pd_column_map_t *cols;
-    unsigned ncols;
-    pd_writes_t writes;
-} job_rule_t;
-
-typedef struct job {
-    pd_jobs_t *jobs;
-    struct job *next; /* registry list, newest first */
-    int id;
-    job_kind_t kind;
-    job_rule_t rule; /* owned; read only after start */
-    pd_job_options_t opt;
-    char tag[160]; /* log prefix: "[job 3 backfill users-email]" */
-    uv_thread_t thread;
-    atomic_bool cancel;
-    /* The fields below are under jobs->lock. */
-    PGcancel *pgcancel; /* owned by the thread; set while its connection is up */
-    job_state_t state;
-    int64_t rows_done, rows_total, resumed_from;
-    uint64_t started_ns, finished_ns; /* uv_hrtime, for the rate */
-    time_t started_at, finished_at;
-    char *error;    /* owned; failed jobs */
-    char *hint;     /* owned; or NULL */
-    json_t *result; /* owned; done jobs (and failed verifies that got that far) */
-} job_t;
-
-struct pd_jobs {
-    pd_state_t *state;
-    pthread_mutex_t lock;
-    job_t *list; /* newest first */
-    int next_id;
-};
-
-/* A job's working set on its thread: nothing here is shared. */
-typedef struct {
-    job_t *job;
-    PGconn *conn;
-    char *table;     /* quoted "schema"."table" */
-    char **key;      /* quoted key columns */
-    char **old_cols; /* quoted */
-    char **new_cols; /* quoted */
-    char **up;       /* "(expr)" or a quoted old column */
-    char **down;     /* "(expr)" or a quoted new column */
-    char **lo;       /* last key done (text values), or NULL before the first batch */
-    char *error, *hint;
-    json_t *result;
-} run_t;
+static const char *const side_names[] = {[PD_JOB_OLD] = "old", [PD_JOB_NEW] = "new"};
 
 /* ---------------------------------------------------------------------------------------
- * Small helpers
+ * Helpers every job uses (jobs_internal.h)
  */
 
-__attribute__((format(printf, 1, 2))) static char *strf(const char *fmt, ...)
+char *pd__strf(const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -117,7 +57,7 @@ static char *xstrdup(const char *s)
     return s != NULL ? strdup(s) : NULL;
 }
 
-static void free_strv(char **v, unsigned n)
+void pd__free_strv(char **v, unsigned n)
 {
     if (v == NULL)
         return;
@@ -126,21 +66,19 @@ static void free_strv(char **v, unsigned n)
     free(v);
 }
 
-static void iso_time(time_t t, char *buf, size_t size)
+void pd__iso_time(time_t t, char *buf, size_t size)
 {
     struct tm tm;
     gmtime_r(&t, &tm);
     strftime(buf, size, "%Y-%m-%dT%H:%M:%SZ", &tm);
 }
 
-static bool cancelled(const run_t *r)
+bool pd__job_cancelled(const run_t *r)
 {
     return atomic_load(&r->job->cancel);
 }
 
-/* Sets the job's error (first one wins) and returns -1. */
-__attribute__((format(printf, 3, 4))) static int fail(run_t *r, const char *hint, const char *fmt,
-                                                      ...)
+int pd__job_fail(run_t *r, const char *hint, const char *fmt, ...)
 {
     if (r->error != NULL)
         return -1;
@@ -153,14 +91,9 @@ __attribute__((format(printf, 3, 4))) static int fail(run_t *r, const char *hint
     return -1;
 }
 
-/*
- * A failed statement: the job's error carries PostgreSQL's message (it may quote values,
- * which is fine for the admin socket); the log gets only the SQLSTATE. Returns -1, or 1
- * when the job was cancelled meanwhile (pd_jobs_free cancels the statement in flight).
- */
-static int sql_fail(run_t *r, PGresult *res, const char *what)
+int pd__job_sql_fail(run_t *r, PGresult *res, const char *what)
 {
-    if (cancelled(r))
+    if (pd__job_cancelled(r))
         return 1;
     const char *msg = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY) : NULL;
     const char *hint = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_HINT) : NULL;
@@ -168,18 +101,39 @@ static int sql_fail(run_t *r, PGresult *res, const char *what)
     pd_log_warning(r->job->tag, "%s failed (SQLSTATE %s); pgdualctl jobs %d shows why", what,
                    state ? state : "none", r->job->id);
     if (msg == NULL)
-        msg = PQerrorMessage(r->conn);
-    return fail(r,
-                hint ? hint
-                     : "Check the rule's table, key and column expressions against the "
-                       "database (pgdualctl rules), then start the job again.",
-                "%s failed: %s", what, msg);
+        msg = res ? PQresultErrorMessage(res) : "out of memory";
+    return pd__job_fail(r,
+                        hint ? hint
+                             : "Check the rule's tables, key and column expressions against the "
+                               "database (pgdualctl rules), then start the job again.",
+                        "%s failed: %s", what, msg);
 }
 
-static void set_progress(run_t *r, int64_t done)
+void pd__job_set_progress(run_t *r, int64_t done)
 {
     pthread_mutex_lock(&r->job->jobs->lock);
     r->job->rows_done = done;
+    pthread_mutex_unlock(&r->job->jobs->lock);
+}
+
+void pd__job_set_total(run_t *r, int64_t total)
+{
+    pthread_mutex_lock(&r->job->jobs->lock);
+    r->job->rows_total = total;
+    pthread_mutex_unlock(&r->job->jobs->lock);
+}
+
+void pd__job_set_phase(run_t *r, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    char *phase = NULL;
+    if (vasprintf(&phase, fmt, ap) < 0)
+        phase = NULL;
+    va_end(ap);
+    pthread_mutex_lock(&r->job->jobs->lock);
+    free(r->job->phase);
+    r->job->phase = phase;
     pthread_mutex_unlock(&r->job->jobs->lock);
 }
 
@@ -191,9 +145,11 @@ static void rule_free(job_rule_t *r)
 {
     free(r->name);
     free(r->database);
-    free(r->conninfo);
+    free(r->conninfo[PD_JOB_OLD]);
+    free(r->conninfo[PD_JOB_NEW]);
     free(r->table);
-    free_strv(r->key, r->nkey);
+    pd__free_strv(r->tables, r->ntables);
+    pd__free_strv(r->key, r->nkey);
     for (unsigned i = 0; r->cols != NULL && i < r->ncols; i++) {
         free(r->cols[i].old);
         free(r->cols[i].new);
@@ -203,19 +159,37 @@ static void rule_free(job_rule_t *r)
     free(r->cols);
 }
 
-static int rule_copy(job_rule_t *dst, const pd_rule_cfg_t *src, const char *conninfo,
+static char **strv_copy(char *const *v, unsigned n)
+{
+    char **out = calloc(n + 1, sizeof *out);
+    for (unsigned i = 0; out != NULL && i < n; i++) {
+        if ((out[i] = strdup(v[i])) == NULL) {
+            pd__free_strv(out, n);
+            return NULL;
+        }
+    }
+    return out;
+}
+
+static int rule_copy(job_rule_t *dst, const pd_rule_cfg_t *src, const pd_database_cfg_t *db,
                      pd_writes_t writes)
 {
-    *dst = (job_rule_t){.nkey = src->key_count, .ncols = src->column_count, .writes = writes};
+    *dst = (job_rule_t){.kind = src->kind,
+                        .nkey = src->key_count,
+                        .ntables = src->table_count,
+                        .ncols = src->column_count,
+                        .writes = writes};
     dst->name = xstrdup(src->name);
     dst->database = xstrdup(src->database);
-    dst->conninfo = xstrdup(conninfo);
+    dst->conninfo[PD_JOB_OLD] = xstrdup(db->old);
+    dst->conninfo[PD_JOB_NEW] = xstrdup(db->new);
     dst->table = xstrdup(src->table);
-    dst->key = calloc(src->key_count + 1, sizeof *dst->key);
+    dst->tables = strv_copy(src->tables, src->table_count);
+    dst->key = strv_copy(src->key, src->key_count);
     dst->cols = calloc(src->column_count + 1, sizeof *dst->cols);
-    bool ok = dst->name && dst->database && dst->conninfo && dst->table && dst->key && dst->cols;
-    for (unsigned i = 0; ok && i < src->key_count; i++)
-        ok = (dst->key[i] = strdup(src->key[i])) != NULL;
+    bool ok = dst->name && dst->database && dst->conninfo[PD_JOB_OLD] &&
+              (dst->conninfo[PD_JOB_NEW] || !db->new) && (dst->table || !src->table) &&
+              dst->tables && dst->key && dst->cols;
     for (unsigned i = 0; ok && i < src->column_count; i++) {
         const pd_column_map_t *c = &src->columns[i];
         pd_column_map_t *d = &dst->cols[i];
@@ -243,48 +217,61 @@ static bool conninfo_has_user(const char *conninfo)
     return has;
 }
 
-static int run_connect(run_t *r)
+int pd__job_connect(run_t *r, pd_job_side_t side)
 {
     const job_rule_t *rule = &r->job->rule;
+    const char *conninfo = rule->conninfo[side], *name = side_names[side];
+    PGconn **conn = side == PD_JOB_OLD ? &r->conn : &r->conn_new;
     /* Parameters before dbname are defaults the conninfo may override; after it, not. */
     const char *const keys[] = {"connect_timeout", "dbname", "fallback_application_name", NULL};
     char app[64];
     snprintf(app, sizeof app, "pgdual %s", kind_names[r->job->kind]);
-    const char *const vals[] = {"10", rule->conninfo, app, NULL};
-    r->conn = PQconnectdbParams(keys, vals, 1);
-    if (r->conn != NULL && PQstatus(r->conn) == CONNECTION_OK) {
-        PGcancel *c = PQgetCancel(r->conn);
+    const char *const vals[] = {"10", conninfo, app, NULL};
+    *conn = PQconnectdbParams(keys, vals, 1);
+    if (*conn != NULL && PQstatus(*conn) == CONNECTION_OK) {
+        PGcancel *c = PQgetCancel(*conn);
         pthread_mutex_lock(&r->job->jobs->lock);
-        r->job->pgcancel = c;
+        r->job->pgcancel[side] = c;
         pthread_mutex_unlock(&r->job->jobs->lock);
         return 0;
     }
-    char *msg = xstrdup(r->conn ? PQerrorMessage(r->conn) : "out of memory");
+    char *msg = xstrdup(*conn ? PQerrorMessage(*conn) : "out of memory");
     size_t n = msg ? strlen(msg) : 0;
     while (n > 0 && (msg[n - 1] == '\n' || msg[n - 1] == ' '))
         msg[--n] = '\0';
-    pd_log_warning(r->job->tag, "could not connect to database \"%s\" (old side): %s",
-                   rule->database, msg ? msg : "");
-    fail(r,
-         conninfo_has_user(rule->conninfo)
-             ? "Check that the database's old conninfo in the config reaches PostgreSQL "
-               "with these credentials (.pgpass or PGPASSFILE for a password)."
-             : "The database's old conninfo names no user, so libpq used its defaults "
-               "(the user running pgdual); name a user in the conninfo (user=...) with a "
-               "password in .pgpass or PGPASSFILE.",
-         "could not connect to database \"%s\" (old side): %s", rule->database, msg ? msg : "");
+    pd_log_warning(r->job->tag, "could not connect to database \"%s\" (%s side): %s",
+                   rule->database, name, msg ? msg : "");
+    char hint[400];
+    if (conninfo_has_user(conninfo))
+        snprintf(hint, sizeof hint,
+                 "Check that the database's %s conninfo in the config reaches PostgreSQL with "
+                 "these credentials (.pgpass or PGPASSFILE for a password).",
+                 name);
+    else
+        snprintf(hint, sizeof hint,
+                 "The database's %s conninfo names no user, so libpq used its defaults (the "
+                 "user running pgdual); name a user in the conninfo (user=...) with a password "
+                 "in .pgpass or PGPASSFILE.",
+                 name);
+    pd__job_fail(r, hint, "could not connect to database \"%s\" (%s side): %s", rule->database,
+                 name, msg ? msg : "");
     free(msg);
     return -1;
 }
 
-static char *quote_ident(run_t *r, const char *name)
+char *pd__quote_ident(PGconn *conn, const char *name)
 {
-    char *q = PQescapeIdentifier(r->conn, name, strlen(name));
+    char *q = PQescapeIdentifier(conn, name, strlen(name));
     if (q == NULL)
         return NULL;
     char *out = strdup(q); /* so that everything is released with free() */
     PQfreemem(q);
     return out;
+}
+
+static char *quote_ident(run_t *r, const char *name)
+{
+    return pd__quote_ident(r->conn, name);
 }
 
 /* "schema.table" -> "schema"."table"; a name without a dot stays one identifier. */
@@ -296,7 +283,7 @@ static char *quote_table(run_t *r, const char *table)
     char *schema = strndup(table, (size_t)(dot - table));
     char *qs = schema ? quote_ident(r, schema) : NULL;
     char *qt = quote_ident(r, dot + 1);
-    char *out = qs && qt ? strf("%s.%s", qs, qt) : NULL;
+    char *out = qs && qt ? pd__strf("%s.%s", qs, qt) : NULL;
     free(schema);
     free(qs);
     free(qt);
@@ -308,7 +295,7 @@ static char **quote_all(run_t *r, char *const *names, unsigned n)
     char **out = calloc(n + 1, sizeof *out);
     for (unsigned i = 0; out != NULL && i < n; i++) {
         if ((out[i] = quote_ident(r, names[i])) == NULL) {
-            free_strv(out, n);
+            pd__free_strv(out, n);
             return NULL;
         }
     }
@@ -321,8 +308,8 @@ static char **exprs(const pd_column_map_t *cols, unsigned n, bool up, char **cop
     char **out = calloc(n + 1, sizeof *out);
     for (unsigned i = 0; out != NULL && i < n; i++) {
         const char *e = up ? cols[i].up : cols[i].down;
-        if ((out[i] = e ? strf("(%s)", e) : strdup(copies[i])) == NULL) {
-            free_strv(out, n);
+        if ((out[i] = e ? pd__strf("(%s)", e) : strdup(copies[i])) == NULL) {
+            pd__free_strv(out, n);
             return NULL;
         }
     }
@@ -349,7 +336,7 @@ static int run_quote(run_t *r)
         r->down = exprs(rule->cols, rule->ncols, false, r->new_cols);
     }
     if (!r->table || !r->key || !r->up || !r->down)
-        return fail(r, NULL, "out of memory while preparing the job's statements");
+        return pd__job_fail(r, NULL, "out of memory while preparing the job's statements");
     return 0;
 }
 
@@ -357,17 +344,15 @@ static int run_quote(run_t *r)
  * SQL text
  */
 
-/* Writes "(k1, k2)", each key followed by `suffix` (e.g. "::text"). */
-static void put_keys(FILE *f, run_t *r, const char *suffix)
+void pd__put_keys(FILE *f, char *const *key, unsigned n, const char *suffix)
 {
     fputc('(', f);
-    for (unsigned i = 0; i < r->job->rule.nkey; i++)
-        fprintf(f, "%s%s%s", i ? ", " : "", r->key[i], suffix);
+    for (unsigned i = 0; i < n; i++)
+        fprintf(f, "%s%s%s", i ? ", " : "", key[i], suffix);
     fputc(')', f);
 }
 
-/* Writes "($first, $first+1, ...)". */
-static void put_params(FILE *f, unsigned nkey, unsigned first)
+void pd__put_params(FILE *f, unsigned nkey, unsigned first)
 {
     fputc('(', f);
     for (unsigned i = 0; i < nkey; i++)
@@ -375,22 +360,20 @@ static void put_params(FILE *f, unsigned nkey, unsigned first)
     fputc(')', f);
 }
 
-/* Writes the key range "keys > lo AND keys <= hi" (each part only when asked for). */
-static void put_range(FILE *f, run_t *r, bool lo, bool hi)
+void pd__put_range(FILE *f, char *const *key, unsigned n, bool lo, bool hi)
 {
-    unsigned n = r->job->rule.nkey;
     fputs("TRUE", f);
     if (lo) {
         fputs(" AND ", f);
-        put_keys(f, r, "");
+        pd__put_keys(f, key, n, "");
         fputs(" > ", f);
-        put_params(f, n, 1);
+        pd__put_params(f, n, 1);
     }
     if (hi) {
         fputs(" AND ", f);
-        put_keys(f, r, "");
+        pd__put_keys(f, key, n, "");
         fputs(" <= ", f);
-        put_params(f, n, lo ? n + 1 : 1);
+        pd__put_params(f, n, lo ? n + 1 : 1);
     }
 }
 
@@ -414,7 +397,7 @@ static void put_divergent(FILE *f, run_t *r)
     }
 }
 
-static char *sql_done(FILE *f, char **buf)
+char *pd__sql_done(FILE *f, char **buf)
 {
     if (fclose(f) != 0) {
         free(*buf);
@@ -443,13 +426,13 @@ static char *sql_batch_end(run_t *r, unsigned limit)
     for (unsigned i = 0; i < r->job->rule.nkey; i++)
         fprintf(f, "%s, ", r->key[i]);
     fputs("row_number() OVER (ORDER BY ", f);
-    put_keys(f, r, "");
+    pd__put_keys(f, r->key, r->job->rule.nkey, "");
     fprintf(f, ") AS pgdual_n FROM %s WHERE ", r->table);
-    put_range(f, r, r->lo != NULL, false);
+    pd__put_range(f, r->key, r->job->rule.nkey, r->lo != NULL, false);
     fputs(" ORDER BY ", f);
-    put_keys(f, r, "");
+    pd__put_keys(f, r->key, r->job->rule.nkey, "");
     fprintf(f, " LIMIT %u) s ORDER BY pgdual_n DESC LIMIT 1", limit);
-    return sql_done(f, &buf);
+    return pd__sql_done(f, &buf);
 }
 
 /* UPDATE T SET dst = src, ... WHERE lo < k <= hi AND (dst IS DISTINCT FROM src OR ...) */
@@ -465,10 +448,10 @@ static char *sql_update(run_t *r, char **dst, char **src)
     for (unsigned i = 0; i < n; i++)
         fprintf(f, "%s%s = %s", i ? ", " : "", dst[i], src[i]);
     fputs(" WHERE ", f);
-    put_range(f, r, r->lo != NULL, true);
+    pd__put_range(f, r->key, r->job->rule.nkey, r->lo != NULL, true);
     fputs(" AND ", f);
     put_distinct(f, dst, src, n);
-    return sql_done(f, &buf);
+    return pd__sql_done(f, &buf);
 }
 
 /*
@@ -487,19 +470,19 @@ static char *sql_verify_chunk(run_t *r, unsigned limit)
     for (unsigned i = 0; i < nkey; i++)
         fprintf(f, "%s::text AS pgdual_t%u, ", r->key[i], i);
     fputs("pgdual_bad, row_number() OVER (ORDER BY ", f);
-    put_keys(f, r, "");
+    pd__put_keys(f, r->key, r->job->rule.nkey, "");
     fputs(") AS pgdual_n, count(*) OVER () AS pgdual_count FROM (SELECT ", f);
     for (unsigned i = 0; i < nkey; i++)
         fprintf(f, "%s, ", r->key[i]);
     fputc('(', f);
     put_divergent(f, r);
     fprintf(f, ") AS pgdual_bad FROM %s WHERE ", r->table);
-    put_range(f, r, r->lo != NULL, false);
+    pd__put_range(f, r->key, r->job->rule.nkey, r->lo != NULL, false);
     fputs(" ORDER BY ", f);
-    put_keys(f, r, "");
+    pd__put_keys(f, r->key, r->job->rule.nkey, "");
     fprintf(f, " LIMIT %u) s) c WHERE pgdual_bad OR pgdual_n = pgdual_count ORDER BY pgdual_n",
             limit);
-    return sql_done(f, &buf);
+    return pd__sql_done(f, &buf);
 }
 
 /* Runs sql with the key range lo (when set) and hi (when given) as text parameters. */
@@ -521,7 +504,7 @@ static char **key_of(run_t *r, PGresult *res, int row)
     char **k = calloc(nkey + 1, sizeof *k);
     for (unsigned i = 0; k != NULL && i < nkey; i++) {
         if ((k[i] = strdup(PQgetvalue(res, row, (int)i))) == NULL) {
-            free_strv(k, nkey);
+            pd__free_strv(k, nkey);
             return NULL;
         }
     }
@@ -530,7 +513,7 @@ static char **key_of(run_t *r, PGresult *res, int row)
 
 static void set_lo(run_t *r, char **key)
 {
-    free_strv(r->lo, r->job->rule.nkey);
+    pd__free_strv(r->lo, r->job->rule.nkey);
     r->lo = key;
 }
 
@@ -538,12 +521,13 @@ static void set_lo(run_t *r, char **key)
  * Rows in the table
  */
 
-static int64_t query_int(run_t *r, const char *sql, const char *param, const char *what, int *rc)
+int64_t pd__job_query_int(run_t *r, PGconn *conn, const char *sql, const char *param,
+                          const char *what, int *rc)
 {
     const char *params[1] = {param};
-    PGresult *res = PQexecParams(r->conn, sql, param ? 1 : 0, NULL, params, NULL, NULL, 0);
+    PGresult *res = PQexecParams(conn, sql, param ? 1 : 0, NULL, params, NULL, NULL, 0);
     if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
-        *rc = sql_fail(r, res, what);
+        *rc = pd__job_sql_fail(r, res, what);
         PQclear(res);
         return 0;
     }
@@ -553,47 +537,61 @@ static int64_t query_int(run_t *r, const char *sql, const char *param, const cha
     return v;
 }
 
-/* rows_total: the planner's estimate, or an exact count when the table is small or was
- * never analyzed. */
-static int run_estimate(run_t *r)
+int pd__job_count_rows(run_t *r, PGconn *conn, const char *table, int64_t *rows)
 {
     int rc;
-    int64_t n = query_int(r, "SELECT reltuples::bigint FROM pg_class WHERE oid = $1::regclass",
-                          r->table, "reading the row estimate of the table", &rc);
-    if (rc == 0 && n < EXACT_COUNT_BELOW) {
-        char *sql = strf("SELECT count(*) FROM %s", r->table);
+    int64_t n = pd__job_query_int(r, conn,
+                                  "SELECT reltuples::bigint FROM pg_class WHERE oid = $1::regclass",
+                                  table, "reading the row estimate of the table", &rc);
+    if (rc == 0 && n < PD_JOB_EXACT_COUNT_BELOW) {
+        char *sql = pd__strf("SELECT count(*) FROM %s", table);
         if (sql == NULL)
-            return fail(r, NULL, "out of memory");
-        n = query_int(r, sql, NULL, "counting the rows of the table", &rc);
+            return pd__job_fail(r, NULL, "out of memory");
+        n = pd__job_query_int(r, conn, sql, NULL, "counting the rows of the table", &rc);
         free(sql);
     }
-    if (rc != 0)
-        return rc;
-    pthread_mutex_lock(&r->job->jobs->lock);
-    r->job->rows_total = n;
-    pthread_mutex_unlock(&r->job->jobs->lock);
-    return 0;
+    *rows = n;
+    return rc;
 }
 
-/* Sleeps ms in slices; false when the job was cancelled meanwhile. */
-static bool throttle(run_t *r, unsigned ms)
+/* rows_total of a columns job. */
+static int run_estimate(run_t *r)
 {
-    while (ms > 0 && !cancelled(r)) {
+    int64_t n;
+    int rc = pd__job_count_rows(r, r->conn, r->table, &n);
+    if (rc == 0)
+        pd__job_set_total(r, n);
+    return rc;
+}
+
+bool pd__job_throttle(run_t *r, unsigned ms)
+{
+    while (ms > 0 && !pd__job_cancelled(r)) {
         unsigned slice = ms < SLEEP_SLICE_MS ? ms : SLEEP_SLICE_MS;
         struct timespec ts = {.tv_sec = 0, .tv_nsec = (long)slice * 1000000L};
         nanosleep(&ts, NULL);
         ms -= slice;
     }
-    return !cancelled(r);
+    return !pd__job_cancelled(r);
 }
 
 /* ---------------------------------------------------------------------------------------
  * Backfill
  */
 
-static void checkpoint_key(const job_t *j, char *buf, size_t size)
+void pd__job_checkpoint_key(const job_t *j, char *buf, size_t size)
 {
     snprintf(buf, size, "backfill/%s", j->rule.name);
+}
+
+void pd__job_clear_checkpoint(const job_t *j)
+{
+    char key[256], *err = NULL;
+    pd__job_checkpoint_key(j, key, sizeof key);
+    if (pd_state_set_checkpoint(j->jobs->state, key, NULL, &err) != 0) {
+        pd_log_warning(j->tag, "could not clear the checkpoint: %s", err ? err : "");
+        free(err);
+    }
 }
 
 /*
@@ -603,7 +601,7 @@ static void checkpoint_key(const job_t *j, char *buf, size_t size)
 static int64_t resume(run_t *r)
 {
     char key[256];
-    checkpoint_key(r->job, key, sizeof key);
+    pd__job_checkpoint_key(r->job, key, sizeof key);
     json_t *ck = pd_state_checkpoint(r->job->jobs->state, key);
     const char *table = json_string_value(json_object_get(ck, "table"));
     json_t *last = json_object_get(ck, "last_key");
@@ -615,7 +613,7 @@ static int64_t resume(run_t *r)
     for (unsigned i = 0; lo != NULL && i < nkey; i++) {
         const char *v = json_string_value(json_array_get(last, i));
         if (v == NULL || (lo[i] = strdup(v)) == NULL) {
-            free_strv(lo, nkey);
+            pd__free_strv(lo, nkey);
             lo = NULL;
         }
     }
@@ -630,7 +628,7 @@ static int64_t resume(run_t *r)
 static int save_checkpoint(run_t *r, int64_t done)
 {
     char key[256];
-    checkpoint_key(r->job, key, sizeof key);
+    pd__job_checkpoint_key(r->job, key, sizeof key);
     json_t *last = json_array();
     for (unsigned i = 0; i < r->job->rule.nkey; i++)
         json_array_append_new(last, json_string(r->lo[i]));
@@ -640,10 +638,10 @@ static int save_checkpoint(run_t *r, int64_t done)
     int rc = ck ? pd_state_set_checkpoint(r->job->jobs->state, key, ck, &err) : -1;
     json_decref(ck);
     if (rc != 0)
-        fail(r,
-             "Make the state file's directory writable, then run the backfill again: it "
-             "resumes from the last checkpoint written.",
-             "could not record the backfill checkpoint: %s", err ? err : "out of memory");
+        pd__job_fail(r,
+                     "Make the state file's directory writable, then run the backfill again: it "
+                     "resumes from the last checkpoint written.",
+                     "could not record the backfill checkpoint: %s", err ? err : "out of memory");
     free(err);
     return rc;
 }
@@ -659,7 +657,7 @@ static int backfill_batch(run_t *r, unsigned batch, int64_t *rows, int64_t *upda
     PGresult *res = sql ? exec_range(r, sql, NULL) : NULL;
     free(sql);
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        int rc = sql_fail(r, res, "reading the next batch of keys");
+        int rc = pd__job_sql_fail(r, res, "reading the next batch of keys");
         PQclear(res);
         return rc;
     }
@@ -669,14 +667,14 @@ static int backfill_batch(run_t *r, unsigned batch, int64_t *rows, int64_t *upda
     if (*rows == 0)
         return 0;
     if (hi == NULL)
-        return fail(r, NULL, "out of memory");
+        return pd__job_fail(r, NULL, "out of memory");
     sql = sql_update(r, r->new_cols, r->up);
     res = sql ? exec_range(r, sql, hi) : NULL;
     free(sql);
     if (PQresultStatus(res) != PGRES_COMMAND_OK) {
-        int rc = sql_fail(r, res, "updating a batch");
+        int rc = pd__job_sql_fail(r, res, "updating a batch");
         PQclear(res);
-        free_strv(hi, r->job->rule.nkey);
+        pd__free_strv(hi, r->job->rule.nkey);
         return rc;
     }
     *updated = strtoll(PQcmdTuples(res), NULL, 10);
@@ -688,13 +686,13 @@ static int backfill_batch(run_t *r, unsigned batch, int64_t *rows, int64_t *upda
 static int run_backfill(run_t *r)
 {
     job_t *j = r->job;
-    unsigned batch = j->opt.batch ? j->opt.batch : DEFAULT_BATCH;
+    unsigned batch = j->opt.batch ? j->opt.batch : PD_JOB_DEFAULT_BATCH;
     int64_t done = resume(r), updated = 0;
     pthread_mutex_lock(&j->jobs->lock);
     j->rows_done = j->resumed_from = done;
     pthread_mutex_unlock(&j->jobs->lock);
     for (;;) {
-        if (cancelled(r))
+        if (pd__job_cancelled(r))
             return 1;
         int64_t rows = 0, changed = 0;
         int rc = backfill_batch(r, batch, &rows, &changed);
@@ -704,20 +702,15 @@ static int run_backfill(run_t *r)
             break;
         done += rows;
         updated += changed;
-        set_progress(r, done);
+        pd__job_set_progress(r, done);
         if (save_checkpoint(r, done) != 0)
             return -1;
         if (rows < batch)
             break;
-        if (!throttle(r, j->opt.throttle_ms))
+        if (!pd__job_throttle(r, j->opt.throttle_ms))
             return 1;
     }
-    char key[256], *err = NULL;
-    checkpoint_key(j, key, sizeof key);
-    if (pd_state_set_checkpoint(j->jobs->state, key, NULL, &err) != 0) {
-        pd_log_warning(j->tag, "could not clear the checkpoint: %s", err ? err : "");
-        free(err);
-    }
+    pd__job_clear_checkpoint(j);
     r->result = json_pack("{s:I, s:I, s:I}", "rows_done", (json_int_t)done, "rows_updated",
                           (json_int_t)updated, "resumed_from", (json_int_t)j->resumed_from);
     return 0;
@@ -729,7 +722,7 @@ static int run_backfill(run_t *r)
 
 typedef struct {
     int64_t checked, divergent, repaired;
-    json_t *keys; /* the first KEYS_LISTED divergent keys, as {column: text} */
+    json_t *keys; /* the first PD_JOB_KEYS_LISTED divergent keys, as {column: text} */
 } verify_t;
 
 static json_t *key_json(run_t *r, PGresult *res, int row)
@@ -750,7 +743,7 @@ static int repair_chunk(run_t *r, char *const *hi, verify_t *v)
     PGresult *res = sql ? exec_range(r, sql, hi) : NULL;
     free(sql);
     if (PQresultStatus(res) != PGRES_COMMAND_OK) {
-        int rc = sql_fail(r, res, "repairing divergent rows");
+        int rc = pd__job_sql_fail(r, res, "repairing divergent rows");
         PQclear(res);
         return rc;
     }
@@ -767,7 +760,7 @@ static int verify_chunk(run_t *r, unsigned limit, verify_t *v, int64_t *rows)
     PGresult *res = sql ? exec_range(r, sql, NULL) : NULL;
     free(sql);
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        int rc = sql_fail(r, res, "checking a chunk of rows");
+        int rc = pd__job_sql_fail(r, res, "checking a chunk of rows");
         PQclear(res);
         return rc;
     }
@@ -778,13 +771,13 @@ static int verify_chunk(run_t *r, unsigned limit, verify_t *v, int64_t *rows)
         if (strcmp(PQgetvalue(res, i, (int)nkey), "t") != 0)
             continue;
         bad++;
-        if (json_array_size(v->keys) < KEYS_LISTED)
+        if (json_array_size(v->keys) < PD_JOB_KEYS_LISTED)
             json_array_append_new(v->keys, key_json(r, res, i));
     }
     char **hi = n > 0 ? key_of(r, res, n - 1) : NULL;
     PQclear(res);
     if (n > 0 && hi == NULL)
-        return fail(r, NULL, "out of memory");
+        return pd__job_fail(r, NULL, "out of memory");
     v->checked += *rows;
     v->divergent += bad;
     int rc = bad > 0 && r->job->opt.repair ? repair_chunk(r, hi, v) : 0;
@@ -796,7 +789,7 @@ static int verify_chunk(run_t *r, unsigned limit, verify_t *v, int64_t *rows)
 static json_t *verify_result(run_t *r, const verify_t *v)
 {
     char when[32];
-    iso_time(time(NULL), when, sizeof when);
+    pd__iso_time(time(NULL), when, sizeof when);
     bool ok = v->divergent == 0 || (r->job->opt.repair && v->repaired >= v->divergent);
     return json_pack("{s:s, s:s, s:I, s:I, s:I, s:O, s:b, s:b}", "time", when, "writes",
                      pd_writes_name(r->job->rule.writes), "rows_checked", (json_int_t)v->checked,
@@ -807,31 +800,37 @@ static json_t *verify_result(run_t *r, const verify_t *v)
 static int run_verify(run_t *r)
 {
     job_t *j = r->job;
-    unsigned limit = j->opt.batch ? j->opt.batch : DEFAULT_VERIFY_BATCH;
+    unsigned limit = j->opt.batch ? j->opt.batch : PD_JOB_DEFAULT_VERIFY_BATCH;
     verify_t v = {.keys = json_array()};
     int rc = 0;
     for (;;) {
-        if (cancelled(r)) {
+        if (pd__job_cancelled(r)) {
             rc = 1;
             break;
         }
         int64_t rows = 0;
         if ((rc = verify_chunk(r, limit, &v, &rows)) != 0 || rows < limit)
             break;
-        set_progress(r, v.checked);
+        pd__job_set_progress(r, v.checked);
     }
-    set_progress(r, v.checked);
+    pd__job_set_progress(r, v.checked);
     if (rc == 0) {
         r->result = verify_result(r, &v);
-        char *err = NULL;
-        if (pd_state_record_verify(j->jobs->state, j->rule.name, r->result, &err) != 0) {
-            rc = fail(r, "Make the state file's directory writable and run verify again.",
-                      "could not record the verify result: %s", err ? err : "out of memory");
-            free(err);
-        }
+        rc = pd__job_record_verify(r);
     }
     json_decref(v.keys);
     return rc;
+}
+
+int pd__job_record_verify(run_t *r)
+{
+    char *err = NULL;
+    if (pd_state_record_verify(r->job->jobs->state, r->job->rule.name, r->result, &err) == 0)
+        return 0;
+    pd__job_fail(r, "Make the state file's directory writable and run verify again.",
+                 "could not record the verify result: %s", err ? err : "out of memory");
+    free(err);
+    return -1;
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -842,8 +841,10 @@ static int run_verify(run_t *r)
 static void forget_cancel(run_t *r)
 {
     pthread_mutex_lock(&r->job->jobs->lock);
-    PQfreeCancel(r->job->pgcancel);
-    r->job->pgcancel = NULL;
+    for (int side = PD_JOB_OLD; side <= PD_JOB_NEW; side++) {
+        PQfreeCancel(r->job->pgcancel[side]);
+        r->job->pgcancel[side] = NULL;
+    }
     pthread_mutex_unlock(&r->job->jobs->lock);
 }
 
@@ -852,13 +853,15 @@ static void run_free(run_t *r)
     unsigned nk = r->job->rule.nkey, nc = r->job->rule.ncols;
     if (r->conn != NULL)
         PQfinish(r->conn);
+    if (r->conn_new != NULL)
+        PQfinish(r->conn_new);
     free(r->table);
-    free_strv(r->key, nk);
-    free_strv(r->old_cols, nc);
-    free_strv(r->new_cols, nc);
-    free_strv(r->up, nc);
-    free_strv(r->down, nc);
-    free_strv(r->lo, nk);
+    pd__free_strv(r->key, nk);
+    pd__free_strv(r->old_cols, nc);
+    pd__free_strv(r->new_cols, nc);
+    pd__free_strv(r->up, nc);
+    pd__free_strv(r->down, nc);
+    pd__free_strv(r->lo, nk);
     free(r->error);
     free(r->hint);
     json_decref(r->result);
@@ -870,7 +873,7 @@ static void publish(run_t *r, int rc)
     job_t *j = r->job;
     job_state_t st = rc == 0 ? JOB_DONE : rc > 0 ? JOB_CANCELLED : JOB_FAILED;
     if (st == JOB_FAILED && r->error == NULL)
-        fail(r, NULL, "the job failed (out of memory)");
+        pd__job_fail(r, NULL, "the job failed (out of memory)");
     pthread_mutex_lock(&j->jobs->lock);
     j->finished_ns = uv_hrtime();
     j->finished_at = time(NULL);
@@ -890,8 +893,11 @@ static void publish(run_t *r, int rc)
 static void job_main(void *arg)
 {
     run_t r = {.job = arg};
-    int rc = run_connect(&r);
-    if (rc == 0 && (rc = run_quote(&r)) == 0 && (rc = run_estimate(&r)) == 0)
+    int rc;
+    if (r.job->rule.kind == PD_RULE_TABLES)
+        rc = pd__tables_run(&r);
+    else if ((rc = pd__job_connect(&r, PD_JOB_OLD)) == 0 && (rc = run_quote(&r)) == 0 &&
+             (rc = run_estimate(&r)) == 0)
         rc = r.job->kind == JOB_BACKFILL ? run_backfill(&r) : run_verify(&r);
     forget_cancel(&r);
     publish(&r, rc);
@@ -909,13 +915,23 @@ pd_jobs_t *pd_jobs_new(pd_state_t *state)
         return NULL;
     jobs->state = state;
     jobs->next_id = 1;
+    if ((jobs->touched = pd_touched_new(PD_TOUCHED_DEFAULT_MAX)) == NULL) {
+        free(jobs);
+        return NULL;
+    }
     pthread_mutex_init(&jobs->lock, NULL);
     return jobs;
+}
+
+pd_touched_t *pd_jobs_touched(pd_jobs_t *jobs)
+{
+    return jobs->touched;
 }
 
 static void job_free(job_t *j)
 {
     rule_free(&j->rule);
+    free(j->phase);
     free(j->error);
     free(j->hint);
     json_decref(j->result);
@@ -933,8 +949,10 @@ void pd_jobs_free(pd_jobs_t *jobs)
     for (job_t *j = jobs->list; j != NULL; j = j->next) {
         atomic_store(&j->cancel, true);
         char buf[256];
-        if (j->pgcancel != NULL && !PQcancel(j->pgcancel, buf, sizeof buf))
-            pd_log_warning(j->tag, "could not cancel the statement in flight: %s", buf);
+        for (int side = PD_JOB_OLD; side <= PD_JOB_NEW; side++)
+            if (j->pgcancel[side] != NULL && !PQcancel(j->pgcancel[side], buf, sizeof buf))
+                pd_log_warning(j->tag, "could not cancel the statement in flight (%s side): %s",
+                               side_names[side], buf);
     }
     job_t *list = jobs->list;
     jobs->list = NULL;
@@ -945,6 +963,7 @@ void pd_jobs_free(pd_jobs_t *jobs)
         job_free(list);
     }
     pthread_mutex_destroy(&jobs->lock);
+    pd_touched_free(jobs->touched);
     free(jobs);
 }
 
@@ -974,20 +993,27 @@ static void prune(pd_jobs_t *jobs)
 
 /* Why a job cannot start for this rule (malloc'd), or NULL. */
 static char *refusal(const char *kind, const pd_config_t *cfg, const pd_rule_cfg_t *rule,
-                     pd_writes_t writes)
+                     pd_writes_t writes, const pd_job_options_t *opt)
 {
-    if (rule->kind == PD_RULE_TABLES)
-        return strf("%s of rule \"%s\" is not available: rule kind \"tables\" is not "
-                    "supported yet; table verify/backfill comes with blue/green support",
-                    kind, rule->name);
-    if (pd_config_database(cfg, rule->database) == NULL)
-        return strf("rule \"%s\" names database \"%s\", which is not in the config", rule->name,
-                    rule->database);
+    bool tables = rule->kind == PD_RULE_TABLES;
+    const pd_database_cfg_t *db = pd_config_database(cfg, rule->database);
+    if (db == NULL)
+        return pd__strf("rule \"%s\" names database \"%s\", which is not in the config", rule->name,
+                        rule->database);
+    if (tables && db->new == NULL)
+        return pd__strf("rule \"%s\" is kind tables, but database \"%s\" has no \"new\" "
+                        "conninfo to compare with or copy to",
+                        rule->name, rule->database);
+    if (opt != NULL && opt->touched && !tables)
+        return pd__strf("verify --touched is for kind tables rules; rule \"%s\" is kind columns, "
+                        "whose writes set both columns in one statement: run verify %s",
+                        rule->name, rule->name);
     if (strcmp(kind, "backfill") == 0 && (writes == PD_WRITES_DUAL_NEW || writes == PD_WRITES_NEW))
-        return strf("backfill of rule \"%s\" would overwrite the new columns, which are "
-                    "authoritative under writes=%s; use verify --repair to set the old columns "
-                    "from the new ones, or flag writes=dual first",
-                    rule->name, pd_writes_name(writes));
+        return pd__strf("backfill of rule \"%s\" would overwrite the new %s, which are "
+                        "authoritative under writes=%s; use verify --repair to set the old %s "
+                        "from the new ones, or flag writes=dual first",
+                        rule->name, tables ? "tables" : "columns", pd_writes_name(writes),
+                        tables ? "tables" : "columns");
     return NULL;
 }
 
@@ -998,7 +1024,7 @@ static job_t *job_new(job_kind_t kind, const pd_config_t *cfg, const pd_rule_cfg
     if (j == NULL)
         return NULL;
     const pd_database_cfg_t *db = pd_config_database(cfg, rule->database);
-    if (rule_copy(&j->rule, rule, db->old, writes) != 0) {
+    if (rule_copy(&j->rule, rule, db, writes) != 0) {
         job_free(j);
         return NULL;
     }
@@ -1025,24 +1051,24 @@ int pd_jobs_start(pd_jobs_t *jobs, const char *kind, const pd_config_t *cfg,
 {
     *err = NULL;
     bool known = strcmp(kind, "backfill") == 0 || strcmp(kind, "verify") == 0;
-    if (!known || (*err = refusal(kind, cfg, rule, writes)) != NULL) {
+    if (!known || (*err = refusal(kind, cfg, rule, writes, opt)) != NULL) {
         if (*err == NULL)
-            *err = strf("unknown job kind \"%s\"", kind);
+            *err = pd__strf("unknown job kind \"%s\"", kind);
         return -1;
     }
     job_kind_t k = strcmp(kind, "backfill") == 0 ? JOB_BACKFILL : JOB_VERIFY;
     job_t *j = job_new(k, cfg, rule, writes, opt);
     if (j == NULL) {
-        *err = strf("out of memory starting the %s job", kind);
+        *err = pd__strf("out of memory starting the %s job", kind);
         return -1;
     }
     j->jobs = jobs;
     pthread_mutex_lock(&jobs->lock);
     if (running_for(jobs, k, rule->name)) {
         pthread_mutex_unlock(&jobs->lock);
-        *err = strf("a %s of rule \"%s\" is already running; follow it with pgdualctl jobs, or "
-                    "stop it with pgdualctl cancel ID",
-                    kind, rule->name);
+        *err = pd__strf("a %s of rule \"%s\" is already running; follow it with pgdualctl jobs, or "
+                        "stop it with pgdualctl cancel ID",
+                        kind, rule->name);
         job_free(j);
         return -1;
     }
@@ -1056,7 +1082,7 @@ int pd_jobs_start(pd_jobs_t *jobs, const char *kind, const pd_config_t *cfg,
     }
     pthread_mutex_unlock(&jobs->lock);
     if (rc != 0) {
-        *err = strf("could not start a thread for the %s job: %s", kind, uv_strerror(rc));
+        *err = pd__strf("could not start a thread for the %s job: %s", kind, uv_strerror(rc));
         job_free(j);
         return -1;
     }
@@ -1071,7 +1097,7 @@ int pd_jobs_start(pd_jobs_t *jobs, const char *kind, const pd_config_t *cfg,
 static void set_time(json_t *obj, const char *name, time_t t)
 {
     char buf[32];
-    iso_time(t, buf, sizeof buf);
+    pd__iso_time(t, buf, sizeof buf);
     json_object_set_new(obj, name, t ? json_string(buf) : json_null());
 }
 
@@ -1108,11 +1134,15 @@ static json_t *job_json(const job_t *j)
     set_time(o, "finished_at", j->finished_at);
     if (j->kind == JOB_BACKFILL) {
         json_object_set_new(o, "resumed_from", json_integer(j->resumed_from));
-        json_object_set_new(o, "batch", json_integer(j->opt.batch ? j->opt.batch : DEFAULT_BATCH));
+        json_object_set_new(o, "batch",
+                            json_integer(j->opt.batch ? j->opt.batch : PD_JOB_DEFAULT_BATCH));
         json_object_set_new(o, "throttle_ms", json_integer(j->opt.throttle_ms));
     } else {
         json_object_set_new(o, "repair", json_boolean(j->opt.repair));
+        json_object_set_new(o, "touched", json_boolean(j->opt.touched));
     }
+    if (j->phase != NULL)
+        json_object_set_new(o, "phase", json_string(j->phase));
     if (j->error != NULL)
         json_object_set_new(o, "error", json_string(j->error));
     if (j->hint != NULL)

@@ -16,7 +16,7 @@
 #define BATCH_MAX    1000000u
 #define THROTTLE_MAX 600000u /* ms */
 
-static const char *const verify_usage = "verify RULE [--repair] [--batch N]";
+static const char *const verify_usage = "verify RULE [--repair] [--touched] [--batch N]";
 static const char *const backfill_usage = "backfill RULE [--batch N] [--throttle MS]";
 
 static json_t *reply_error(const char *error, const char *hint)
@@ -90,6 +90,8 @@ static json_t *parse_args(int argc, char **argv, bool verify, const char **rule,
         const char *w = argv[i];
         if (verify && strcmp(w, "--repair") == 0) {
             opt->repair = true;
+        } else if (verify && strcmp(w, "--touched") == 0) {
+            opt->touched = true;
         } else if (is_option(w, "--batch")) {
             if (!parse_unsigned(option_value(argc, argv, &i, "--batch"), 1, BATCH_MAX, &opt->batch))
                 return reply_errorf(NULL,

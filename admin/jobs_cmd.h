@@ -11,7 +11,7 @@
 
 #include "proxy/server.h"
 
-/* verify RULE [--repair] [--batch N] -> {"ok": true, "job": ID, "kind", "rule"} */
+/* verify RULE [--repair] [--touched] [--batch N] -> {"ok": true, "job": ID, "kind", "rule"} */
 json_t *pd_cmd_verify(pd_server_t *srv, int argc, char **argv);
 
 /* backfill RULE [--batch N] [--throttle MS] -> {"ok": true, "job": ID, "kind", "rule"} */

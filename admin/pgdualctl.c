@@ -32,7 +32,8 @@ static void usage(FILE *out)
                  "\n"
                  "The admin socket is -s SOCKET, else $PGDUAL_ADMIN.\n"
                  "Commands: status, sessions, rules, flag RULE reads=V|writes=V,\n"
-                 "          divergence [RULE] [--limit N], verify RULE [--repair] [--batch N],\n"
+                 "          divergence [RULE] [--limit N],\n"
+                 "          verify RULE [--repair] [--touched] [--batch N],\n"
                  "          backfill RULE [--batch N] [--throttle MS], jobs [ID], cancel ID,\n"
                  "          pause DB, resume DB, switchover DB [--timeout MS] [--force],\n"
                  "          rollback DB, reload\n"
@@ -307,7 +308,7 @@ static int percent_of(json_t *job)
     return done >= total ? 99 : (int)(done * 100 / total);
 }
 
-/* "420000/1000000 rows, 85000 rows/s, ETA 7s" */
+/* "420000/1000000 rows, 85000 rows/s, ETA 7s[; public.orders: full]" */
 static void progress_text(json_t *job, char *buf, size_t size)
 {
     char eta[32];
@@ -315,15 +316,17 @@ static void progress_text(json_t *job, char *buf, size_t size)
     json_int_t done = int_of(job, "rows_done"), total = int_of(job, "rows_total");
     if (total < done)
         total = done;
-    snprintf(buf, size, "%lld/%lld rows, %lld rows/s, ETA %s", (long long)done, (long long)total,
-             (long long)int_of(job, "rows_per_s"), eta);
+    const char *phase = str_of(job, "phase", NULL);
+    snprintf(buf, size, "%lld/%lld rows, %lld rows/s, ETA %s%s%s", (long long)done,
+             (long long)total, (long long)int_of(job, "rows_per_s"), eta, phase ? "; " : "",
+             phase ? phase : "");
 }
 
 static void draw_bar(json_t *job)
 {
     int pct = percent_of(job);
     int filled = pct < 0 ? 0 : pct * PROGRESS_BAR_WIDTH / 100;
-    char bar[PROGRESS_BAR_WIDTH + 1], text[160];
+    char bar[PROGRESS_BAR_WIDTH + 1], text[400];
     for (int k = 0; k < PROGRESS_BAR_WIDTH; k++)
         bar[k] = k < filled ? '#' : '.';
     bar[PROGRESS_BAR_WIDTH] = '\0';
@@ -335,7 +338,7 @@ static void draw_bar(json_t *job)
 
 static void print_progress_line(json_t *job)
 {
-    char text[160];
+    char text[400];
     progress_text(job, text, sizeof text);
     int pct = percent_of(job);
     if (pct < 0)
@@ -346,6 +349,17 @@ static void print_progress_line(json_t *job)
     fflush(stderr);
 }
 
+/* " id=5 tenant=2" */
+static void print_key(json_t *key)
+{
+    const char *col;
+    json_t *v;
+    json_object_foreach(key, col, v)
+    {
+        printf(" %s=%s", col, json_is_string(v) ? json_string_value(v) : "NULL");
+    }
+}
+
 static void print_keys(json_t *keys)
 {
     size_t i;
@@ -353,11 +367,53 @@ static void print_keys(json_t *keys)
     printf("first divergent keys:\n");
     json_array_foreach(keys, i, key)
     {
-        const char *col;
-        json_t *v;
         printf(" ");
-        json_object_foreach(key, col, v) printf(" %s=%s", col, json_string_value(v));
+        print_key(key);
         printf("\n");
+    }
+}
+
+/* A tables rule's verify: one row per table, its notes, its divergent keys by table. */
+static void print_tables_verify(json_t *res)
+{
+    json_t *rows = json_array(), *t;
+    size_t i;
+    json_array_foreach(json_object_get(res, "tables"), i, t)
+    {
+        json_array_append_new(
+            rows,
+            json_pack("{s:O, s:O, s:O, s:O, s:O, s:O, s:O, s:O}", "table",
+                      json_object_get(t, "table"), "mode", json_object_get(t, "mode"),
+                      "rows_checked", json_object_get(t, "rows_checked"), "divergent",
+                      json_object_get(t, "divergent"), "missing", json_object_get(t, "missing"),
+                      "extra", json_object_get(t, "extra"), "different",
+                      json_object_get(t, "different"), "repaired", json_object_get(t, "repaired")));
+    }
+    print_table(rows);
+    json_decref(rows);
+    json_array_foreach(json_object_get(res, "tables"), i, t)
+    {
+        if (json_is_string(json_object_get(t, "note")))
+            printf("%s: %s\n", str_of(t, "table", ""), str_of(t, "note", ""));
+        if (json_is_false(json_object_get(t, "checksum_match")))
+            printf("%s: %lld rows on old, %lld on new, checksums differ\n", str_of(t, "table", ""),
+                   (long long)int_of(t, "rows_old"), (long long)int_of(t, "rows_new"));
+        if (json_integer_value(json_object_get(t, "repair_failed")) > 0)
+            printf("%s: %lld rows could not be repaired: %s\n", str_of(t, "table", ""),
+                   (long long)int_of(t, "repair_failed"), str_of(t, "repair_error", ""));
+    }
+    const char *table;
+    json_t *keys;
+    json_object_foreach(json_object_get(res, "keys"), table, keys)
+    {
+        printf("first divergent keys of %s:\n", table);
+        json_t *k;
+        json_array_foreach(keys, i, k)
+        {
+            printf("  %-9s", str_of(k, "kind", ""));
+            print_key(json_object_get(k, "key"));
+            printf("\n");
+        }
     }
 }
 
@@ -381,20 +437,30 @@ static int report_human(json_t *job)
             fprintf(stderr, "HINT:  Run the backfill again: it resumes from its checkpoint.\n");
         return 1;
     }
+    bool tables = json_is_array(json_object_get(res, "tables"));
     if (strcmp(kind, "backfill") == 0) {
-        printf("backfill of rule \"%s\" done: %lld rows in %.1f s, %lld updated", rule,
+        printf("backfill of rule \"%s\" done: %lld rows in %.1f s, %lld %s", rule,
                (long long)int_of(res, "rows_done"), (double)int_of(job, "elapsed_ms") / 1000,
-               (long long)int_of(res, "rows_updated"));
+               (long long)int_of(res, tables ? "rows_copied" : "rows_updated"),
+               tables ? "copied" : "updated");
         if (int_of(res, "resumed_from") > 0)
             printf(" (resumed after %lld rows)", (long long)int_of(res, "resumed_from"));
         printf("\n");
+        if (tables)
+            print_table(json_object_get(res, "tables"));
         return 0;
     }
     bool ok = json_is_true(json_object_get(res, "ok"));
-    printf("verify of rule \"%s\" done: %lld rows checked, %lld divergent, %lld repaired\n", rule,
-           (long long)int_of(res, "rows_checked"), (long long)int_of(res, "divergent"),
-           (long long)int_of(res, "repaired"));
-    if (json_array_size(json_object_get(res, "keys")) > 0)
+    printf("verify of rule \"%s\" done: %lld rows checked, %lld divergent", rule,
+           (long long)int_of(res, "rows_checked"), (long long)int_of(res, "divergent"));
+    if (tables)
+        printf(" (%lld missing on new, %lld extra on new, %lld different)",
+               (long long)int_of(res, "missing"), (long long)int_of(res, "extra"),
+               (long long)int_of(res, "different"));
+    printf(", %lld repaired\n", (long long)int_of(res, "repaired"));
+    if (tables)
+        print_tables_verify(res);
+    else if (json_array_size(json_object_get(res, "keys")) > 0)
         print_keys(json_object_get(res, "keys"));
     if (!ok)
         fprintf(stderr,

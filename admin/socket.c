@@ -366,7 +366,7 @@ static const struct {
     {"flag", 2, 3, cmd_flag, NULL, "flag RULE reads=VALUE|writes=VALUE"},
     {"divergence", 0, 3, cmd_divergence, NULL, "divergence [RULE] [--limit N]"},
     {"reload", 0, 0, NULL, cmd_reload, "reload"},
-    {"verify", 1, 4, pd_cmd_verify, NULL, "verify RULE [--repair] [--batch N]"},
+    {"verify", 1, 5, pd_cmd_verify, NULL, "verify RULE [--repair] [--touched] [--batch N]"},
     {"backfill", 1, 5, pd_cmd_backfill, NULL, "backfill RULE [--batch N] [--throttle MS]"},
     {"jobs", 0, 1, pd_cmd_jobs, NULL, "jobs [ID]"},
     {"cancel", 1, 1, pd_cmd_cancel, NULL, "cancel ID"},

@@ -17,7 +17,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "admin/jobs.h"
 #include "proxy/backend.h"
+#include "rules/catalog.h"
+#include "rules/touched.h"
 #include "proxy/compare.h"
 #include "proxy/log.h"
 #include "proxy/route.h"
@@ -1297,6 +1300,50 @@ static void push_release(pd_session_t *s, pd_mirror_t *m, pd_mirror_op_t *op)
 
 static void release_batch(pd_session_t *s, uint32_t seq, uint8_t status_before, uint8_t status);
 
+/* The keys a write applied on the authoritative side touched, for `verify --touched`: the
+   key values of its row images when they came as text; else its tables are unknown. */
+static void note_touched(pd_session_t *s, const pd_mirror_op_t *op)
+{
+    const pd_sql_result_t *r = op->r;
+    pd_touched_t *t = s->srv->jobs != NULL ? pd_jobs_touched(s->srv->jobs) : NULL;
+    if (t == NULL || r == NULL || op->rule < 0 || (unsigned)op->rule >= s->srv->cfg->rule_count)
+        return;
+    const char *rule = s->srv->cfg->rules[op->rule].name;
+    if (r->mirror != PD_MIRROR_IMAGE) {
+        if (r->mirror == PD_MIRROR_WRITE) {
+            /* Which rows a verbatim write touched is not known: its tables are unknown. */
+            for (const pd_table_facts_t *f = &s->srv->facts[op->rule].table; f != NULL;
+                 f = f->next) {
+                char name[256];
+                if (f->schema != NULL && f->name != NULL &&
+                    snprintf(name, sizeof name, "%s.%s", f->schema, f->name) < (int)sizeof name)
+                    pd_touched_mark_unknown(t, rule, name);
+            }
+        }
+        return;
+    }
+    if (r->image_nkey == 0)
+        return; /* a table without a key is verified whole anyway */
+    if (op->nparams > 0 && op->formats[0] != 0) {
+        pd_touched_mark_unknown(t, rule, r->image_table);
+        return;
+    }
+    const uint8_t *p = op->sets.data;
+    for (unsigned set = 0; set < op->nsets; set++) {
+        const char *col[op->nparams + 1];
+        for (unsigned i = 0; i < op->nparams; i++) {
+            int32_t len = (int32_t)((uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
+                                    (uint32_t)p[2] << 8 | p[3]);
+            col[i] = len < 0 ? NULL : (const char *)p + 4; /* NUL-terminated: set_add */
+            p += 4 + (len < 0 ? 0 : (size_t)len + 1);
+        }
+        const char *key[r->image_nkey + 1];
+        for (unsigned k = 0; k < r->image_nkey; k++)
+            key[k] = col[r->image_key[k]];
+        pd_touched_add(t, rule, r->image_table, r->image_nkey, key);
+    }
+}
+
 void pd_mirror_on_ready(pd_session_t *s, uint32_t seq, uint8_t status_before, uint8_t status)
 {
     release_batch(s, seq, status_before, status);
@@ -1362,6 +1409,8 @@ static void release_batch(pd_session_t *s, uint32_t seq, uint8_t status_before, 
             op->sql = strdup("ROLLBACK");
             applied = op->sql != NULL;
         }
+        if (applied)
+            note_touched(s, op);
         /* Row images of a statement that touched no row: nothing to apply. */
         bool empty = op->r != NULL && op->r->mirror == PD_MIRROR_IMAGE && op->nsets == 0;
         if (!applied || empty) {

@@ -14,6 +14,7 @@ What is here:
     rss_kb(pid)          resident set size of a process
     RawClient            a protocol client on a bare socket, for malformed input and for
                          reading slowly
+    CtlMixin             pgdualctl helpers for a TestCase with an admin socket and a state
     main()               unittest.main that exits non-zero on failure and shows the logs
                          of the proxies started when something failed
 
@@ -782,6 +783,40 @@ class HealthySession:
         self.conn.close()
         if self.errors:
             raise AssertionError("the healthy session failed: %s" % self.errors)
+
+
+# ---------------------------------------------------------------------------------------
+# pgdualctl
+
+
+class CtlMixin:
+    """pgdualctl for a TestCase whose class sets `sock` (pgdual's admin socket) and `state`
+    (its state file)."""
+
+    def ctl(self, *args, json_out=False, timeout=120):
+        argv = [os.path.join(build_dir(), "pgdualctl"), "-s", self.sock]
+        if json_out:
+            argv.append("--json")
+        return subprocess.run(argv + list(args), capture_output=True, text=True,
+                              timeout=timeout)
+
+    def ctl_json(self, *args, expect_rc=0):
+        r = self.ctl(*args, json_out=True)
+        self.assertEqual(r.returncode, expect_rc, "pgdualctl %s: rc %d\n%s%s"
+                         % (" ".join(args), r.returncode, r.stdout, r.stderr))
+        return json.loads(r.stdout)
+
+    def job(self, job_id):
+        return self.ctl_json("jobs", str(job_id))["job"]
+
+    def wait_job(self, job_id, pred, what, timeout=120):
+        """Polls the job until pred(job) holds; returns the job."""
+        return wait_for(lambda: (lambda j: j if pred(j) else None)(self.job(job_id)),
+                        timeout, interval=0.05, what=what)
+
+    def state_doc(self):
+        with open(self.state) as f:
+            return json.load(f)
 
 
 # ---------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def rule(name, table, key=("id",), up="lower(email)", old="email", new="email_ad
             "writes": "dual", "reads": "old"}
 
 
-class JobsTest(unittest.TestCase):
+class JobsTest(pdtest.CtlMixin, unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         for t in (BIG, SMALL, BROKEN):
@@ -76,30 +76,6 @@ class JobsTest(unittest.TestCase):
                 sql("DROP TABLE IF EXISTS %s" % t)
 
     # -----------------------------------------------------------------------------------
-
-    def ctl(self, *args, json_out=False, timeout=120):
-        argv = [os.path.join(pdtest.build_dir(), "pgdualctl"), "-s", self.sock]
-        if json_out:
-            argv.append("--json")
-        r = subprocess.run(argv + list(args), capture_output=True, text=True, timeout=timeout)
-        return r
-
-    def ctl_json(self, *args, expect_rc=0):
-        r = self.ctl(*args, json_out=True)
-        self.assertEqual(r.returncode, expect_rc, "pgdualctl %s: rc %d\n%s%s"
-                         % (" ".join(args), r.returncode, r.stdout, r.stderr))
-        return json.loads(r.stdout)
-
-    def job(self, job_id):
-        return self.ctl_json("jobs", str(job_id))["job"]
-
-    def wait_job(self, job_id, pred, what, timeout=120):
-        return pdtest.wait_for(lambda: (lambda j: j if pred(j) else None)(self.job(job_id)),
-                               timeout, interval=0.1, what=what)
-
-    def state_doc(self):
-        with open(self.state) as f:
-            return json.load(f)
 
     def unfilled(self, table):
         return sql("SELECT count(*) FROM %s WHERE email_address IS DISTINCT FROM lower(email)"
@@ -228,8 +204,7 @@ class JobsTest(unittest.TestCase):
             (("backfill", "big", "--bogus"), 'unknown option "--bogus"', None),
             (("verify", "big", "--throttle", "5"), 'unknown option "--throttle"', None),
             (("verify", "big", "small"), 'unexpected argument "small"', None),
-            (("verify", "moved"), "blue/green", None),
-            (("backfill", "moved"), "blue/green", None),
+            (("verify", "big", "--touched"), "verify --touched is for kind tables rules", None),
             (("jobs", "9999"), 'job "9999" does not exist', "pgdualctl jobs"),
             (("jobs", "x"), "not a job id", None),
             (("cancel", "9999"), 'job "9999" does not exist', None),

@@ -497,6 +497,37 @@ class MirrorMappingTest(unittest.TestCase):
                              p.divergence())
 
 
+class MirrorTouchedTest(unittest.TestCase):
+    """The keys the mirror saw written feed `verify --touched`."""
+
+    def test_verify_touched_checks_the_mirrored_keys(self):
+        reset_schema()
+        with RulesProxy(rules=[tables_rule()], databases=databases()) as p:
+            conn = pdtest.connect(p.port)
+            conn.autocommit = True
+            cur = conn.cursor()
+            for i in range(3):
+                cur.execute("INSERT INTO mt_orders (total) VALUES (%s)", (i,))
+            wait_match(p, "the first rows mirrored")
+            self.assertEqual(p.ctl_json("verify", RULE)["result"]["divergent"], 0)
+            cur.execute("UPDATE mt_orders SET total = 99 WHERE id = 2")
+            cur.execute("INSERT INTO mt_orders (total) VALUES (4)")
+            conn.close()
+            wait_match(p, "the touched rows mirrored")
+            # Corrupt one touched row and one untouched row directly on new.
+            pdtest.direct_query("UPDATE mt_orders SET total = -1 WHERE id IN (1, 2)",
+                                dbname="app2")
+            r = p.ctl("--json", "verify", RULE, "--touched", check=False)
+            self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+            res = json.loads(r.stdout)["result"]
+            orders = [t for t in res["tables"] if t["table"] == "public.mt_orders"][0]
+            self.assertEqual((orders["mode"], orders["rows_checked"], orders["divergent"]),
+                             ("touched", 2, 1), orders)
+            # The untouched corruption is still there for a full verify to find.
+            full = json.loads(p.ctl("--json", "verify", RULE, check=False).stdout)["result"]
+            self.assertEqual(full["divergent"], 2)
+
+
 class MirrorRefusalTest(unittest.TestCase):
     def test_what_cannot_be_replayed_is_refused(self):
         reset_schema()
