@@ -55,6 +55,9 @@ struct pd_mirror_op {
     bool auth_done, auth_error;
     char auth_tag[64];
     char auth_sqlstate[6];
+    /* reads=shadow: both results summed (rows, multiset hash, tag) */
+    pd_result_sum_t auth_sum, mirror_sum;
+    bool sums;
     /* The mirror's. */
     size_t set_at;     /* offset of the next set in `sets` */
     unsigned sets_sent;
@@ -264,6 +267,10 @@ static void op_free(pd_mirror_op_t *op)
         if (op->nodes[i] != NULL)
             key_leave(op->m->srv->mirror_keys, op->nodes[i]);
     free(op->nodes);
+    if (op->sums) {
+        pd_result_sum_free(&op->auth_sum);
+        pd_result_sum_free(&op->mirror_sum);
+    }
     pd_sql_result_release(op->r);
     free(op->sql);
     free(op->stmt);
@@ -287,6 +294,17 @@ static pd_mirror_op_t *op_new(const pd_sql_result_t *r, const char *sql, const c
     if (r != NULL) {
         op->r = (pd_sql_result_t *)r;
         op->r->refs++;
+    }
+    if (r != NULL && r->mirror == PD_MIRROR_SHADOW) {
+        /* Row order is not compared: collations and plans may order differently. */
+        op->sums = pd_result_sum_init(&op->auth_sum, false);
+        if (!op->sums || !pd_result_sum_init(&op->mirror_sum, false)) {
+            if (op->sums)
+                pd_result_sum_free(&op->auth_sum);
+            op->sums = false;
+            op_free(op);
+            return NULL;
+        }
     }
     if (op->sql == NULL || op->stmt == NULL) {
         op_free(op);
@@ -313,6 +331,13 @@ static pd_rule_stats_t *rule_stats(pd_server_t *srv, int rule)
 /* A divergence event for op: `kind` says which. */
 static void record(pd_server_t *srv, const pd_mirror_op_t *op, const char *kind)
 {
+    if (op->sums) {
+        /* A shadow read that never ran on the mirror is a comparison skipped. */
+        pd_rule_stats_t *st = rule_stats(srv, op->rule);
+        if (st != NULL)
+            st->shadow_skipped++;
+        return;
+    }
     pd_result_sum_t a = {0}, m = {0};
     snprintf(a.tag, sizeof a.tag, "%s", op->auth_tag);
     snprintf(a.sqlstate, sizeof a.sqlstate, "%s", op->auth_sqlstate);
@@ -446,6 +471,25 @@ static bool proxy_caused(const char *sqlstate)
 }
 
 /* The head op's statements are all answered: compare, and move on. */
+/* reads=shadow: the two results are compared (row count, multiset hash, tag, error). */
+static void finish_shadow(pd_mirror_t *m, pd_mirror_op_t *op, pd_rule_stats_t *st)
+{
+    pd_result_sum_t *a = &op->auth_sum, *b = &op->mirror_sum;
+    copy_state(a->tag, sizeof a->tag, op->auth_tag);
+    copy_state(a->sqlstate, sizeof a->sqlstate, op->auth_sqlstate);
+    copy_state(b->tag, sizeof b->tag, op->mirror_tag);
+    copy_state(b->sqlstate, sizeof b->sqlstate, op->mirror_sqlstate);
+    if (st != NULL)
+        st->shadow_compared++;
+    if (pd_result_equal(a, b))
+        return;
+    if (st != NULL)
+        st->shadow_mismatched++;
+    pd_log_info(m->tag, "shadow read differs for rule \"%s\"", rule_name(m->srv, op->rule));
+    pd_divergence_record(m->srv->divergence, rule_name(m->srv, op->rule), "shadow_read",
+                         op->stmt, a, b);
+}
+
 static bool finish_head(pd_mirror_t *m)
 {
     pd_mirror_op_t *op = m->head;
@@ -459,6 +503,11 @@ static bool finish_head(pd_mirror_t *m)
     m->queued_bytes -= op_bytes(op);
     m->busy = false;
     pd_rule_stats_t *st = rule_stats(m->srv, op->rule);
+    if (op->sums) {
+        finish_shadow(m, op, st);
+        op_free(op);
+        return released;
+    }
     if (st != NULL && !op->synthetic)
         st->mirrored++;
     if (op->mirror_sqlstate[0] != '\0') {
@@ -485,6 +534,31 @@ static bool finish_head(pd_mirror_t *m)
         op->applied = true;
     op_free(op);
     return released;
+}
+
+/* Feeds a result's rows to a summary exactly as DataRow bodies would arrive (text). */
+static void sum_rows(pd_result_sum_t *sum, const PGresult *res)
+{
+    int nf = PQnfields(res);
+    for (int row = 0; row < PQntuples(res); row++) {
+        uint8_t head[4];
+        pd_result_row_begin(sum);
+        head[0] = (uint8_t)(nf >> 8);
+        head[1] = (uint8_t)nf;
+        pd_result_row_feed(sum, head, 2);
+        for (int f = 0; f < nf; f++) {
+            uint32_t len = PQgetisnull(res, row, f) ? 0xffffffffu
+                                                     : (uint32_t)PQgetlength(res, row, f);
+            head[0] = (uint8_t)(len >> 24);
+            head[1] = (uint8_t)(len >> 16);
+            head[2] = (uint8_t)(len >> 8);
+            head[3] = (uint8_t)len;
+            pd_result_row_feed(sum, head, 4);
+            if (len != 0xffffffffu)
+                pd_result_row_feed(sum, PQgetvalue(res, row, f), len);
+        }
+        pd_result_row_end(sum);
+    }
 }
 
 static void read_results(pd_mirror_t *m)
@@ -523,6 +597,8 @@ static void read_results(pd_mirror_t *m)
             mirror_die(m, "the mirror started a COPY the proxy cannot feed");
             return;
         } else {
+            if (op->sums && st == PGRES_TUPLES_OK)
+                sum_rows(&op->mirror_sum, res);
             copy_state(op->mirror_tag, sizeof op->mirror_tag, PQcmdStatus(res));
             const char *tuples = PQcmdTuples(res);
             if (tuples != NULL && tuples[0] != '\0')
@@ -826,6 +902,20 @@ static pd_expect_t image_expect(const pd_sql_result_t *r, uint8_t kind, uint32_t
     return e;
 }
 
+/* reads=shadow: a sampled share of the reads that have a shadow plan is compared. */
+static bool sample(pd_session_t *s, const pd_sql_result_t *r)
+{
+    if (r->mirror != PD_MIRROR_SHADOW)
+        return true;
+    double p = s->srv->cfg->shadow_sample;
+    if (p >= 1.0 || (double)random() / ((double)RAND_MAX + 1.0) < p)
+        return true;
+    pd_rule_stats_t *st = rule_stats(s->srv, r->mirror_rule);
+    if (st != NULL)
+        st->shadow_skipped++;
+    return false;
+}
+
 bool pd_mirror_on_query(pd_session_t *s, const pd_sql_result_t *r, const char *sent,
                         const char *original, uint32_t seq)
 {
@@ -834,7 +924,8 @@ bool pd_mirror_on_query(pd_session_t *s, const pd_sql_result_t *r, const char *s
     bool committed = r->mirror == PD_MIRROR_TXN && r->txn == PD_TXN_END && sm->skip_end;
     if (committed)
         sm->skip_end = false; /* the mirror committed first (lockstep) */
-    if (r->mirror != PD_MIRROR_NONE && r->action != PD_SQL_REFUSE && !committed) {
+    if (r->mirror != PD_MIRROR_NONE && r->action != PD_SQL_REFUSE && !committed &&
+        sample(s, r)) {
         const char *sql = r->mirror == PD_MIRROR_IMAGE ? r->image_sql : sent;
         pd_mirror_op_t *op = op_new(r, sql, original, seq);
         if (op == NULL)
@@ -851,6 +942,7 @@ bool pd_mirror_on_query(pd_session_t *s, const pd_sql_result_t *r, const char *s
             memcpy(op->types, r->image_types, op->nparams * sizeof *op->types);
         }
         e.op = op;
+        e.shadow = r->mirror == PD_MIRROR_SHADOW;
         hold(sm, op);
     }
     return expect_push(sm, e);
@@ -999,6 +1091,14 @@ bool pd_mirror_on_bind(pd_session_t *s, const pd_sql_result_t *r, const char *st
         return true;
     if (pd_fe_bind_decode(body, n, &b, &err) != PD_DECODE_OK)
         return true; /* the server reports the malformed Bind; nothing to replay */
+    if (r->mirror == PD_MIRROR_SHADOW) {
+        /* Compared as text only, and only a sampled share. */
+        for (unsigned i = 0; i < b.nresult_formats; i++)
+            if (get16(b.result_formats + 2 * i) != 0)
+                return true;
+        if (!sample(s, r))
+            return true;
+    }
     sm->image_format = b.nresult_formats == 1 ? (int)get16(b.result_formats) : 0;
     if (r->mirror == PD_MIRROR_IMAGE && b.nresult_formats > 1 &&
         !extend_formats(&b, body, n, r->image_cols, rewritten, rewritten_len))
@@ -1050,6 +1150,7 @@ bool pd_mirror_on_execute(pd_session_t *s, const uint8_t *body, size_t n, uint32
     if (portal != NULL && portal->op != NULL) {
         pd_mirror_op_t *op = portal->op;
         portal->op = NULL;
+        e.shadow = op->sums;
         op->seq = seq;
         e.op = op;
         hold(sm, op);
@@ -1080,7 +1181,7 @@ bool pd_mirror_wants(const pd_session_t *s, uint8_t type)
     case PD_BE_PORTAL_SUSPENDED:
         return true;
     case PD_BE_DATA_ROW:
-        return sm->expects[sm->exp_head].image;
+        return sm->expects[sm->exp_head].image || sm->expects[sm->exp_head].shadow;
     default:
         return false;
     }
@@ -1213,6 +1314,12 @@ int pd_mirror_on_server(pd_session_t *s, uint32_t seq, uint8_t type, const uint8
             expect_pop(sm);
         return 0;
     case PD_BE_DATA_ROW:
+        if (e->shadow && e->op != NULL) {
+            pd_result_row_begin(&e->op->auth_sum);
+            pd_result_row_feed(&e->op->auth_sum, body, n);
+            pd_result_row_end(&e->op->auth_sum);
+            return 0;
+        }
         return e->image && e->kind != 'D' ? take_image(e->op, e, body, n, out, out_len) : 0;
     case PD_BE_COMMAND_COMPLETE:
     case PD_BE_EMPTY_QUERY:
@@ -1288,8 +1395,23 @@ static void lockstep_settled(pd_mirror_op_t *op)
 }
 
 /* Queues op; under lockstep the session waits for it. */
+#define SHADOW_MAX_LAG 64 /* statements a mirror may trail by and still take a shadow read */
+
 static void push_release(pd_session_t *s, pd_mirror_t *m, pd_mirror_op_t *op)
 {
+    if (op->sums) {
+        /* Off the client's critical path, within a budget: a mirror that trails is not
+           given more to do; the comparison is counted as skipped. */
+        if (m->state == M_DEAD || m->queued >= SHADOW_MAX_LAG) {
+            pd_rule_stats_t *st = rule_stats(s->srv, op->rule);
+            if (st != NULL)
+                st->shadow_skipped++;
+            op_free(op);
+            return;
+        }
+        mirror_push(m, op);
+        return;
+    }
     if (rule_lockstep(s->srv, op->rule)) {
         op->waited = true;
         op->m = m; /* so that a drop in mirror_push still finds the session */

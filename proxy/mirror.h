@@ -49,6 +49,7 @@ typedef struct {
     uint8_t kind;      /* 'Q' a Query (until ReadyForQuery), 'E' an Execute, 'D' a Describe */
     bool image;        /* the statement has row-image columns at the end of its rows */
     bool client_rows;  /* the client asked for rows of its own (RETURNING) */
+    bool shadow;       /* its rows are summed for a shadow comparison (op->auth_sum) */
     unsigned strip;    /* how many columns are the proxy's */
     pd_mirror_op_t *op; /* the statement's replay, or NULL */
 } pd_expect_t;

@@ -209,8 +209,11 @@ static const char *tables_rule_refusal(const pd_rule_cfg_t *r, pd_writes_t write
     if (writes != PD_WRITES_OLD && writes != PD_WRITES_DUAL)
         return "kind: tables rules support writes=old and writes=dual (old authoritative) in "
                "this version of pgdual; dual-new and new are not built yet";
-    if (reads->mode != PD_READS_OLD)
-        return "kind: tables rules read from old only in this version of pgdual";
+    if (reads->mode == PD_READS_SHADOW && writes != PD_WRITES_DUAL)
+        return "reads=shadow of a kind: tables rule needs writes=dual (new must be kept in step "
+               "to be compared)";
+    if (reads->mode != PD_READS_OLD && reads->mode != PD_READS_SHADOW)
+        return "kind: tables rules read from old (or shadow) only in this version of pgdual";
     return NULL;
 }
 

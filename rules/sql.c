@@ -673,6 +673,7 @@ static void ctx_init(pd__ctx_t *ctx, const job_t *job, const pd_rule_view_t *vie
     ctx->nrules = job->rw->nrules;
     ctx->in_db = job->in_db;
     ctx->views = views;
+    ctx->given = job->views;
     ctx->null_const = job->rw->null_const;
     ctx->rule = -1;
     ctx->refuse_rule = -1;

@@ -71,6 +71,7 @@ typedef struct {
     unsigned nrules;
     const bool *in_db;           /* rules[i] belongs to the statement's database */
     const pd_rule_view_t *views; /* effective: reads shadow already resolved to old or new */
+    const pd_rule_view_t *given; /* as the caller gave them (reads shadow unresolved) */
     const pd__node_t *null_const;
 
     bool changed;  /* the tree was edited: the statement must be deparsed */

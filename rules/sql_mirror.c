@@ -732,8 +732,73 @@ static void plan_txn(pd__ctx_t *ctx, const pd__rule_t *r, const PgQuery__Transac
     }
 }
 
+/* Does a read touch only the rule's tables and nothing that differs between servers? */
+typedef struct {
+    const pd__rule_t *rule;
+    bool ok, any;
+} read_t;
+
+static bool find_foreign(pd__node_t *n, void *arg)
+{
+    read_t *d = arg;
+    if (n->node_case == PG_QUERY__NODE__NODE_RANGE_VAR) {
+        bool member = false;
+        (void)table_of(d->rule, n->range_var, &member);
+        d->ok = d->ok && member;
+        d->any = d->any || member;
+    } else if (n->node_case == PG_QUERY__NODE__NODE_SQLVALUE_FUNCTION ||
+               n->node_case == PG_QUERY__NODE__NODE_RANGE_FUNCTION) {
+        d->ok = false;
+    } else if (n->node_case == PG_QUERY__NODE__NODE_FUNC_CALL) {
+        /* Values that differ between two servers by nature. */
+        static const char *const per_server[] = {
+            "now", "statement_timestamp", "transaction_timestamp", "timeofday",
+            "pg_backend_pid", "inet_server_addr", "inet_server_port", "version",
+            "pg_current_xact_id", "txid_current", "pg_postmaster_start_time",
+            "current_setting", "pg_current_wal_lsn"};
+        const PgQuery__FuncCall *f = n->func_call;
+        const char *name = f->n_funcname > 0 ? pd__str(f->funcname[f->n_funcname - 1]) : NULL;
+        for (size_t i = 0; name != NULL && i < sizeof per_server / sizeof *per_server; i++)
+            if (strcmp(name, per_server[i]) == 0)
+                d->ok = false;
+    }
+    return d->ok;
+}
+
+/* reads=shadow of a tables rule: a SELECT of the rule's tables only, without volatile
+   functions or CURRENT_* values, is run on new too and compared. */
+static void plan_shadow(pd__ctx_t *ctx, pd__node_t *stmt)
+{
+    if (stmt->node_case != PG_QUERY__NODE__NODE_SELECT_STMT ||
+        stmt->select_stmt->into_clause != NULL || pd__has_dml(stmt) ||
+        stmt->select_stmt->n_locking_clause > 0)
+        return;
+    const char *fname = NULL;
+    if (pd__calls_volatile(stmt, &fname))
+        return;
+    for (unsigned i = 0; i < ctx->nrules; i++) {
+        const pd__rule_t *r = &ctx->rules[i];
+        if (r->columns_kind || !ctx->in_db[i] || ctx->given[i].reads != PD_READS_SHADOW)
+            continue;
+        read_t d = {.rule = r, .ok = true};
+        if (!pd__walk(&stmt->base, find_foreign, &d) || !d.ok || !d.any)
+            continue;
+        for (unsigned t = 0; t < r->ntables; t++)
+            if (r->tfacts != NULL && r->tfacts[t] != NULL && table_mapped(r, r->tfacts[t]))
+                return; /* new's columns differ: the same text would not read the same */
+        ctx->mirror = PD_MIRROR_SHADOW;
+        ctx->mirror_rule = r->index;
+        return;
+    }
+}
+
 void pd__plan_mirror(pd__ctx_t *ctx, pd__node_t *stmt)
 {
+    if (stmt != NULL && stmt->node_case == PG_QUERY__NODE__NODE_SELECT_STMT &&
+        !pd__has_dml(stmt)) {
+        plan_shadow(ctx, stmt);
+        return;
+    }
     const pd__rule_t *r = mirroring_rule(ctx);
     if (r == NULL || stmt == NULL)
         return;

@@ -528,6 +528,47 @@ class MirrorTouchedTest(unittest.TestCase):
             self.assertEqual(full["divergent"], 2)
 
 
+class MirrorShadowTest(unittest.TestCase):
+    """reads=shadow of a tables rule: reads of its tables run on new too and are compared;
+    the client gets old's result."""
+
+    def test_shadow_reads_compare_and_record(self):
+        reset_schema()
+        with RulesProxy(rules=[tables_rule(reads="shadow")], databases=databases(),
+                        sample=1.0) as p:
+            conn = pdtest.connect(p.port)
+            conn.autocommit = True
+            cur = conn.cursor()
+            cur.executemany("INSERT INTO mt_orders (total, note) VALUES (%s, %s)",
+                            [(i, "n%d" % i) for i in range(10)])
+            wait_match(p, "rows mirrored")
+            cur.execute("SELECT id, total, note FROM mt_orders WHERE total >= %s", (3,))
+            self.assertEqual(len(cur.fetchall()), 7)
+            pdtest.wait_for(lambda: counters(p)["shadow_compared"] >= 1, 10,
+                            what="a shadow comparison")
+            self.assertEqual(counters(p)["shadow_mismatched"], 0, p.divergence())
+            # new differs: the next read is answered from old and recorded.
+            pdtest.direct_query("UPDATE mt_orders SET note = 'secret-x' WHERE total = 5",
+                                dbname="app2")
+            cur.execute("SELECT id, total, note FROM mt_orders WHERE total >= %s", (3,))
+            self.assertNotIn("secret-x", [r[2] for r in cur.fetchall()])
+            pdtest.wait_for(lambda: counters(p)["shadow_mismatched"] == 1, 10,
+                            what="the mismatch to be recorded")
+            ev = [e for e in p.divergence() if e["kind"] == "shadow_read"][-1]
+            self.assertEqual(ev["rule"], RULE)
+            self.assertNotIn("3", ev["statement"].replace("$", ""))  # no literal values
+            self.assertEqual(ev["old"]["rows"], ev["new"]["rows"])
+            # Extended protocol, text results: compared too.
+            with RawClient(p.port) as c:
+                c.startup("postgres", "app")
+                c.send(parse_msg("", "SELECT count(*) FROM mt_orders WHERE total < $1")
+                       + bind_msg_params(["100"]) + execute_msg() + sync_msg())
+                self.assertEqual(read_batch(c), [["10"]])
+            pdtest.wait_for(lambda: counters(p)["shadow_compared"] >= 3, 10,
+                            what="the extended-protocol comparison")
+            conn.close()
+
+
 class MirrorRefusalTest(unittest.TestCase):
     def test_what_cannot_be_replayed_is_refused(self):
         reset_schema()

@@ -232,6 +232,8 @@ static const char *mirror_text(const pd_sql_result_t *r)
         return "write";
     case PD_MIRROR_IMAGE:
         return image[r->image];
+    case PD_MIRROR_SHADOW:
+        return "shadow";
     default:
         return NULL;
     }
