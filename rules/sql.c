@@ -445,14 +445,15 @@ static bool is_operator_token(PgQuery__Token t)
     }
 }
 
-static long estimate_depth(const PgQuery__ScanResult *scan)
+static long estimate_depth(pd__scan_t *scan)
 {
     level_t stack[512];
     int top = 0;
     long base = 0, max = 0;
     stack[0] = (level_t){0, 0};
-    for (size_t i = 0; i < scan->n_tokens; i++) {
-        PgQuery__Token t = scan->tokens[i]->token;
+    pd__token_t tok;
+    while (pd__scan_next(scan, &tok)) {
+        PgQuery__Token t = tok.token;
         level_t *l = &stack[top];
         if (t == PG_QUERY__TOKEN__ASCII_40 || t == PG_QUERY__TOKEN__ASCII_91) {
             if (top + 1 >= (int)(sizeof stack / sizeof *stack))
@@ -488,12 +489,11 @@ static bool depth_ok(const char *sql)
 {
     if (strlen(sql) < DEEP_SCAN_MIN_LEN)
         return true;
-    bool lex_error = false;
-    PgQuery__ScanResult *scan = pd__scan(sql, &lex_error);
-    if (scan == NULL)
-        return lex_error; /* the parser will reject it too, without recursing far */
-    bool ok = estimate_depth(scan) <= DEPTH_ESTIMATE_MAX;
-    pg_query__scan_result__free_unpacked(scan, NULL);
+    pd__scan_t scan;
+    if (!pd__scan_open(&scan, sql))
+        return true; /* the parser will reject it too, without recursing far */
+    bool ok = estimate_depth(&scan) <= DEPTH_ESTIMATE_MAX && !scan.bad;
+    pd__scan_close(&scan);
     return ok;
 }
 
@@ -1203,31 +1203,32 @@ pd_sql_result_t *pd_sql_rewrite(pd_sql_t *rw, const char *database, const char *
 #define UNPARSEABLE "<unparseable statement>"
 
 /* Replaces the literal tokens of norm with $n, numbered after its highest $n. */
-static char *mask_tokens(const char *norm, const PgQuery__ScanResult *scan)
+static char *mask_tokens(const char *norm, pd__scan_t *scan)
 {
     long next = 1;
-    for (size_t i = 0; i < scan->n_tokens; i++)
-        if (scan->tokens[i]->token == PG_QUERY__TOKEN__PARAM) {
-            long p = strtol(norm + scan->tokens[i]->start + 1, NULL, 10);
+    pd__token_t tok;
+    while (pd__scan_next(scan, &tok))
+        if (tok.token == PG_QUERY__TOKEN__PARAM) {
+            long p = strtol(norm + tok.start + 1, NULL, 10);
             next = p >= next ? p + 1 : next;
         }
+    pd__scan_rewind(scan);
     pd__text_t t = {0};
     size_t at = 0;
-    for (size_t i = 0; i < scan->n_tokens; i++) {
-        const PgQuery__ScanToken *tok = scan->tokens[i];
-        if (!pd__is_literal_token(tok->token))
+    while (pd__scan_next(scan, &tok)) {
+        if (!pd__is_literal_token(tok.token) || tok.start < at)
             continue;
         char param[32];
         int n = snprintf(param, sizeof param, "$%ld", next++);
-        pd__text_add(&t, norm + at, (size_t)tok->start - at);
+        pd__text_add(&t, norm + at, tok.start - at);
         pd__text_add(&t, param, (size_t)n);
-        at = (size_t)tok->end;
+        at = tok.end;
     }
     pd__text_add(&t, norm + at, strlen(norm + at));
-    if (!t.oom)
+    if (!t.oom && !scan->bad)
         return t.buf;
     free(t.buf);
-    return NULL;
+    return scan->bad ? strdup(UNPARSEABLE) : NULL;
 }
 
 /* pg_query_normalize leaves literals where the grammar keeps them outside expressions
@@ -1237,12 +1238,11 @@ static char *mask_tokens(const char *norm, const PgQuery__ScanResult *scan)
    risk a literal. NULL only when out of memory. */
 static char *mask_remaining(const char *norm)
 {
-    bool lex_error = false;
-    PgQuery__ScanResult *scan = pd__scan(norm, &lex_error);
-    if (scan == NULL)
-        return lex_error ? strdup(UNPARSEABLE) : NULL;
-    char *out = mask_tokens(norm, scan);
-    pg_query__scan_result__free_unpacked(scan, NULL);
+    pd__scan_t scan;
+    if (!pd__scan_open(&scan, norm))
+        return strdup(UNPARSEABLE);
+    char *out = mask_tokens(norm, &scan);
+    pd__scan_close(&scan);
     return out;
 }
 

@@ -202,9 +202,30 @@ void pd__text_add(pd__text_t *t, const char *s, size_t n);
  * for the template serves every statement of that shape, with the literals' original bytes
  * put back where the rewrite has $i.
  */
-/* The statement's tokens (pg_query_scan, unpacked), or NULL: *lex_error tells a text the
-   lexer rejects from running out of memory. Freed with pg_query__scan_result__free_unpacked. */
-PgQuery__ScanResult *pd__scan(const char *sql, bool *lex_error);
+/* A statement's tokens as PostgreSQL's lexer gives them (pg_query_scan), read one at a time
+   straight from libpg_query's packed result: unpacking it into protobuf-c structs (a malloc
+   per token) cost half as much again as the lexing itself. */
+typedef struct {
+    size_t start, end; /* the token's bytes: start <= end <= the text's length */
+    PgQuery__Token token;
+} pd__token_t;
+
+typedef struct {
+    PgQueryScanResult raw; /* owns the packed tokens */
+    size_t len;            /* of the text scanned */
+    const uint8_t *at, *end;
+    uint32_t f_tokens, f_start, f_end, f_token; /* field numbers, from the descriptors */
+    bool bad; /* the packed result did not read as its schema says: treat the text as
+                 unscannable */
+} pd__scan_t;
+
+/* Scans sql. Returns false, with nothing to close, when the lexer rejects the text. */
+bool pd__scan_open(pd__scan_t *s, const char *sql);
+/* The next token; false at the end, or on a malformed result (which sets s->bad). */
+bool pd__scan_next(pd__scan_t *s, pd__token_t *tok);
+/* Back to the first token. */
+void pd__scan_rewind(pd__scan_t *s);
+void pd__scan_close(pd__scan_t *s);
 /* SCONST, USCONST, BCONST, XCONST, ICONST or FCONST. */
 bool pd__is_literal_token(PgQuery__Token t);
 
