@@ -400,12 +400,23 @@ static void run_corpus(corpus_t *c)
     free(dir);
 }
 
+static void corpus_open(corpus_t *c, size_t cache)
+{
+    c->cfg = load_config();
+    c->rw = new_rewriter(c->cfg, true, cache);
+}
+
+static void corpus_close(corpus_t *c)
+{
+    pd_sql_free(c->rw);
+    pd_config_free((pd_config_t *)c->cfg);
+}
+
 static void test_corpus(void **state)
 {
     (void)state;
     corpus_t c = {0};
-    c.cfg = load_config();
-    c.rw = new_rewriter(c.cfg, true, 0);
+    corpus_open(&c, 0);
     c.dump = getenv("PD_SQL_CORPUS_DUMP") != NULL;
     run_corpus(&c);
     print_message("corpus: %d inputs, %d cases, %d failures; %d passed, %d rewritten, %d refused "
@@ -413,8 +424,7 @@ static void test_corpus(void **state)
                   c.inputs, c.cases, c.failures, c.by_action[PD_SQL_PASS],
                   c.by_action[PD_SQL_REWRITE], c.by_action[PD_SQL_REFUSE], c.refused_by_state[0],
                   c.refused_by_state[1], c.refused_by_state[2]);
-    pd_sql_free(c.rw);
-    pd_config_free((pd_config_t *)c.cfg);
+    corpus_close(&c);
     assert_int_equal(c.failures, 0);
     assert_true(c.inputs >= 150);
 }
@@ -722,8 +732,7 @@ static void test_corpus_through_templates(void **state)
 {
     (void)state;
     corpus_t c = {0};
-    c.cfg = load_config();
-    c.rw = new_rewriter(c.cfg, true, 4096);
+    corpus_open(&c, 4096);
     twice_t t = {.direct = new_rewriter(c.cfg, true, 0)};
     c.run = run_twice;
     c.arg = &t;
@@ -736,8 +745,7 @@ static void test_corpus_through_templates(void **state)
                   (unsigned long long)st.template_hits, (unsigned long long)st.template_misses,
                   (unsigned long long)st.template_unusable);
     pd_sql_free(t.direct);
-    pd_sql_free(c.rw);
-    pd_config_free((pd_config_t *)c.cfg);
+    corpus_close(&c);
     assert_int_equal(t.failures, 0);
     assert_true(c.cases >= 250);
     /* The comparisons above are only worth something if templates served the cases. */
