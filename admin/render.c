@@ -103,6 +103,17 @@ static void render_cache(const pd_server_t *srv, pd_buf_t *out)
     put(out, "pgdual_rewrite_cache_hits_total %llu\n", (unsigned long long)st.hits);
     help(out, "pgdual_rewrite_cache_misses_total", "counter", "Rewrite cache misses.");
     put(out, "pgdual_rewrite_cache_misses_total %llu\n", (unsigned long long)st.misses);
+    help(out, "pgdual_rewrite_template_hits_total", "counter",
+         "Exact-text misses answered from a literal template, without parsing.");
+    put(out, "pgdual_rewrite_template_hits_total %llu\n", (unsigned long long)st.template_hits);
+    help(out, "pgdual_rewrite_template_misses_total", "counter",
+         "Literal templates rewritten (a template-cache miss).");
+    put(out, "pgdual_rewrite_template_misses_total %llu\n", (unsigned long long)st.template_misses);
+    help(out, "pgdual_rewrite_template_unusable_total", "counter",
+         "Statements rewritten by exact text because their literal template cannot stand for "
+         "them.");
+    put(out, "pgdual_rewrite_template_unusable_total %llu\n",
+        (unsigned long long)st.template_unusable);
     help(out, "pgdual_rewrite_cache_entries", "gauge", "Rewrite cache entries.");
     put(out, "pgdual_rewrite_cache_entries %llu\n", (unsigned long long)st.entries);
     help(out, "pgdual_statements_parsed_total", "counter", "Statements parsed with libpg_query.");
@@ -142,7 +153,9 @@ json_t *pd_render_rule_stats(const pd_server_t *srv)
     pd_sql_stats_t cs = {0};
     if (srv->sql != NULL)
         pd_sql_stats(srv->sql, &cs);
-    return json_pack("{s:o, s:{s:I, s:I, s:I}}", "rules", rules, "rewrite_cache", "hits",
-                     (json_int_t)cs.hits, "misses", (json_int_t)cs.misses, "entries",
-                     (json_int_t)cs.entries);
+    return json_pack("{s:o, s:{s:I, s:I, s:I, s:I, s:I, s:I}}", "rules", rules, "rewrite_cache",
+                     "hits", (json_int_t)cs.hits, "misses", (json_int_t)cs.misses, "template_hits",
+                     (json_int_t)cs.template_hits, "template_misses",
+                     (json_int_t)cs.template_misses, "template_unusable",
+                     (json_int_t)cs.template_unusable, "entries", (json_int_t)cs.entries);
 }

@@ -1,9 +1,10 @@
 /*
  * sql.c — the rewriter's front: compiles the rules of a config (tables, up/down templates,
  * catalog facts), decides cheaply whether a statement can concern a rule, keeps the result
- * cache, runs the passes of sql_write.c and sql_read.c statement by statement, splices the
- * rewritten statements into the original text, and builds the reference-counted results.
- * Also pd_sql_normalize for logs.
+ * cache (by exact text, and by literal template: see rewrite_templated), runs the passes of
+ * sql_write.c and sql_read.c statement by statement, splices the rewritten statements into
+ * the original text, and builds the reference-counted results. Also pd_sql_normalize for
+ * logs.
  */
 #include <stdarg.h>
 #include <stdio.h>
@@ -31,6 +32,7 @@ struct pd_sql {
     pd_sql_result_t *pass; /* shared by every statement skipped without parsing */
     pd__cache_t cache;
     bool caching;
+    bool templating; /* caching, and no rule expression holds a $n of its own */
     pd_sql_stats_t stats;
 };
 
@@ -275,6 +277,39 @@ static pd__node_t *make_null_const(void)
     return pd__node_wrap(PG_QUERY__NODE__NODE_A_CONST, c);
 }
 
+/* A $n inside an up/down expression or a column default would be copied into rewrites and
+   then be taken for one of a template's literals: templates are off for such rules. */
+static bool find_param(pd__node_t *n, void *arg)
+{
+    bool *found = arg;
+    if (n->node_case == PG_QUERY__NODE__NODE_PARAM_REF)
+        *found = true;
+    return !*found;
+}
+
+static bool has_param(const pd__node_t *n)
+{
+    bool found = false;
+    /* The walk does not modify the tree; the cast only fits the visitor's signature. */
+    if (n != NULL && !pd__walk((ProtobufCMessage *)&n->base, find_param, &found))
+        return true;
+    return found;
+}
+
+static bool rules_have_params(const pd_sql_t *rw)
+{
+    for (unsigned i = 0; i < rw->nrules; i++) {
+        const pd__rule_t *r = &rw->rules[i];
+        for (unsigned p = 0; p < r->npairs; p++)
+            if (has_param(r->pairs[p].up) || has_param(r->pairs[p].down))
+                return true;
+        for (unsigned c = 0; r->facts.loaded && c < r->facts.ncolumns; c++)
+            if (has_param(r->facts.defaults[c]))
+                return true;
+    }
+    return false;
+}
+
 static pd_sql_result_t *new_result(pd_sql_action_t action)
 {
     pd_sql_result_t *r = calloc(1, sizeof *r);
@@ -310,6 +345,7 @@ pd_sql_t *pd_sql_new(const pd_config_t *cfg, const pd_table_facts_t *const *fact
             return NULL;
         }
     }
+    rw->templating = rw->caching && !rules_have_params(rw);
     return rw;
 }
 
@@ -481,14 +517,15 @@ static bool is_operator_token(PgQuery__Token t)
     }
 }
 
-static long estimate_depth(const PgQuery__ScanResult *scan)
+static long estimate_depth(pd__scan_t *scan)
 {
     level_t stack[512];
     int top = 0;
     long base = 0, max = 0;
     stack[0] = (level_t){0, 0};
-    for (size_t i = 0; i < scan->n_tokens; i++) {
-        PgQuery__Token t = scan->tokens[i]->token;
+    pd__token_t tok;
+    while (pd__scan_next(scan, &tok)) {
+        PgQuery__Token t = tok.token;
         level_t *l = &stack[top];
         if (t == PG_QUERY__TOKEN__ASCII_40 || t == PG_QUERY__TOKEN__ASCII_91) {
             if (top + 1 >= (int)(sizeof stack / sizeof *stack))
@@ -524,19 +561,11 @@ static bool depth_ok(const char *sql)
 {
     if (strlen(sql) < DEEP_SCAN_MIN_LEN)
         return true;
-    PgQueryScanResult sr = pg_query_scan(sql);
-    bool ok = false;
-    if (sr.error == NULL) {
-        PgQuery__ScanResult *scan =
-            pg_query__scan_result__unpack(NULL, sr.pbuf.len, (const uint8_t *)sr.pbuf.data);
-        if (scan != NULL) {
-            ok = estimate_depth(scan) <= DEPTH_ESTIMATE_MAX;
-            pg_query__scan_result__free_unpacked(scan, NULL);
-        }
-    } else {
-        ok = true; /* the parser will reject it too, without recursing far */
-    }
-    pg_query_free_scan_result(sr);
+    pd__scan_t scan;
+    if (!pd__scan_open(&scan, sql))
+        return true; /* the parser will reject it too, without recursing far */
+    bool ok = estimate_depth(&scan) <= DEPTH_ESTIMATE_MAX && !scan.bad;
+    pd__scan_close(&scan);
     return ok;
 }
 
@@ -626,13 +655,7 @@ static size_t leading_trivia(const char *s, size_t len)
     return i;
 }
 
-typedef struct {
-    char *buf;
-    size_t len, cap;
-    bool oom;
-} text_t;
-
-static void text_add(text_t *t, const char *s, size_t n)
+void pd__text_add(pd__text_t *t, const char *s, size_t n)
 {
     if (t->oom || (n == 0 && t->buf != NULL))
         return;
@@ -664,6 +687,8 @@ typedef struct {
     pd_rule_view_t *shadow;  /* reads shadow as new */
     bool any_shadow;
     PgQueryProtobufParseResult parsed;
+    bool templating;    /* sql is a literal template being rewritten ... */
+    bool untemplatable; /* ... and its rewrite cannot stand for the statements of its shape */
 } job_t;
 
 static void ctx_init(pd__ctx_t *ctx, const job_t *job, const pd_rule_view_t *views)
@@ -745,10 +770,10 @@ static bool shadow_form(job_t *job, pd_sql_result_t *res)
         stmt_span(job, raw, &start, &end);
         size_t lead = leading_trivia(job->sql + start, end - start);
         char *body = pd__deparse(raw, tree->version);
-        text_t t = {0};
-        text_add(&t, job->sql + start, lead);
+        pd__text_t t = {0};
+        pd__text_add(&t, job->sql + start, lead);
         if (body != NULL)
-            text_add(&t, body, strlen(body));
+            pd__text_add(&t, body, strlen(body));
         free(body);
         ok = !t.oom;
         if (body != NULL && ok && (res->sql == NULL || strcmp(res->sql, t.buf) != 0))
@@ -828,9 +853,9 @@ static void note_mirror(pd_sql_result_t *res, pd__ctx_t *ctx, size_t nstmts)
 
 /* Rewrites one statement into text t (its original bytes when unchanged). Returns NULL to
    continue, or a final result (a refusal), or sets *oom. */
-static pd_sql_result_t *one_statement(job_t *job, PgQuery__ParseResult *tree, size_t i, text_t *t,
-                                      size_t *cursor, pd_sql_result_t *res, bool *changed,
-                                      bool *oom)
+static pd_sql_result_t *one_statement(job_t *job, PgQuery__ParseResult *tree, size_t i,
+                                      pd__text_t *t, size_t *cursor, pd_sql_result_t *res,
+                                      bool *changed, bool *oom)
 {
     PgQuery__RawStmt *raw = tree->stmts[i];
     pd__ctx_t ctx;
@@ -849,6 +874,9 @@ static pd_sql_result_t *one_statement(job_t *job, PgQuery__ParseResult *tree, si
         stmt_span(job, raw, &start, &end);
         char *body = pd__deparse(raw, tree->version);
         if (body == NULL) {
+            /* The deparser may fail on a $n where it takes a literal apart (or the reverse):
+               a template's failure says nothing about the statement itself. */
+            job->untemplatable = job->untemplatable || job->templating;
             pd__refuse(&ctx, res->rule, "XX000",
                        "Report this statement to the pgdual maintainers; meanwhile set "
                        "writes=old and reads=old for the rule while it runs.",
@@ -857,8 +885,8 @@ static pd_sql_result_t *one_statement(job_t *job, PgQuery__ParseResult *tree, si
             *oom = final == NULL;
         } else {
             size_t lead = leading_trivia(job->sql + start, end - start);
-            text_add(t, job->sql + *cursor, start + lead - *cursor);
-            text_add(t, body, strlen(body));
+            pd__text_add(t, job->sql + *cursor, start + lead - *cursor);
+            pd__text_add(t, body, strlen(body));
             *cursor = end;
             *changed = true;
             free(body);
@@ -879,7 +907,7 @@ static pd_sql_result_t *rewrite_tree(job_t *job, PgQuery__ParseResult *tree)
     pd_sql_result_t *res = new_result(PD_SQL_PASS);
     if (res == NULL)
         return NULL;
-    text_t t = {0};
+    pd__text_t t = {0};
     size_t cursor = 0;
     bool changed = false, oom = false;
     for (size_t i = 0; i < tree->n_stmts && !oom; i++) {
@@ -894,7 +922,7 @@ static pd_sql_result_t *rewrite_tree(job_t *job, PgQuery__ParseResult *tree)
         }
     }
     if (changed) {
-        text_add(&t, job->sql + cursor, strlen(job->sql + cursor));
+        pd__text_add(&t, job->sql + cursor, strlen(job->sql + cursor));
         res->action = PD_SQL_REWRITE;
         res->sql = t.buf;
         t.buf = NULL;
@@ -912,20 +940,58 @@ static pd_sql_result_t *rewrite_tree(job_t *job, PgQuery__ParseResult *tree)
     return res;
 }
 
+/* The statement kinds a template may stand for. The passes never look at a literal's value
+   in these (only at names and the shape of the tree), and their grammar has no place where
+   libpg_query takes a $n but the value of the literal could make the statement fail to
+   parse. Utility statements are not templated: DO bodies are literals the passes read, and
+   COPY, SET, DDL and the like take literals as names and options. */
+static bool templatable_kinds(const PgQuery__ParseResult *tree)
+{
+    for (size_t i = 0; i < tree->n_stmts; i++) {
+        const pd__node_t *stmt = tree->stmts[i]->stmt;
+        switch (stmt != NULL ? stmt->node_case : PG_QUERY__NODE__NODE__NOT_SET) {
+        case PG_QUERY__NODE__NODE_SELECT_STMT:
+        case PG_QUERY__NODE__NODE_INSERT_STMT:
+        case PG_QUERY__NODE__NODE_UPDATE_STMT:
+        case PG_QUERY__NODE__NODE_DELETE_STMT:
+        case PG_QUERY__NODE__NODE_MERGE_STMT:
+        case PG_QUERY__NODE__NODE_TRANSACTION_STMT:
+            continue;
+        default:
+            return false;
+        }
+    }
+    return true;
+}
+
+static pd_sql_result_t *untemplatable(job_t *job)
+{
+    job->untemplatable = true;
+    return NULL;
+}
+
+/* Rewrites job->sql. For a template (job->templating), what only the statement itself can
+   answer (too deep, does not parse, a kind that is not templated) sets job->untemplatable
+   instead of producing a result. */
 static pd_sql_result_t *compute(job_t *job)
 {
     pd_sql_t *rw = job->rw;
     if (!depth_ok(job->sql))
-        return unreadable(rw, job->database, job->sql, job->views, 0, true);
+        return job->templating ? untemplatable(job)
+                               : unreadable(rw, job->database, job->sql, job->views, 0, true);
     job->parsed = pg_query_parse_protobuf(job->sql);
     rw->stats.parsed++;
     pd_sql_result_t *res;
     if (job->parsed.error != NULL) {
-        res = unreadable(rw, job->database, job->sql, job->views, job->parsed.error->cursorpos,
-                         false);
+        res = job->templating ? untemplatable(job)
+                              : unreadable(rw, job->database, job->sql, job->views,
+                                           job->parsed.error->cursorpos, false);
     } else {
         PgQuery__ParseResult *tree = unpack(job);
-        res = tree != NULL ? rewrite_tree(job, tree) : NULL;
+        if (tree != NULL && job->templating && !templatable_kinds(tree))
+            res = untemplatable(job);
+        else
+            res = tree != NULL ? rewrite_tree(job, tree) : NULL;
         if (tree != NULL)
             pg_query__parse_result__free_unpacked(tree, NULL);
     }
@@ -963,17 +1029,26 @@ static void configured_views(const pd_sql_t *rw, pd_rule_view_t *out)
     }
 }
 
-/* The cache key: database, text, and the view of every rule of that database. */
-static char *cache_key(const job_t *job, size_t *len)
+/* A cache key: a tag telling exact texts ('X') from templates ('T'), the database, the text,
+   the template's literal kinds (none for exact texts), and the view of every rule of that
+   database. The text and the kinds contain no NUL, so the parts cannot run into each other. */
+static char *cache_key(const job_t *job, char tag, const char *text, size_t textlen,
+                       const char *kinds, size_t *len)
 {
-    size_t dblen = strlen(job->database), sqllen = strlen(job->sql);
-    size_t n = dblen + 1 + sqllen + 1 + 2 * (size_t)job->rw->nrules;
+    size_t dblen = strlen(job->database), klen = strlen(kinds);
+    size_t n = 1 + dblen + 1 + textlen + 1 + klen + 2 * (size_t)job->rw->nrules;
     char *key = malloc(n);
     if (key == NULL)
         return NULL;
-    memcpy(key, job->database, dblen + 1);
-    memcpy(key + dblen + 1, job->sql, sqllen + 1);
-    size_t at = dblen + 1 + sqllen + 1;
+    size_t at = 0;
+    key[at++] = tag;
+    memcpy(key + at, job->database, dblen + 1);
+    at += dblen + 1;
+    memcpy(key + at, text, textlen);
+    at += textlen;
+    key[at++] = '\0';
+    memcpy(key + at, kinds, klen);
+    at += klen;
     for (unsigned i = 0; i < job->rw->nrules; i++) {
         if (!job->in_db[i])
             continue;
@@ -984,30 +1059,270 @@ static char *cache_key(const job_t *job, size_t *len)
     return key;
 }
 
+static void release_result(void *value)
+{
+    pd_sql_result_release(value);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Literal templates. With the simple query protocol every statement carries its values in
+ * its text, so the exact-text cache never hits. A statement without $n is looked up once
+ * more with its literals replaced by $1..$n (sql_tmpl.c): the rewrite of that template,
+ * computed once, is the rewrite of every statement of the same shape with the literals'
+ * original bytes put back where it has $i. That holds because the passes only move and copy
+ * the literals' nodes, never read their values, in the statement kinds templated
+ * (templatable_kinds), and because PostgreSQL reads a literal put in the place of a $n as
+ * the literal it was. Every way in which a template could mean something else than its
+ * statements makes the template "unusable", which is cached too, so that such shapes cost
+ * one scan more than the exact path and never a failed rewrite again.
+ */
+typedef struct {
+    pd_sql_result_t *result; /* NULL: unusable; else the template's own result */
+    size_t nlits;
+    size_t *at;              /* where each $i stood in the template text (pd__lits_t.at) */
+    pd__split_t sql, shadow; /* result's sql and shadow_sql, cut at their $i; text NULL if none */
+} tmpl_t;
+
+static void release_tmpl(void *value)
+{
+    tmpl_t *t = value;
+    pd_sql_result_release(t->result);
+    free(t->at);
+    pd__split_free(&t->sql);
+    pd__split_free(&t->shadow);
+    free(t);
+}
+
+/* The statement the template was made from parsed; one with the same literal kinds in the
+   same places parses too (the grammar sees kinds, not values, and the places where it
+   checks a value do not take a $n: the template would not have parsed). */
+static bool statement_parses(pd_sql_t *rw, const char *sql)
+{
+    PgQuerySplitResult sr = pg_query_split_with_parser(sql);
+    rw->stats.parsed++;
+    bool ok = sr.error == NULL;
+    pg_query_free_split_result(sr);
+    return ok;
+}
+
+/* Cuts the template's texts at their $i. The result's own texts are then no longer needed:
+   a result with texts is never handed out as it is (see instantiate). */
+static pd__split_status_t split_result(tmpl_t *t, pd_sql_result_t *res)
+{
+    pd__split_status_t st = PD__SPLIT_OK;
+    if (res->sql != NULL)
+        st = pd__split_make(res->sql, t->nlits, &t->sql);
+    if (st == PD__SPLIT_OK && res->shadow_sql != NULL)
+        st = pd__split_make(res->shadow_sql, t->nlits, &t->shadow);
+    if (st == PD__SPLIT_OK) {
+        free(res->sql);
+        free(res->shadow_sql);
+        res->sql = res->shadow_sql = NULL;
+    }
+    return st;
+}
+
+/* Rewrites the template of job->sql. Returns an unusable template (result NULL) when it
+   cannot stand for its statements, NULL only when out of memory. */
+static tmpl_t *make_template(job_t *job, const pd__lits_t *lits)
+{
+    tmpl_t *t = calloc(1, sizeof *t);
+    if (t == NULL)
+        return NULL;
+    t->nlits = lits->n;
+    t->at = malloc(lits->n * sizeof *t->at);
+    if (t->at == NULL) {
+        release_tmpl(t);
+        return NULL;
+    }
+    memcpy(t->at, lits->at, lits->n * sizeof *t->at);
+    if (!pd__lits_verify(lits) || !statement_parses(job->rw, job->sql))
+        return t;
+    const char *sql = job->sql;
+    job->sql = lits->tmpl.buf;
+    job->templating = true;
+    job->untemplatable = false;
+    pd_sql_result_t *res = compute(job);
+    job->sql = sql;
+    job->templating = false;
+    /* "Nested too deeply" from the passes counts depth, and a negative literal is one node
+       deeper in a template (- $1) than in its statement (the constant -1). */
+    if (job->untemplatable ||
+        (res != NULL && res->action == PD_SQL_REFUSE && strcmp(res->sqlstate, "54001") == 0)) {
+        pd_sql_result_release(res);
+        return t;
+    }
+    if (res == NULL) {
+        release_tmpl(t);
+        return NULL;
+    }
+    pd__split_status_t st = split_result(t, res);
+    if (st == PD__SPLIT_OK) {
+        t->result = res;
+    } else {
+        pd_sql_result_release(res);
+        if (st == PD__SPLIT_OOM) {
+            release_tmpl(t);
+            return NULL;
+        }
+    }
+    return t;
+}
+
+/* The statement's literals are where the template's were: same text and kinds (the key)
+   with $i elsewhere would be another reading of the same template text. */
+static bool usable(const tmpl_t *t, const pd__lits_t *lits)
+{
+    return t->result != NULL && t->nlits == lits->n &&
+           memcmp(t->at, lits->at, lits->n * sizeof *t->at) == 0;
+}
+
+/* The mirror plan of a template's result, for a result made from it (the plan does not
+   depend on the literals: row images are built from the catalog, not the text). */
+static bool copy_mirror(pd_sql_result_t *r, const pd_sql_result_t *tr)
+{
+    r->mirror = tr->mirror;
+    r->mirror_rule = tr->mirror_rule;
+    r->txn = tr->txn;
+    r->txn_commit = tr->txn_commit;
+    r->set_local = tr->set_local;
+    r->image = tr->image;
+    r->image_cols = tr->image_cols;
+    r->client_cols = tr->client_cols;
+    r->image_nkey = tr->image_nkey;
+    if (tr->image_sql != NULL && (r->image_sql = strdup(tr->image_sql)) == NULL)
+        return false;
+    if (tr->image_table != NULL && (r->image_table = strdup(tr->image_table)) == NULL)
+        return false;
+    if (tr->image_types != NULL) {
+        r->image_types = malloc((tr->image_cols + 1) * sizeof *r->image_types);
+        if (r->image_types == NULL)
+            return false;
+        memcpy(r->image_types, tr->image_types, tr->image_cols * sizeof *r->image_types);
+    }
+    if (tr->image_key != NULL) {
+        r->image_key = malloc((tr->image_nkey + 1) * sizeof *r->image_key);
+        if (r->image_key == NULL)
+            return false;
+        memcpy(r->image_key, tr->image_key, tr->image_nkey * sizeof *r->image_key);
+    }
+    return true;
+}
+
+/* The statement's result from its template: a refusal and a pass without a shadow form are
+   the same for every statement of the shape and shared; texts are filled in. */
+static pd_sql_result_t *instantiate(tmpl_t *t, const char *sql, const pd__lits_t *lits)
+{
+    pd_sql_result_t *tr = t->result;
+    if (tr->action == PD_SQL_REFUSE || (tr->action == PD_SQL_PASS && t->shadow.text == NULL)) {
+        tr->refs++;
+        return tr;
+    }
+    pd_sql_result_t *r = new_result(tr->action);
+    if (r == NULL)
+        return NULL;
+    r->ordered = tr->ordered;
+    r->is_write = tr->is_write;
+    r->rule = tr->rule;
+    if (!copy_mirror(r, tr)) {
+        pd_sql_result_release(r);
+        return NULL;
+    }
+    if ((t->sql.text != NULL && (r->sql = pd__split_fill(&t->sql, sql, lits)) == NULL) ||
+        (t->shadow.text != NULL &&
+         (r->shadow_sql = pd__split_fill(&t->shadow, sql, lits)) == NULL)) {
+        pd_sql_result_release(r);
+        return NULL;
+    }
+    return r;
+}
+
+/* The template path after an exact-text miss. Sets *done when it answered (with a result,
+   or NULL when out of memory); leaves it false when the statement takes the exact path. */
+static pd_sql_result_t *rewrite_templated(job_t *job, bool *done)
+{
+    pd_sql_t *rw = job->rw;
+    pd__lits_t lits;
+    pd__lits_status_t st = pd__lits_take(job->sql, &lits);
+    if (st != PD__LITS_OK) {
+        *done = st == PD__LITS_OOM;
+        return NULL;
+    }
+    pd_sql_result_t *res = NULL;
+    size_t len = 0;
+    char *key = NULL;
+    if (lits.tmpl.len > CACHE_MAX_SQL ||
+        (key = cache_key(job, 'T', lits.tmpl.buf, lits.tmpl.len, lits.kinds, &len)) == NULL) {
+        *done = key == NULL && lits.tmpl.len <= CACHE_MAX_SQL;
+        pd__lits_free(&lits);
+        return NULL;
+    }
+    uint64_t hash = pd__cache_hash(key, len);
+    tmpl_t *t = pd__cache_get(&rw->cache, key, len, hash);
+    if (t != NULL) {
+        free(key);
+        if (usable(t, &lits)) {
+            rw->stats.template_hits++;
+            res = instantiate(t, job->sql, &lits);
+            *done = true;
+        } else {
+            rw->stats.template_unusable++;
+        }
+    } else {
+        rw->stats.template_misses++;
+        t = make_template(job, &lits);
+        if (t == NULL) {
+            free(key);
+            *done = true;
+        } else {
+            /* Before the put, which releases the template when it cannot keep it. */
+            if (t->result != NULL) {
+                res = instantiate(t, job->sql, &lits);
+                *done = true;
+            } else {
+                rw->stats.template_unusable++;
+            }
+            pd__cache_put(&rw->cache, key, len, hash, t, release_tmpl);
+        }
+    }
+    pd__lits_free(&lits);
+    return res;
+}
+
 static pd_sql_result_t *rewrite_cached(job_t *job)
 {
     pd_sql_t *rw = job->rw;
+    size_t sqllen = strlen(job->sql);
+    if (!rw->caching || sqllen > CACHE_MAX_SQL) {
+        rw->stats.misses++;
+        return compute(job);
+    }
     size_t len = 0;
-    char *key = NULL;
-    uint64_t hash = 0;
-    if (rw->caching && strlen(job->sql) <= CACHE_MAX_SQL) {
-        if ((key = cache_key(job, &len)) == NULL)
-            return NULL;
-        hash = pd__cache_hash(key, len);
-        pd_sql_result_t *hit = pd__cache_get(&rw->cache, key, len, hash);
-        if (hit != NULL) {
-            rw->stats.hits++;
-            free(key);
-            return hit;
-        }
+    char *key = cache_key(job, 'X', job->sql, sqllen, "", &len);
+    if (key == NULL)
+        return NULL;
+    uint64_t hash = pd__cache_hash(key, len);
+    pd_sql_result_t *hit = pd__cache_get(&rw->cache, key, len, hash);
+    if (hit != NULL) {
+        rw->stats.hits++;
+        hit->refs++;
+        free(key);
+        return hit;
     }
     rw->stats.misses++;
-    pd_sql_result_t *res = compute(job);
-    if (res != NULL && key != NULL) {
-        pd__cache_put(&rw->cache, key, len, hash, res);
-        key = NULL; /* the cache took it (and freed it when it could not keep it) */
+    bool done = false;
+    pd_sql_result_t *res = rw->templating ? rewrite_templated(job, &done) : NULL;
+    if (done) {
+        free(key);
+        return res;
     }
-    free(key);
+    res = compute(job);
+    if (res == NULL) {
+        free(key);
+        return NULL;
+    }
+    res->refs++; /* the cache's reference */
+    pd__cache_put(&rw->cache, key, len, hash, res, release_result);
     return res;
 }
 
@@ -1050,41 +1365,35 @@ pd_sql_result_t *pd_sql_rewrite(pd_sql_t *rw, const char *database, const char *
 /* ---------------------------------------------------------------------------------------
  * Normalization for logs.
  */
-static bool is_literal_token(PgQuery__Token t)
-{
-    return t == PG_QUERY__TOKEN__SCONST || t == PG_QUERY__TOKEN__USCONST ||
-           t == PG_QUERY__TOKEN__BCONST || t == PG_QUERY__TOKEN__XCONST ||
-           t == PG_QUERY__TOKEN__ICONST || t == PG_QUERY__TOKEN__FCONST;
-}
-
 #define UNPARSEABLE "<unparseable statement>"
 
 /* Replaces the literal tokens of norm with $n, numbered after its highest $n. */
-static char *mask_tokens(const char *norm, const PgQuery__ScanResult *scan)
+static char *mask_tokens(const char *norm, pd__scan_t *scan)
 {
     long next = 1;
-    for (size_t i = 0; i < scan->n_tokens; i++)
-        if (scan->tokens[i]->token == PG_QUERY__TOKEN__PARAM) {
-            long p = strtol(norm + scan->tokens[i]->start + 1, NULL, 10);
+    pd__token_t tok;
+    while (pd__scan_next(scan, &tok))
+        if (tok.token == PG_QUERY__TOKEN__PARAM) {
+            long p = strtol(norm + tok.start + 1, NULL, 10);
             next = p >= next ? p + 1 : next;
         }
-    text_t t = {0};
+    pd__scan_rewind(scan);
+    pd__text_t t = {0};
     size_t at = 0;
-    for (size_t i = 0; i < scan->n_tokens; i++) {
-        const PgQuery__ScanToken *tok = scan->tokens[i];
-        if (!is_literal_token(tok->token))
+    while (pd__scan_next(scan, &tok)) {
+        if (!pd__is_literal_token(tok.token) || tok.start < at)
             continue;
         char param[32];
         int n = snprintf(param, sizeof param, "$%ld", next++);
-        text_add(&t, norm + at, (size_t)tok->start - at);
-        text_add(&t, param, (size_t)n);
-        at = (size_t)tok->end;
+        pd__text_add(&t, norm + at, tok.start - at);
+        pd__text_add(&t, param, (size_t)n);
+        at = tok.end;
     }
-    text_add(&t, norm + at, strlen(norm + at));
-    if (!t.oom)
+    pd__text_add(&t, norm + at, strlen(norm + at));
+    if (!t.oom && !scan->bad)
         return t.buf;
     free(t.buf);
-    return NULL;
+    return scan->bad ? strdup(UNPARSEABLE) : NULL;
 }
 
 /* pg_query_normalize leaves literals where the grammar keeps them outside expressions
@@ -1094,15 +1403,11 @@ static char *mask_tokens(const char *norm, const PgQuery__ScanResult *scan)
    risk a literal. NULL only when out of memory. */
 static char *mask_remaining(const char *norm)
 {
-    PgQueryScanResult sr = pg_query_scan(norm);
-    PgQuery__ScanResult *scan =
-        sr.error == NULL
-            ? pg_query__scan_result__unpack(NULL, sr.pbuf.len, (const uint8_t *)sr.pbuf.data)
-            : NULL;
-    char *out = scan != NULL ? mask_tokens(norm, scan) : strdup(UNPARSEABLE);
-    if (scan != NULL)
-        pg_query__scan_result__free_unpacked(scan, NULL);
-    pg_query_free_scan_result(sr);
+    pd__scan_t scan;
+    if (!pd__scan_open(&scan, norm))
+        return strdup(UNPARSEABLE);
+    char *out = mask_tokens(norm, &scan);
+    pd__scan_close(&scan);
     return out;
 }
 

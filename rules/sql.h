@@ -4,6 +4,10 @@
  * and the flags in force, so that prepared statements and repeated queries cost one
  * lookup.
  *
+ * Statements whose values are written into their text (the simple query protocol) share
+ * one cached rewrite per shape: the rewrite of the statement's literal template, with the
+ * literals' original bytes put back.
+ *
  * Pure apart from the cache: no sockets, no globals, no libpq. The proxy calls it on the
  * event loop thread for Query and Parse messages; tests call it directly.
  *
@@ -141,9 +145,17 @@ pd_sql_result_t *pd_sql_rewrite(pd_sql_t *rw, const char *database, const char *
                                 const pd_rule_view_t *views);
 void pd_sql_result_release(pd_sql_result_t *r);
 
-/* Cache counters, for status and metrics. */
+/*
+ * Cache counters, for status and metrics. hits and misses count lookups by exact text. A
+ * miss without $n is looked up again by literal template (the text with its literals as
+ * $1..$n): template_hits were answered from a template without parsing, template_misses
+ * made a template (parsing it once), template_unusable went on to the exact path because
+ * their template cannot stand for them (it does not parse, is not DML, would glue a $n to
+ * its neighbour, ...). parsed counts every libpg_query parse.
+ */
 typedef struct {
     uint64_t hits, misses, parsed, skipped_unparsed, entries;
+    uint64_t template_hits, template_misses, template_unusable;
 } pd_sql_stats_t;
 void pd_sql_stats(const pd_sql_t *rw, pd_sql_stats_t *out);
 

@@ -1,8 +1,8 @@
 /*
- * sql_cache.c — the rewriter's bounded LRU cache: results keyed by (database, statement
- * text, the views of the database's rules), in a chained hash table threaded on a
- * recency list. The cache holds one reference on each result it keeps; a hit hands out
- * another.
+ * sql_cache.c — the rewriter's bounded LRU cache: values keyed by byte strings (sql.c
+ * keys results by database, statement text and the views of the database's rules, and
+ * literal templates likewise), in a chained hash table threaded on a recency list. The
+ * cache owns what it keeps and releases each value through the function it was put with.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -15,7 +15,8 @@ struct pd__entry {
     uint64_t hash;
     char *key;
     size_t len;
-    pd_sql_result_t *result;
+    void *value;
+    pd__release_fn release;
 };
 
 bool pd__cache_init(pd__cache_t *c, size_t cap)
@@ -72,37 +73,38 @@ static void drop(pd__cache_t *c, pd__entry_t *e)
         slot = &(*slot)->chain;
     *slot = e->chain;
     unlink_lru(c, e);
-    pd_sql_result_release(e->result);
+    e->release(e->value);
     free(e->key);
     free(e);
     c->count--;
 }
 
-pd_sql_result_t *pd__cache_get(pd__cache_t *c, const char *key, size_t len, uint64_t hash)
+void *pd__cache_get(pd__cache_t *c, const char *key, size_t len, uint64_t hash)
 {
     for (pd__entry_t *e = c->buckets[hash & (c->nbuckets - 1)]; e != NULL; e = e->chain) {
         if (e->hash != hash || e->len != len || memcmp(e->key, key, len) != 0)
             continue;
         unlink_lru(c, e);
         push_front(c, e);
-        e->result->refs++;
-        return e->result;
+        return e->value;
     }
     return NULL;
 }
 
-bool pd__cache_put(pd__cache_t *c, char *key, size_t len, uint64_t hash, pd_sql_result_t *r)
+bool pd__cache_put(pd__cache_t *c, char *key, size_t len, uint64_t hash, void *value,
+                   pd__release_fn release)
 {
     pd__entry_t *e = calloc(1, sizeof *e);
     if (e == NULL) {
         free(key);
+        release(value);
         return false;
     }
     e->hash = hash;
     e->key = key;
     e->len = len;
-    e->result = r;
-    r->refs++;
+    e->value = value;
+    e->release = release;
     pd__entry_t **bucket = &c->buckets[hash & (c->nbuckets - 1)];
     e->chain = *bucket;
     *bucket = e;

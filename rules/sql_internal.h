@@ -2,7 +2,8 @@
  * sql_internal.h — what the parts of the SQL rewriter share, and nothing outside rules/sql*.c
  * may include: the compiled rules (sql.c), the statement context with its refusal, the
  * protobuf-c tree helpers (sql_tree.c), the write rewriting (sql_write.c), the read
- * rewriting (sql_read.c) and the result cache (sql_cache.c).
+ * rewriting (sql_read.c), the literal templates (sql_tmpl.c) and the result cache
+ * (sql_cache.c).
  *
  * Trees are libpg_query's protobuf-c messages, unpacked with the default (malloc) allocator:
  * every message, repeated-field array and string of a tree is a separate malloc block, so
@@ -209,6 +210,97 @@ void pd__plan_mirror(pd__ctx_t *ctx, pd__node_t *stmt);
 bool pd__rule_mirrors(const pd__ctx_t *ctx, const pd__rule_t *r);
 
 /* ---------------------------------------------------------------------------------------
+ * Growing text (sql.c): appends that stop at the first failed allocation and say so in oom.
+ */
+typedef struct {
+    char *buf; /* NUL-terminated once anything was added; owned by the user */
+    size_t len, cap;
+    bool oom;
+} pd__text_t;
+
+void pd__text_add(pd__text_t *t, const char *s, size_t n);
+
+/* ---------------------------------------------------------------------------------------
+ * Tokens and literal templates (sql_tmpl.c). A statement's template is its text with each
+ * literal token (as PostgreSQL's lexer sees it) replaced by $1..$n; a rewrite computed once
+ * for the template serves every statement of that shape, with the literals' original bytes
+ * put back where the rewrite has $i.
+ */
+/* A statement's tokens as PostgreSQL's lexer gives them (pg_query_scan), read one at a time
+   straight from libpg_query's packed result: unpacking it into protobuf-c structs (a malloc
+   per token) cost half as much again as the lexing itself. */
+typedef struct {
+    size_t start, end; /* the token's bytes: start <= end <= the text's length */
+    PgQuery__Token token;
+} pd__token_t;
+
+typedef struct {
+    PgQueryScanResult raw; /* owns the packed tokens */
+    size_t len;            /* of the text scanned */
+    const uint8_t *at, *end;
+    uint32_t f_tokens, f_start, f_end, f_token; /* field numbers, from the descriptors */
+    bool bad; /* the packed result did not read as its schema says: treat the text as
+                 unscannable */
+} pd__scan_t;
+
+/* Scans sql. Returns false, with nothing to close, when the lexer rejects the text. */
+bool pd__scan_open(pd__scan_t *s, const char *sql);
+/* The next token; false at the end, or on a malformed result (which sets s->bad). */
+bool pd__scan_next(pd__scan_t *s, pd__token_t *tok);
+/* Back to the first token. */
+void pd__scan_rewind(pd__scan_t *s);
+void pd__scan_close(pd__scan_t *s);
+/* SCONST, USCONST, BCONST, XCONST, ICONST or FCONST. */
+bool pd__is_literal_token(PgQuery__Token t);
+
+typedef struct {
+    size_t n;            /* literals, in order: literal i becomes $(i+1) */
+    size_t *start, *end; /* each literal's bytes in the statement */
+    size_t *at;          /* where each $i starts in the template */
+    char *kinds;         /* one letter per literal for its token kind, NUL-terminated */
+    size_t ntokens;      /* the statement's tokens, comments included */
+    pd__text_t tmpl;     /* the template text */
+} pd__lits_t;
+
+typedef enum {
+    PD__LITS_OK,   /* out is filled in: free it with pd__lits_free */
+    PD__LITS_NONE, /* no template: no literal, a $n already, a token the lexer rejects, or a
+                      Unicode string (whose token position libpg_query does not report) */
+    PD__LITS_OOM,
+} pd__lits_status_t;
+
+pd__lits_status_t pd__lits_take(const char *sql, pd__lits_t *out);
+void pd__lits_free(pd__lits_t *l);
+/* Does the template lex as the statement did, each $i a parameter token exactly where its
+   literal stood? (Replacing a literal can glue it to its neighbour: N'x' becomes the
+   identifier N$1.) False too when out of memory: the template is then simply not used. */
+bool pd__lits_verify(const pd__lits_t *l);
+
+/* A rewritten template cut at its $i tokens, ready to be filled with a statement's
+   literals. */
+typedef struct {
+    char *text; /* the rewritten template without its $i tokens */
+    size_t len;
+    size_t nslots;
+    size_t *cut; /* slot j goes at text + cut[j] ... */
+    size_t *lit; /* ... and takes the bytes of literal lit[j] */
+} pd__split_t;
+
+typedef enum {
+    PD__SPLIT_OK,
+    PD__SPLIT_UNSAFE, /* a $n outside 1..nlits, a literal missing, or text that does not lex */
+    PD__SPLIT_OOM,
+} pd__split_status_t;
+
+/* Cuts `out`, a rewrite of a template with nlits literals, at its parameter tokens (found
+   by the lexer, so that a "$1" inside a string, identifier or comment stays text). Every
+   $1..$nlits must occur: a rewrite that dropped a literal is not trusted as a template. */
+pd__split_status_t pd__split_make(const char *out, size_t nlits, pd__split_t *s);
+/* The text with the statement's literals in their slots; malloc'd, NULL when out of memory. */
+char *pd__split_fill(const pd__split_t *s, const char *sql, const pd__lits_t *l);
+void pd__split_free(pd__split_t *s);
+
+/* ---------------------------------------------------------------------------------------
  * The LRU cache of results (sql_cache.c).
  */
 typedef struct pd__entry pd__entry_t;
@@ -220,14 +312,19 @@ typedef struct {
     uint64_t evictions;
 } pd__cache_t;
 
+/* Releases a value the cache drops. */
+typedef void (*pd__release_fn)(void *value);
+
 bool pd__cache_init(pd__cache_t *c, size_t cap);
 void pd__cache_destroy(pd__cache_t *c);
 uint64_t pd__cache_hash(const char *key, size_t len);
-/* A cached result with one more reference, or NULL. */
-pd_sql_result_t *pd__cache_get(pd__cache_t *c, const char *key, size_t len, uint64_t hash);
-/* Caches r (taking a reference of its own) under key, which the cache takes over. Returns
-   false when out of memory (key is freed, r untouched). */
-bool pd__cache_put(pd__cache_t *c, char *key, size_t len, uint64_t hash, pd_sql_result_t *r);
+/* The value cached under key (now the most recently used), or NULL. It stays the cache's:
+   valid until the next put or clear, so a user that keeps it takes a reference of its own. */
+void *pd__cache_get(pd__cache_t *c, const char *key, size_t len, uint64_t hash);
+/* Caches value under key; the cache takes over both and calls release on the value when it
+   drops it. Returns false when out of memory, after freeing key and releasing value. */
+bool pd__cache_put(pd__cache_t *c, char *key, size_t len, uint64_t hash, void *value,
+                   pd__release_fn release);
 void pd__cache_clear(pd__cache_t *c);
 
 #endif /* PD_RULES_SQL_INTERNAL_H */

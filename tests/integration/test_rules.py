@@ -543,6 +543,11 @@ class MetricsTest(unittest.TestCase):
             self.assertIn('pgdual_statements_total{rule="users-email",action="rewritten"} 1',
                           body)
             self.assertIn("pgdual_rewrite_cache_misses_total", body)
+            # The INSERT's value is inlined in its text (psycopg2): its literal template was
+            # rewritten once.
+            self.assertRegex(body, r"(?m)^pgdual_rewrite_template_misses_total [1-9]")
+            self.assertIn("pgdual_rewrite_template_hits_total", body)
+            self.assertIn("pgdual_rewrite_template_unusable_total", body)
 
 
 class _Lines:

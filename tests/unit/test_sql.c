@@ -1,8 +1,9 @@
 /*
  * test_sql.c — the SQL rewriter (rules/sql.c and its parts): the corpus in
  * tests/unit/sql_corpus (every statement with its exact expected rewrite per flag setting),
- * the result cache (hits, misses, skips, LRU eviction, shared results), refusal messages,
- * statements that do not parse, rules without catalog facts, and pd_sql_normalize.
+ * the result cache (hits, misses, skips, LRU eviction, shared results), the literal
+ * template cache (the corpus again through it, and the forms that need care), refusal
+ * messages, statements that do not parse, rules without catalog facts, and pd_sql_normalize.
  *
  * Corpus format (one file per theme, cases separated by `### name` lines):
  *
@@ -29,6 +30,8 @@
 
 #include <cmocka.h>
 #include <dirent.h>
+#include <pg_query.h>
+#include <pg_query/pg_query.pb-c.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -171,9 +174,13 @@ static void str_clear(str_t *s)
     s->len = 0;
 }
 
-typedef struct {
+typedef struct corpus corpus_t;
+
+struct corpus {
     const pd_config_t *cfg;
     pd_sql_t *rw;
+    void (*run)(corpus_t *c); /* non-NULL: runs each case instead of checking expectations */
+    void *arg;                /* run's state */
     bool dump;
     int cases, failures, inputs;
     int by_action[3];
@@ -185,7 +192,7 @@ typedef struct {
     char db[64];
     str_t input, expect, shadow, flags, image;
     bool have_input, in_expect, have_expect;
-} corpus_t;
+};
 
 static bool parse_flag_pair(const char *text, pd_rule_view_t *v)
 {
@@ -276,9 +283,25 @@ static void dump_case(const corpus_t *c, const pd_sql_result_t *r)
     printf("--  flags: %s\n\n", flags);
 }
 
+static void end_case(corpus_t *c)
+{
+    str_clear(&c->expect);
+    str_clear(&c->shadow);
+    str_clear(&c->flags);
+    str_clear(&c->image);
+    c->in_expect = false;
+    c->have_expect = false;
+}
+
 static void run_case(corpus_t *c)
 {
     str_trim(&c->expect);
+    if (c->run != NULL) {
+        c->cases++;
+        c->run(c);
+        end_case(c);
+        return;
+    }
     pd_sql_result_t *r = pd_sql_rewrite(c->rw, c->db, c->input.buf, c->views);
     assert_non_null(r);
     c->cases++;
@@ -307,12 +330,7 @@ static void run_case(corpus_t *c)
         (r->message == NULL || strncmp(r->message, "pgdual", 6) != 0 || r->hint == NULL))
         report(c, "refusal text", "a message starting with pgdual and a hint", r->message);
     pd_sql_result_release(r);
-    str_clear(&c->expect);
-    str_clear(&c->shadow);
-    str_clear(&c->flags);
-    str_clear(&c->image);
-    c->in_expect = false;
-    c->have_expect = false;
+    end_case(c);
 }
 
 static void flush(corpus_t *c)
@@ -427,30 +445,45 @@ static int is_txt(const struct dirent *e)
     return e->d_name[0] != '.' && n > 4 && strcmp(e->d_name + n - 4, ".txt") == 0;
 }
 
-static void test_corpus(void **state)
+static void run_corpus(corpus_t *c)
 {
-    (void)state;
-    corpus_t c = {0};
-    c.cfg = load_config();
-    c.rw = new_rewriter(c.cfg, true, 0);
-    c.dump = getenv("PD_SQL_CORPUS_DUMP") != NULL;
     char *dir = source_path("tests/unit/sql_corpus");
     struct dirent **list;
     int n = scandir(dir, &list, is_txt, alphasort);
     assert_true(n > 0);
     for (int i = 0; i < n; i++) {
-        run_file(&c, dir, list[i]->d_name);
+        run_file(c, dir, list[i]->d_name);
         free(list[i]);
     }
     free(list);
     free(dir);
+}
+
+static void corpus_open(corpus_t *c, size_t cache)
+{
+    c->cfg = load_config();
+    c->rw = new_rewriter(c->cfg, true, cache);
+}
+
+static void corpus_close(corpus_t *c)
+{
+    pd_sql_free(c->rw);
+    pd_config_free((pd_config_t *)c->cfg);
+}
+
+static void test_corpus(void **state)
+{
+    (void)state;
+    corpus_t c = {0};
+    corpus_open(&c, 0);
+    c.dump = getenv("PD_SQL_CORPUS_DUMP") != NULL;
+    run_corpus(&c);
     print_message("corpus: %d inputs, %d cases, %d failures; %d passed, %d rewritten, %d refused "
                   "(0A000/F0000 %d, 42601 %d, other %d)\n",
                   c.inputs, c.cases, c.failures, c.by_action[PD_SQL_PASS],
                   c.by_action[PD_SQL_REWRITE], c.by_action[PD_SQL_REFUSE], c.refused_by_state[0],
                   c.refused_by_state[1], c.refused_by_state[2]);
-    pd_sql_free(c.rw);
-    pd_config_free((pd_config_t *)c.cfg);
+    corpus_close(&c);
     assert_int_equal(c.failures, 0);
     assert_true(c.inputs >= 150);
 }
@@ -574,6 +607,500 @@ static void test_cache_disabled(void **state)
     assert_int_equal(st.entries, 0);
     pd_sql_result_release(a);
     pd_sql_result_release(b);
+    pd_sql_free(rw);
+    pd_config_free(cfg);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Literal templates: a statement served from the template of its shape must mean exactly
+ * what its direct rewrite (cache off) means.
+ *
+ * Texts are compared byte for byte first. Where they differ, both are parsed again and
+ * deparsed, and those canonical texts must be equal. Byte equality is not always possible:
+ * a template's rewrite keeps each literal's original bytes where the direct rewrite prints
+ * the deparser's form of the constant (E'a\tb' against 'a<TAB>b'; 't'::boolean against
+ * true), and a negative number is the constant -1 in a statement but "- $1" in its
+ * template, so its rewrite reads "- 1". Parsing folds each pair into the same tree (the
+ * grammar folds the minus into the constant), and the deparser prints every value of a
+ * tree but no location or comment, so the canonical texts differ exactly when the trees
+ * do: a literal in the wrong slot, a lost or changed value, another column still fail.
+ * (The parse trees as JSON would not do: libpg_query 15 writes every negative integer
+ * constant as {}, so -1 and -2 would compare equal.)
+ */
+/* Corpus cases served from a template (67 when this was written: the others have no
+   literal, a $n, or are utility statements, syntax errors and other unusable shapes). */
+#define TEMPLATE_HITS_MIN 60
+
+static char *canonical(const char *sql)
+{
+    PgQueryProtobufParseResult pr = pg_query_parse_protobuf(sql);
+    char *out = NULL;
+    if (pr.error == NULL) {
+        PgQueryDeparseResult d = pg_query_deparse_protobuf(pr.parse_tree);
+        if (d.error == NULL && d.query != NULL)
+            out = strdup(d.query);
+        pg_query_free_deparse_result(d);
+    }
+    pg_query_free_protobuf_parse_result(pr);
+    return out;
+}
+
+typedef struct {
+    int exact, canonical; /* texts compared equal byte for byte, or once canonical */
+} compare_t;
+
+static bool same_text(const char *want, const char *got, compare_t *cmp)
+{
+    if (want == NULL || got == NULL)
+        return want == got;
+    if (strcmp(want, got) == 0) {
+        cmp->exact++;
+        return true;
+    }
+    char *a = canonical(want), *b = canonical(got);
+    bool same = a != NULL && b != NULL && strcmp(a, b) == 0;
+    free(a);
+    free(b);
+    cmp->canonical += same;
+    return same;
+}
+
+static bool same_str(const char *a, const char *b)
+{
+    return a == b || (a != NULL && b != NULL && strcmp(a, b) == 0);
+}
+
+/* Everything a result says, its texts by meaning; prints what differs. */
+static bool same_result(const char *sql, const pd_sql_result_t *want, const pd_sql_result_t *got,
+                        compare_t *cmp)
+{
+    const char *what = NULL;
+    if (want->action != got->action)
+        what = "action";
+    else if (!same_str(want->sqlstate, got->sqlstate) || !same_str(want->message, got->message) ||
+             !same_str(want->hint, got->hint))
+        what = "refusal";
+    else if (want->is_write != got->is_write || want->ordered != got->ordered ||
+             want->rule != got->rule)
+        what = "flags";
+    else if (!same_text(want->sql, got->sql, cmp))
+        what = "sql";
+    else if (!same_text(want->shadow_sql, got->shadow_sql, cmp))
+        what = "shadow_sql";
+    if (what == NULL)
+        return true;
+    print_error("\ntemplate rewrite differs in %s\n  input:    %s\n  direct:   %d %s | %s | %s\n"
+                "  template: %d %s | %s | %s\n",
+                what, sql, want->action, want->sql ? want->sql : "-",
+                want->shadow_sql ? want->shadow_sql : "-", want->message ? want->message : "-",
+                got->action, got->sql ? got->sql : "-", got->shadow_sql ? got->shadow_sql : "-",
+                got->message ? got->message : "-");
+    return false;
+}
+
+/* One literal token, changed but of the same kind (so that the statement keeps its
+   template): a number's last digit moves by one (downwards, so that an integer never
+   overflows into another kind), a string or bit string gains a character before its
+   closing quote or dollar tag. */
+static size_t vary_token(const char *tok, size_t n, PgQuery__Token kind, char *out)
+{
+    memcpy(out, tok, n);
+    if (kind == PG_QUERY__TOKEN__ICONST || kind == PG_QUERY__TOKEN__FCONST) {
+        for (size_t i = n; i-- > 0;)
+            if (out[i] >= '0' && out[i] <= '9') {
+                out[i] = out[i] == '0' ? '1' : (char)(out[i] - 1);
+                break;
+            }
+        return n;
+    }
+    if (kind == PG_QUERY__TOKEN__USCONST)
+        return n; /* libpg_query reports no span for it: left as it is */
+    size_t close = 1;
+    if (tok[n - 1] == '$') /* $tag$...$tag$ */
+        close = (size_t)(strchr(tok + 1, '$') - tok) + 1;
+    char extra = kind == PG_QUERY__TOKEN__BCONST   ? '1'
+                 : kind == PG_QUERY__TOKEN__XCONST ? 'a'
+                                                   : 'z';
+    memmove(out + n - close + 1, out + n - close, close);
+    out[n - close] = extra;
+    return n + 1;
+}
+
+/* The statement with every literal varied (see vary_token), else the same bytes. */
+static char *vary_literals(const char *sql)
+{
+    size_t len = strlen(sql);
+    char *out = malloc(len * 2 + 1);
+    assert_non_null(out);
+    PgQueryScanResult sr = pg_query_scan(sql);
+    PgQuery__ScanResult *scan =
+        sr.error == NULL
+            ? pg_query__scan_result__unpack(NULL, sr.pbuf.len, (const uint8_t *)sr.pbuf.data)
+            : NULL;
+    size_t at = 0, copied = 0;
+    for (size_t i = 0; scan != NULL && i < scan->n_tokens; i++) {
+        const PgQuery__ScanToken *t = scan->tokens[i];
+        bool literal = t->token == PG_QUERY__TOKEN__SCONST || t->token == PG_QUERY__TOKEN__BCONST ||
+                       t->token == PG_QUERY__TOKEN__XCONST || t->token == PG_QUERY__TOKEN__ICONST ||
+                       t->token == PG_QUERY__TOKEN__FCONST;
+        if (!literal || t->end <= t->start)
+            continue;
+        memcpy(out + at, sql + copied, (size_t)t->start - copied);
+        at += (size_t)t->start - copied;
+        at += vary_token(sql + t->start, (size_t)(t->end - t->start), t->token, out + at);
+        copied = (size_t)t->end;
+    }
+    memcpy(out + at, sql + copied, len - copied + 1);
+    if (scan != NULL)
+        pg_query__scan_result__free_unpacked(scan, NULL);
+    pg_query_free_scan_result(sr);
+    return out;
+}
+
+typedef struct {
+    pd_sql_t *direct; /* cache off: the reference */
+    compare_t cmp;
+    int failures;
+} twice_t;
+
+static void compare_one(corpus_t *c, twice_t *t, const char *sql)
+{
+    pd_sql_result_t *want = pd_sql_rewrite(t->direct, c->db, sql, c->views);
+    pd_sql_result_t *got = pd_sql_rewrite(c->rw, c->db, sql, c->views);
+    assert_non_null(want);
+    assert_non_null(got);
+    if (!same_result(sql, want, got, &t->cmp)) {
+        t->failures++;
+        print_error("  (%s: case \"%s\", %s, db %s)\n", c->file, c->name, c->views_text, c->db);
+    }
+    pd_sql_result_release(want);
+    pd_sql_result_release(got);
+}
+
+/* The case with other literal values first (which makes the template, or finds the shape
+   unusable), then the case itself (served from the template). */
+static void run_twice(corpus_t *c)
+{
+    char *variant = vary_literals(c->input.buf);
+    compare_one(c, c->arg, variant);
+    compare_one(c, c->arg, c->input.buf);
+    free(variant);
+}
+
+static void test_corpus_through_templates(void **state)
+{
+    (void)state;
+    corpus_t c = {0};
+    corpus_open(&c, 4096);
+    twice_t t = {.direct = new_rewriter(c.cfg, true, 0)};
+    c.run = run_twice;
+    c.arg = &t;
+    run_corpus(&c);
+    pd_sql_stats_t st;
+    pd_sql_stats(c.rw, &st);
+    print_message("corpus through templates: %d cases, %d differ; texts %d equal, %d equal once "
+                  "canonical; templates: %llu hits, %llu made, %llu unusable\n",
+                  c.cases, t.failures, t.cmp.exact, t.cmp.canonical,
+                  (unsigned long long)st.template_hits, (unsigned long long)st.template_misses,
+                  (unsigned long long)st.template_unusable);
+    pd_sql_free(t.direct);
+    corpus_close(&c);
+    assert_int_equal(t.failures, 0);
+    assert_true(c.cases >= 250);
+    /* The comparisons above are only worth something if templates served the cases. */
+    assert_true(st.template_hits >= TEMPLATE_HITS_MIN);
+}
+
+/* A statement of a known shape is served without parsing, and its exact text is not
+   cached (it would only push templates out). */
+/* A statement served from its template keeps the mirror plan of a tables rule: row-image
+   statement, key positions and types come with it (without them a write with other
+   literals would not be mirrored at all). */
+static void test_template_keeps_mirror_plan(void **state)
+{
+    (void)state;
+    pd_config_t *cfg = load_config();
+    pd_sql_t *rw = new_rewriter(cfg, true, 64);
+    pd_rule_view_t v[NRULES];
+    set_views(v, PD_WRITES_DUAL, PD_READS_OLD);
+    pd_sql_result_t *first =
+        pd_sql_rewrite(rw, "shop", "UPDATE orders SET total = 1 WHERE id = 7", v);
+    pd_sql_result_t *r =
+        pd_sql_rewrite(rw, "shop", "UPDATE orders SET total = 2 WHERE id = 8", v);
+    pd_sql_stats_t st;
+    pd_sql_stats(rw, &st);
+    assert_int_equal(st.template_hits, 1);
+    assert_int_equal(r->action, PD_SQL_REWRITE);
+    assert_string_equal(r->sql, "UPDATE orders SET total = 2 WHERE id = 8 RETURNING orders.id, "
+                                "orders.total, orders.created_at, orders.note");
+    assert_int_equal(r->mirror, PD_MIRROR_IMAGE);
+    assert_int_equal(r->image, PD_IMAGE_UPDATE);
+    assert_int_equal(r->mirror_rule, R_ORDERS);
+    assert_string_equal(r->image_sql, first->image_sql);
+    assert_string_equal(r->image_table, "public.orders");
+    assert_int_equal(r->image_cols, 4);
+    assert_int_equal(r->image_types[1], 1700);
+    assert_int_equal(r->image_nkey, 1);
+    assert_int_equal(r->image_key[0], 0);
+    assert_int_equal(r->client_cols, -1);
+    pd_sql_result_release(first);
+    pd_sql_result_release(r);
+    /* Transaction control from a template keeps its kind too. */
+    r = pd_sql_rewrite(rw, "shop", "SAVEPOINT s1", v);
+    assert_int_equal(r->mirror, PD_MIRROR_TXN);
+    assert_int_equal(r->txn, PD_TXN_INNER);
+    pd_sql_result_release(r);
+    pd_sql_free(rw);
+    pd_config_free(cfg);
+}
+
+static void test_template_hit_skips_parsing(void **state)
+{
+    (void)state;
+    pd_config_t *cfg = load_config();
+    pd_sql_t *rw = new_rewriter(cfg, true, 64);
+    pd_rule_view_t v[NRULES];
+    set_views(v, PD_WRITES_DUAL, PD_READS_OLD);
+    pd_sql_stats_t a, b;
+
+    pd_sql_result_t *r =
+        pd_sql_rewrite(rw, "app", "UPDATE users SET email = 'A@X' WHERE id = 1", v);
+    assert_string_equal(
+        r->sql, "UPDATE users SET email = 'A@X', email_address = lower('A@X') WHERE id = 1");
+    pd_sql_result_release(r);
+    pd_sql_stats(rw, &a);
+    assert_int_equal(a.template_misses, 1);
+    assert_int_equal(a.template_hits, 0);
+    assert_int_equal(a.entries, 1);
+
+    r = pd_sql_rewrite(rw, "app", "UPDATE users SET email = 'b@y.org' WHERE id = 22", v);
+    assert_int_equal(r->action, PD_SQL_REWRITE);
+    assert_true(r->is_write);
+    assert_int_equal(r->rule, R_USERS);
+    assert_string_equal(
+        r->sql,
+        "UPDATE users SET email = 'b@y.org', email_address = lower('b@y.org') WHERE id = 22");
+    pd_sql_result_release(r);
+    pd_sql_stats(rw, &b);
+    assert_int_equal(b.template_hits, 1);
+    assert_int_equal(b.template_misses, 1);
+    assert_int_equal(b.parsed, a.parsed); /* no second parse */
+    assert_int_equal(b.entries, 1);
+    assert_int_equal(b.misses, a.misses + 1);
+
+    /* Other views of the rules: another template. */
+    pd_rule_view_t old[NRULES];
+    set_views(old, PD_WRITES_OLD, PD_READS_OLD);
+    r = pd_sql_rewrite(rw, "app", "UPDATE users SET email = 'c' WHERE id = 3", old);
+    assert_int_equal(r->action, PD_SQL_PASS);
+    pd_sql_result_release(r);
+    pd_sql_stats(rw, &b);
+    assert_int_equal(b.template_misses, 2);
+    assert_int_equal(b.entries, 2);
+
+    pd_sql_free(rw);
+    pd_config_free(cfg);
+}
+
+typedef enum { VIA_HIT, VIA_UNUSABLE, VIA_NONE } via_t;
+
+typedef struct {
+    const char *name;
+    pd_writes_t writes;
+    pd_reads_mode_t reads;
+    const char *warm; /* the same shape with other literals: makes the template */
+    const char *sql;
+    via_t via;
+    const char *contains; /* the rewrite (or its shadow form) must contain this, if set */
+} form_t;
+
+static const form_t forms[] = {
+    {"negative numbers", PD_WRITES_DUAL, PD_READS_OLD,
+     "INSERT INTO users (id, email) VALUES (-7, -70)",
+     "INSERT INTO users (id, email) VALUES (-1, -2)", VIA_HIT, "lower(- 2)"},
+    {"negative in WHERE", PD_WRITES_DUAL, PD_READS_OLD,
+     "UPDATE users SET email = 'a' WHERE id = -7", "UPDATE users SET email = 'b' WHERE id = -1",
+     VIA_HIT, "lower('b')"},
+    {"ORDER BY position", PD_WRITES_DUAL, PD_READS_NEW,
+     "SELECT email, id FROM users WHERE id > 3 ORDER BY 2",
+     "SELECT email, id FROM users WHERE id > 5 ORDER BY 1", VIA_HIT,
+     "SELECT email_address AS email, id FROM users WHERE id > 5 ORDER BY 1"},
+    {"string continuation", PD_WRITES_DUAL, PD_READS_OLD,
+     "UPDATE users SET email = 'x' WHERE id = 1", "UPDATE users SET email = 'a'\n'b' WHERE id = 2",
+     VIA_HIT, "email_address = lower('a'\n'b')"},
+    {"E string", PD_WRITES_DUAL, PD_READS_OLD, "UPDATE users SET email = E'x' WHERE id = 1",
+     "UPDATE users SET email = E'A\\tB\\'' WHERE id = 2", VIA_HIT, "lower(E'A\\tB\\'')"},
+    {"dollar quoting with $1 inside", PD_WRITES_DUAL, PD_READS_OLD,
+     "UPDATE users SET email = 'x' WHERE id = 1",
+     "UPDATE users SET email = $q$it's $1$q$ WHERE id = 2", VIA_HIT, "lower($q$it's $1$q$)"},
+    {"U& string with UESCAPE", PD_WRITES_DUAL, PD_READS_OLD,
+     "UPDATE users SET email = U&'x!0061' UESCAPE '!' WHERE id = 1",
+     "UPDATE users SET email = U&'d!0061t!+000061' UESCAPE '!' WHERE id = 2", VIA_NONE, NULL},
+    {"cast of a literal", PD_WRITES_DUAL, PD_READS_NEW, "SELECT email FROM users WHERE id = 9::int",
+     "SELECT email FROM users WHERE id = 1::int", VIA_HIT,
+     "SELECT email_address AS email FROM users WHERE id = 1::int"},
+    {"multi-statement", PD_WRITES_DUAL, PD_READS_OLD,
+     "UPDATE users SET email = 'w' WHERE id = 3; SELECT 'o' ,  9 /* kept */;\n"
+     "UPDATE accounts SET name = 'n' WHERE id = 4",
+     "UPDATE users SET email = 'A' WHERE id = 1; SELECT 'keep' ,  2 /* kept */;\n"
+     "UPDATE accounts SET name = ' N ' WHERE id = 7",
+     VIA_HIT,
+     "UPDATE users SET email = 'A', email_address = lower('A') WHERE id = 1; SELECT 'keep' ,  2 "
+     "/* kept */;\nUPDATE accounts SET name = ' N ', full_name = "},
+    {"shadow read", PD_WRITES_DUAL, PD_READS_SHADOW, "SELECT email FROM users WHERE id = 70",
+     "SELECT email FROM users WHERE id = 7", VIA_HIT,
+     "SELECT email_address AS email FROM users WHERE id = 7"},
+    {"refusal", PD_WRITES_DUAL, PD_READS_OLD,
+     "UPDATE users SET email = 'x' || random()::text WHERE id = 1",
+     "UPDATE users SET email = 'y' || random()::text WHERE id = 2", VIA_HIT, NULL},
+    {"type-prefixed literal", PD_WRITES_DUAL, PD_READS_NEW,
+     "SELECT email FROM users WHERE created_at > date '2019-12-31'",
+     "SELECT email FROM users WHERE created_at > date '2020-01-01'", VIA_HIT, "'2020-01-01'"},
+    {"interval literal", PD_WRITES_DUAL, PD_READS_NEW,
+     "SELECT email FROM users WHERE created_at > now() - interval '2' day",
+     "SELECT email FROM users WHERE created_at > now() - interval '1' day", VIA_HIT, "'1'"},
+    {"type modifiers", PD_WRITES_DUAL, PD_READS_NEW,
+     "SELECT id::numeric(12, 3), email FROM users WHERE id = 2",
+     "SELECT id::numeric(10, 2), email FROM users WHERE id = 1", VIA_HIT, "numeric(10, 2)"},
+    {"type modifier the grammar wants literal", PD_WRITES_DUAL, PD_READS_NEW,
+     "SELECT email::varchar(30) FROM users WHERE id = 2",
+     "SELECT email::varchar(20) FROM users WHERE id = 1", VIA_UNUSABLE, "(20)"},
+    {"bit strings", PD_WRITES_DUAL, PD_READS_NEW,
+     "SELECT email FROM users WHERE id = 1 AND b'1' = x'F'",
+     "SELECT email FROM users WHERE id = 1 AND b'101' = x'5'", VIA_HIT, "b'101' = x'5'"},
+    {"upsert", PD_WRITES_DUAL, PD_READS_OLD,
+     "INSERT INTO users (id, email) VALUES (3, 'C'), (-4, 'D') ON CONFLICT (id) DO UPDATE SET "
+     "email = EXCLUDED.email",
+     "INSERT INTO users (id, email) VALUES (1, 'A'), (-2, 'B') ON CONFLICT (id) DO UPDATE SET "
+     "email = EXCLUDED.email",
+     VIA_HIT, "lower('B')"},
+    {"$1 in a comment", PD_WRITES_DUAL, PD_READS_NEW,
+     "/* $1 */ SELECT email /* $1 */ FROM users WHERE id = 3",
+     "/* $1 */ SELECT email /* $1 */ FROM users WHERE id = 4", VIA_HIT, "/* $1 */ SELECT"},
+    {"literal kind the grammar rejects", PD_WRITES_DUAL, PD_READS_NEW,
+     "SELECT email FROM users WHERE created_at > date '2020-01-01'",
+     "SELECT email FROM users WHERE created_at > date 1", VIA_UNUSABLE, NULL},
+    {"literal glued to its neighbour", PD_WRITES_DUAL, PD_READS_NEW,
+     "SELECT N'x' AS n, email FROM users", "SELECT N'y' AS n, email FROM users", VIA_UNUSABLE,
+     NULL},
+    {"SET", PD_WRITES_DUAL, PD_READS_OLD, "SET application_name = 'users1'",
+     "SET application_name = 'users'", VIA_UNUSABLE, NULL},
+    {"DDL", PD_WRITES_DUAL, PD_READS_OLD, "ALTER TABLE users ALTER COLUMN email SET DEFAULT 'y'",
+     "ALTER TABLE users ALTER COLUMN email SET DEFAULT 'x'", VIA_UNUSABLE, NULL},
+    {"DO block", PD_WRITES_DUAL, PD_READS_OLD, "DO 'BEGIN UPDATE users SET email = 2; END'",
+     "DO 'BEGIN UPDATE users SET email = 1; END'", VIA_UNUSABLE, NULL},
+    {"syntax error", PD_WRITES_DUAL, PD_READS_OLD, "UPDATE users SET email = 'x' WHER id = 1",
+     "UPDATE users SET email = 'y' WHER id = 2", VIA_UNUSABLE, NULL},
+    {"a parameter already", PD_WRITES_DUAL, PD_READS_OLD,
+     "UPDATE users SET email = $1 WHERE id = 5", "UPDATE users SET email = $1 WHERE id = 6",
+     VIA_NONE, "lower($1)"},
+};
+
+static void check_form(pd_sql_t *rw, pd_sql_t *direct, const form_t *f)
+{
+    pd_rule_view_t v[NRULES];
+    set_views(v, f->writes, f->reads);
+    compare_t cmp = {0};
+    pd_sql_result_t *want = pd_sql_rewrite(direct, "app", f->warm, v);
+    pd_sql_result_t *got = pd_sql_rewrite(rw, "app", f->warm, v);
+    if (!same_result(f->warm, want, got, &cmp))
+        fail_msg("form \"%s\": the statement that made the template", f->name);
+    pd_sql_result_release(want);
+    pd_sql_result_release(got);
+
+    pd_sql_stats_t a, b;
+    pd_sql_stats(rw, &a);
+    want = pd_sql_rewrite(direct, "app", f->sql, v);
+    got = pd_sql_rewrite(rw, "app", f->sql, v);
+    pd_sql_stats(rw, &b);
+    if (!same_result(f->sql, want, got, &cmp))
+        fail_msg("form \"%s\"", f->name);
+    uint64_t hits = b.template_hits - a.template_hits;
+    uint64_t unusable = b.template_unusable - a.template_unusable;
+    uint64_t made = b.template_misses - a.template_misses;
+    if ((f->via == VIA_HIT && (hits != 1 || b.parsed != a.parsed)) ||
+        (f->via == VIA_UNUSABLE && (unusable != 1 || hits != 0)) ||
+        (f->via == VIA_NONE && hits + unusable + made != 0))
+        fail_msg("form \"%s\": template hits %llu, unusable %llu, made %llu, parses %llu", f->name,
+                 (unsigned long long)hits, (unsigned long long)unusable, (unsigned long long)made,
+                 (unsigned long long)(b.parsed - a.parsed));
+    const char *text = got->sql != NULL ? got->sql : got->shadow_sql;
+    if (f->contains != NULL && (text == NULL || strstr(text, f->contains) == NULL))
+        fail_msg("form \"%s\": \"%s\" not in \"%s\"", f->name, f->contains, text ? text : "-");
+    pd_sql_result_release(want);
+    pd_sql_result_release(got);
+}
+
+/* SELECT email, (SELECT (SELECT ... lit)) FROM users: shallow for the token estimate, but
+   each level is several nodes deep in the tree. */
+static char *nested_selects(int levels, const char *lit)
+{
+    char *sql = malloc((size_t)levels * 9 + strlen(lit) + 32);
+    assert_non_null(sql);
+    char *p = sql + sprintf(sql, "SELECT email, ");
+    for (int i = 0; i < levels; i++)
+        p += sprintf(p, "(SELECT ");
+    p += sprintf(p, "%s", lit);
+    for (int i = 0; i < levels; i++)
+        *p++ = ')';
+    strcpy(p, " FROM users");
+    return sql;
+}
+
+static void test_template_forms(void **state)
+{
+    (void)state;
+    pd_config_t *cfg = load_config();
+    pd_sql_t *rw = new_rewriter(cfg, true, 256);
+    pd_sql_t *direct = new_rewriter(cfg, true, 0);
+    for (size_t i = 0; i < sizeof forms / sizeof *forms; i++) {
+        pd_sql_cache_clear(rw);
+        check_form(rw, direct, &forms[i]);
+    }
+
+    /* The passes refuse trees deeper than they walk, and a template can be deeper than its
+       statements (- $1 is one node more than the constant -1): a template refused so is not
+       used. */
+    char *warm = nested_selects(500, "2"), *sql = nested_selects(500, "1");
+    const form_t deep = {"nested too deeply for the passes",
+                         PD_WRITES_DUAL,
+                         PD_READS_NEW,
+                         warm,
+                         sql,
+                         VIA_UNUSABLE,
+                         NULL};
+    check_form(rw, direct, &deep);
+    free(warm);
+    free(sql);
+    pd_sql_free(direct);
+    pd_sql_free(rw);
+    pd_config_free(cfg);
+}
+
+/* An up expression with a $n of its own: its $1 in a rewrite would be taken for the
+   statement's first literal, so templates are off and every statement takes the exact
+   path. */
+static void test_template_off_for_params_in_rules(void **state)
+{
+    (void)state;
+    pd_config_t *cfg = load_config();
+    free(cfg->rules[R_USERS].columns[0].up);
+    cfg->rules[R_USERS].columns[0].up = strdup("coalesce(lower(email), $1)");
+    pd_sql_t *rw = new_rewriter(cfg, true, 64);
+    pd_rule_view_t v[NRULES];
+    set_views(v, PD_WRITES_DUAL, PD_READS_OLD);
+    const char *sql[] = {"UPDATE users SET email = 'a' WHERE id = 1",
+                         "UPDATE users SET email = 'b' WHERE id = 2"};
+    for (int i = 0; i < 2; i++) {
+        pd_sql_result_t *r = pd_sql_rewrite(rw, "app", sql[i], v);
+        assert_int_equal(r->action, PD_SQL_REWRITE);
+        assert_non_null(strstr(r->sql, i == 0 ? "COALESCE(lower('a'), $1)" : "lower('b'), $1)"));
+        pd_sql_result_release(r);
+    }
+    pd_sql_stats_t st;
+    pd_sql_stats(rw, &st);
+    assert_int_equal(st.template_hits + st.template_misses + st.template_unusable, 0);
+    assert_int_equal(st.parsed, 2);
     pd_sql_free(rw);
     pd_config_free(cfg);
 }
@@ -888,6 +1415,11 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_corpus),
+        cmocka_unit_test(test_corpus_through_templates),
+        cmocka_unit_test(test_template_hit_skips_parsing),
+        cmocka_unit_test(test_template_keeps_mirror_plan),
+        cmocka_unit_test(test_template_forms),
+        cmocka_unit_test(test_template_off_for_params_in_rules),
         cmocka_unit_test(test_cache_hits_and_skips),
         cmocka_unit_test(test_cache_lru_eviction),
         cmocka_unit_test(test_cache_disabled),
