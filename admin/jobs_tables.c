@@ -1411,6 +1411,8 @@ typedef struct {
     int64_t checked, divergent, missing, extra, different, repaired, unkeyed, in_flight;
 } totals_t;
 
+static int sync_sequences(tjob_t *tj, const table_t *tb, int *set);
+
 static int verify_table(tjob_t *tj, const table_t *tb, json_t *tables, json_t *keys, totals_t *sum)
 {
     bool touched = by_touched_keys(tj, tb);
@@ -1431,8 +1433,15 @@ static int verify_table(tjob_t *tj, const table_t *tb, json_t *tables, json_t *k
         rc = touched ? verify_touched(tj, tb, &ty, &rp) : verify_full(tj, tb, &ty, &rp);
     if (rc == 0)
         rc = settle(tj, tb, &ty, &rp);
+    /* The mirror replays rows with their key values, which leaves new's sequences where
+       they were: a repairing verify sets them to old's (old authoritative). */
+    int seqs = 0;
+    if (rc == 0 && tj->r->job->opt.repair && authoritative(tj) == PD_JOB_OLD)
+        rc = sync_sequences(tj, tb, &seqs);
     if (rc == 0) {
         int64_t div = ty.missing + ty.extra + ty.different + unkeyed;
+        if (tj->r->job->opt.repair)
+            json_object_set_new(out, "sequences_set", json_integer(seqs));
         json_t *key = json_array();
         for (unsigned i = 0; i < tb->nkey; i++)
             json_array_append_new(key, json_string(tb->key_name[i]));

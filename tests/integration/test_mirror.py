@@ -406,6 +406,10 @@ class MirrorKilledTest(unittest.TestCase):
             self.assertGreater(res["divergent"], 0, res)
             self.assertEqual(res["repaired"], res["divergent"], res)
             self.assertEqual(p.ctl_json("verify", RULE)["result"]["divergent"], 0)
+            # ... and set new's sequences to old's: rows were replayed with their keys.
+            seq = "SELECT pg_sequence_last_value('mt_orders_id_seq')"
+            self.assertEqual(pdtest.direct_query(seq, dbname="app")[0][0],
+                             self.green_query(seq)[0][0])
             for t in TABLES:
                 self.assertEqual(table_md5("app", t),
                                  tuple(self.green_query(
