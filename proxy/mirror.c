@@ -1626,9 +1626,17 @@ void pd_mirror_session_end(pd_session_t *s)
     while (sm->held != NULL) {
         pd_mirror_op_t *op = sm->held;
         sm->held = op->next;
-        /* Answered or not, the authoritative outcome is unknown or rolled back with the
-           session's connection: only what was answered and committed matters, and that was
-           released at its ReadyForQuery already. */
+        /* The session ended before its batch's ReadyForQuery: a write may have committed
+           on the authoritative side (autocommit) without the mirror seeing it. Recorded,
+           and its keys noted, so that verify --touched --repair settles it either way. */
+        if (is_write(op)) {
+            record(s->srv, op, "mirror_unapplied");
+            note_touched(s, op);
+            pd_touched_t *t = s->srv->jobs != NULL ? pd_jobs_touched(s->srv->jobs) : NULL;
+            if (t != NULL && op->r->mirror == PD_MIRROR_IMAGE && op->nsets == 0 &&
+                op->r->image_table != NULL)
+                pd_touched_mark_unknown(t, rule_name(s->srv, op->rule), op->r->image_table);
+        }
         op_free(op);
     }
     sm->held_tail = NULL;

@@ -584,6 +584,30 @@ class MirrorShadowTest(unittest.TestCase):
             conn.close()
 
 
+class MirrorClientGoneTest(unittest.TestCase):
+    """A client that sends a write and vanishes: whatever old committed is on new, or
+    recorded as not applied (never silently missing)."""
+
+    def test_vanishing_clients_leave_nothing_silent(self):
+        reset_schema()
+        with RulesProxy(rules=[tables_rule()], databases=databases()) as p:
+            for i in range(30):
+                c = RawClient(p.port)
+                c.startup("postgres", "app")
+                c.send(pdtest.msg("Q", pdtest.cstr(
+                    "INSERT INTO mt_orders (id, total, note) VALUES (%d, 1, 'gone')" % (i + 1))))
+                c.close()
+            time.sleep(1.0)
+            on_old = {r[0] for r in pdtest.direct_query("SELECT id FROM mt_orders",
+                                                        dbname="app")}
+            def settled():
+                on_new = {r[0] for r in pdtest.direct_query("SELECT id FROM mt_orders",
+                                                            dbname="app2")}
+                recorded = len([e for e in p.divergence() if e["kind"] == "mirror_unapplied"])
+                return len(on_old - on_new) <= recorded
+            pdtest.wait_for(settled, 10, what="every write old kept to be on new or recorded")
+
+
 class MirrorRefusalTest(unittest.TestCase):
     def test_what_cannot_be_replayed_is_refused(self):
         reset_schema()
