@@ -9,7 +9,9 @@
 # custom scripts (-M MODE, prepared by default; 16 clients, 2 threads, DURATION seconds),
 # each against three targets in turn (the order rotates from round to round):
 #   write: an UPDATE of email and an INSERT ... ON CONFLICT (id) DO UPDATE of email, on
-#          random ids — direct, pgdual with writes=old, pgdual with writes=dual;
+#          random ids — direct, pgdual with writes=old, pgdual with writes=dual, and
+#          "direct (rw)": the statements as pgdual rewrites them, sent straight to
+#          PostgreSQL (what writing the second column costs the database itself);
 #   read:  SELECT email FROM users WHERE id = random — direct, pgdual with reads=old,
 #          pgdual with reads=new (both under writes=dual: reads=new needs it).
 # Flags are flipped with pgdualctl between runs. Prints per-round TPS, the median per
@@ -171,6 +173,16 @@ INSERT INTO users (id, email, note) VALUES (:id2, 'I' || :id2 || '@Example.COM',
     ON CONFLICT (id) DO UPDATE SET email = EXCLUDED.email, note = EXCLUDED.note;
 EOF
 done
+# What PostgreSQL itself does under writes=dual: the same statements as pgdual rewrites
+# them, sent straight to it. Against this, "dual" measures pgdual's share of the cost;
+# the rest is the database writing a second column.
+cat >"$WORK/write-rewritten.sql" <<EOF
+\\set id random(1, $ROWS)
+\\set id2 random(1, $ROWS)
+UPDATE users SET email = 'U' || :id || '@Example.COM', note = 'rewritten', email_address = lower('U' || :id || '@Example.COM') WHERE id = :id;
+INSERT INTO users (id, email, note, email_address) VALUES (:id2, 'I' || :id2 || '@Example.COM', 'rewritten', lower('I' || :id2 || '@Example.COM'))
+    ON CONFLICT (id) DO UPDATE SET email = EXCLUDED.email, note = EXCLUDED.note, email_address = lower(EXCLUDED.email);
+EOF
 for t in direct old new; do
 	cat >"$WORK/read-$t.sql" <<EOF
 \\set id random(1, $ROWS)
@@ -180,7 +192,7 @@ done
 
 # --- the runs -----------------------------------------------------------------------------
 WORKLOADS=(write read)
-declare -A TARGETS=([write]="direct old dual" [read]="direct old new")
+declare -A TARGETS=([write]="direct old dual rewritten" [read]="direct old new")
 declare -A TPS
 
 # The flags a target needs. pgdual refuses reads=new under writes=old (reads must come
@@ -189,7 +201,7 @@ declare -A TPS
 # passes through a refused pair.
 set_target() { # workload target
 	case $1,$2 in
-	*,direct) return 0 ;;
+	*,direct | *,rewritten) return 0 ;;
 	write,*) ctl flag "$RULE" reads=old && ctl flag "$RULE" "writes=$2" ;;
 	read,*) ctl flag "$RULE" writes=dual && ctl flag "$RULE" "reads=$2" ;;
 	esac
@@ -237,7 +249,7 @@ perf_stop() { # name
 
 run_one() { # workload target round
 	local port=$DPORT out tps profile=
-	[ "$2" = direct ] && port=$PGPORT
+	[[ $2 == direct || $2 == rewritten ]] && port=$PGPORT
 	set_target "$1" "$2"
 	[ "$1,$2" = read,new ] && check_new
 	[ -n "$PERF_OUT" ] && [ "$3" = 1 ] && [[ $2 == dual || $2 == new ]] && profile=$1-$2
@@ -261,8 +273,8 @@ for r in $(seq "$ROUNDS"); do
 	for w in "${WORKLOADS[@]}"; do
 		read -r -a ts <<<"${TARGETS[$w]}"
 		# Rotate the order each round so that no target always runs first (or last).
-		for i in 0 1 2; do
-			run_one "$w" "${ts[$(((i + r) % 3))]}" "$r"
+		for i in "${!ts[@]}"; do
+			run_one "$w" "${ts[$(((i + r) % ${#ts[@]}))]}" "$r"
 		done
 	done
 done
@@ -295,6 +307,7 @@ for w in "${WORKLOADS[@]}"; do
 	for t in "${ts[@]}"; do
 		case $w,$t in
 		*,direct) label=direct ;;
+		write,rewritten) label="direct (rw)" ;;
 		write,*) label="writes=$t" ;;
 		read,*) label="reads=$t" ;;
 		esac
@@ -311,3 +324,8 @@ awk -v o="${MED[write,old]}" -v n="${MED[write,dual]}" -v d="${MED[write,direct]
 	'BEGIN { printf "| write    | %15s | %12.2f | %16.2f |\n", sprintf("dual/old %.2f", n/o), o/d, n/d }'
 awk -v o="${MED[read,old]}" -v n="${MED[read,new]}" -v d="${MED[read,direct]}" \
 	'BEGIN { printf "| read     | %15s | %12.2f | %16.2f |\n", sprintf("new/old %.2f", n/o), o/d, n/d }'
+echo
+echo "The database's own share under writes=dual: direct rewritten/direct" \
+	"$(awk -v a="${MED[write,rewritten]}" -v d="${MED[write,direct]}" 'BEGIN { printf "%.2f", a/d }');" \
+	"pgdual's share: (dual/old) / (direct rewritten/direct) =" \
+	"$(awk -v o="${MED[write,old]}" -v n="${MED[write,dual]}" -v a="${MED[write,rewritten]}" -v d="${MED[write,direct]}" 'BEGIN { printf "%.2f", (n/o)/(a/d) }')"
