@@ -263,6 +263,51 @@ static bool carried(const pd_table_facts_t *t, unsigned col, pd_image_kind_t kin
     return t->generated == NULL || t->generated[col] != 's';
 }
 
+static const char *new_name(const pd__rule_t *r, const char *col);
+
+/* The carried columns' names on new, comma-separated. */
+static void sb_columns(sbuf_t *b, const pd__rule_t *r, const pd_table_facts_t *t,
+                       const unsigned *param)
+{
+    for (unsigned i = 0, k = 0; i < t->ncolumns; i++)
+        if (param[i]) {
+            sb_str(b, k++ ? ", " : "");
+            sb_ident(b, new_name(r, t->columns[i]));
+        }
+}
+
+/* ON CONFLICT (key) DO UPDATE SET every other carried column (or DO NOTHING). */
+static void sb_on_conflict(sbuf_t *b, const pd__rule_t *r, const pd_table_facts_t *t,
+                           const unsigned *param)
+{
+    sb_str(b, " ON CONFLICT (");
+    for (unsigned k = 0; k < t->nkey; k++) {
+        sb_str(b, k ? ", " : "");
+        sb_ident(b, new_name(r, t->columns[t->key[k]]));
+    }
+    unsigned set = 0;
+    for (unsigned i = 0; i < t->ncolumns; i++)
+        if (param[i] && !is_key(t, i)) {
+            sb_str(b, set++ ? ", " : ") DO UPDATE SET ");
+            sb_ident(b, new_name(r, t->columns[i]));
+            sb_str(b, " = EXCLUDED.");
+            sb_ident(b, new_name(r, t->columns[i]));
+        }
+    if (set == 0)
+        sb_str(b, ") DO NOTHING");
+}
+
+/* WHERE key = $n AND ... */
+static void sb_where_key(sbuf_t *b, const pd__rule_t *r, const pd_table_facts_t *t,
+                         const unsigned *param)
+{
+    for (unsigned k = 0; k < t->nkey; k++) {
+        sb_str(b, k ? " AND " : " WHERE ");
+        sb_ident(b, new_name(r, t->columns[t->key[k]]));
+        sb_fmt(b, " = $%u", param[t->key[k]]);
+    }
+}
+
 /* The rule's mapping of an old column to new (renamed or transformed), or NULL. */
 static const pd_column_map_t *mapping(const pd__rule_t *r, const char *col)
 {
@@ -283,7 +328,7 @@ static bool table_mapped(const pd__rule_t *r, const pd_table_facts_t *t)
 /* The new side's name of a column. */
 static const char *new_name(const pd__rule_t *r, const char *col)
 {
-    const pd_column_map_t *m = mapping(r, col);
+    const pd_column_map_t *m = r != NULL ? mapping(r, col) : NULL;
     return m != NULL ? m->new : col;
 }
 
@@ -332,50 +377,24 @@ static char *mapped_image_statement(const pd__rule_t *r, const pd_table_facts_t 
         sb_str(&b, "INSERT INTO ");
         sb_table(&b, t);
         sb_str(&b, " (");
-        for (unsigned i = 0, k = 0; i < t->ncolumns; i++)
-            if (param[i]) {
-                sb_str(&b, k++ ? ", " : "");
-                sb_ident(&b, new_name(r, t->columns[i]));
-            }
+        sb_columns(&b, r, t, param);
         sb_str(&b, ") OVERRIDING SYSTEM VALUE ");
         sb_str(&b, sel.buf != NULL ? sel.buf : "");
-        if (kind == PD_IMAGE_UPSERT) {
-            sb_str(&b, " ON CONFLICT (");
-            for (unsigned k = 0; k < t->nkey; k++) {
-                sb_str(&b, k ? ", " : "");
-                sb_ident(&b, new_name(r, t->columns[t->key[k]]));
-            }
-            unsigned set = 0;
-            for (unsigned i = 0; i < t->ncolumns; i++)
-                if (param[i] && !is_key(t, i)) {
-                    sb_str(&b, set++ ? ", " : ") DO UPDATE SET ");
-                    sb_ident(&b, new_name(r, t->columns[i]));
-                    sb_str(&b, " = EXCLUDED.");
-                    sb_ident(&b, new_name(r, t->columns[i]));
-                }
-            if (set == 0)
-                sb_str(&b, ") DO NOTHING");
-        }
+        if (kind == PD_IMAGE_UPSERT)
+            sb_on_conflict(&b, r, t, param);
     } else if (kind == PD_IMAGE_UPDATE) {
         sb_str(&b, "UPDATE ");
         sb_table(&b, t);
         sb_str(&b, " SET (");
-        for (unsigned i = 0, k = 0; i < t->ncolumns; i++)
-            if (param[i]) {
-                sb_str(&b, k++ ? ", " : "");
-                sb_ident(&b, new_name(r, t->columns[i]));
-            }
+        sb_columns(&b, r, t, param);
         sb_str(&b, ") = (");
         sb_str(&b, sel.buf != NULL ? sel.buf : "");
         sb_str(&b, ")");
+        sb_where_key(&b, r, t, param);
     } else {
         sb_str(&b, "DELETE FROM ");
         sb_table(&b, t);
-    }
-    for (unsigned k = 0; kind != PD_IMAGE_INSERT && kind != PD_IMAGE_UPSERT && k < t->nkey; k++) {
-        sb_str(&b, k ? " AND " : " WHERE ");
-        sb_ident(&b, new_name(r, t->columns[t->key[k]]));
-        sb_fmt(&b, " = $%u", param[t->key[k]]);
+        sb_where_key(&b, r, t, param);
     }
     free(sel.buf);
     if (b.oom || sel.oom) {
@@ -398,33 +417,14 @@ static char *image_statement(const pd_table_facts_t *t, pd_image_kind_t kind)
         sb_str(&b, "INSERT INTO ");
         sb_table(&b, t);
         sb_str(&b, " (");
-        for (unsigned i = 0, k = 0; i < t->ncolumns; i++)
-            if (param[i]) {
-                sb_str(&b, k++ ? ", " : "");
-                sb_ident(&b, t->columns[i]);
-            }
+        sb_columns(&b, NULL, t, param);
         sb_str(&b, ") OVERRIDING SYSTEM VALUE VALUES (");
         for (unsigned i = 0, k = 0; i < t->ncolumns; i++)
             if (param[i])
                 sb_fmt(&b, "%s$%u", k++ ? ", " : "", param[i]);
         sb_str(&b, ")");
-        if (kind == PD_IMAGE_UPSERT) {
-            sb_str(&b, " ON CONFLICT (");
-            for (unsigned k = 0; k < t->nkey; k++) {
-                sb_str(&b, k ? ", " : "");
-                sb_ident(&b, t->columns[t->key[k]]);
-            }
-            unsigned set = 0;
-            for (unsigned i = 0; i < t->ncolumns; i++)
-                if (param[i] && !is_key(t, i)) {
-                    sb_str(&b, set++ ? ", " : ") DO UPDATE SET ");
-                    sb_ident(&b, t->columns[i]);
-                    sb_str(&b, " = EXCLUDED.");
-                    sb_ident(&b, t->columns[i]);
-                }
-            if (set == 0)
-                sb_str(&b, ") DO NOTHING");
-        }
+        if (kind == PD_IMAGE_UPSERT)
+            sb_on_conflict(&b, NULL, t, param);
     } else {
         sb_str(&b, kind == PD_IMAGE_UPDATE ? "UPDATE " : "DELETE FROM ");
         sb_table(&b, t);
@@ -439,11 +439,7 @@ static char *image_statement(const pd_table_facts_t *t, pd_image_kind_t kind)
             free(b.buf);
             return strdup(""); /* a table of key columns only: nothing to update */
         }
-        for (unsigned k = 0; k < t->nkey; k++) {
-            sb_str(&b, k ? " AND " : " WHERE ");
-            sb_ident(&b, t->columns[t->key[k]]);
-            sb_fmt(&b, " = $%u", param[t->key[k]]);
-        }
+        sb_where_key(&b, NULL, t, param);
     }
     if (b.oom) {
         free(b.buf);
