@@ -45,6 +45,9 @@ struct pd_mirror_op {
     bool simple;         /* a Query's text: simple protocol (may hold several statements) */
     bool synthetic;      /* BEGIN/COMMIT put around an implicit transaction */
     bool waited;         /* commit: lockstep: the session waits until it is applied */
+    bool too_big;        /* COPY: more data than a mirror may hold: not replayed, recorded */
+    size_t copy_at;      /* COPY: data (in `sets`) already handed to libpq */
+    bool copy_ended;     /* COPY: PQputCopyEnd done */
     bool applied;        /* it was applied on the mirror as on the authoritative side */
     /* Parameter sets, each in Bind's wire form: nparams x (int32 len, -1 NULL; bytes). */
     pd_buf_t sets;
@@ -84,6 +87,7 @@ struct pd_mirror {
     bool in_txn;      /* a transaction the mirror opened is open */
     bool txn_failed;  /* ...and a statement in it failed on the mirror */
     bool closing;     /* the session ended: close when the queue is empty */
+    bool copying;            /* the head op's COPY data is being sent */
     key_node_t **held_nodes; /* rows written in the open transaction: released at its end */
     unsigned nheld, held_cap;
 };
@@ -524,7 +528,8 @@ static bool finish_head(pd_mirror_t *m)
             record(m->srv, op, "write_outcome");
         }
     } else if (!op->synthetic && op->r != NULL &&
-               (op->r->mirror == PD_MIRROR_WRITE) && strcmp(op->auth_tag, op->mirror_tag) != 0) {
+               (op->r->mirror == PD_MIRROR_WRITE || op->r->mirror == PD_MIRROR_COPY) &&
+               strcmp(op->auth_tag, op->mirror_tag) != 0) {
         record(m->srv, op, "write_outcome");
     } else {
         op->applied = true;
@@ -561,6 +566,46 @@ static void sum_rows(pd_result_sum_t *sum, const PGresult *res)
     }
 }
 
+/* Hands the head op's COPY data to libpq, as far as the socket takes it; then ends it. */
+static void copy_feed(pd_mirror_t *m)
+{
+    pd_mirror_op_t *op = m->head;
+    PGconn *conn = m->backend.conn;
+    while (op->copy_at < op->sets.len) {
+        size_t n = op->sets.len - op->copy_at;
+        int rc = PQputCopyData(conn, (const char *)op->sets.data + op->copy_at,
+                               (int)(n < 65536 ? n : 65536));
+        if (rc < 0) {
+            mirror_die(m, PQerrorMessage(conn));
+            return;
+        }
+        if (rc == 0) {
+            restart_poll(m, UV_READABLE | UV_WRITABLE); /* resumed when writable */
+            return;
+        }
+        op->copy_at += n < 65536 ? n : 65536;
+    }
+    if (!op->copy_ended) {
+        int rc = PQputCopyEnd(conn, NULL);
+        if (rc < 0) {
+            mirror_die(m, PQerrorMessage(conn));
+            return;
+        }
+        if (rc == 0) {
+            restart_poll(m, UV_READABLE | UV_WRITABLE);
+            return;
+        }
+        op->copy_ended = true;
+    }
+    int f = PQflush(conn);
+    if (f < 0) {
+        mirror_die(m, PQerrorMessage(conn));
+        return;
+    }
+    m->copying = false;
+    restart_poll(m, UV_READABLE | (f > 0 ? UV_WRITABLE : 0));
+}
+
 static void read_results(pd_mirror_t *m)
 {
     if (!PQconsumeInput(m->backend.conn)) {
@@ -592,6 +637,11 @@ static void read_results(pd_mirror_t *m)
             if (op->mirror_sqlstate[0] == '\0')
                 copy_state(op->mirror_sqlstate, sizeof op->mirror_sqlstate,
                            PQresultErrorField(res, PG_DIAG_SQLSTATE));
+        } else if (st == PGRES_COPY_IN && op->r != NULL && op->r->mirror == PD_MIRROR_COPY) {
+            PQclear(res);
+            m->copying = true;
+            copy_feed(m); /* may die */
+            return;
         } else if (st == PGRES_COPY_IN || st == PGRES_COPY_OUT || st == PGRES_COPY_BOTH) {
             PQclear(res);
             mirror_die(m, "the mirror started a COPY the proxy cannot feed");
@@ -615,7 +665,11 @@ static void on_poll(uv_poll_t *h, int status, int events)
         mirror_die(m, uv_strerror(status));
         return;
     }
-    if (events & UV_WRITABLE) {
+    if ((events & UV_WRITABLE) && m->copying) {
+        copy_feed(m);
+        if (m->state == M_DEAD || m->copying)
+            return;
+    } else if (events & UV_WRITABLE) {
         int f = PQflush(m->backend.conn);
         if (f < 0) {
             mirror_die(m, PQerrorMessage(m->backend.conn));
@@ -943,6 +997,8 @@ bool pd_mirror_on_query(pd_session_t *s, const pd_sql_result_t *r, const char *s
         }
         e.op = op;
         e.shadow = r->mirror == PD_MIRROR_SHADOW;
+        if (r->mirror == PD_MIRROR_COPY)
+            sm->copy_op = op; /* the client's CopyData is kept for it */
         hold(sm, op);
     }
     return expect_push(sm, e);
@@ -1153,6 +1209,8 @@ bool pd_mirror_on_execute(pd_session_t *s, const uint8_t *body, size_t n, uint32
         e.shadow = op->sums;
         op->seq = seq;
         e.op = op;
+        if (op->r != NULL && op->r->mirror == PD_MIRROR_COPY)
+            sm->copy_op = op;
         hold(sm, op);
     }
     return expect_push(sm, e);
@@ -1354,7 +1412,8 @@ static pd_mirror_op_t *take_held(pd_session_mirror_t *sm, uint32_t seq)
 
 static bool is_write(const pd_mirror_op_t *op)
 {
-    return op->r != NULL && (op->r->mirror == PD_MIRROR_WRITE || op->r->mirror == PD_MIRROR_IMAGE);
+    return op->r != NULL && (op->r->mirror == PD_MIRROR_WRITE ||
+                             op->r->mirror == PD_MIRROR_IMAGE || op->r->mirror == PD_MIRROR_COPY);
 }
 
 static pd_mirror_op_t *synthetic(const char *sql, const pd_mirror_op_t *like)
@@ -1432,7 +1491,7 @@ static void note_touched(pd_session_t *s, const pd_mirror_op_t *op)
         return;
     const char *rule = s->srv->cfg->rules[op->rule].name;
     if (r->mirror != PD_MIRROR_IMAGE) {
-        if (r->mirror == PD_MIRROR_WRITE) {
+        if (r->mirror == PD_MIRROR_WRITE || r->mirror == PD_MIRROR_COPY) {
             /* Which rows a verbatim write touched is not known: its tables are unknown. */
             for (const pd_table_facts_t *f = &s->srv->facts[op->rule].table; f != NULL;
                  f = f->next) {
@@ -1533,6 +1592,11 @@ static void release_batch(pd_session_t *s, uint32_t seq, uint8_t status_before, 
         }
         if (applied)
             note_touched(s, op);
+        if (applied && op->too_big) {
+            record(s->srv, op, "mirror_unapplied");
+            op_free(op);
+            continue;
+        }
         /* Row images of a statement that touched no row: nothing to apply. */
         bool empty = op->r != NULL && op->r->mirror == PD_MIRROR_IMAGE && op->nsets == 0;
         if (!applied || empty) {
@@ -1545,6 +1609,32 @@ static void release_batch(pd_session_t *s, uint32_t seq, uint8_t status_before, 
         pd_mirror_op_t *commit = synthetic("COMMIT", last);
         if (commit != NULL)
             push_release(s, m, commit);
+    }
+}
+
+void pd_mirror_on_copy(pd_session_t *s, uint8_t type, const uint8_t *body, size_t n)
+{
+    pd_session_mirror_t *sm = &s->mir;
+    pd_mirror_op_t *op = sm->copy_op;
+    if (op == NULL)
+        return;
+    if (type != PD_FE_COPY_DATA) {
+        sm->copy_op = NULL; /* CopyDone or CopyFail: the data is complete */
+        return;
+    }
+    if (op->too_big)
+        return;
+    if (op->sets.len + n > QUEUE_MAX_BYTES) {
+        op->too_big = true;
+        pd_buf_free(&op->sets);
+        pd_buf_init(&op->sets);
+        return;
+    }
+    pd_buf_put(&op->sets, body, n);
+    if (!pd_buf_ok(&op->sets)) {
+        op->too_big = true;
+        pd_buf_free(&op->sets);
+        pd_buf_init(&op->sets);
     }
 }
 
@@ -1640,6 +1730,7 @@ void pd_mirror_session_end(pd_session_t *s)
         op_free(op);
     }
     sm->held_tail = NULL;
+    sm->copy_op = NULL;
     while (sm->portals != NULL) {
         pd_portal_t *p = sm->portals;
         sm->portals = p->next;

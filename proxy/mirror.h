@@ -69,6 +69,7 @@ typedef struct {
     bool commit_done;  /* ... which is done: route the COMMIT now */
     bool skip_end;     /* the COMMIT that follows needs no replay */
     bool poisoned;     /* the mirror failed in this transaction (on_failure: fail) */
+    pd_mirror_op_t *copy_op; /* COPY FROM STDIN in progress: its data is kept (held op) */
     int image_format;                 /* result format of image columns in this batch's Bind */
 } pd_session_mirror_t;
 
@@ -123,6 +124,10 @@ int pd_mirror_commit_first(pd_session_t *s, const pd_sql_result_t *r, const char
 bool pd_mirror_refuses(pd_session_t *s, const pd_sql_result_t *r);
 /* The refusal for those two cases. */
 pd_sql_result_t *pd_mirror_refusal(pd_session_t *s, int rule);
+/* A whole CopyData, CopyDone or CopyFail from the client (kept for a mirrored COPY). */
+void pd_mirror_on_copy(pd_session_t *s, uint8_t type, const uint8_t *body, size_t n);
+/* Is the client's COPY data being kept (CopyData must then be seen whole)? */
+#define pd_mirror_copying(s) ((s)->mir.copy_op != NULL)
 /* The plan of a bound portal, or NULL. */
 const pd_sql_result_t *pd_mirror_portal_plan(pd_session_t *s, const char *name);
 

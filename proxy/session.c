@@ -1167,6 +1167,13 @@ static int scan_client(pd_session_t *s)
                                           : route_parse(s, p, (size_t)total);
             } else if (h.type == PD_FE_BIND || h.type == PD_FE_CLOSE) {
                 r = route_bind_close(s, p, h.type, (size_t)total);
+            } else if ((h.type == PD_FE_COPY_DATA || h.type == PD_FE_COPY_DONE ||
+                        h.type == PD_FE_COPY_FAIL) &&
+                       pd_mirror_copying(s)) {
+                if (total > avail)
+                    break; /* kept for the mirror: looked at whole */
+                pd_mirror_on_copy(s, h.type, p->buf + p->scan + PD_MSG_HEADER_LEN,
+                                  (size_t)total - PD_MSG_HEADER_LEN);
             } else if (h.type == PD_FE_EXECUTE || h.type == PD_FE_DESCRIBE) {
                 if (s->mir.on && total > avail)
                     break; /* small: looked at whole */

@@ -78,6 +78,7 @@ typedef enum {
     PD_MIRROR_WRITE,    /* a deterministic write: replayed verbatim */
     PD_MIRROR_IMAGE,    /* a write replayed as row images captured with RETURNING */
     PD_MIRROR_SHADOW,   /* reads=shadow: a pure read of the rule's tables, run on new too */
+    PD_MIRROR_COPY,     /* COPY ... FROM STDIN: the same data replayed verbatim */
 } pd_mirror_kind_t;
 
 typedef enum {

@@ -640,6 +640,47 @@ static bool find_rule_dml(pd__node_t *n, void *arg)
     return !d->found;
 }
 
+static bool copy_names(const PgQuery__CopyStmt *c, const char *col)
+{
+    for (size_t i = 0; i < c->n_attlist; i++)
+        if (pd__str(c->attlist[i]) != NULL && strcmp(pd__str(c->attlist[i]), col) == 0)
+            return true;
+    return false;
+}
+
+/*
+ * COPY ... FROM STDIN into a rule table: the client's data is replayed verbatim on new,
+ * which gives the same rows when every column left out takes a default that is the same
+ * everywhere (not a sequence, identity, now()...), the table's columns are not mapped,
+ * and a WHERE clause calls nothing that differs. Files and programs on the server are
+ * not the client's to replay.
+ */
+static void plan_copy(pd__ctx_t *ctx, const pd__rule_t *r, const PgQuery__CopyStmt *c)
+{
+    bool member = false;
+    const pd_table_facts_t *t = table_of(r, c->relation, &member);
+    const char *why = NULL;
+    if (c->filename != NULL && c->filename[0] != '\0')
+        why = c->is_program ? "a program run by the server" : "a file on the server";
+    else if (t == NULL || !t->loaded)
+        why = "a table whose catalog facts are unknown";
+    else if (table_mapped(r, t))
+        why = "a table whose columns are renamed or transformed on the new side";
+    else if (local_part(r, c->where_clause != NULL ? &c->where_clause->base : NULL) != NULL)
+        why = "a WHERE clause that depends on where it runs";
+    for (unsigned i = 0; why == NULL && t != NULL && i < t->ncolumns; i++)
+        if (c->n_attlist > 0 && !copy_names(c, t->columns[i]) &&
+            !default_same_everywhere(r, t, i))
+            why = "a column left to a default that differs between servers (a sequence, "
+                  "identity, now(), ...); list it in the COPY with its values";
+    if (why != NULL) {
+        refuse_mirror(ctx, r, keep_hint, "COPY FROM into %s reads %s", c->relation->relname,
+                      why);
+        return;
+    }
+    ctx->mirror = PD_MIRROR_COPY;
+}
+
 static void plan_other(pd__ctx_t *ctx, const pd__rule_t *r, pd__node_t *stmt)
 {
     if (stmt->node_case == PG_QUERY__NODE__NODE_TRUNCATE_STMT) {
@@ -670,8 +711,7 @@ static void plan_other(pd__ctx_t *ctx, const pd__rule_t *r, pd__node_t *stmt)
         if (member) {
             ctx->is_write = true;
             ctx->mirror_rule = r->index;
-            refuse_mirror(ctx, r, keep_hint, "COPY FROM into %s is not mirrored yet",
-                          c->relation->relname);
+            plan_copy(ctx, r, c);
         }
         return;
     }

@@ -608,6 +608,36 @@ class MirrorClientGoneTest(unittest.TestCase):
             pdtest.wait_for(settled, 10, what="every write old kept to be on new or recorded")
 
 
+class MirrorCopyTest(unittest.TestCase):
+    """COPY FROM STDIN into a rule table: the client's data replayed verbatim on new."""
+
+    def test_copy_from_stdin_mirrored_or_refused(self):
+        reset_schema()
+        with RulesProxy(rules=[tables_rule()], databases=databases()) as p:
+            conn = pdtest.connect(p.port)
+            conn.autocommit = True
+            cur = conn.cursor()
+            rows = "".join("%d\t%d\t2026-01-01 00:00:%02d+00\t%s\tnote %d\n"
+                           % (i, i * 10, i % 60, "00000000-0000-0000-0000-%012d" % i, i)
+                           for i in range(1, 2001))
+            import io
+            cur.copy_expert("COPY mt_orders (id, total, created_at, token, note) FROM STDIN",
+                            io.StringIO(rows))
+            self.assertEqual(cur.rowcount, 2000)
+            cur.copy_expert("COPY mt_log (at, msg) FROM STDIN WITH (FORMAT csv)",
+                            io.StringIO("2026-01-01 10:00:00+00,a\n2026-01-02 10:00:00+00,b\n"))
+            # A default that differs between servers cannot be replayed: refused.
+            with self.assertRaises(psycopg2.Error) as cm:
+                cur.copy_expert("COPY mt_orders (total) FROM STDIN", io.StringIO("5\n"))
+            self.assertEqual(cm.exception.pgcode, "0A000")
+            conn.close()
+            wait_match(p, "COPY data mirrored")
+            self.assertEqual(table_md5("app2", "mt_orders")[1], 2000)
+            st = counters(p)
+            self.assertEqual((st["mirror_diverged"], st["mirror_proxy_errors"]), (0, 0),
+                             p.divergence())
+
+
 class MirrorRefusalTest(unittest.TestCase):
     def test_what_cannot_be_replayed_is_refused(self):
         reset_schema()

@@ -241,6 +241,8 @@ static const char *mirror_text(const pd_sql_result_t *r)
         return image[r->image];
     case PD_MIRROR_SHADOW:
         return "shadow";
+    case PD_MIRROR_COPY:
+        return "copy";
     default:
         return NULL;
     }
