@@ -27,6 +27,11 @@
 #include "proxy/server.h"
 #include "proxy/session.h"
 
+static uint32_t get32be(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
 #define QUEUE_MAX_OPS   10000            /* statements a mirror may trail by */
 #define QUEUE_MAX_BYTES (64u * 1024 * 1024) /* bytes of statements and rows it may hold */
 
@@ -61,6 +66,8 @@ struct pd_mirror_op {
     /* reads=shadow: both results summed (rows, multiset hash, tag) */
     pd_result_sum_t auth_sum, mirror_sum;
     bool sums;
+    uint32_t *col_types; /* the authoritative result's column types (RowDescription) */
+    unsigned ncols;
     /* The mirror's. */
     size_t set_at;     /* offset of the next set in `sets` */
     unsigned sets_sent;
@@ -275,6 +282,7 @@ static void op_free(pd_mirror_op_t *op)
         pd_result_sum_free(&op->auth_sum);
         pd_result_sum_free(&op->mirror_sum);
     }
+    free(op->col_types);
     pd_sql_result_release(op->r);
     free(op->sql);
     free(op->stmt);
@@ -541,29 +549,120 @@ static bool finish_head(pd_mirror_t *m)
     return released;
 }
 
-/* Feeds a result's rows to a summary exactly as DataRow bodies would arrive (text). */
-static void sum_rows(pd_result_sum_t *sum, const PGresult *res)
+#define OID_FLOAT4      700
+#define OID_FLOAT8      701
+#define OID_TIME        1083
+#define OID_TIMESTAMP   1114
+#define OID_TIMESTAMPTZ 1184
+#define OID_TIMETZ      1266
+
+/*
+ * Feeds one text value of a row to a summary (int32 length, bytes, as in a DataRow),
+ * normalized for what legitimately differs between two servers: float text past 15
+ * (float8) or 6 (float4) significant digits, and fractional seconds past milliseconds.
+ */
+static void feed_value(pd_result_sum_t *sum, uint32_t type, const char *v, int32_t len)
+{
+    char norm[64];
+    if (len >= 0 && (size_t)len < sizeof norm &&
+        (type == OID_FLOAT4 || type == OID_FLOAT8)) {
+        char text[64];
+        memcpy(text, v, (size_t)len);
+        text[len] = '\0';
+        char *end = NULL;
+        double d = strtod(text, &end);
+        if (end != NULL && *end == '\0') {
+            len = snprintf(norm, sizeof norm, "%.*g", type == OID_FLOAT4 ? 6 : 15, d);
+            v = norm;
+        }
+    } else if (len >= 0 && (size_t)len < sizeof norm &&
+               (type == OID_TIME || type == OID_TIMESTAMP || type == OID_TIMESTAMPTZ ||
+                type == OID_TIMETZ)) {
+        const char *dot = memchr(v, '.', (size_t)len);
+        if (dot != NULL) {
+            size_t head = (size_t)(dot - v) + 1, digits = 0;
+            while (head + digits < (size_t)len && v[head + digits] >= '0' &&
+                   v[head + digits] <= '9')
+                digits++;
+            size_t keep = digits < 3 ? digits : 3;
+            memcpy(norm, v, head + keep);
+            memcpy(norm + head + keep, v + head + digits, (size_t)len - head - digits);
+            len = (int32_t)((size_t)len - (digits - keep));
+            v = norm;
+        }
+    }
+    uint8_t h[4] = {(uint8_t)((uint32_t)len >> 24), (uint8_t)((uint32_t)len >> 16),
+                    (uint8_t)((uint32_t)len >> 8), (uint8_t)len};
+    pd_result_row_feed(sum, h, 4);
+    if (len > 0)
+        pd_result_row_feed(sum, v, (size_t)len);
+}
+
+static void feed_row_head(pd_result_sum_t *sum, unsigned ncols)
+{
+    uint8_t h[2] = {(uint8_t)(ncols >> 8), (uint8_t)ncols};
+    pd_result_row_begin(sum);
+    pd_result_row_feed(sum, h, 2);
+}
+
+/* The mirror's rows, fed as the authoritative side's DataRows were (text; normalized
+   when the authoritative side's column types were known, so that both are alike). */
+static void sum_rows(pd_mirror_op_t *op, const PGresult *res)
 {
     int nf = PQnfields(res);
+    bool typed = op->ncols == (unsigned)nf;
     for (int row = 0; row < PQntuples(res); row++) {
-        uint8_t head[4];
-        pd_result_row_begin(sum);
-        head[0] = (uint8_t)(nf >> 8);
-        head[1] = (uint8_t)nf;
-        pd_result_row_feed(sum, head, 2);
-        for (int f = 0; f < nf; f++) {
-            uint32_t len = PQgetisnull(res, row, f) ? 0xffffffffu
-                                                     : (uint32_t)PQgetlength(res, row, f);
-            head[0] = (uint8_t)(len >> 24);
-            head[1] = (uint8_t)(len >> 16);
-            head[2] = (uint8_t)(len >> 8);
-            head[3] = (uint8_t)len;
-            pd_result_row_feed(sum, head, 4);
-            if (len != 0xffffffffu)
-                pd_result_row_feed(sum, PQgetvalue(res, row, f), len);
-        }
-        pd_result_row_end(sum);
+        feed_row_head(&op->mirror_sum, (unsigned)nf);
+        for (int f = 0; f < nf; f++)
+            feed_value(&op->mirror_sum, typed ? PQftype(res, f) : 0, PQgetvalue(res, row, f),
+                       PQgetisnull(res, row, f) ? -1 : PQgetlength(res, row, f));
+        pd_result_row_end(&op->mirror_sum);
     }
+}
+
+/* The authoritative side's DataRow, normalized with the types of its RowDescription. */
+static void sum_data_row(pd_mirror_op_t *op, const uint8_t *body, size_t n)
+{
+    pd_be_data_row_t row;
+    const char *err = NULL;
+    if (pd_be_data_row_decode(body, n, &row, &err) != PD_DECODE_OK) {
+        pd_result_row_begin(&op->auth_sum);
+        pd_result_row_feed(&op->auth_sum, body, n); /* differs from any mirror row */
+        pd_result_row_end(&op->auth_sum);
+        return;
+    }
+    feed_row_head(&op->auth_sum, row.ncolumns);
+    const uint8_t *p = row.columns;
+    for (unsigned i = 0; i < row.ncolumns; i++) {
+        int32_t len = (int32_t)((uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
+                                (uint32_t)p[2] << 8 | p[3]);
+        p += 4;
+        uint32_t type = op->ncols == row.ncolumns ? op->col_types[i] : 0;
+        feed_value(&op->auth_sum, type, (const char *)p, len);
+        p += len < 0 ? 0 : (size_t)len;
+    }
+    pd_result_row_end(&op->auth_sum);
+}
+
+/* The column types of a shadow read's RowDescription, for normalizing its rows. */
+static void note_types(pd_mirror_op_t *op, const uint8_t *body, size_t n)
+{
+    pd_be_row_description_t d;
+    const char *err = NULL;
+    if (pd_be_row_description_decode(body, n, &d, &err) != PD_DECODE_OK)
+        return;
+    uint32_t *types = calloc((size_t)d.nfields + 1, sizeof *types);
+    if (types == NULL)
+        return;
+    const uint8_t *p = d.fields;
+    for (unsigned i = 0; i < d.nfields; i++) {
+        p += strlen((const char *)p) + 1 + 4 + 2; /* name, table oid, attnum */
+        types[i] = get32be(p);
+        p += 4 + 2 + 4 + 2; /* type oid, typlen, typmod, format */
+    }
+    free(op->col_types);
+    op->col_types = types;
+    op->ncols = d.nfields;
 }
 
 /* Hands the head op's COPY data to libpq, as far as the socket takes it; then ends it. */
@@ -648,7 +747,7 @@ static void read_results(pd_mirror_t *m)
             return;
         } else {
             if (op->sums && st == PGRES_TUPLES_OK)
-                sum_rows(&op->mirror_sum, res);
+                sum_rows(op, res);
             copy_state(op->mirror_tag, sizeof op->mirror_tag, PQcmdStatus(res));
             const char *tuples = PQcmdTuples(res);
             if (tuples != NULL && tuples[0] != '\0')
@@ -1351,6 +1450,8 @@ int pd_mirror_on_server(pd_session_t *s, uint32_t seq, uint8_t type, const uint8
         return 0;
     switch (type) {
     case PD_BE_ROW_DESCRIPTION: {
+        if (e->shadow && e->op != NULL)
+            note_types(e->op, body, n);
         if (!e->image) {
             if (e->kind == 'D')
                 expect_pop(sm);
@@ -1373,9 +1474,7 @@ int pd_mirror_on_server(pd_session_t *s, uint32_t seq, uint8_t type, const uint8
         return 0;
     case PD_BE_DATA_ROW:
         if (e->shadow && e->op != NULL) {
-            pd_result_row_begin(&e->op->auth_sum);
-            pd_result_row_feed(&e->op->auth_sum, body, n);
-            pd_result_row_end(&e->op->auth_sum);
+            sum_data_row(e->op, body, n);
             return 0;
         }
         return e->image && e->kind != 'D' ? take_image(e->op, e, body, n, out, out_len) : 0;

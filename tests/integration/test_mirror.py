@@ -638,6 +638,42 @@ class MirrorCopyTest(unittest.TestCase):
                              p.divergence())
 
 
+class MirrorShadowNormalizeTest(unittest.TestCase):
+    """Shadow comparisons tolerate what legitimately differs between servers: float text
+    past 15 significant digits and fractional seconds past milliseconds; not more."""
+
+    def test_last_digit_and_precision(self):
+        for db in ("app", "app2"):
+            pdtest.direct_query("DROP TABLE IF EXISTS mt_measure; CREATE TABLE mt_measure "
+                                "(id int PRIMARY KEY, v float8, at timestamptz)", dbname=db)
+        rule = tables_rule(tables=["public.mt_measure"], reads="shadow")
+        with RulesProxy(rules=[rule], databases=databases(), sample=1.0) as p:
+            conn = pdtest.connect(p.port)
+            conn.autocommit = True
+            cur = conn.cursor()
+            cur.execute("INSERT INTO mt_measure VALUES (1, 0.3, '2026-01-01 10:00:00.123456+00')")
+
+            def read_and_count():
+                before = counters(p)["shadow_compared"]
+                cur.execute("SELECT v, at FROM mt_measure")
+                pdtest.wait_for(lambda: counters(p)["shadow_compared"] > before, 10,
+                                what="a shadow comparison")
+                return counters(p)["shadow_mismatched"]
+
+            self.assertEqual(read_and_count(), 0)
+            # One ulp and a microsecond apart on new: the same to a comparison.
+            pdtest.direct_query("UPDATE mt_measure SET v = 0.1::float8 + 0.2::float8, "
+                                "at = at + interval '1 microsecond'", dbname="app2")
+            self.assertEqual(read_and_count(), 0, p.divergence())
+            # A real difference is still one.
+            pdtest.direct_query("UPDATE mt_measure SET v = 0.31", dbname="app2")
+            self.assertEqual(read_and_count(), 1)
+            pdtest.direct_query("UPDATE mt_measure SET v = 0.1::float8 + 0.2::float8, "
+                                "at = at + interval '5 milliseconds'", dbname="app2")
+            self.assertEqual(read_and_count(), 2)
+            conn.close()
+
+
 class MirrorRefusalTest(unittest.TestCase):
     def test_what_cannot_be_replayed_is_refused(self):
         reset_schema()
