@@ -6,6 +6,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 
+#include "proxy/mirror.h"
 #include "rules/catalog.h"
 #include "rules/sql.h"
 
@@ -59,6 +60,16 @@ static void render_rules(const pd_server_t *srv, pd_buf_t *out)
         put(out, "pgdual_shadow_reads_total{rule=\"%s\",outcome=\"skipped\"} %llu\n", name,
             (unsigned long long)st->shadow_skipped);
     }
+    pd_mirror_totals_t mt;
+    pd_mirror_totals(srv, &mt);
+    help(out, "pgdual_mirror_connections", "gauge",
+         "Mirror connections of tables rules by state (detached: its session lives on).");
+    put(out, "pgdual_mirror_connections{state=\"open\"} %u\n", mt.open);
+    put(out, "pgdual_mirror_connections{state=\"connecting\"} %u\n", mt.connecting);
+    put(out, "pgdual_mirror_connections{state=\"detached\"} %u\n", mt.detached);
+    help(out, "pgdual_mirror_queued_statements", "gauge",
+         "Statements released to mirrors and not applied yet (how far new trails).");
+    put(out, "pgdual_mirror_queued_statements %llu\n", mt.queued);
     help(out, "pgdual_mirrored_statements_total", "counter",
          "Statements replayed on a tables rule's mirror.");
     for (unsigned i = 0; i < cfg->rule_count; i++)

@@ -19,6 +19,7 @@
 #include "admin/jobs_cmd.h"
 #include "admin/render.h"
 #include "proxy/log.h"
+#include "proxy/mirror.h"
 #include "proxy/session.h"
 #include "rules/catalog.h"
 #include "rules/state.h"
@@ -102,6 +103,12 @@ static json_t *cmd_status(pd_server_t *srv, int argc, char **argv)
     json_object_set_new(r, "sessions_total", json_integer((json_int_t)srv->total_sessions));
     json_object_set_new(r, "databases", dbs);
     json_object_set_new(r, "rules", json_integer(srv->cfg->rule_count));
+    pd_mirror_totals_t mt;
+    pd_mirror_totals(srv, &mt);
+    json_object_set_new(r, "mirrors",
+                        json_pack("{s:i, s:i, s:i, s:I}", "open", (int)mt.open, "connecting",
+                                  (int)mt.connecting, "detached", (int)mt.detached, "queued",
+                                  (json_int_t)mt.queued));
     json_t *counters = pd_render_rule_stats(srv);
     json_object_set(r, "rule_counters", json_object_get(counters, "rules"));
     json_object_set(r, "rewrite_cache", json_object_get(counters, "rewrite_cache"));

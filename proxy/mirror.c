@@ -1854,6 +1854,20 @@ void pd_mirror_session_end(pd_session_t *s)
         mirror_die(m, NULL);
 }
 
+void pd_mirror_totals(const pd_server_t *srv, pd_mirror_totals_t *out)
+{
+    *out = (pd_mirror_totals_t){0};
+    for (const pd_mirror_t *m = srv->mirrors; m != NULL; m = m->next) {
+        if (m->state == M_READY)
+            out->open++;
+        else if (m->state == M_CONNECTING)
+            out->connecting++;
+        else if (m->session != NULL)
+            out->detached++;
+        out->queued += m->queued;
+    }
+}
+
 void pd_mirror_close_all(pd_server_t *srv)
 {
     while (srv->mirrors != NULL) {

@@ -134,6 +134,14 @@ const pd_sql_result_t *pd_mirror_portal_plan(pd_session_t *s, const char *name);
 /* The session ends: its mirror drains what is queued and closes on its own. */
 void pd_mirror_session_end(pd_session_t *s);
 
+/* The mirrors of the server, for status (and the switchover guardrails): connections
+   open, connecting, detached (dead while their session lives), statements queued. */
+typedef struct {
+    unsigned open, connecting, detached;
+    unsigned long long queued;
+} pd_mirror_totals_t;
+void pd_mirror_totals(const pd_server_t *srv, pd_mirror_totals_t *out);
+
 /* Server shutdown: every mirror closes now, recording what it had not applied. */
 void pd_mirror_close_all(pd_server_t *srv);
 

@@ -13,6 +13,7 @@ import struct
 import threading
 import time
 import unittest
+import urllib.request
 
 import psycopg2
 
@@ -159,6 +160,11 @@ class MirrorTest(unittest.TestCase):
         conn.close()
         wait_match(self.proxy, "every write form mirrored")
         self.assertEqual(table_md5("app", "mt_orders")[1], 4)
+        mirrors = self.proxy.ctl_json("status")["mirrors"]
+        self.assertEqual((mirrors["queued"], mirrors["detached"]), (0, 0), mirrors)
+        body = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % self.proxy.metrics_port,
+                                      timeout=5).read().decode()
+        self.assertIn("pgdual_mirror_queued_statements 0", body)
         st = counters(self.proxy)
         self.assertEqual(st["mirror_diverged"], 0, self.proxy.divergence())
         self.assertEqual(st["mirror_unapplied"], 0)
