@@ -149,17 +149,16 @@ json_t *pd_render_rule_stats(const pd_server_t *srv)
     json_t *rules = json_object();
     for (unsigned i = 0; i < srv->cfg->rule_count; i++) {
         const pd_rule_stats_t *st = &srv->stats[i];
-        json_object_set_new(rules, srv->cfg->rules[i].name,
-                            json_pack("{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}",
-                                      "passed", (json_int_t)st->passed, "rewritten",
-                                      (json_int_t)st->rewritten, "refused", (json_int_t)st->refused,
-                                      "shadow_compared", (json_int_t)st->shadow_compared,
-                                      "shadow_mismatched", (json_int_t)st->shadow_mismatched,
-                                      "shadow_skipped", (json_int_t)st->shadow_skipped,
-                                      "mirrored", (json_int_t)st->mirrored, "mirror_diverged",
-                                      (json_int_t)st->mirror_diverged, "mirror_unapplied",
-                                      (json_int_t)st->mirror_unapplied, "mirror_proxy_errors",
-                                      (json_int_t)st->mirror_proxy_errors));
+        json_object_set_new(
+            rules, srv->cfg->rules[i].name,
+            json_pack("{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}", "passed",
+                      (json_int_t)st->passed, "rewritten", (json_int_t)st->rewritten, "refused",
+                      (json_int_t)st->refused, "shadow_compared", (json_int_t)st->shadow_compared,
+                      "shadow_mismatched", (json_int_t)st->shadow_mismatched, "shadow_skipped",
+                      (json_int_t)st->shadow_skipped, "mirrored", (json_int_t)st->mirrored,
+                      "mirror_diverged", (json_int_t)st->mirror_diverged, "mirror_unapplied",
+                      (json_int_t)st->mirror_unapplied, "mirror_proxy_errors",
+                      (json_int_t)st->mirror_proxy_errors));
     }
     pd_sql_stats_t cs = {0};
     if (srv->sql != NULL)

@@ -341,14 +341,13 @@ static json_t *cmd_divergence(pd_server_t *srv, int argc, char **argv)
         if (rule != NULL && strcmp(rule, srv->cfg->rules[i].name) != 0)
             continue;
         const pd_rule_stats_t *st = &srv->stats[i];
-        json_array_append_new(counts,
-                              json_pack("{s:s, s:I, s:I, s:I, s:I, s:I}", "rule",
-                                        srv->cfg->rules[i].name, "shadow_mismatched",
-                                        (json_int_t)st->shadow_mismatched, "shadow_compared",
-                                        (json_int_t)st->shadow_compared, "shadow_skipped",
-                                        (json_int_t)st->shadow_skipped, "mirror_diverged",
-                                        (json_int_t)st->mirror_diverged, "mirror_unapplied",
-                                        (json_int_t)st->mirror_unapplied));
+        json_array_append_new(
+            counts, json_pack("{s:s, s:I, s:I, s:I, s:I, s:I}", "rule", srv->cfg->rules[i].name,
+                              "shadow_mismatched", (json_int_t)st->shadow_mismatched,
+                              "shadow_compared", (json_int_t)st->shadow_compared, "shadow_skipped",
+                              (json_int_t)st->shadow_skipped, "mirror_diverged",
+                              (json_int_t)st->mirror_diverged, "mirror_unapplied",
+                              (json_int_t)st->mirror_unapplied));
     }
     json_t *r = reply_ok();
     json_object_set_new(r, "counters", counts);

@@ -19,41 +19,47 @@
 
 #include "admin/jobs.h"
 #include "proxy/backend.h"
-#include "rules/catalog.h"
-#include "rules/touched.h"
 #include "proxy/compare.h"
 #include "proxy/log.h"
 #include "proxy/route.h"
 #include "proxy/server.h"
 #include "proxy/session.h"
+#include "rules/catalog.h"
+#include "rules/touched.h"
 
 static uint32_t get32be(const uint8_t *p)
 {
     return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
 }
 
-#define QUEUE_MAX_OPS   10000            /* statements a mirror may trail by */
+/* A value's length in wire form (-1: NULL). */
+static int32_t wire_len(const uint8_t *p)
+{
+    return (int32_t)get32be(p);
+}
+
+#define QUEUE_MAX_OPS   10000               /* statements a mirror may trail by */
 #define QUEUE_MAX_BYTES (64u * 1024 * 1024) /* bytes of statements and rows it may hold */
 
 typedef struct key_node key_node_t;
 
 struct pd_mirror_op {
     pd_mirror_op_t *next;
-    pd_mirror_t *m;      /* the mirror it was queued on (gated ops) */
-    key_node_t **nodes;  /* its places in the rows' queues (gated ops), owned */
+    pd_mirror_t *m;     /* the mirror it was queued on (gated ops) */
+    key_node_t **nodes; /* its places in the rows' queues (gated ops), owned */
     unsigned nnodes;
-    uint32_t seq;        /* the session's batch */
-    pd_sql_result_t *r;  /* the plan, referenced */
+    uint32_t seq;       /* the session's batch */
+    pd_sql_result_t *r; /* the plan, referenced */
     int rule;
-    char *sql;           /* what the mirror runs */
-    char *stmt;          /* the client's statement, for the divergence log (normalized there) */
-    bool simple;         /* a Query's text: simple protocol (may hold several statements) */
-    bool synthetic;      /* BEGIN/COMMIT put around an implicit transaction */
-    bool waited;         /* commit: lockstep: the session waits until it is applied */
-    bool too_big;        /* COPY: more data than a mirror may hold: not replayed, recorded */
-    size_t copy_at;      /* COPY: data (in `sets`) already handed to libpq */
-    bool copy_ended;     /* COPY: PQputCopyEnd done */
-    bool applied;        /* it was applied on the mirror as on the authoritative side */
+    char *sql;       /* what the mirror runs */
+    char *stmt;      /* the client's statement, for the divergence log (normalized there) */
+    bool simple;     /* a Query's text: simple protocol (may hold several statements) */
+    bool synthetic;  /* BEGIN/COMMIT put around an implicit transaction */
+    bool waited;     /* commit: lockstep: the session waits until it is applied */
+    bool too_big;    /* COPY: more data than a mirror may hold: not replayed, recorded */
+    size_t copy_at;  /* COPY: data (in `sets`) already handed to libpq */
+    bool copy_ended; /* COPY: PQputCopyEnd done */
+    bool applied;    /* it was applied on the mirror as on the authoritative side */
     /* Parameter sets, each in Bind's wire form: nparams x (int32 len, -1 NULL; bytes). */
     pd_buf_t sets;
     unsigned nsets, nparams;
@@ -69,7 +75,7 @@ struct pd_mirror_op {
     uint32_t *col_types; /* the authoritative result's column types (RowDescription) */
     unsigned ncols;
     /* The mirror's. */
-    size_t set_at;     /* offset of the next set in `sets` */
+    size_t set_at; /* offset of the next set in `sets` */
     unsigned sets_sent;
     uint64_t mirror_rows;
     char mirror_tag[64];
@@ -91,9 +97,9 @@ struct pd_mirror {
     unsigned queued;
     size_t queued_bytes;
     bool busy;
-    bool in_txn;      /* a transaction the mirror opened is open */
-    bool txn_failed;  /* ...and a statement in it failed on the mirror */
-    bool closing;     /* the session ended: close when the queue is empty */
+    bool in_txn;             /* a transaction the mirror opened is open */
+    bool txn_failed;         /* ...and a statement in it failed on the mirror */
+    bool closing;            /* the session ended: close when the queue is empty */
     bool copying;            /* the head op's COPY data is being sent */
     key_node_t **held_nodes; /* rows written in the open transaction: released at its end */
     unsigned nheld, held_cap;
@@ -114,7 +120,7 @@ struct pd_mirror {
 struct key_node {
     key_node_t *prev, *next; /* the row's queue, oldest first */
     struct key_entry *entry;
-    pd_mirror_t *m;          /* whose image */
+    pd_mirror_t *m; /* whose image */
 };
 
 typedef struct key_entry {
@@ -445,8 +451,7 @@ static bool send_head(pd_mirror_t *m)
         int lengths[op->nparams + 1];
         const uint8_t *p = op->sets.data + op->set_at;
         for (unsigned i = 0; i < op->nparams; i++) {
-            int32_t len = (int32_t)((uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
-                                    (uint32_t)p[2] << 8 | p[3]);
+            int32_t len = wire_len(p);
             p += 4;
             values[i] = len < 0 ? NULL : (const char *)p;
             lengths[i] = len < 0 ? 0 : len;
@@ -498,8 +503,8 @@ static void finish_shadow(pd_mirror_t *m, pd_mirror_op_t *op, pd_rule_stats_t *s
     if (st != NULL)
         st->shadow_mismatched++;
     pd_log_info(m->tag, "shadow read differs for rule \"%s\"", rule_name(m->srv, op->rule));
-    pd_divergence_record(m->srv->divergence, rule_name(m->srv, op->rule), "shadow_read",
-                         op->stmt, a, b);
+    pd_divergence_record(m->srv->divergence, rule_name(m->srv, op->rule), "shadow_read", op->stmt,
+                         a, b);
 }
 
 static bool finish_head(pd_mirror_t *m)
@@ -564,8 +569,7 @@ static bool finish_head(pd_mirror_t *m)
 static void feed_value(pd_result_sum_t *sum, uint32_t type, const char *v, int32_t len)
 {
     char norm[64];
-    if (len >= 0 && (size_t)len < sizeof norm &&
-        (type == OID_FLOAT4 || type == OID_FLOAT8)) {
+    if (len >= 0 && (size_t)len < sizeof norm && (type == OID_FLOAT4 || type == OID_FLOAT8)) {
         char text[64];
         memcpy(text, v, (size_t)len);
         text[len] = '\0';
@@ -634,8 +638,7 @@ static void sum_data_row(pd_mirror_op_t *op, const uint8_t *body, size_t n)
     feed_row_head(&op->auth_sum, row.ncolumns);
     const uint8_t *p = row.columns;
     for (unsigned i = 0; i < row.ncolumns; i++) {
-        int32_t len = (int32_t)((uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
-                                (uint32_t)p[2] << 8 | p[3]);
+        int32_t len = wire_len(p);
         p += 4;
         uint32_t type = op->ncols == row.ncolumns ? op->col_types[i] : 0;
         feed_value(&op->auth_sum, type, (const char *)p, len);
@@ -716,8 +719,7 @@ static void read_results(pd_mirror_t *m)
         pd_mirror_op_t *op = m->head;
         if (res == NULL) {
             /* One statement (or query string) answered. */
-            if (op->sets_sent < (op->nsets > 0 ? op->nsets : 1) &&
-                op->mirror_sqlstate[0] == '\0') {
+            if (op->sets_sent < (op->nsets > 0 ? op->nsets : 1) && op->mirror_sqlstate[0] == '\0') {
                 if (!send_head(m)) {
                     mirror_die(m, PQerrorMessage(m->backend.conn));
                     return;
@@ -932,16 +934,14 @@ static bool gate(pd_mirror_t *m, pd_mirror_op_t *op)
         const uint8_t *col[op->nparams + 1];
         for (unsigned i = 0; i < op->nparams; i++) {
             col[i] = p;
-            int32_t len = (int32_t)((uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
-                                    (uint32_t)p[2] << 8 | p[3]);
+            int32_t len = wire_len(p);
             p += 4 + (len < 0 ? 0 : (size_t)len + 1);
         }
         pd_buf_reset(&key);
         pd_buf_put_str(&key, r->image_table);
         for (unsigned k = 0; k < r->image_nkey; k++) {
             const uint8_t *c = col[r->image_key[k]];
-            int32_t len = (int32_t)((uint32_t)c[0] << 24 | (uint32_t)c[1] << 16 |
-                                    (uint32_t)c[2] << 8 | c[3]);
+            int32_t len = wire_len(c);
             pd_buf_put(&key, c, 4 + (len < 0 ? 0 : (size_t)len));
         }
         ok = pd_buf_ok(&key) && key_join(m->srv->mirror_keys, op, key.data, key.len, set);
@@ -1077,8 +1077,7 @@ bool pd_mirror_on_query(pd_session_t *s, const pd_sql_result_t *r, const char *s
     bool committed = r->mirror == PD_MIRROR_TXN && r->txn == PD_TXN_END && sm->skip_end;
     if (committed)
         sm->skip_end = false; /* the mirror committed first (lockstep) */
-    if (r->mirror != PD_MIRROR_NONE && r->action != PD_SQL_REFUSE && !committed &&
-        sample(s, r)) {
+    if (r->mirror != PD_MIRROR_NONE && r->action != PD_SQL_REFUSE && !committed && sample(s, r)) {
         const char *sql = r->mirror == PD_MIRROR_IMAGE ? r->image_sql : sent;
         pd_mirror_op_t *op = op_new(r, sql, original, seq);
         if (op == NULL)
@@ -1116,8 +1115,7 @@ bool pd_mirror_bind_needs_whole(const pd_sql_result_t *r)
 static const uint8_t *set_add(pd_buf_t *set, const uint8_t *p, unsigned ncols)
 {
     for (unsigned i = 0; i < ncols; i++) {
-        int32_t len = (int32_t)((uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
-                                (uint32_t)p[2] << 8 | p[3]);
+        int32_t len = wire_len(p);
         pd_buf_put(set, p, 4);
         p += 4;
         if (len >= 0) {
@@ -1136,29 +1134,26 @@ static uint16_t get16(const uint8_t *p)
 
 /* The Bind's result formats extended with text for the image columns, when the client
    gave one per column (PostgreSQL wants as many as the statement returns). */
-static bool extend_formats(const pd_fe_bind_t *b, const uint8_t *body, size_t n, unsigned extra,
+static bool extend_formats(const pd_fe_bind_t *b, const uint8_t *body, unsigned extra,
                            uint8_t **out, size_t *out_len)
 {
-    size_t head = (size_t)(b->result_formats - body); /* up to the result formats */
-    size_t len = 1 + 4 + head - 2 + 2 + 2u * (b->nresult_formats + extra);
-    uint8_t *msg = malloc(len);
-    if (msg == NULL)
+    static const uint8_t text[2] = {0, 0};
+    size_t head = (size_t)(b->result_formats - body) - 2; /* up to the formats' count */
+    pd_buf_t m;
+    pd_buf_init(&m);
+    size_t start = pd_buf_begin_msg(&m, PD_FE_BIND);
+    pd_buf_put(&m, body, head);
+    pd_buf_put_u16(&m, (uint16_t)(b->nresult_formats + extra));
+    pd_buf_put(&m, b->result_formats, 2u * b->nresult_formats);
+    for (unsigned i = 0; i < extra; i++)
+        pd_buf_put(&m, text, 2);
+    pd_buf_end_msg(&m, start);
+    if (!pd_buf_ok(&m)) {
+        pd_buf_free(&m);
         return false;
-    msg[0] = 'B';
-    uint32_t l = (uint32_t)(len - 1);
-    msg[1] = (uint8_t)(l >> 24);
-    msg[2] = (uint8_t)(l >> 16);
-    msg[3] = (uint8_t)(l >> 8);
-    msg[4] = (uint8_t)l;
-    memcpy(msg + 5, body, head - 2);
-    uint16_t count = (uint16_t)(b->nresult_formats + extra);
-    msg[5 + head - 2] = (uint8_t)(count >> 8);
-    msg[5 + head - 1] = (uint8_t)count;
-    memcpy(msg + 5 + head, b->result_formats, 2u * b->nresult_formats);
-    memset(msg + 5 + head + 2u * b->nresult_formats, 0, 2u * extra);
-    (void)n;
-    *out = msg;
-    *out_len = len;
+    }
+    *out = m.data; /* the caller owns it now */
+    *out_len = m.len;
     return true;
 }
 
@@ -1189,8 +1184,7 @@ static pd_portal_t *portal_find(pd_session_mirror_t *sm, const char *name)
 }
 
 /* The portal `name` bound anew to plan r (NULL when out of memory). */
-static pd_portal_t *portal_bind(pd_session_mirror_t *sm, const char *name,
-                                const pd_sql_result_t *r)
+static pd_portal_t *portal_bind(pd_session_mirror_t *sm, const char *name, const pd_sql_result_t *r)
 {
     pd_portal_t **pp = &sm->portals, *last = NULL;
     unsigned n = 0;
@@ -1256,7 +1250,7 @@ bool pd_mirror_on_bind(pd_session_t *s, const pd_sql_result_t *r, const char *st
     }
     sm->image_format = b.nresult_formats == 1 ? (int)get16(b.result_formats) : 0;
     if (r->mirror == PD_MIRROR_IMAGE && b.nresult_formats > 1 &&
-        !extend_formats(&b, body, n, r->image_cols, rewritten, rewritten_len))
+        !extend_formats(&b, body, r->image_cols, rewritten, rewritten_len))
         return false;
     bool image = r->mirror == PD_MIRROR_IMAGE;
     pd_mirror_op_t *op = op_new(r, image ? r->image_sql : sent, stmt_sql, 0);
@@ -1344,26 +1338,21 @@ bool pd_mirror_wants(const pd_session_t *s, uint8_t type)
     }
 }
 
-static uint32_t get32(const uint8_t *p)
-{
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-}
-
+/* A whole message of the type with the body, malloc'd (pd_buf's framing); NULL when out
+   of memory. */
 static uint8_t *message(uint8_t type, const uint8_t *body, size_t n, size_t *len)
 {
-    uint8_t *msg = malloc(5 + n);
-    if (msg == NULL)
+    pd_buf_t b;
+    pd_buf_init(&b);
+    size_t start = pd_buf_begin_msg(&b, type);
+    pd_buf_put(&b, body, n);
+    pd_buf_end_msg(&b, start);
+    if (!pd_buf_ok(&b)) {
+        pd_buf_free(&b);
         return NULL;
-    msg[0] = type;
-    uint32_t l = (uint32_t)(n + 4);
-    msg[1] = (uint8_t)(l >> 24);
-    msg[2] = (uint8_t)(l >> 16);
-    msg[3] = (uint8_t)(l >> 8);
-    msg[4] = (uint8_t)l;
-    if (n > 0)
-        memcpy(msg + 5, body, n);
-    *len = 5 + n;
-    return msg;
+    }
+    *len = b.len;
+    return b.data; /* the caller owns it now */
 }
 
 /* A RowDescription without its last `strip` fields. */
@@ -1402,7 +1391,7 @@ static int take_image(pd_mirror_op_t *op, const pd_expect_t *e, const uint8_t *b
     for (unsigned i = 0; i < row.ncolumns; i++) {
         if (i + e->strip == row.ncolumns)
             cut = p;
-        int32_t len = (int32_t)get32(p);
+        int32_t len = wire_len(p);
         p += 4 + (len < 0 ? 0 : (size_t)len);
     }
     if (cut == NULL)
@@ -1441,8 +1430,8 @@ static void note_outcome(pd_mirror_op_t *op, uint8_t type, const uint8_t *body, 
     }
 }
 
-int pd_mirror_on_server(pd_session_t *s, uint32_t seq, uint8_t type, const uint8_t *body,
-                        size_t n, uint8_t **out, size_t *out_len)
+int pd_mirror_on_server(pd_session_t *s, uint32_t seq, uint8_t type, const uint8_t *body, size_t n,
+                        uint8_t **out, size_t *out_len)
 {
     pd_session_mirror_t *sm = &s->mir;
     pd_expect_t *e = expect_front(sm, seq);
@@ -1511,8 +1500,8 @@ static pd_mirror_op_t *take_held(pd_session_mirror_t *sm, uint32_t seq)
 
 static bool is_write(const pd_mirror_op_t *op)
 {
-    return op->r != NULL && (op->r->mirror == PD_MIRROR_WRITE ||
-                             op->r->mirror == PD_MIRROR_IMAGE || op->r->mirror == PD_MIRROR_COPY);
+    return op->r != NULL && (op->r->mirror == PD_MIRROR_WRITE || op->r->mirror == PD_MIRROR_IMAGE ||
+                             op->r->mirror == PD_MIRROR_COPY);
 }
 
 static pd_mirror_op_t *synthetic(const char *sql, const pd_mirror_op_t *like)
@@ -1612,8 +1601,7 @@ static void note_touched(pd_session_t *s, const pd_mirror_op_t *op)
     for (unsigned set = 0; set < op->nsets; set++) {
         const char *col[op->nparams + 1];
         for (unsigned i = 0; i < op->nparams; i++) {
-            int32_t len = (int32_t)((uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
-                                    (uint32_t)p[2] << 8 | p[3]);
+            int32_t len = wire_len(p);
             col[i] = len < 0 ? NULL : (const char *)p + 4; /* NUL-terminated: set_add */
             p += 4 + (len < 0 ? 0 : (size_t)len + 1);
         }
@@ -1622,11 +1610,6 @@ static void note_touched(pd_session_t *s, const pd_mirror_op_t *op)
             key[k] = col[r->image_key[k]];
         pd_touched_add(t, rule, r->image_table, r->image_nkey, key);
     }
-}
-
-void pd_mirror_on_ready(pd_session_t *s, uint32_t seq, uint8_t status_before, uint8_t status)
-{
-    release_batch(s, seq, status_before, status);
 }
 
 bool pd_mirror_before_ready(pd_session_t *s, uint32_t seq, uint8_t status_before, uint8_t status)

@@ -45,32 +45,32 @@ typedef struct pd_mirror_op pd_mirror_op_t;
 
 /* What the session expects the authoritative side to answer, in order. */
 typedef struct {
-    uint32_t seq;      /* the batch */
-    uint8_t kind;      /* 'Q' a Query (until ReadyForQuery), 'E' an Execute, 'D' a Describe */
-    bool image;        /* the statement has row-image columns at the end of its rows */
-    bool client_rows;  /* the client asked for rows of its own (RETURNING) */
-    bool shadow;       /* its rows are summed for a shadow comparison (op->auth_sum) */
-    unsigned strip;    /* how many columns are the proxy's */
+    uint32_t seq;       /* the batch */
+    uint8_t kind;       /* 'Q' a Query (until ReadyForQuery), 'E' an Execute, 'D' a Describe */
+    bool image;         /* the statement has row-image columns at the end of its rows */
+    bool client_rows;   /* the client asked for rows of its own (RETURNING) */
+    bool shadow;        /* its rows are summed for a shadow comparison (op->auth_sum) */
+    unsigned strip;     /* how many columns are the proxy's */
     pd_mirror_op_t *op; /* the statement's replay, or NULL */
 } pd_expect_t;
 
 /* The session's side of mirroring; lives in pd_session_t. */
 typedef struct {
-    bool on;               /* the database has a tables rule mirroring writes */
-    pd_mirror_t *mirror;   /* NULL until first needed; detached on session end */
-    pd_expect_t *expects;  /* ring, owned */
+    bool on;              /* the database has a tables rule mirroring writes */
+    pd_mirror_t *mirror;  /* NULL until first needed; detached on session end */
+    pd_expect_t *expects; /* ring, owned */
     unsigned exp_cap, exp_head, exp_count;
     pd_mirror_op_t *held, *held_tail; /* ops waiting for their batch's ReadyForQuery */
     struct pd_portal *portals;        /* bound portals: their plan and replay, owned */
     unsigned nportals;
     /* commit: lockstep */
-    unsigned waiting;  /* ops released to the mirror that the session waits for */
-    bool commit_wait;  /* the client's COMMIT waits for the mirror's */
-    bool commit_done;  /* ... which is done: route the COMMIT now */
-    bool skip_end;     /* the COMMIT that follows needs no replay */
-    bool poisoned;     /* the mirror failed in this transaction (on_failure: fail) */
+    unsigned waiting;        /* ops released to the mirror that the session waits for */
+    bool commit_wait;        /* the client's COMMIT waits for the mirror's */
+    bool commit_done;        /* ... which is done: route the COMMIT now */
+    bool skip_end;           /* the COMMIT that follows needs no replay */
+    bool poisoned;           /* the mirror failed in this transaction (on_failure: fail) */
     pd_mirror_op_t *copy_op; /* COPY FROM STDIN in progress: its data is kept (held op) */
-    int image_format;                 /* result format of image columns in this batch's Bind */
+    int image_format;        /* result format of image columns in this batch's Bind */
 } pd_session_mirror_t;
 
 /* Does the database have a tables rule with writes dual or dual-new? */
@@ -102,17 +102,15 @@ bool pd_mirror_wants(const pd_session_t *s, uint8_t type);
  * A whole server message of batch `seq`. Returns 0 pass, 1 drop, 2 replace with *out
  * (a whole message, malloc'd, *out_len bytes), -1 out of memory.
  */
-int pd_mirror_on_server(pd_session_t *s, uint32_t seq, uint8_t type, const uint8_t *body,
-                        size_t n, uint8_t **out, size_t *out_len);
-/* ReadyForQuery of batch seq, with the transaction status before and after it. */
-void pd_mirror_on_ready(pd_session_t *s, uint32_t seq, uint8_t status_before, uint8_t status);
+int pd_mirror_on_server(pd_session_t *s, uint32_t seq, uint8_t type, const uint8_t *body, size_t n,
+                        uint8_t **out, size_t *out_len);
 /*
- * The same, before the ReadyForQuery reaches the client: true when the client must not
- * hear it yet (commit: lockstep, the batch's statements are not applied on the mirror);
+ * ReadyForQuery of batch seq, with the transaction status before and after it, before it
+ * reaches the client: the batch's statements go to the mirror. True when the client must
+ * not hear it yet (commit: lockstep, the batch's statements are not applied on the mirror);
  * pd_session_mirror_settled is called when they are.
  */
-bool pd_mirror_before_ready(pd_session_t *s, uint32_t seq, uint8_t status_before,
-                            uint8_t status);
+bool pd_mirror_before_ready(pd_session_t *s, uint32_t seq, uint8_t status_before, uint8_t status);
 /*
  * A COMMIT (plan r, text sql) about to go to the authoritative side: under lockstep the
  * mirror commits first. 0 go on, 1 hold the client's message until

@@ -848,8 +848,8 @@ static route_rc_t route_query(pd_session_t *s, pd_pipe_t *p, size_t total)
     }
     if (s->stmt_count > 0 && forgets_prepared(q.sql))
         stmt_forget_all(s);
-    if (s->mir.on && !pd_mirror_on_query(s, r, r->action == PD_SQL_REWRITE ? r->sql : q.sql,
-                                         q.sql, s->batch_seq)) {
+    if (s->mir.on && !pd_mirror_on_query(s, r, r->action == PD_SQL_REWRITE ? r->sql : q.sql, q.sql,
+                                         s->batch_seq)) {
         pd_sql_result_release(r);
         pd_session_terminate(s, "53200", "out of memory", NULL);
         return ROUTE_CLOSED;
@@ -1085,9 +1085,8 @@ static route_rc_t mirror_execute(pd_session_t *s, pd_pipe_t *p, const uint8_t *b
     if (memchr(body, 0, n) == NULL)
         return ROUTE_OK; /* malformed: the server says so */
     const pd_sql_result_t *plan = pd_mirror_portal_plan(s, (const char *)body);
-    int first = pd_mirror_commit_first(s, plan, plan != NULL && plan->mirror == PD_MIRROR_TXN
-                                                     ? "COMMIT"
-                                                     : "");
+    int first = pd_mirror_commit_first(
+        s, plan, plan != NULL && plan->mirror == PD_MIRROR_TXN ? "COMMIT" : "");
     if (first == 1) {
         s->hold_client = true; /* the mirror commits first; then this Execute */
         return ROUTE_WAIT;
@@ -1097,8 +1096,8 @@ static route_rc_t mirror_execute(pd_session_t *s, pd_pipe_t *p, const uint8_t *b
     if ((first == 2 || pd_mirror_refuses(s, plan)) && !s->batch_refused) {
         if (p->has_hole && p->hole_end != p->scan)
             return ROUTE_WAIT;
-        pd_sql_result_t *r = pd_mirror_refusal(s, plan->mirror_rule >= 0 ? plan->mirror_rule
-                                                                        : plan->rule);
+        pd_sql_result_t *r =
+            pd_mirror_refusal(s, plan->mirror_rule >= 0 ? plan->mirror_rule : plan->rule);
         pd_buf_t prefix;
         pd_buf_init(&prefix);
         bool ok = r != NULL && refusal_extended(s, &prefix, r) && pd_buf_ok(&prefix) &&
@@ -1200,7 +1199,7 @@ static int scan_client(pd_session_t *s)
             if (p->scan != at) {
                 if (h.type == PD_FE_BIND)
                     s->batch_msgs++; /* a Bind replaced whole (see route_bind_close) */
-                continue;             /* taken whole: decided and moved past */
+                continue;            /* taken whole: decided and moved past */
             }
             if (h.type != PD_FE_SYNC && h.type != PD_FE_QUERY && h.type != PD_FE_FUNCTION_CALL)
                 s->batch_msgs++;
@@ -1342,8 +1341,6 @@ static bool server_message(pd_session_t *s, uint8_t type, const uint8_t *body, s
     if (sum != NULL)
         sum_message(sum, type, body, n);
     if (type == PD_BE_READY) {
-        if (s->mir.on && b != NULL && !internal)
-            pd_mirror_on_ready(s, b->seq, s->txn_status, body[0]);
         s->txn_status = body[0];
         /* Idle again unless the client has already sent more (pipelining). */
         s->busy = pipe_pending(&s->c2b) || s->c2b.end > s->c2b.scan || s->batch_count > 1;

@@ -64,6 +64,30 @@ void pd__refuse(pd__ctx_t *ctx, int rule, const char *sqlstate, const char *hint
     ctx->hint = h;
 }
 
+void pd__refuse_rule(pd__ctx_t *ctx, const pd__rule_t *r, const char *hint, bool mirror,
+                     const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    char *what = NULL;
+    int n = vasprintf(&what, fmt, ap);
+    va_end(ap);
+    if (n < 0) {
+        pd__oom(ctx);
+        return;
+    }
+    const char *writes = pd_writes_name(ctx->views[r->index].writes);
+    if (mirror)
+        pd__refuse(ctx, r->index, "0A000", hint,
+                   "pgdual: %s, so rule \"%s\" (writes=%s) could not keep the new database in "
+                   "step",
+                   what, r->cfg->name, writes);
+    else
+        pd__refuse(ctx, r->index, "0A000", hint, "pgdual: %s while rule \"%s\" has writes=%s", what,
+                   r->cfg->name, writes);
+    free(what);
+}
+
 bool pd__oom(pd__ctx_t *ctx)
 {
     ctx->oom = true;
@@ -418,9 +442,9 @@ static size_t leading_trivia(const char *s, size_t len);
    a tables rule's mirror keeps in step whatever tables they mention (none)? */
 static bool starts_with_keeping_word(const char *sql)
 {
-    static const char *const words[] = {"begin",   "start",   "commit",  "end",
-                                        "rollback", "abort",  "savepoint", "release",
-                                        "set",     "reset",   "discard", "prepare"};
+    static const char *const words[] = {"begin",    "start", "commit",    "end",
+                                        "rollback", "abort", "savepoint", "release",
+                                        "set",      "reset", "discard",   "prepare"};
     const char *p = sql + leading_trivia(sql, strlen(sql));
     size_t n = 0;
     while ((p[n] >= 'a' && p[n] <= 'z') || (p[n] >= 'A' && p[n] <= 'Z'))
@@ -836,14 +860,13 @@ static void note_mirror(pd_sql_result_t *res, pd__ctx_t *ctx, size_t nstmts)
     bool txn = ctx->mirror == PD_MIRROR_TXN || res->mirror == PD_MIRROR_TXN;
     if (ctx->mirror == PD_MIRROR_IMAGE || (txn && res->mirror != PD_MIRROR_NONE)) {
         const pd__rule_t *r = &ctx->rules[ctx->mirror_rule];
-        pd__refuse(ctx, r->index, "0A000",
-                   "Send the statements one at a time (not in one query string).",
-                   "pgdual: a query string with several statements %s, so rule \"%s\" could "
-                   "not keep the new database in step",
-                   ctx->mirror == PD_MIRROR_IMAGE
-                       ? "has a write that must be replayed as row images"
-                       : "mixes transaction control with mirrored statements",
-                   r->cfg->name);
+        pd__refuse(
+            ctx, r->index, "0A000", "Send the statements one at a time (not in one query string).",
+            "pgdual: a query string with several statements %s, so rule \"%s\" could "
+            "not keep the new database in step",
+            ctx->mirror == PD_MIRROR_IMAGE ? "has a write that must be replayed as row images"
+                                           : "mixes transaction control with mirrored statements",
+            r->cfg->name);
         return;
     }
     res->mirror = ctx->mirror == PD_MIRROR_TXN ? PD_MIRROR_TXN : PD_MIRROR_WRITE;

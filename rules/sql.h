@@ -50,11 +50,11 @@ typedef struct pd_table_facts {
     char **columns;  /* every column of the table, in attnum order */
     char **defaults; /* per column: its default expression as SQL text, or NULL */
     /* For `tables` rules (mirroring), also: */
-    char *schema, *name;  /* where the catalog found the table */
-    uint32_t *types;      /* per column: its type's OID */
-    char *generated;      /* per column: attidentity ('a'/'d'), attgenerated ('s') or 0 */
-    unsigned nkey;        /* the rule's key, else the primary key; 0: none */
-    unsigned *key;        /* column indexes of the key */
+    char *schema, *name; /* where the catalog found the table */
+    uint32_t *types;     /* per column: its type's OID */
+    char *generated;     /* per column: attidentity ('a'/'d'), attgenerated ('s') or 0 */
+    unsigned nkey;       /* the rule's key, else the primary key; 0: none */
+    unsigned *key;       /* column indexes of the key */
     const struct pd_table_facts *next; /* the rule's next table, or NULL */
 } pd_table_facts_t;
 
@@ -110,18 +110,18 @@ typedef struct {
 
     /* Mirroring (tables rules in dual): */
     pd_mirror_kind_t mirror;
-    int mirror_rule;         /* the tables rule concerned, or -1 */
-    pd_txn_kind_t txn;       /* PD_MIRROR_TXN */
-    bool txn_commit;         /* PD_TXN_END: COMMIT/END (not ROLLBACK/ABORT) */
-    bool set_local;          /* PD_MIRROR_SET: SET LOCAL / SET TRANSACTION (txn-scoped) */
-    pd_image_kind_t image;   /* PD_MIRROR_IMAGE: */
-    char *image_sql;         /*   applies one row on the mirror, with $1..$image_cols */
-    unsigned image_cols;     /*   columns appended to the statement's RETURNING */
-    uint32_t *image_types;   /*   their type OIDs */
-    int client_cols;         /*   the client's own RETURNING columns, -1 when it has none */
-    char *image_table;       /*   "schema.table", which with the key values names a row */
-    unsigned image_nkey;     /*   the key's columns ... */
-    unsigned *image_key;     /*   ... as positions among the image columns */
+    int mirror_rule;       /* the tables rule concerned, or -1 */
+    pd_txn_kind_t txn;     /* PD_MIRROR_TXN */
+    bool txn_commit;       /* PD_TXN_END: COMMIT/END (not ROLLBACK/ABORT) */
+    bool set_local;        /* PD_MIRROR_SET: SET LOCAL / SET TRANSACTION (txn-scoped) */
+    pd_image_kind_t image; /* PD_MIRROR_IMAGE: */
+    char *image_sql;       /*   applies one row on the mirror, with $1..$image_cols */
+    unsigned image_cols;   /*   columns appended to the statement's RETURNING */
+    uint32_t *image_types; /*   their type OIDs */
+    int client_cols;       /*   the client's own RETURNING columns, -1 when it has none */
+    char *image_table;     /*   "schema.table", which with the key values names a row */
+    unsigned image_nkey;   /*   the key's columns ... */
+    unsigned *image_key;   /*   ... as positions among the image columns */
 } pd_sql_result_t;
 
 typedef struct pd_sql pd_sql_t;

@@ -94,19 +94,24 @@ typedef struct {
     bool txn_commit;
     bool set_local;
     pd_image_kind_t image;
-    char *image_sql;      /* malloc'd */
+    char *image_sql; /* malloc'd */
     unsigned image_cols;
     uint32_t *image_types; /* malloc'd */
     int client_cols;
-    char *image_table;    /* malloc'd */
+    char *image_table; /* malloc'd */
     unsigned image_nkey;
-    unsigned *image_key;  /* malloc'd */
+    unsigned *image_key; /* malloc'd */
 } pd__ctx_t;
 
 /* Records the first refusal of the pass (later ones are dropped): the rule, SQLSTATE, hint
    and a printf-style message. */
 void pd__refuse(pd__ctx_t *ctx, int rule, const char *sqlstate, const char *hint, const char *fmt,
                 ...) __attribute__((format(printf, 5, 6)));
+/* A refusal (0A000) of a statement concerning rule r, its message a printf-style `what`
+   followed by the rule and its writes flag: "while rule R has writes=W", or for the mirror
+   of a tables rule ", so rule R (writes=W) could not keep the new database in step". */
+void pd__refuse_rule(pd__ctx_t *ctx, const pd__rule_t *r, const char *hint, bool mirror,
+                     const char *fmt, ...) __attribute__((format(printf, 5, 6)));
 /* Marks the pass out of memory; returns false so that callers can `return pd__oom(ctx)`. */
 bool pd__oom(pd__ctx_t *ctx);
 /* The pass should stop: refused or out of memory. */

@@ -28,15 +28,59 @@
    settings (the session's settings are kept in step). Anything else makes a write a row
    image. */
 static const char *const same_everywhere[] = {
-    "abs",     "btrim",    "ceil",     "ceiling",   "char_length", "character_length",
-    "concat",  "concat_ws", "floor",   "initcap",   "left",        "length",
-    "lower",   "lpad",     "ltrim",    "md5",       "octet_length", "position",
-    "repeat",  "replace",  "reverse",  "right",     "round",       "rpad",
-    "rtrim",   "split_part", "strpos", "substr",    "substring",   "to_char",
-    "to_number", "translate", "trim",  "trunc",     "upper",       "mod",
-    "power",   "sqrt",     "sign",     "jsonb_build_object", "json_build_object",
-    "jsonb_set", "array_append", "array_remove", "coalesce", "greatest", "least",
-    "nullif",  "int4",     "int8",     "text",      "numeric",     "float8",
+    "abs",
+    "btrim",
+    "ceil",
+    "ceiling",
+    "char_length",
+    "character_length",
+    "concat",
+    "concat_ws",
+    "floor",
+    "initcap",
+    "left",
+    "length",
+    "lower",
+    "lpad",
+    "ltrim",
+    "md5",
+    "octet_length",
+    "position",
+    "repeat",
+    "replace",
+    "reverse",
+    "right",
+    "round",
+    "rpad",
+    "rtrim",
+    "split_part",
+    "strpos",
+    "substr",
+    "substring",
+    "to_char",
+    "to_number",
+    "translate",
+    "trim",
+    "trunc",
+    "upper",
+    "mod",
+    "power",
+    "sqrt",
+    "sign",
+    "jsonb_build_object",
+    "json_build_object",
+    "jsonb_set",
+    "array_append",
+    "array_remove",
+    "coalesce",
+    "greatest",
+    "least",
+    "nullif",
+    "int4",
+    "int8",
+    "text",
+    "numeric",
+    "float8",
 };
 
 static bool same_everywhere_fn(const char *name)
@@ -65,7 +109,7 @@ static const pd__rule_t *mirroring_rule(const pd__ctx_t *ctx)
 }
 
 /* The facts of the rule table a relation names, or NULL (not a table of the rule). Sets
-   *member when the relation is one of the rule's tables even if its facts are unknown. */
+ *member when the relation is one of the rule's tables even if its facts are unknown. */
 static const pd_table_facts_t *table_of(const pd__rule_t *r, const PgQuery__RangeVar *rv,
                                         bool *member)
 {
@@ -187,37 +231,12 @@ static const char *local_default(const pd__rule_t *r, const PgQuery__InsertStmt 
 /* ---------------------------------------------------------------------------------------
  * Row images
  */
-typedef struct {
-    char *buf;
-    size_t len, cap;
-    bool oom;
-} sbuf_t;
-
-static void sb_add(sbuf_t *b, const char *s, size_t n)
+static void sb_str(pd__text_t *b, const char *s)
 {
-    if (b->oom)
-        return;
-    if (b->len + n + 1 > b->cap) {
-        size_t cap = (b->len + n + 1) * 2;
-        char *g = realloc(b->buf, cap);
-        if (g == NULL) {
-            b->oom = true;
-            return;
-        }
-        b->buf = g;
-        b->cap = cap;
-    }
-    memcpy(b->buf + b->len, s, n);
-    b->len += n;
-    b->buf[b->len] = '\0';
+    pd__text_add(b, s, strlen(s));
 }
 
-static void sb_str(sbuf_t *b, const char *s)
-{
-    sb_add(b, s, strlen(s));
-}
-
-__attribute__((format(printf, 2, 3))) static void sb_fmt(sbuf_t *b, const char *fmt, ...)
+__attribute__((format(printf, 2, 3))) static void sb_fmt(pd__text_t *b, const char *fmt, ...)
 {
     char tmp[64];
     va_list ap;
@@ -227,22 +246,22 @@ __attribute__((format(printf, 2, 3))) static void sb_fmt(sbuf_t *b, const char *
     if (n < 0 || (size_t)n >= sizeof tmp)
         b->oom = true;
     else
-        sb_add(b, tmp, (size_t)n);
+        pd__text_add(b, tmp, (size_t)n);
 }
 
 /* An identifier, always quoted (so that any name is taken as it is). */
-static void sb_ident(sbuf_t *b, const char *id)
+static void sb_ident(pd__text_t *b, const char *id)
 {
-    sb_add(b, "\"", 1);
+    pd__text_add(b, "\"", 1);
     for (const char *p = id; *p; p++)
-        sb_add(b, *p == '"' ? "\"\"" : p, *p == '"' ? 2 : 1);
-    sb_add(b, "\"", 1);
+        pd__text_add(b, *p == '"' ? "\"\"" : p, *p == '"' ? 2 : 1);
+    pd__text_add(b, "\"", 1);
 }
 
-static void sb_table(sbuf_t *b, const pd_table_facts_t *t)
+static void sb_table(pd__text_t *b, const pd_table_facts_t *t)
 {
     sb_ident(b, t->schema);
-    sb_add(b, ".", 1);
+    pd__text_add(b, ".", 1);
     sb_ident(b, t->name);
 }
 
@@ -266,7 +285,7 @@ static bool carried(const pd_table_facts_t *t, unsigned col, pd_image_kind_t kin
 static const char *new_name(const pd__rule_t *r, const char *col);
 
 /* The carried columns' names on new, comma-separated. */
-static void sb_columns(sbuf_t *b, const pd__rule_t *r, const pd_table_facts_t *t,
+static void sb_columns(pd__text_t *b, const pd__rule_t *r, const pd_table_facts_t *t,
                        const unsigned *param)
 {
     for (unsigned i = 0, k = 0; i < t->ncolumns; i++)
@@ -277,7 +296,7 @@ static void sb_columns(sbuf_t *b, const pd__rule_t *r, const pd_table_facts_t *t
 }
 
 /* ON CONFLICT (key) DO UPDATE SET every other carried column (or DO NOTHING). */
-static void sb_on_conflict(sbuf_t *b, const pd__rule_t *r, const pd_table_facts_t *t,
+static void sb_on_conflict(pd__text_t *b, const pd__rule_t *r, const pd_table_facts_t *t,
                            const unsigned *param)
 {
     sb_str(b, " ON CONFLICT (");
@@ -298,7 +317,7 @@ static void sb_on_conflict(sbuf_t *b, const pd__rule_t *r, const pd_table_facts_
 }
 
 /* WHERE key = $n AND ... */
-static void sb_where_key(sbuf_t *b, const pd__rule_t *r, const pd_table_facts_t *t,
+static void sb_where_key(pd__text_t *b, const pd__rule_t *r, const pd_table_facts_t *t,
                          const unsigned *param)
 {
     for (unsigned k = 0; k < t->nkey; k++) {
@@ -341,13 +360,13 @@ static const char *new_name(const pd__rule_t *r, const char *col)
 static char *mapped_image_statement(const pd__rule_t *r, const pd_table_facts_t *t,
                                     pd_image_kind_t kind)
 {
-    sbuf_t b = {0};
+    pd__text_t b = {0};
     unsigned n = 0;
     unsigned param[t->ncolumns + 1];
     for (unsigned i = 0; i < t->ncolumns; i++)
         param[i] = carried(t, i, kind) ? ++n : 0;
     /* SELECT <new values> FROM (VALUES ($1, ...)) AS pgdual_image (<old names>) */
-    sbuf_t sel = {0};
+    pd__text_t sel = {0};
     sb_str(&sel, "SELECT ");
     for (unsigned i = 0, k = 0; i < t->ncolumns; i++) {
         if (!param[i])
@@ -408,7 +427,7 @@ static char *mapped_image_statement(const pd__rule_t *r, const pd_table_facts_t 
    column order. */
 static char *image_statement(const pd_table_facts_t *t, pd_image_kind_t kind)
 {
-    sbuf_t b = {0};
+    pd__text_t b = {0};
     unsigned n = 0;
     unsigned param[t->ncolumns + 1];
     for (unsigned i = 0; i < t->ncolumns; i++)
@@ -448,26 +467,7 @@ static char *image_statement(const pd_table_facts_t *t, pd_image_kind_t kind)
     return b.buf;
 }
 
-static void refuse_mirror(pd__ctx_t *ctx, const pd__rule_t *r, const char *hint, const char *fmt,
-                          ...) __attribute__((format(printf, 4, 5)));
-
-static void refuse_mirror(pd__ctx_t *ctx, const pd__rule_t *r, const char *hint, const char *fmt,
-                          ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    char *what = NULL;
-    int n = vasprintf(&what, fmt, ap);
-    va_end(ap);
-    if (n < 0) {
-        pd__oom(ctx);
-        return;
-    }
-    pd__refuse(ctx, r->index, "0A000", hint,
-               "pgdual: %s, so rule \"%s\" (writes=%s) could not keep the new database in step",
-               what, r->cfg->name, pd_writes_name(ctx->views[r->index].writes));
-    free(what);
-}
+#define refuse_mirror(ctx, r, hint, ...) pd__refuse_rule(ctx, r, hint, true, __VA_ARGS__)
 
 static const char *const keep_hint =
     "Rewrite the statement, or set writes=old for the rule while it runs and then run "
@@ -488,8 +488,8 @@ static void plan_image(pd__ctx_t *ctx, const pd__rule_t *r, const pd_table_facts
     ctx->client_cols = *nreturning > 0 ? (int)*nreturning : -1;
     ctx->image_types = calloc(t->ncolumns + 1, sizeof *ctx->image_types);
     ctx->image_key = calloc(t->nkey + 1, sizeof *ctx->image_key);
-    ctx->image_sql = table_mapped(r, t) ? mapped_image_statement(r, t, kind)
-                                        : image_statement(t, kind);
+    ctx->image_sql =
+        table_mapped(r, t) ? mapped_image_statement(r, t, kind) : image_statement(t, kind);
     if (ctx->image_types == NULL || ctx->image_key == NULL || ctx->image_sql == NULL ||
         asprintf(&ctx->image_table, "%s.%s", t->schema, t->name) < 0) {
         ctx->image_table = NULL;
@@ -669,13 +669,11 @@ static void plan_copy(pd__ctx_t *ctx, const pd__rule_t *r, const PgQuery__CopySt
     else if (local_part(r, c->where_clause != NULL ? &c->where_clause->base : NULL) != NULL)
         why = "a WHERE clause that depends on where it runs";
     for (unsigned i = 0; why == NULL && t != NULL && i < t->ncolumns; i++)
-        if (c->n_attlist > 0 && !copy_names(c, t->columns[i]) &&
-            !default_same_everywhere(r, t, i))
+        if (c->n_attlist > 0 && !copy_names(c, t->columns[i]) && !default_same_everywhere(r, t, i))
             why = "a column left to a default that differs between servers (a sequence, "
                   "identity, now(), ...); list it in the COPY with its values";
     if (why != NULL) {
-        refuse_mirror(ctx, r, keep_hint, "COPY FROM into %s reads %s", c->relation->relname,
-                      why);
+        refuse_mirror(ctx, r, keep_hint, "COPY FROM into %s reads %s", c->relation->relname, why);
         return;
     }
     ctx->mirror = PD_MIRROR_COPY;
@@ -731,8 +729,7 @@ static void plan_other(pd__ctx_t *ctx, const pd__rule_t *r, pd__node_t *stmt)
         refuse_mirror(ctx, r, keep_hint,
                       "%s writes a table of the rule with %s, which cannot be replayed verbatim "
                       "(only a plain INSERT, UPDATE or DELETE can be replayed as row images)",
-                      stmt->node_case == PG_QUERY__NODE__NODE_MERGE_STMT ? "MERGE"
-                                                                          : "a statement",
+                      stmt->node_case == PG_QUERY__NODE__NODE_MERGE_STMT ? "MERGE" : "a statement",
                       local);
 }
 
@@ -787,11 +784,19 @@ static bool find_foreign(pd__node_t *n, void *arg)
         d->ok = false;
     } else if (n->node_case == PG_QUERY__NODE__NODE_FUNC_CALL) {
         /* Values that differ between two servers by nature. */
-        static const char *const per_server[] = {
-            "now", "statement_timestamp", "transaction_timestamp", "timeofday",
-            "pg_backend_pid", "inet_server_addr", "inet_server_port", "version",
-            "pg_current_xact_id", "txid_current", "pg_postmaster_start_time",
-            "current_setting", "pg_current_wal_lsn"};
+        static const char *const per_server[] = {"now",
+                                                 "statement_timestamp",
+                                                 "transaction_timestamp",
+                                                 "timeofday",
+                                                 "pg_backend_pid",
+                                                 "inet_server_addr",
+                                                 "inet_server_port",
+                                                 "version",
+                                                 "pg_current_xact_id",
+                                                 "txid_current",
+                                                 "pg_postmaster_start_time",
+                                                 "current_setting",
+                                                 "pg_current_wal_lsn"};
         const PgQuery__FuncCall *f = n->func_call;
         const char *name = f->n_funcname > 0 ? pd__str(f->funcname[f->n_funcname - 1]) : NULL;
         for (size_t i = 0; name != NULL && i < sizeof per_server / sizeof *per_server; i++)
@@ -830,8 +835,7 @@ static void plan_shadow(pd__ctx_t *ctx, pd__node_t *stmt)
 
 void pd__plan_mirror(pd__ctx_t *ctx, pd__node_t *stmt)
 {
-    if (stmt != NULL && stmt->node_case == PG_QUERY__NODE__NODE_SELECT_STMT &&
-        !pd__has_dml(stmt)) {
+    if (stmt != NULL && stmt->node_case == PG_QUERY__NODE__NODE_SELECT_STMT && !pd__has_dml(stmt)) {
         plan_shadow(ctx, stmt);
         return;
     }
@@ -845,8 +849,9 @@ void pd__plan_mirror(pd__ctx_t *ctx, pd__node_t *stmt)
     case PG_QUERY__NODE__NODE_VARIABLE_SET_STMT:
         ctx->mirror = PD_MIRROR_SET;
         ctx->mirror_rule = r->index;
-        ctx->set_local = stmt->variable_set_stmt->is_local ||
-                         stmt->variable_set_stmt->kind == PG_QUERY__VARIABLE_SET_KIND__VAR_SET_MULTI;
+        ctx->set_local =
+            stmt->variable_set_stmt->is_local ||
+            stmt->variable_set_stmt->kind == PG_QUERY__VARIABLE_SET_KIND__VAR_SET_MULTI;
         return;
     case PG_QUERY__NODE__NODE_DISCARD_STMT:
         ctx->mirror = PD_MIRROR_SET;

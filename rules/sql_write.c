@@ -74,25 +74,7 @@ void pd__classify(pd__ctx_t *ctx, pd__node_t *stmt)
 /* ---------------------------------------------------------------------------------------
  * Refusals of writes: every message names the table, the rule and its writes flag.
  */
-static void refuse_write(pd__ctx_t *ctx, const pd__rule_t *r, const char *hint, const char *fmt,
-                         ...) __attribute__((format(printf, 4, 5)));
-
-static void refuse_write(pd__ctx_t *ctx, const pd__rule_t *r, const char *hint, const char *fmt,
-                         ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    char *what = NULL;
-    int n = vasprintf(&what, fmt, ap);
-    va_end(ap);
-    if (n < 0) {
-        pd__oom(ctx);
-        return;
-    }
-    pd__refuse(ctx, r->index, "0A000", hint, "pgdual: %s while rule \"%s\" has writes=%s", what,
-               r->cfg->name, pd_writes_name(ctx->views[r->index].writes));
-    free(what);
-}
+#define refuse_write(ctx, r, hint, ...) pd__refuse_rule(ctx, r, hint, false, __VA_ARGS__)
 
 static void refuse_template(pd__ctx_t *ctx, const pd__rule_t *r, bool up, const char *target)
 {

@@ -88,8 +88,8 @@ static const pd_table_facts_t accounts_facts = {
 
 /* The tables rule's table: a serial key, a plain column, a now() default, a generated one. */
 static char *orders_cols[] = {"id", "total", "created_at", "note", "total_cents"};
-static char *orders_defaults[] = {"nextval('orders_id_seq'::regclass)", NULL, "now()", "'none'::text",
-                                  NULL};
+static char *orders_defaults[] = {"nextval('orders_id_seq'::regclass)", NULL, "now()",
+                                  "'none'::text", NULL};
 static uint32_t orders_types[] = {23, 1700, 1184, 25, 20};
 static char orders_generated[] = {0, 0, 0, 0, 's'};
 static unsigned orders_key[] = {0};
@@ -827,8 +827,7 @@ static void test_template_keeps_mirror_plan(void **state)
     set_views(v, PD_WRITES_DUAL, PD_READS_OLD);
     pd_sql_result_t *first =
         pd_sql_rewrite(rw, "shop", "UPDATE orders SET total = 1 WHERE id = 7", v);
-    pd_sql_result_t *r =
-        pd_sql_rewrite(rw, "shop", "UPDATE orders SET total = 2 WHERE id = 8", v);
+    pd_sql_result_t *r = pd_sql_rewrite(rw, "shop", "UPDATE orders SET total = 2 WHERE id = 8", v);
     pd_sql_stats_t st;
     pd_sql_stats(rw, &st);
     assert_int_equal(st.template_hits, 1);
