@@ -279,6 +279,30 @@ json_t *pd_state_verify(pd_state_t *st, const char *rule)
     return get_in(st, "verify", rule);
 }
 
+int pd_state_record_event(pd_state_t *st, const char *event, const char *who, json_t *fields,
+                          char **err)
+{
+    *err = NULL;
+    char when[32];
+    now_text(when, sizeof when);
+    json_t *entry = json_pack("{s:s, s:s, s:s}", "time", when, "event", event, "by",
+                              who ? who : "unknown");
+    if (entry == NULL || (fields != NULL && json_object_update(entry, fields) != 0)) {
+        json_decref(entry);
+        json_decref(fields);
+        return -1;
+    }
+    json_decref(fields);
+    pthread_mutex_lock(&st->lock);
+    json_t *history = json_object_get(st->doc, "history");
+    json_array_append_new(history, entry);
+    while (json_array_size(history) > PD_STATE_HISTORY_MAX)
+        json_array_remove(history, 0);
+    int rc = persist(st, err);
+    pthread_mutex_unlock(&st->lock);
+    return rc;
+}
+
 json_t *pd_state_history(pd_state_t *st)
 {
     pthread_mutex_lock(&st->lock);

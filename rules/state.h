@@ -46,7 +46,16 @@ json_t *pd_state_checkpoint(pd_state_t *st, const char *key);
 int pd_state_record_verify(pd_state_t *st, const char *rule, json_t *result, char **err);
 json_t *pd_state_verify(pd_state_t *st, const char *rule); /* new reference or NULL */
 
-/* A copy of the flag history (an array, newest last), for status and reports. */
+/*
+ * Appends an operator event to the history: {time, event, by, ...the fields of `fields`}
+ * (event: pause, resume, switchover, rollback, switchover_abandoned, auto_rollback; fields
+ * name the database and what was checked or measured). Takes a reference to fields.
+ * Flag changes (pd_state_set_flags) are history entries without "event". Persisted.
+ */
+int pd_state_record_event(pd_state_t *st, const char *event, const char *who, json_t *fields,
+                          char **err);
+
+/* A copy of the history (an array, newest last), for status and reports. */
 json_t *pd_state_history(pd_state_t *st);
 
 #endif /* PD_RULES_STATE_H */
