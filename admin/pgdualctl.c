@@ -28,17 +28,19 @@
 
 static void usage(FILE *out)
 {
-    fprintf(out, "Usage: pgdualctl [-s SOCKET] [--json] COMMAND [ARGS]\n"
-                 "\n"
-                 "The admin socket is -s SOCKET, else $PGDUAL_ADMIN.\n"
-                 "Commands: status, sessions, rules, flag RULE reads=V|writes=V,\n"
-                 "          divergence [RULE] [--limit N],\n"
-                 "          verify RULE [--repair] [--touched] [--batch N],\n"
-                 "          backfill RULE [--batch N] [--throttle MS], jobs [ID], cancel ID,\n"
-                 "          pause DB, resume DB, switchover DB [--timeout MS] [--force],\n"
-                 "          rollback DB, reload\n"
-                 "verify and backfill follow their job to the end with a progress display;\n"
-                 "--detach (after the command) only starts it.\n");
+    fprintf(out,
+            "Usage: pgdualctl [-s SOCKET] [--json] COMMAND [ARGS]\n"
+            "\n"
+            "The admin socket is -s SOCKET, else $PGDUAL_ADMIN.\n"
+            "Commands: status, sessions, rules, flag RULE reads=V|writes=V,\n"
+            "          divergence [RULE] [--limit N],\n"
+            "          verify RULE [--repair] [--touched] [--batch N],\n"
+            "          backfill RULE [--batch N] [--throttle MS], jobs [ID], cancel ID,\n"
+            "          pause DB [--timeout MS], resume DB,\n"
+            "          switchover DB [--timeout MS] [--force] [--dry-run] [--max-verify-age S],\n"
+            "          rollback DB, reload\n"
+            "verify and backfill follow their job to the end with a progress display;\n"
+            "--detach (after the command) only starts it.\n");
 }
 
 static int connect_admin(const char *path)
@@ -593,6 +595,15 @@ static void print_failure(json_t *reply)
     json_array_foreach(errors, k, e) fprintf(stderr, "  %s\n", json_string_value(e));
     if (json_is_string(hint))
         fprintf(stderr, "HINT:  %s\n", json_string_value(hint));
+    /* switchover's guardrails, pause's busy sessions: what the operator acts on */
+    static const char *const lists[] = {"checks", "busy"};
+    for (size_t i = 0; i < sizeof lists / sizeof lists[0]; i++) {
+        json_t *rows = json_object_get(reply, lists[i]);
+        if (json_array_size(rows) > 0) {
+            printf("%s:\n", lists[i]);
+            print_table(rows);
+        }
+    }
 }
 
 /* Global options before the command; returns the index of the command word, or -exit. */

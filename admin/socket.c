@@ -16,6 +16,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "admin/cutover.h"
 #include "admin/jobs_cmd.h"
 #include "admin/render.h"
 #include "proxy/log.h"
@@ -264,6 +265,14 @@ static json_t *cmd_flag(pd_server_t *srv, int argc, char **argv)
     const char *refusal = pd_server_check_flags(srv, (unsigned)rule, writes, &reads);
     if (refusal != NULL)
         return reply_error(refusal, "The flags were not changed.");
+    bool was_new =
+        srv->flags[rule].writes == PD_WRITES_DUAL_NEW || srv->flags[rule].writes == PD_WRITES_NEW;
+    bool is_new = writes == PD_WRITES_DUAL_NEW || writes == PD_WRITES_NEW;
+    if (srv->cfg->rules[rule].kind == PD_RULE_TABLES && was_new != is_new)
+        return reply_error("changing the authoritative database of a kind: tables rule needs "
+                           "its sessions paused and drained first",
+                           "Use pgdualctl switchover DB (or rollback DB); the flags were not "
+                           "changed.");
     char *err = NULL;
     if (pd_server_set_flags(srv, (unsigned)rule, writes, &reads, current_who, &err) != 0) {
         json_t *r = reply_error(err ? err : "could not save the state",
@@ -376,10 +385,16 @@ static const struct {
     {"backfill", 1, 5, pd_cmd_backfill, NULL, "backfill RULE [--batch N] [--throttle MS]"},
     {"jobs", 0, 1, pd_cmd_jobs, NULL, "jobs [ID]"},
     {"cancel", 1, 1, pd_cmd_cancel, NULL, "cancel ID"},
+    {"pause", 1, 3, NULL, pd_cmd_pause, "pause DB [--timeout MS]"},
+    {"resume", 1, 1, pd_cmd_resume, NULL, "resume DB"},
+    {"switchover", 1, 7, NULL, pd_cmd_switchover,
+     "switchover DB [--timeout MS] [--force] [--dry-run] [--max-verify-age S]"},
+    {"rollback", 1, 7, NULL, pd_cmd_switchover, "rollback DB [--timeout MS] [--force] [--dry-run]"},
 };
 
 #define COMMAND_LIST                                                                               \
-    "Commands: status, sessions, rules, flag, divergence, reload, verify, backfill, jobs, cancel."
+    "Commands: status, sessions, rules, flag, divergence, reload, verify, backfill, jobs, "        \
+    "cancel, pause, resume, switchover, rollback."
 
 /*
  * Runs one command line. A synchronous command returns its reply; an asynchronous one
@@ -520,6 +535,16 @@ static void run_lines(admin_conn_t *c)
         if (reply != NULL)
             pd_admin_reply(req, reply); /* also frees req */
     }
+}
+
+bool pd_admin_req_gone(const pd_admin_req_t *req)
+{
+    return req->conn == NULL;
+}
+
+const char *pd_admin_who(void)
+{
+    return current_who;
 }
 
 void pd_admin_reply(pd_admin_req_t *req, json_t *reply)

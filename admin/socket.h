@@ -7,6 +7,8 @@
 #ifndef PD_ADMIN_SOCKET_H
 #define PD_ADMIN_SOCKET_H
 
+#include <stdbool.h>
+
 #include "proxy/server.h"
 
 typedef struct pd_admin pd_admin_t;
@@ -22,6 +24,12 @@ void pd_admin_stop(pd_admin_t *admin);
 typedef struct pd_admin_req pd_admin_req_t;
 struct json_t;
 void pd_admin_reply(pd_admin_req_t *req, struct json_t *reply);
+
+/* Has the admin client of a pending command gone away (its reply would be dropped)? */
+bool pd_admin_req_gone(const pd_admin_req_t *req);
+
+/* Who runs the command being dispatched ("uid 0 pid 4711"), for the state's history. */
+const char *pd_admin_who(void);
 
 /* Runs one command line and returns its reply (caller frees with json_decref). Exposed
  * for the unit tests of the command table. */

@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "admin/jobs.h"
 #include "proxy/backend.h"
@@ -89,6 +90,7 @@ struct pd_mirror {
     pd_mirror_t *prev, *next; /* srv->mirrors */
     pd_session_t *session;    /* NULL once the session ended */
     char tag[200];
+    char database[64]; /* the session's */
     pd_backend_t backend;
     uv_poll_t *poll; /* after connect; freed by its close callback */
     int poll_events;
@@ -368,6 +370,7 @@ static void record(pd_server_t *srv, const pd_mirror_op_t *op, const char *kind)
     pd_rule_stats_t *st = rule_stats(srv, op->rule);
     if (st == NULL)
         return;
+    st->divergence_at = (int64_t)time(NULL);
     if (strcmp(kind, "mirror_unapplied") == 0)
         st->mirror_unapplied++;
     else if (strcmp(kind, "mirror_proxy_error") == 0)
@@ -426,6 +429,8 @@ static void mirror_die(pd_mirror_t *m, const char *why)
     pd_server_t *srv = m->srv;
     if (m->session == NULL)
         mirror_free(m);
+    else if (m->session->gate_held)
+        pd_session_wake(m->session);
     pump_blocked(srv);
 }
 
@@ -500,8 +505,10 @@ static void finish_shadow(pd_mirror_t *m, pd_mirror_op_t *op, pd_rule_stats_t *s
         st->shadow_compared++;
     if (pd_result_equal(a, b))
         return;
-    if (st != NULL)
+    if (st != NULL) {
         st->shadow_mismatched++;
+        st->divergence_at = (int64_t)time(NULL);
+    }
     pd_log_info(m->tag, "shadow read differs for rule \"%s\"", rule_name(m->srv, op->rule));
     pd_divergence_record(m->srv->divergence, rule_name(m->srv, op->rule), "shadow_read", op->stmt,
                          a, b);
@@ -850,7 +857,11 @@ static void mirror_pump(pd_mirror_t *m)
     if (m->closing) {
         m->session = NULL;
         mirror_die(m, NULL);
+        return;
     }
+    /* Caught up: a session waiting to change sides may go on. */
+    if (m->session != NULL && m->session->gate_held)
+        pd_session_wake(m->session);
 }
 
 static void on_connected(pd_backend_t *b, void *owner, const char *err, const char *sqlstate)
@@ -890,6 +901,7 @@ static pd_mirror_t *mirror_open(pd_session_t *s)
     m->srv = s->srv;
     m->session = s;
     snprintf(m->tag, sizeof m->tag, "%.180s mirror", s->tag);
+    snprintf(m->database, sizeof m->database, "%s", s->database);
     m->next = s->srv->mirrors;
     if (m->next != NULL)
         m->next->prev = m;
@@ -903,12 +915,13 @@ static pd_mirror_t *mirror_open(pd_session_t *s)
         .values = (const char *const *)s->values,
     };
     char err[512];
-    if (db == NULL || db->new == NULL ||
-        pd_backend_connect(&m->backend, s->srv->loop, db->new, &params, on_connected, m, err,
-                           sizeof err) != 0) {
+    /* The mirror is the side the session does not talk to. */
+    const char *target = db == NULL ? NULL : s->auth_new ? db->old : db->new;
+    if (target == NULL || pd_backend_connect(&m->backend, s->srv->loop, target, &params,
+                                             on_connected, m, err, sizeof err) != 0) {
         m->state = M_DEAD;
         pd_log_warning(m->tag, "mirror detached: %s",
-                       db == NULL || db->new == NULL ? "the database has no new side" : err);
+                       target == NULL ? "the database has no new side" : err);
     }
     return m;
 }
@@ -1538,7 +1551,7 @@ static void lockstep_settled(pd_mirror_op_t *op)
     if (!op->applied && rule_fails(s->srv, op->rule))
         sm->poisoned = true;
     if (sm->waiting > 0 && --sm->waiting == 0)
-        pd_session_mirror_settled(s);
+        pd_session_wake(s);
 }
 
 /* Queues op; under lockstep the session waits for it. */
@@ -1792,6 +1805,62 @@ pd_sql_result_t *pd_mirror_refusal(pd_session_t *s, int rule)
     return f;
 }
 
+/* ---------------------------------------------------------------------------------------
+ * Changing sides (switchover, rollback)
+ */
+
+int pd_mirror_swap_ready(pd_session_t *s)
+{
+    pd_session_mirror_t *sm = &s->mir;
+    pd_mirror_t *m = sm->mirror;
+    if (m != NULL && m->state == M_DEAD) {
+        /* What it missed is recorded; a fresh connection takes its place. */
+        m->session = NULL;
+        mirror_free(m);
+        sm->mirror = m = NULL;
+    }
+    if (m == NULL) {
+        if ((sm->mirror = m = mirror_open(s)) == NULL)
+            return -1;
+        return m->state == M_DEAD ? -1 : 1;
+    }
+    if (m->state != M_READY || m->busy || m->head != NULL || m->in_txn || m->nheld > 0)
+        return 1;
+    return 0;
+}
+
+bool pd_mirror_swap(pd_session_t *s, PGconn **conn)
+{
+    pd_session_mirror_t *sm = &s->mir;
+    pd_mirror_t *m = sm->mirror;
+    uv_close((uv_handle_t *)m->poll, poll_closed);
+    m->poll = NULL;
+    PGconn *mine = m->backend.conn;
+    m->backend.conn = *conn;
+    *conn = mine;
+    while (sm->portals != NULL) {
+        pd_portal_t *p = sm->portals;
+        sm->portals = p->next;
+        portal_free(p);
+    }
+    sm->nportals = 0;
+    /* The session relayed raw on it since connect: libpq saw nothing of that, and the
+       connection is idle between transactions, as libpq last knew it. */
+    m->poll = malloc(sizeof *m->poll);
+    if (PQsetnonblocking(m->backend.conn, 1) != 0 || m->poll == NULL ||
+        uv_poll_init_socket(m->srv->loop, m->poll, PQsocket(m->backend.conn)) != 0) {
+        free(m->poll);
+        m->poll = NULL;
+        mirror_die(m, "could not take over the session's connection as the mirror");
+        return true; /* the session goes on; its mirror is detached */
+    }
+    m->poll->data = m;
+    restart_poll(m, UV_READABLE);
+    pd_log_info(m->tag, "now on the %s side (backend pid %d)", s->auth_new ? "new" : "old",
+                PQbackendPID(m->backend.conn));
+    return true;
+}
+
 void pd_mirror_session_end(pd_session_t *s)
 {
     pd_session_mirror_t *sm = &s->mir;
@@ -1839,8 +1908,17 @@ void pd_mirror_session_end(pd_session_t *s)
 
 void pd_mirror_totals(const pd_server_t *srv, pd_mirror_totals_t *out)
 {
+    pd_mirror_db_totals(srv, NULL, out);
+}
+
+void pd_mirror_db_totals(const pd_server_t *srv, const char *database, pd_mirror_totals_t *out)
+{
     *out = (pd_mirror_totals_t){0};
     for (const pd_mirror_t *m = srv->mirrors; m != NULL; m = m->next) {
+        if (database != NULL && strcmp(m->database, database) != 0)
+            continue;
+        if (m->state != M_DEAD && (m->busy || m->head != NULL || m->in_txn))
+            out->busy++;
         if (m->state == M_READY)
             out->open++;
         else if (m->state == M_CONNECTING)

@@ -38,6 +38,7 @@
 
 #include "rules/sql.h"
 
+struct pg_conn;
 typedef struct pd_session pd_session_t;
 typedef struct pd_server pd_server_t;
 typedef struct pd_mirror pd_mirror_t;
@@ -108,13 +109,13 @@ int pd_mirror_on_server(pd_session_t *s, uint32_t seq, uint8_t type, const uint8
  * ReadyForQuery of batch seq, with the transaction status before and after it, before it
  * reaches the client: the batch's statements go to the mirror. True when the client must
  * not hear it yet (commit: lockstep, the batch's statements are not applied on the mirror);
- * pd_session_mirror_settled is called when they are.
+ * pd_session_wake is called when they are.
  */
 bool pd_mirror_before_ready(pd_session_t *s, uint32_t seq, uint8_t status_before, uint8_t status);
 /*
  * A COMMIT (plan r, text sql) about to go to the authoritative side: under lockstep the
  * mirror commits first. 0 go on, 1 hold the client's message until
- * pd_session_mirror_settled, 2 refuse it (on_failure: fail and the mirror failed), -1 out
+ * pd_session_wake, 2 refuse it (on_failure: fail and the mirror failed), -1 out
  * of memory.
  */
 int pd_mirror_commit_first(pd_session_t *s, const pd_sql_result_t *r, const char *sql);
@@ -129,6 +130,18 @@ void pd_mirror_on_copy(pd_session_t *s, uint8_t type, const uint8_t *body, size_
 /* The plan of a bound portal, or NULL. */
 const pd_sql_result_t *pd_mirror_portal_plan(pd_session_t *s, const char *name);
 
+/*
+ * Changing sides (switchover, rollback), at a transaction boundary of the session.
+ * pd_mirror_swap_ready: 0 when the mirror connection is open and caught up (nothing
+ * queued, no transaction open), 1 not yet (it is being opened or drains; the session is
+ * woken with pd_session_wake when it is), -1 when it cannot be opened.
+ * pd_mirror_swap (only after 0, with the session's transport on *conn closed): the mirror
+ * takes *conn (the session's idle backend) and *conn becomes the mirror's connection, for
+ * the session to relay raw on.
+ */
+int pd_mirror_swap_ready(pd_session_t *s);
+bool pd_mirror_swap(pd_session_t *s, struct pg_conn **conn);
+
 /* The session ends: its mirror drains what is queued and closes on its own. */
 void pd_mirror_session_end(pd_session_t *s);
 
@@ -137,8 +150,11 @@ void pd_mirror_session_end(pd_session_t *s);
 typedef struct {
     unsigned open, connecting, detached;
     unsigned long long queued;
+    unsigned busy; /* mirrors with a statement in flight, queued, or a transaction open */
 } pd_mirror_totals_t;
 void pd_mirror_totals(const pd_server_t *srv, pd_mirror_totals_t *out);
+/* The same for the mirrors of one database's sessions (those that ended included). */
+void pd_mirror_db_totals(const pd_server_t *srv, const char *database, pd_mirror_totals_t *out);
 
 /* Server shutdown: every mirror closes now, recording what it had not applied. */
 void pd_mirror_close_all(pd_server_t *srv);

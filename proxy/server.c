@@ -16,6 +16,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "admin/cutover.h"
 #include "admin/jobs.h"
 #include "admin/metrics.h"
 #include "admin/render.h"
@@ -201,20 +202,77 @@ static int material_finish(material_t *m)
  * async and lockstep); new as the authoritative side (dual-new, new) and reads routed to
  * new are not yet, and are refused so that nothing is believed done that is not.
  */
+/* A paused database (pgdualctl pause, switchover). */
+struct pd_pause {
+    struct pd_pause *next;
+    uint64_t since_ms;
+    char database[];
+};
+
+static bool new_authoritative(pd_writes_t w)
+{
+    return w == PD_WRITES_DUAL_NEW || w == PD_WRITES_NEW;
+}
+
+/*
+ * A tables rule's flags say which database is authoritative for the whole session: under
+ * old|dual sessions talk to old and new is the mirror; under dual-new|new they talk to
+ * new (old the mirror under dual-new). Reads come from the authoritative side (or both,
+ * shadow): a read served from the trailing mirror would not see the session's own writes.
+ */
 static const char *tables_rule_refusal(const pd_rule_cfg_t *r, pd_writes_t writes,
                                        const pd_reads_t *reads)
 {
     if (r->kind != PD_RULE_TABLES)
         return NULL;
-    if (writes != PD_WRITES_OLD && writes != PD_WRITES_DUAL)
-        return "kind: tables rules support writes=old and writes=dual (old authoritative) in "
-               "this version of pgdual; dual-new and new are not built yet";
-    if (reads->mode == PD_READS_SHADOW && writes != PD_WRITES_DUAL)
-        return "reads=shadow of a kind: tables rule needs writes=dual (new must be kept in step "
-               "to be compared)";
-    if (reads->mode != PD_READS_OLD && reads->mode != PD_READS_SHADOW)
-        return "kind: tables rules read from old (or shadow) only in this version of pgdual";
+    bool to_new = new_authoritative(writes);
+    if (to_new && r->table_count > 0)
+        return "writes=dual-new and writes=new make new authoritative for the whole database "
+               "(sessions then talk to new only), so the rule must cover every table: omit "
+               "`tables` from the rule";
+    if (to_new && r->column_count > 0)
+        return "writes=dual-new and writes=new of a kind: tables rule with renamed or "
+               "transformed `columns` are not built yet (the application's statements would "
+               "need rewriting for new's schema)";
+    if (reads->mode == PD_READS_SHADOW && writes != PD_WRITES_DUAL && writes != PD_WRITES_DUAL_NEW)
+        return "reads=shadow of a kind: tables rule needs both sides written (writes=dual or "
+               "dual-new) to be compared";
+    if (reads->mode == PD_READS_NEW && reads->percent < 100)
+        return "gradual reads (new@N) are for kind: columns rules; a kind: tables rule reads "
+               "from the authoritative database";
+    if (reads->mode == PD_READS_NEW && !to_new)
+        return "reads=new of a kind: tables rule needs new authoritative (writes=dual-new or "
+               "new): pgdualctl switchover flips both";
+    if (reads->mode == PD_READS_OLD && to_new)
+        return "reads=old of a kind: tables rule needs old authoritative (writes=old or dual): "
+               "pgdualctl rollback flips both";
     return NULL;
+}
+
+/* Every tables rule of a database must agree on which side is authoritative. */
+static const char *authority_refusal(const pd_config_t *cfg, const pd_rule_flags_t *flags,
+                                     unsigned rule, pd_writes_t writes)
+{
+    const pd_rule_cfg_t *r = &cfg->rules[rule];
+    if (r->kind != PD_RULE_TABLES)
+        return NULL;
+    for (unsigned i = 0; i < cfg->rule_count; i++)
+        if (i != rule && cfg->rules[i].kind == PD_RULE_TABLES &&
+            strcmp(cfg->rules[i].database, r->database) == 0 &&
+            new_authoritative(flags[i].writes) != new_authoritative(writes))
+            return "another kind: tables rule of the database has the other side "
+                   "authoritative; the database's tables rules must flip together (pgdualctl "
+                   "switchover/rollback DB)";
+    return NULL;
+}
+
+bool pd_server_new_authoritative(const pd_server_t *srv, const char *database)
+{
+    for (unsigned i = 0; i < srv->cfg->rule_count; i++)
+        if (srv->cfg->rules[i].kind == PD_RULE_TABLES &&
+            strcmp(srv->cfg->rules[i].database, database) == 0)
+            return new_authoritative(srv->flags[i].writes);
+    return false;
 }
 
 /*
@@ -241,7 +299,8 @@ static const char *flags_refusal(const pd_rule_cfg_t *r, pd_writes_t writes,
 const char *pd_server_check_flags(const pd_server_t *srv, unsigned rule, pd_writes_t writes,
                                   const pd_reads_t *reads)
 {
-    return flags_refusal(&srv->cfg->rules[rule], writes, reads);
+    const char *why = flags_refusal(&srv->cfg->rules[rule], writes, reads);
+    return why != NULL ? why : authority_refusal(srv->cfg, srv->flags, rule, writes);
 }
 
 /* Flags in force: the state's (operators' changes) or else the config's initial ones. */
@@ -261,6 +320,14 @@ static pd_rule_flags_t *flags_compute(pd_state_t *state, const pd_config_t *cfg)
             pd_log_error(NULL, "rule \"%s\": %s", r->name, refusal);
             pd_log_error(NULL, "HINT:  Change the rule's flags in the config (or, when they "
                                "come from the state file, with pgdualctl flag before).");
+            free(flags);
+            return NULL;
+        }
+    }
+    for (unsigned i = 0; i < cfg->rule_count; i++) {
+        const char *refusal = authority_refusal(cfg, flags, i, flags[i].writes);
+        if (refusal != NULL) {
+            pd_log_error(NULL, "rule \"%s\": %s", cfg->rules[i].name, refusal);
             free(flags);
             return NULL;
         }
@@ -442,6 +509,7 @@ static void finish(pd_server_t *srv)
 {
     close_listener(srv);
     pd_mirror_close_all(srv);
+    pd_cutover_stop_all(srv);
     pd_admin_stop(srv->admin);
     srv->admin = NULL;
     pd_metrics_stop(srv->metrics);
@@ -716,6 +784,11 @@ void pd_server_free(pd_server_t *srv)
     pd_jobs_free(srv->jobs);
     srv->jobs = NULL;
     pd_state_free(srv->state);
+    while (srv->pauses != NULL) {
+        struct pd_pause *p = srv->pauses;
+        srv->pauses = p->next;
+        free(p);
+    }
     srv->state = NULL;
     free(srv->flags);
     srv->flags = NULL;
@@ -740,5 +813,60 @@ int pd_server_set_flags(pd_server_t *srv, unsigned rule, pd_writes_t writes,
     char rtext[32];
     pd_log_info(NULL, "rule \"%s\": flags set to writes=%s reads=%s by %s", name,
                 pd_writes_name(writes), pd_reads_format(reads, rtext, sizeof rtext), who);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Pauses
+ */
+
+static struct pd_pause **pause_find(pd_server_t *srv, const char *database)
+{
+    struct pd_pause **pp = &srv->pauses;
+    while (*pp != NULL && strcmp((*pp)->database, database) != 0)
+        pp = &(*pp)->next;
+    return pp;
+}
+
+int pd_server_pause(pd_server_t *srv, const char *database)
+{
+    if (*pause_find(srv, database) != NULL)
+        return -1;
+    size_t n = strlen(database) + 1;
+    struct pd_pause *p = malloc(sizeof *p + n);
+    if (p == NULL)
+        return -1;
+    memcpy(p->database, database, n);
+    p->since_ms = uv_now(srv->loop);
+    p->next = srv->pauses;
+    srv->pauses = p;
+    srv->npauses++;
+    return 0;
+}
+
+void pd_server_resume(pd_server_t *srv, const char *database)
+{
+    struct pd_pause **pp = pause_find(srv, database);
+    struct pd_pause *p = *pp;
+    if (p == NULL)
+        return;
+    *pp = p->next;
+    free(p);
+    srv->npauses--;
+    for (pd_session_t *s = srv->sessions; s != NULL; s = s->next)
+        if (s->gate_held && s->database != NULL && strcmp(s->database, database) == 0)
+            pd_session_wake(s);
+}
+
+bool pd_server_paused(const pd_server_t *srv, const char *database)
+{
+    return pd_server_paused_since(srv, database) != 0;
+}
+
+uint64_t pd_server_paused_since(const pd_server_t *srv, const char *database)
+{
+    for (const struct pd_pause *p = srv->pauses; p != NULL; p = p->next)
+        if (strcmp(p->database, database) == 0)
+            return p->since_ms ? p->since_ms : 1;
     return 0;
 }

@@ -52,6 +52,7 @@ typedef struct {
     /* tables rules: statements replayed on the mirror; outcomes that differed (or failed
        there); statements never applied (mirror detached); errors the proxy caused there */
     uint64_t mirrored, mirror_diverged, mirror_unapplied, mirror_proxy_errors;
+    int64_t divergence_at; /* unix time of the last divergence event (0: none) */
 } pd_rule_stats_t;
 
 /* A users-file entry ready for SCRAM: plain-text passwords are derived once at load. */
@@ -98,6 +99,10 @@ typedef struct pd_server {
     pd_sql_result_t *pass_result; /* owned; handed out for databases whose rules are idle */
     uint64_t started_ms;
 
+    struct pd_pause *pauses;     /* owned; paused databases (pgdualctl pause, switchover) */
+    struct pd_cutover *cutovers; /* owned; pauses and switchovers in progress (cutover.c) */
+    unsigned npauses;
+
     bool stopping; /* SIGTERM: no new sessions; exit when the last one ends */
     int exit_code;
 } pd_server_t;
@@ -131,6 +136,21 @@ const char *pd_server_check_flags(const pd_server_t *srv, unsigned rule, pd_writ
  * statement of every session. -1 with *err (malloc'd) when the state could not be saved. */
 int pd_server_set_flags(pd_server_t *srv, unsigned rule, pd_writes_t writes,
                         const pd_reads_t *reads, const char *who, char **err);
+
+/* Is new the authoritative side of the database (its tables rules at dual-new or new)?
+   Sessions then talk to new, and old is the mirror. */
+bool pd_server_new_authoritative(const pd_server_t *srv, const char *database);
+
+/*
+ * Pausing a database: sessions of it (with rules) hold their next message at a
+ * transaction boundary until it is resumed; transactions in flight go on. pause returns
+ * -1 when the database is paused already; resume wakes the held sessions (no-op when
+ * not paused). since_ms: when the pause began (0 when not paused).
+ */
+int pd_server_pause(pd_server_t *srv, const char *database);
+void pd_server_resume(pd_server_t *srv, const char *database);
+bool pd_server_paused(const pd_server_t *srv, const char *database);
+uint64_t pd_server_paused_since(const pd_server_t *srv, const char *database);
 
 /* Looks up the auth entry of a user, or NULL. */
 const pd_auth_entry_t *pd_server_auth_entry(const pd_server_t *srv, const char *user);

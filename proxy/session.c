@@ -16,6 +16,7 @@
 #include <strings.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "proxy/cancel.h"
@@ -579,7 +580,8 @@ static void update_interest(pd_session_t *s)
         break;
     case PD_SESSION_ACTIVE:
         pd_transport_want(&s->client,
-                          !pipe_pending(&s->c2b) && !s->client_terminated && !s->hold_client,
+                          !pipe_pending(&s->c2b) && !s->client_terminated && !s->hold_client &&
+                              !s->gate_held,
                           pipe_pending(&s->b2c) || out_pending(s));
         pd_transport_want(&s->server, !pipe_pending(&s->b2c) && !s->mirror_wait,
                           pipe_pending(&s->c2b) || s->to_server.len > 0);
@@ -717,6 +719,7 @@ static void refresh_rules(pd_session_t *s)
         return;
     s->rules_on = pd_route_db_has_rules(s->srv->cfg, s->database);
     s->mir.on = s->rules_on && pd_mirror_db_active(s->srv, s->database);
+    s->want_new = s->rules_on && pd_server_new_authoritative(s->srv, s->database);
     s->rules_generation = gen;
 }
 /* A shadow read is taken for a sampled share of statements that have one. */
@@ -964,7 +967,7 @@ static route_rc_t route_parse(pd_session_t *s, pd_pipe_t *p, size_t total)
  */
 static bool bind_prefix(pd_session_t *s, pd_stmt_t *e, pd_buf_t *prefix)
 {
-    if (e->gen != s->srv->rules_generation) {
+    if (e->gen != s->srv->rules_generation || e->lost) {
         char *before = e->sent ? strdup(e->sent) : NULL;
         bool had = e->sent != NULL;
         if ((had && before == NULL) || !stmt_decide(s, e)) {
@@ -973,7 +976,8 @@ static bool bind_prefix(pd_session_t *s, pd_stmt_t *e, pd_buf_t *prefix)
         }
         bool same = had == (e->sent != NULL) && (!had || strcmp(before, e->sent) == 0);
         free(before);
-        if (!same) {
+        if (!same || e->lost) {
+            e->lost = false;
             pd_fe_close(prefix, 'S', e->name);
             if (!drop_expect(s, PD_BE_CLOSE_COMPLETE) || !parse_as_decided(s, prefix, e, true))
                 return false;
@@ -1121,11 +1125,91 @@ static bool mirror_execute_describe(pd_session_t *s, uint8_t type, const uint8_t
 }
 
 /* Decides every whole header in [scan, end). Returns 0, or -1 when the session ended. */
+/* Between transactions, nothing of the client's sent and unanswered, nothing of ours. */
+static bool at_boundary(const pd_session_t *s)
+{
+    const pd_pipe_t *c = &s->c2b;
+    return s->batch_count == 0 && s->txn_status == 'I' && !pipe_pending(c) && c->skip == 0 &&
+           s->batch_msgs == 0 && s->to_server.len == 0 && s->shadow == NULL && !s->hold_client &&
+           !s->mirror_wait;
+}
+
+bool pd_session_quiet(const pd_session_t *s)
+{
+    if (s->closed || s->state != PD_SESSION_ACTIVE)
+        return true; /* not serving: its first statement meets the gate */
+    return !s->rules_on || s->gate_held || at_boundary(s);
+}
+
+static void server_attach_failed(pd_session_t *s);
+static bool server_attach(pd_session_t *s);
+
+/*
+ * Switchover or rollback moved the database's authoritative side: at a transaction
+ * boundary the session's backend and its mirror connection change places, so that the
+ * session goes on, connected, on the other side (its settings were kept in step on both).
+ * Statements it prepared are prepared again there at their next Bind. 0 changed, 1 wait
+ * (woken when the mirror is ready), -1 failed (the session ended).
+ */
+static int change_sides(pd_session_t *s)
+{
+    int rc = pd_mirror_swap_ready(s);
+    if (rc < 0) {
+        pd_session_terminate(s, "08006",
+                             "pgdual could not connect to the database's other side to follow "
+                             "the switchover",
+                             "Reconnect; check that both servers of the database are up.");
+        return -1;
+    }
+    if (rc > 0)
+        return 1;
+    pd_transport_close(&s->server);
+    s->server_open = false;
+    if (!pd_mirror_swap(s, &s->backend.conn)) {
+        server_attach_failed(s);
+        return -1;
+    }
+    s->auth_new = !s->auth_new;
+    for (unsigned i = 0; i < s->stmt_buckets; i++)
+        for (pd_stmt_t *e = s->stmts[i]; e != NULL; e = e->next)
+            e->lost = true;
+    if (!server_attach(s)) {
+        server_attach_failed(s);
+        return -1;
+    }
+    pd_log_info(s->tag, "now on the %s side (backend pid %d)", s->auth_new ? "new" : "old",
+                PQbackendPID(s->backend.conn));
+    return 0;
+}
+
+/*
+ * Before a message that would start something new, at a transaction boundary: a paused
+ * database holds it; a session on the side the rules no longer make authoritative
+ * changes sides first. True when the message must wait (s->gate_held).
+ */
+static bool gate_closed(pd_session_t *s)
+{
+    if (s->srv->npauses == 0 && s->auth_new == s->want_new)
+        return false;
+    if (!at_boundary(s))
+        return false; /* in a transaction (or a batch): it finishes first */
+    if (pd_server_paused(s->srv, s->database)) {
+        s->gate_held = true;
+        return true;
+    }
+    if (s->auth_new != s->want_new) {
+        int rc = change_sides(s);
+        s->gate_held = rc > 0;
+        return rc != 0;
+    }
+    return false;
+}
+
 static int scan_client(pd_session_t *s)
 {
     pd_pipe_t *p = &s->c2b;
     refresh_rules(s);
-    while (p->scan < p->end && !s->hold_client) {
+    while (p->scan < p->end && !s->hold_client && !s->gate_held) {
         size_t avail = p->end - p->scan;
         if (p->skip > 0) {
             size_t take = p->skip < avail ? (size_t)p->skip : avail;
@@ -1155,6 +1239,8 @@ static int scan_client(pd_session_t *s)
             p->end = p->scan;
             break;
         }
+        if (s->rules_on && gate_closed(s))
+            break;
         s->busy = true;
         if (s->rules_on) {
             route_rc_t r = ROUTE_OK;
@@ -1257,6 +1343,7 @@ static void finish_shadow(pd_session_t *s)
     st->shadow_compared++;
     if (!pd_result_equal(&s->sum_old, &s->sum_new)) {
         st->shadow_mismatched++;
+        st->divergence_at = (int64_t)time(NULL);
         pd_log_info(s->tag, "shadow read differs for rule \"%s\"",
                     s->srv->cfg->rules[r->rule].name);
         pd_divergence_record(s->srv->divergence, s->srv->cfg->rules[r->rule].name, "shadow_read",
@@ -1541,7 +1628,7 @@ static void relay_from_client(pd_session_t *s)
     pd_pipe_t *p = &s->c2b;
     size_t limit = (size_t)s->srv->cfg->max_message_size + 1;
     while (!s->closed && s->state == PD_SESSION_ACTIVE && !pipe_pending(p) &&
-           !s->client_terminated && !s->hold_client) {
+           !s->client_terminated && !s->hold_client && !s->gate_held) {
         if (!pipe_make_room(p, limit < PIPE_SIZE ? PIPE_SIZE : limit)) {
             client_violation(s, "invalid message length");
             return;
@@ -1629,11 +1716,16 @@ static void on_server(pd_transport_t *t, void *owner, bool readable, bool writab
  * mirror's call stack below it.
  */
 
-static void on_mirror_settled(uv_timer_t *t)
+static void on_wake(uv_timer_t *t)
 {
     pd_session_t *s = t->data;
     if (s->closed || s->state != PD_SESSION_ACTIVE)
         return;
+    if (s->gate_held) {
+        s->gate_held = false; /* the gate is tried again at the next message */
+        if (pump_client(s) < 0)
+            return;
+    }
     if (s->mirror_wait) {
         s->mirror_wait = false;
         if (pump_server(s) < 0)
@@ -1653,16 +1745,36 @@ static void on_mirror_settled(uv_timer_t *t)
     update_interest(s);
 }
 
-void pd_session_mirror_settled(pd_session_t *s)
+void pd_session_wake(pd_session_t *s)
 {
     if (s->closed || s->state != PD_SESSION_ACTIVE)
         return;
-    uv_timer_start(&s->timer, on_mirror_settled, 0, 0);
+    uv_timer_start(&s->timer, on_wake, 0, 0);
 }
 
 /* ---------------------------------------------------------------------------------------
  * CONNECTING: the backend
  */
+
+/* Relays raw on the backend's socket (through libpq's SSL object when TLS is on). */
+static bool server_attach(pd_session_t *s)
+{
+    PGconn *conn = s->backend.conn;
+    if (pd_transport_open(&s->server, s->srv->loop, PQsocket(conn), false, on_server, s) != 0)
+        return false;
+    s->server_open = true;
+    if (PQsslInUse(conn)) {
+        SSL *ssl = PQsslStruct(conn, "OpenSSL");
+        SSL_set_mode(ssl, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+        pd_transport_set_ssl(&s->server, ssl, false);
+    }
+    return true;
+}
+
+static void server_attach_failed(pd_session_t *s)
+{
+    server_lost(s, "could not watch the server socket");
+}
 
 static void on_backend_connected(pd_backend_t *b, void *owner, const char *err,
                                  const char *sqlstate)
@@ -1679,16 +1791,9 @@ static void on_backend_connected(pd_backend_t *b, void *owner, const char *err,
                              "config and that its server is up.");
         return;
     }
-    int fd = PQsocket(b->conn);
-    if (pd_transport_open(&s->server, s->srv->loop, fd, false, on_server, s) != 0) {
-        server_lost(s, "could not watch the server socket");
+    if (!server_attach(s)) {
+        server_attach_failed(s);
         return;
-    }
-    s->server_open = true;
-    if (PQsslInUse(b->conn)) {
-        SSL *ssl = PQsslStruct(b->conn, "OpenSSL");
-        SSL_set_mode(ssl, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
-        pd_transport_set_ssl(&s->server, ssl, false);
     }
 
     /* The client hears what PostgreSQL would say after authentication, with our own
@@ -1982,7 +2087,10 @@ static void startup_message(pd_session_t *s, const pd_startup_t *st)
     snprintf(s->tag, sizeof s->tag, "[S-%u %s/%s@%s]", s->id, s->database, s->user, s->peer);
     const pd_config_t *cfg = s->srv->cfg;
     const pd_database_cfg_t *db = pd_config_database(cfg, s->database);
-    if (db != NULL && (s->conninfo = strdup(db->old)) == NULL) {
+    /* Sessions talk to the authoritative side (new once switched over). */
+    s->auth_new = db != NULL && db->new != NULL &&pd_server_new_authoritative(s->srv, s->database);
+    s->want_new = s->auth_new;
+    if (db != NULL && (s->conninfo = strdup(s->auth_new ? db->new : db->old)) == NULL) {
         pd_session_terminate(s, "53200", "out of memory", NULL);
         return;
     }

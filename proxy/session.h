@@ -54,6 +54,7 @@ typedef struct pd_stmt {
     uint16_t ntypes;
     uint32_t *types;    /* the parameter types the client declared */
     unsigned gen;       /* srv->rules_generation of the decision */
+    bool lost;          /* the session changed sides: the server does not hold it */
     pd_sql_result_t *r; /* the decision (rewrite, refusal, shadow form), referenced */
 } pd_stmt_t;
 
@@ -134,6 +135,10 @@ struct pd_session {
     pd_buf_t to_server; /* the proxy's own messages for the server (shadow queries) */
     size_t to_server_sent;
     bool hold_client; /* client input waits while the proxy's own query runs */
+    bool gate_held;   /* client input waits at a transaction boundary: the database is
+                         paused, or the session changes sides once its mirror is ready */
+    bool auth_new;    /* the backend is the database's new side (tables rules at dual-new|new) */
+    bool want_new;    /* ... which the rules in force ask for (sides change when idle) */
     bool mirror_wait; /* b2c waits at a ReadyForQuery for the mirror (lockstep) */
 
     pd_prepared_t *cand; /* this batch binds a shadowed read: an owned copy */
@@ -163,8 +168,13 @@ void pd_session_accept(pd_server_t *srv, int fd, const char *peer);
 void pd_session_terminate(pd_session_t *s, const char *sqlstate, const char *message,
                           const char *hint);
 
-/* The mirror applied what the session waited for (commit: lockstep): resume the relay. */
-void pd_session_mirror_settled(pd_session_t *s);
+/* What the session waited for happened (the mirror applied a batch under commit:
+ * lockstep, a pause ended, the mirror is ready to change sides): the relay goes on, from
+ * a timer, never inside the caller's stack. */
+void pd_session_wake(pd_session_t *s);
+
+/* Is the session between transactions with nothing in flight (or not yet serving)? */
+bool pd_session_quiet(const pd_session_t *s);
 
 /* Finds the session that issued BackendKeyData (pid, key), or NULL. */
 pd_session_t *pd_session_find(pd_server_t *srv, uint32_t pid, uint32_t key);

@@ -285,8 +285,8 @@ int pd_state_record_event(pd_state_t *st, const char *event, const char *who, js
     *err = NULL;
     char when[32];
     now_text(when, sizeof when);
-    json_t *entry = json_pack("{s:s, s:s, s:s}", "time", when, "event", event, "by",
-                              who ? who : "unknown");
+    json_t *entry =
+        json_pack("{s:s, s:s, s:s}", "time", when, "event", event, "by", who ? who : "unknown");
     if (entry == NULL || (fields != NULL && json_object_update(entry, fields) != 0)) {
         json_decref(entry);
         json_decref(fields);

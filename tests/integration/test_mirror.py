@@ -696,11 +696,24 @@ class MirrorRefusalTest(unittest.TestCase):
             self.assertEqual(cm.exception.pgcode, "0A000")
             conn.close()
 
-    def test_lockstep_and_dual_new_not_yet(self):
+    def test_dual_new_refusals(self):
+        # New authoritative means sessions talk to new only: a rule listing some tables
+        # (the others would not be on new) or mapping columns cannot be flipped there.
         with RulesProxy(rules=[tables_rule(writes="old")], databases=databases()) as p:
-            r = p.ctl("flag", RULE, "writes=dual-new", check=False)
+            r = p.ctl("flag", RULE, "writes=dual-new", "reads=new", check=False)
             self.assertEqual(r.returncode, 1)
-            self.assertIn("not built yet", r.stderr)
+            self.assertIn("the rule must cover every table: omit `tables` from the rule",
+                          r.stderr)
+            r = p.ctl("flag", RULE, "reads=new", check=False)
+            self.assertEqual(r.returncode, 1)
+            self.assertIn("reads=new of a kind: tables rule needs new authoritative", r.stderr)
+        mapped = tables_rule(writes="old", tables=None,
+                             columns=[{"old": "note", "new": "remark"}])
+        del mapped["tables"]
+        with RulesProxy(rules=[mapped], databases=databases()) as p:
+            r = p.ctl("flag", RULE, "writes=dual-new", "reads=new", check=False)
+            self.assertEqual(r.returncode, 1)
+            self.assertIn("with renamed or transformed `columns` are not built yet", r.stderr)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,39 @@
+/*
+ * cutover.h — the admin commands that move a database between old and new (DESIGN.md §1
+ * blue/green steps 4-5, §3): `pause`, `resume`, `switchover`, `rollback`.
+ *
+ * pause DB [--timeout MS]: sessions of DB hold their next statement at a transaction
+ *   boundary (transactions in flight finish); the reply comes when DB is quiet, or at the
+ *   timeout with the sessions still busy. A pause always ends: on resume, at its timeout
+ *   (default 10 s, also after it went quiet), or when the admin client that asked for it
+ *   goes away before the reply.
+ * switchover DB [--timeout MS] [--force] [--dry-run] [--max-verify-age S]:
+ *   checks the guardrails (every rule of DB at writes=dual; mirrors connected and caught
+ *   up; no divergence since the last passing verify; a passing verify no older than the
+ *   maximum age), refusing when one fails or cannot be answered, unless --force; then
+ *   pauses DB, waits until its sessions are between transactions and its mirrors have
+ *   applied everything (abandoning and resuming unchanged after --timeout, default 5 s),
+ *   sets new's sequences at least as high as old's, flips every rule of DB to
+ *   writes=dual-new reads=new, and resumes. Sessions change sides at their next
+ *   statement, connected. rollback DB: the same in reverse (dual-new back to dual, reads
+ *   old; old's sequences brought up to new's).
+ * Every pause, resume, switchover and rollback is recorded in the state's history with
+ * who asked and what was measured.
+ */
+#ifndef PD_ADMIN_CUTOVER_H
+#define PD_ADMIN_CUTOVER_H
+
+#include <jansson.h>
+
+#include "admin/socket.h"
+#include "proxy/server.h"
+
+void pd_cmd_pause(pd_server_t *srv, pd_admin_req_t *req, int argc, char **argv);
+json_t *pd_cmd_resume(pd_server_t *srv, int argc, char **argv);
+/* switchover and rollback (argv[0] says which) */
+void pd_cmd_switchover(pd_server_t *srv, pd_admin_req_t *req, int argc, char **argv);
+
+/* Server shutdown: pauses end, operations in progress are abandoned (their clients told). */
+void pd_cutover_stop_all(pd_server_t *srv);
+
+#endif /* PD_ADMIN_CUTOVER_H */
