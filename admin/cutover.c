@@ -261,7 +261,7 @@ static void pause_tick(uv_timer_t *t)
     if (op->req != NULL && pd_admin_req_gone(op->req)) {
         pd_log_info(NULL, "pause of database \"%s\" ended: the admin client went away",
                     op->database);
-        op->req = NULL;
+        reply(op, json_object()); /* nobody to hear it: frees the request */
         op_end(op);
         return;
     }
