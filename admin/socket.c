@@ -18,6 +18,7 @@
 
 #include "admin/jobs_cmd.h"
 #include "admin/render.h"
+#include "proxy/compare.h"
 #include "proxy/log.h"
 #include "proxy/mirror.h"
 #include "proxy/session.h"
@@ -275,43 +276,29 @@ static json_t *cmd_flag(pd_server_t *srv, int argc, char **argv)
     return flags_json(srv, (unsigned)rule);
 }
 
-/*
- * The newest events of the divergence log, read from the end of the file (at most the
- * last 4 MB: a bounded read, so a large log never stalls the loop).
- */
+/* The newest events of the divergence log (of one rule, or all), at most `limit`. */
+typedef struct {
+    json_t *events;
+    const char *rule;
+    long limit;
+} newest_t;
+
+static void keep_newest(json_t *ev, void *ctx)
+{
+    newest_t *n = ctx;
+    const char *r = json_string_value(json_object_get(ev, "rule"));
+    if (n->rule != NULL && (r == NULL || strcmp(r, n->rule) != 0))
+        return;
+    json_array_append(n->events, ev);
+    while ((long)json_array_size(n->events) > n->limit)
+        json_array_remove(n->events, 0);
+}
+
 static json_t *read_divergence(const char *path, const char *rule, long limit)
 {
-    json_t *events = json_array();
-    FILE *f = path ? fopen(path, "r") : NULL;
-    if (f == NULL)
-        return events;
-    const long window = 4L << 20;
-    if (fseek(f, 0, SEEK_END) == 0) {
-        long size = ftell(f);
-        if (size > window)
-            fseek(f, size - window, SEEK_SET);
-        else
-            rewind(f);
-        bool partial = size > window; /* the first line read may be cut: skip it */
-        char *line = NULL;
-        size_t cap = 0;
-        while (getline(&line, &cap, f) > 0) {
-            if (partial) {
-                partial = false;
-                continue;
-            }
-            json_t *ev = json_loads(line, 0, NULL);
-            const char *r = json_string_value(json_object_get(ev, "rule"));
-            if (ev != NULL && (rule == NULL || (r != NULL && strcmp(r, rule) == 0)))
-                json_array_append(events, ev);
-            json_decref(ev);
-            while ((long)json_array_size(events) > limit)
-                json_array_remove(events, 0);
-        }
-        free(line);
-    }
-    fclose(f);
-    return events;
+    newest_t n = {json_array(), rule, limit};
+    pd_divergence_scan(path, PD_DIVERGENCE_WINDOW, keep_newest, &n);
+    return n.events;
 }
 
 /* divergence [RULE] [--limit N]: counters per rule and the newest events. */
