@@ -18,6 +18,7 @@
 
 #include "admin/jobs_cmd.h"
 #include "admin/render.h"
+#include "admin/report.h"
 #include "proxy/compare.h"
 #include "proxy/log.h"
 #include "proxy/mirror.h"
@@ -138,7 +139,7 @@ static json_t *cmd_sessions(pd_server_t *srv, int argc, char **argv)
     return r;
 }
 
-static json_t *rule_json(const pd_server_t *srv, unsigned index)
+json_t *pd_admin_rule_json(const pd_server_t *srv, unsigned index)
 {
     static const char *const kinds[] = {[PD_RULE_COLUMNS] = "columns", [PD_RULE_TABLES] = "tables"};
     const pd_rule_cfg_t *rule = &srv->cfg->rules[index];
@@ -182,7 +183,7 @@ static json_t *cmd_rules(pd_server_t *srv, int argc, char **argv)
     (void)argv;
     json_t *list = json_array();
     for (unsigned i = 0; i < srv->cfg->rule_count; i++)
-        json_array_append_new(list, rule_json(srv, i));
+        json_array_append_new(list, pd_admin_rule_json(srv, i));
     json_t *r = reply_ok();
     json_object_set_new(r, "rules", list);
     return r;
@@ -346,6 +347,22 @@ static json_t *cmd_divergence(pd_server_t *srv, int argc, char **argv)
     return r;
 }
 
+/* report DB: the cutover readiness report (admin/report.h). */
+static json_t *cmd_report(pd_server_t *srv, int argc, char **argv)
+{
+    (void)argc;
+    json_t *report = pd_report_build(srv, argv[1]);
+    if (report == NULL) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "database \"%.64s\" does not exist", argv[1]);
+        return reply_error(msg, "pgdualctl status lists the databases; DB is the name clients "
+                                "connect to.");
+    }
+    json_t *r = reply_ok();
+    json_object_set_new(r, "report", report);
+    return r;
+}
+
 static const struct {
     const char *verb;
     int min_args, max_args;
@@ -363,10 +380,12 @@ static const struct {
     {"backfill", 1, 5, pd_cmd_backfill, NULL, "backfill RULE [--batch N] [--throttle MS]"},
     {"jobs", 0, 1, pd_cmd_jobs, NULL, "jobs [ID]"},
     {"cancel", 1, 1, pd_cmd_cancel, NULL, "cancel ID"},
+    {"report", 1, 1, cmd_report, NULL, "report DB"},
 };
 
 #define COMMAND_LIST                                                                               \
-    "Commands: status, sessions, rules, flag, divergence, reload, verify, backfill, jobs, cancel."
+    "Commands: status, sessions, rules, flag, divergence, reload, verify, backfill, jobs, "        \
+    "cancel, report."
 
 /*
  * Runs one command line. A synchronous command returns its reply; an asynchronous one
