@@ -555,27 +555,6 @@ static int follow_job(int fd, json_int_t id, bool as_json)
  * The readiness report
  */
 
-/* "flags of RULE" or the event's name, and the rest of the entry. */
-static json_t *history_row(json_t *h)
-{
-    json_t *detail = json_deep_copy(h);
-    json_object_del(detail, "time");
-    json_object_del(detail, "by");
-    json_object_del(detail, "event");
-    json_object_del(detail, "rule");
-    char what[200];
-    if (json_is_string(json_object_get(h, "event")))
-        snprintf(what, sizeof what, "%s", str_of(h, "event", ""));
-    else
-        snprintf(what, sizeof what, "flags of %s", str_of(h, "rule", ""));
-    char *text = json_dumps(detail, JSON_COMPACT);
-    json_t *row = json_pack("{s:s, s:s, s:s, s:s}", "time", str_of(h, "time", ""), "what", what,
-                            "by", str_of(h, "by", ""), "detail", text ? text : "");
-    free(text);
-    json_decref(detail);
-    return row;
-}
-
 #define REPORT_HISTORY_SHOWN 10
 
 static void print_report_rules(json_t *rules)
@@ -650,12 +629,10 @@ static void print_report(json_t *rep)
            (long long)int_of(m, "open"), (long long)int_of(m, "connecting"),
            (long long)int_of(m, "detached"), (long long)int_of(m, "queued"));
     print_report_divergence(json_object_get(rep, "divergence"));
-    json_t *history = json_object_get(rep, "history"), *rows = json_array();
-    size_t n = json_array_size(history);
-    for (i = n > REPORT_HISTORY_SHOWN ? n - REPORT_HISTORY_SHOWN : 0; i < n; i++)
-        json_array_append_new(rows, history_row(json_array_get(history, i)));
-    printf("\nhistory (newest %zu of %zu):\n", json_array_size(rows), n);
-    if (n > 0)
+    json_t *history = json_object_get(rep, "history");
+    json_t *rows = pd_report_history_rows(history, REPORT_HISTORY_SHOWN);
+    printf("\nhistory (newest %zu of %zu):\n", json_array_size(rows), json_array_size(history));
+    if (json_array_size(rows) > 0)
         print_table(rows);
     json_decref(rows);
 }

@@ -325,14 +325,12 @@ static json_t *rule_rows(json_t *rules, bool counters)
     return rows;
 }
 
-/* History entries as rows: what happened (a flag change or an event) and its details. */
-static json_t *history_rows(json_t *history)
+json_t *pd_report_history_rows(json_t *history, size_t newest)
 {
     json_t *rows = json_array();
-    size_t i;
-    json_t *h;
-    json_array_foreach(history, i, h)
-    {
+    size_t n = json_array_size(history);
+    for (size_t i = newest > 0 && n > newest ? n - newest : 0; i < n; i++) {
+        json_t *h = json_array_get(history, i);
         json_t *detail = json_deep_copy(h);
         const char *drop[] = {"time", "by", "event", "rule"};
         for (size_t k = 0; k < sizeof drop / sizeof drop[0]; k++)
@@ -420,7 +418,7 @@ int pd_report_html(FILE *out, json_t *report)
     static const char *const hist_keys[] = {"time", "what", "by", "detail", NULL};
     static const char *const hist_heads[] = {"Time", "What", "By", "Details", NULL};
     fputs("<h2>History of flags and operator events</h2>\n", out);
-    rows = history_rows(json_object_get(report, "history"));
+    rows = pd_report_history_rows(json_object_get(report, "history"), 0);
     table(out, rows, hist_keys, hist_heads);
     json_decref(rows);
 

@@ -18,4 +18,8 @@ int pd_report_html(FILE *out, json_t *report);
  * values; malloc'd (NULL when out of memory). */
 char *pd_html_escape(const char *s);
 
+/* The history entries (the newest `newest` of them; 0: all) as flat rows for tables:
+ * {time, what ("flags of RULE" or the event), by, detail (the other fields as JSON)}. */
+json_t *pd_report_history_rows(json_t *history, size_t newest);
+
 #endif /* PD_ADMIN_REPORT_HTML_H */

@@ -277,6 +277,10 @@ class ReportTest(pdtest.CtlMixin, unittest.TestCase):
         self.assertIn('Cutover readiness of database "shop": NOT READY', r.stdout)
         self.assertRegex(r.stdout, r"\n  FAIL  writes +%s: old\n" % re.escape(RULE))
         self.assertRegex(r.stdout, r"\n  ok    verify_ok ")
+        self.assertIn("\nhistory (newest 3 of 3):\n", r.stdout)
+        self.assertEqual(r.stdout.count("| flags of %s |" % RULE), 2, r.stdout)
+        self.assertRegex(r.stdout,
+                         r'\| pause +\| uid 0 pid 1 +\| \{"database":"shop","drained":3\}')
 
     def test_5_html(self):
         path = os.path.join(self.dir, "report.html")
