@@ -15,6 +15,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "admin/report.h"
 #include "proxy/log.h"
 #include "proxy/mirror.h"
 #include "proxy/session.h"
@@ -24,7 +25,6 @@
 #define SWITCHOVER_DEFAULT_MS 5000
 #define TIMEOUT_MAX_MS        600000
 #define VERIFY_AGE_DEFAULT_S  3600
-#define CAUGHT_UP_MAX         2000 /* statements the mirrors may trail by at the check */
 
 typedef enum { OP_PAUSE, OP_SWITCHOVER, OP_ROLLBACK } op_kind_t;
 
@@ -427,7 +427,7 @@ static json_t *guardrails(pd_server_t *srv, const char *database, op_kind_t kind
         pd_mirror_db_totals(srv, database, &mt);
         /* Under load an async mirror always trails a little; the drain while paused waits
            for the rest. Far behind, the pause would be long: refused. */
-        bool ok = mt.detached == 0 && mt.queued <= CAUGHT_UP_MAX;
+        bool ok = mt.detached == 0 && mt.queued <= PD_REPORT_MAX_QUEUED;
         add_check(checks, "mirrors connected and caught up", ok,
                   json_pack("{s:i, s:i, s:i, s:I}", "open", (int)mt.open, "connecting",
                             (int)mt.connecting, "detached", (int)mt.detached, "queued",

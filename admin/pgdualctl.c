@@ -21,6 +21,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "admin/report_html.h"
+
 #define REPLY_MAX          (16 * 1024 * 1024)
 #define POLL_MS            250  /* how often a followed job is asked for its progress */
 #define PROGRESS_LINE_MS   2000 /* progress lines when stderr is not a terminal */
@@ -38,9 +40,11 @@ static void usage(FILE *out)
             "          backfill RULE [--batch N] [--throttle MS], jobs [ID], cancel ID,\n"
             "          pause DB [--timeout MS], resume DB,\n"
             "          switchover DB [--timeout MS] [--force] [--dry-run] [--max-verify-age S],\n"
-            "          rollback DB, reload\n"
+            "          rollback DB, reload, report DB [--html FILE]\n"
             "verify and backfill follow their job to the end with a progress display;\n"
-            "--detach (after the command) only starts it.\n");
+            "--detach (after the command) only starts it.\n"
+            "report prints the cutover readiness of a database; --html FILE also writes\n"
+            "it as one self-contained HTML page.\n");
 }
 
 static int connect_admin(const char *path)
@@ -550,6 +554,115 @@ static int follow_job(int fd, json_int_t id, bool as_json)
 }
 
 /* ---------------------------------------------------------------------------------------
+ * The readiness report
+ */
+
+#define REPORT_HISTORY_SHOWN 10
+
+static void print_report_rules(json_t *rules)
+{
+    json_t *flags = json_array(), *counts = json_array(), *r;
+    size_t i;
+    json_array_foreach(rules, i, r)
+    {
+        json_t *v = json_object_get(r, "last_verify");
+        json_array_append_new(
+            flags,
+            json_pack("{s:O, s:O, s:O, s:O, s:s, s:O?, s:O?}", "rule", json_object_get(r, "name"),
+                      "kind", json_object_get(r, "kind"), "writes", json_object_get(r, "writes"),
+                      "reads", json_object_get(r, "reads"), "last_verify",
+                      str_of(v, "time", "never"), "verify_ok", json_object_get(v, "ok"),
+                      "divergence_since", json_object_get(r, "divergence_since_verify")));
+        json_t *row = json_pack("{s:O}", "rule", json_object_get(r, "name"));
+        json_object_update(row, json_object_get(r, "counters"));
+        json_array_append_new(counts, row);
+    }
+    printf("\nrules:\n");
+    print_table(flags);
+    printf("\nstatements since pgdual started:\n");
+    print_table(counts);
+    json_decref(flags);
+    json_decref(counts);
+}
+
+static void print_report_divergence(json_t *div)
+{
+    printf("\ndivergence in the log: %lld events", (long long)int_of(div, "events"));
+    if (int_of(div, "events") > 0)
+        printf(" from %s to %s (%lld buckets of %lld s)", str_of(div, "start", "?"),
+               str_of(div, "end", "?"), (long long)int_of(div, "buckets"),
+               (long long)int_of(div, "bucket_s"));
+    printf("%s\n", json_is_true(json_object_get(div, "logged"))
+                       ? (json_is_true(json_object_get(div, "window_cut"))
+                              ? " (newest part of the log only)"
+                              : "")
+                       : " (no divergence.log configured)");
+    json_t *rows = json_array(), *s;
+    size_t i;
+    json_array_foreach(json_object_get(div, "series"), i, s)
+    {
+        json_array_append_new(rows, json_pack("{s:O, s:O, s:O}", "rule", json_object_get(s, "rule"),
+                                              "kind", json_object_get(s, "kind"), "events",
+                                              json_object_get(s, "total")));
+    }
+    if (json_array_size(rows) > 0)
+        print_table(rows);
+    json_decref(rows);
+}
+
+/* The report for people: the verdict and its checks first, then the evidence. */
+static void print_report(json_t *rep)
+{
+    json_t *ready = json_object_get(rep, "ready");
+    printf("Cutover readiness of database \"%s\": %s (at %s)\n", str_of(rep, "database", ""),
+           json_is_true(json_object_get(ready, "ok")) ? "READY" : "NOT READY",
+           str_of(rep, "generated_at", "?"));
+    size_t i;
+    json_t *c;
+    json_array_foreach(json_object_get(ready, "checks"), i, c)
+    {
+        printf("  %-4s  %-27s %s\n", json_is_true(json_object_get(c, "pass")) ? "ok" : "FAIL",
+               str_of(c, "name", ""), str_of(c, "value", ""));
+    }
+    print_report_rules(json_object_get(rep, "rules"));
+    json_t *m = json_object_get(rep, "mirrors");
+    printf("\nmirrors (whole server): %lld open, %lld connecting, %lld detached, %lld statements "
+           "queued\n",
+           (long long)int_of(m, "open"), (long long)int_of(m, "connecting"),
+           (long long)int_of(m, "detached"), (long long)int_of(m, "queued"));
+    print_report_divergence(json_object_get(rep, "divergence"));
+    json_t *history = json_object_get(rep, "history");
+    json_t *rows = pd_report_history_rows(history, REPORT_HISTORY_SHOWN);
+    printf("\nhistory (newest %zu of %zu):\n", json_array_size(rows), json_array_size(history));
+    if (json_array_size(rows) > 0)
+        print_table(rows);
+    json_decref(rows);
+}
+
+/* Writes the HTML page next to its final name and renames it there; 0 or -1 (said). */
+static int write_html(const char *path, json_t *report)
+{
+    char *tmp = NULL;
+    if (asprintf(&tmp, "%s.tmp", path) < 0)
+        return -1;
+    FILE *f = fopen(tmp, "w");
+    int rc = f != NULL ? pd_report_html(f, report) : -1;
+    if (f != NULL && fclose(f) != 0)
+        rc = -1;
+    if (rc == 0 && rename(tmp, path) != 0)
+        rc = -1;
+    if (rc != 0) {
+        fprintf(stderr,
+                "pgdualctl: could not write the HTML report \"%s\": %s\n"
+                "HINT:  Check that the directory exists and is writable.\n",
+                path, strerror(errno));
+        unlink(tmp);
+    }
+    free(tmp);
+    return rc;
+}
+
+/* ---------------------------------------------------------------------------------------
  * Main
  */
 
@@ -636,15 +749,39 @@ static int parse_options(int argc, char **argv, const char **sock, bool *as_json
     return i;
 }
 
+/* `report DB --html FILE`: --html and FILE are ours, not pgdual's; they are taken out of
+ * argv. Returns 0, or 2 when FILE is missing. */
+static int take_html_option(int *argc, char **argv, const char **html)
+{
+    for (int j = 1; j < *argc; j++) {
+        if (strcmp(argv[j], "--html") != 0)
+            continue;
+        if (j + 1 >= *argc) {
+            fprintf(stderr, "pgdualctl: --html needs a file name\n");
+            usage(stderr);
+            return 2;
+        }
+        *html = argv[j + 1];
+        memmove(argv + j, argv + j + 2, (size_t)(*argc - j - 2) * sizeof *argv);
+        *argc -= 2;
+        j--;
+    }
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
-    const char *sock = getenv("PGDUAL_ADMIN");
+    const char *sock = getenv("PGDUAL_ADMIN"), *html = NULL;
     bool as_json = false, detach;
     int i = parse_options(argc, argv, &sock, &as_json);
     if (i <= 0)
         return -i;
     bool starts_job = strcmp(argv[i], "verify") == 0 || strcmp(argv[i], "backfill") == 0;
-    char *line = command_line(argc - i, argv + i, starts_job, &detach);
+    bool report = strcmp(argv[i], "report") == 0;
+    int nwords = argc - i;
+    if (report && take_html_option(&nwords, argv + i, &html) != 0)
+        return 2;
+    char *line = command_line(nwords, argv + i, starts_job, &detach);
     if (line == NULL)
         return 2;
     int fd = connect_admin(sock);
@@ -661,6 +798,7 @@ int main(int argc, char **argv)
     }
     bool ok = json_is_true(json_object_get(reply, "ok"));
     json_t *job = json_object_get(reply, "job");
+    json_t *rep = json_object_get(reply, "report");
     int rc = ok ? 0 : 1;
     if (ok && starts_job && !detach && json_is_integer(job)) {
         rc = follow_job(fd, json_integer_value(job), as_json);
@@ -670,8 +808,16 @@ int main(int argc, char **argv)
         free(text);
     } else if (!ok) {
         print_failure(reply);
+    } else if (report && json_is_object(rep)) {
+        print_report(rep);
     } else {
         print_human(reply);
+    }
+    if (ok && html != NULL && json_is_object(rep)) {
+        if (write_html(html, rep) != 0)
+            rc = 1;
+        else if (!as_json)
+            printf("\nHTML report written to %s\n", html);
     }
     close(fd);
     json_decref(reply);

@@ -19,6 +19,8 @@
 #include "admin/cutover.h"
 #include "admin/jobs_cmd.h"
 #include "admin/render.h"
+#include "admin/report.h"
+#include "proxy/compare.h"
 #include "proxy/log.h"
 #include "proxy/mirror.h"
 #include "proxy/session.h"
@@ -138,7 +140,7 @@ static json_t *cmd_sessions(pd_server_t *srv, int argc, char **argv)
     return r;
 }
 
-static json_t *rule_json(const pd_server_t *srv, unsigned index)
+json_t *pd_admin_rule_json(const pd_server_t *srv, unsigned index)
 {
     static const char *const kinds[] = {[PD_RULE_COLUMNS] = "columns", [PD_RULE_TABLES] = "tables"};
     const pd_rule_cfg_t *rule = &srv->cfg->rules[index];
@@ -182,7 +184,7 @@ static json_t *cmd_rules(pd_server_t *srv, int argc, char **argv)
     (void)argv;
     json_t *list = json_array();
     for (unsigned i = 0; i < srv->cfg->rule_count; i++)
-        json_array_append_new(list, rule_json(srv, i));
+        json_array_append_new(list, pd_admin_rule_json(srv, i));
     json_t *r = reply_ok();
     json_object_set_new(r, "rules", list);
     return r;
@@ -284,43 +286,29 @@ static json_t *cmd_flag(pd_server_t *srv, int argc, char **argv)
     return flags_json(srv, (unsigned)rule);
 }
 
-/*
- * The newest events of the divergence log, read from the end of the file (at most the
- * last 4 MB: a bounded read, so a large log never stalls the loop).
- */
+/* The newest events of the divergence log (of one rule, or all), at most `limit`. */
+typedef struct {
+    json_t *events;
+    const char *rule;
+    long limit;
+} newest_t;
+
+static void keep_newest(json_t *ev, void *ctx)
+{
+    newest_t *n = ctx;
+    const char *r = json_string_value(json_object_get(ev, "rule"));
+    if (n->rule != NULL && (r == NULL || strcmp(r, n->rule) != 0))
+        return;
+    json_array_append(n->events, ev);
+    while ((long)json_array_size(n->events) > n->limit)
+        json_array_remove(n->events, 0);
+}
+
 static json_t *read_divergence(const char *path, const char *rule, long limit)
 {
-    json_t *events = json_array();
-    FILE *f = path ? fopen(path, "r") : NULL;
-    if (f == NULL)
-        return events;
-    const long window = 4L << 20;
-    if (fseek(f, 0, SEEK_END) == 0) {
-        long size = ftell(f);
-        if (size > window)
-            fseek(f, size - window, SEEK_SET);
-        else
-            rewind(f);
-        bool partial = size > window; /* the first line read may be cut: skip it */
-        char *line = NULL;
-        size_t cap = 0;
-        while (getline(&line, &cap, f) > 0) {
-            if (partial) {
-                partial = false;
-                continue;
-            }
-            json_t *ev = json_loads(line, 0, NULL);
-            const char *r = json_string_value(json_object_get(ev, "rule"));
-            if (ev != NULL && (rule == NULL || (r != NULL && strcmp(r, rule) == 0)))
-                json_array_append(events, ev);
-            json_decref(ev);
-            while ((long)json_array_size(events) > limit)
-                json_array_remove(events, 0);
-        }
-        free(line);
-    }
-    fclose(f);
-    return events;
+    newest_t n = {json_array(), rule, limit};
+    pd_divergence_scan(path, PD_DIVERGENCE_WINDOW, keep_newest, &n);
+    return n.events;
 }
 
 /* divergence [RULE] [--limit N]: counters per rule and the newest events. */
@@ -368,6 +356,22 @@ static json_t *cmd_divergence(pd_server_t *srv, int argc, char **argv)
     return r;
 }
 
+/* report DB: the cutover readiness report (admin/report.h). */
+static json_t *cmd_report(pd_server_t *srv, int argc, char **argv)
+{
+    (void)argc;
+    json_t *report = pd_report_build(srv, argv[1]);
+    if (report == NULL) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "database \"%.64s\" does not exist", argv[1]);
+        return reply_error(msg, "pgdualctl status lists the databases; DB is the name clients "
+                                "connect to.");
+    }
+    json_t *r = reply_ok();
+    json_object_set_new(r, "report", report);
+    return r;
+}
+
 static const struct {
     const char *verb;
     int min_args, max_args;
@@ -390,11 +394,12 @@ static const struct {
     {"switchover", 1, 7, NULL, pd_cmd_switchover,
      "switchover DB [--timeout MS] [--force] [--dry-run] [--max-verify-age S]"},
     {"rollback", 1, 7, NULL, pd_cmd_switchover, "rollback DB [--timeout MS] [--force] [--dry-run]"},
+    {"report", 1, 1, cmd_report, NULL, "report DB"},
 };
 
 #define COMMAND_LIST                                                                               \
     "Commands: status, sessions, rules, flag, divergence, reload, verify, backfill, jobs, "        \
-    "cancel, pause, resume, switchover, rollback."
+    "cancel, pause, resume, switchover, rollback, report."
 
 /*
  * Runs one command line. A synchronous command returns its reply; an asynchronous one

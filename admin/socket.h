@@ -35,4 +35,8 @@ const char *pd_admin_who(void);
  * for the unit tests of the command table. */
 struct json_t *pd_admin_execute(pd_server_t *srv, const char *line);
 
+/* A rule as `rules` lists it: name, database, kind, flags, tables or columns, catalog
+ * error, last verify without its keys (those hold values). A new reference. */
+struct json_t *pd_admin_rule_json(const pd_server_t *srv, unsigned index);
+
 #endif /* PD_ADMIN_SOCKET_H */

@@ -146,3 +146,35 @@ void pd_divergence_record(pd_divergence_log_t *log, const char *rule, const char
                        strerror(errno));
     free(line);
 }
+
+bool pd_divergence_scan(const char *path, long window, pd_divergence_fn fn, void *ctx)
+{
+    FILE *f = path ? fopen(path, "r") : NULL;
+    if (f == NULL)
+        return false;
+    bool cut = false;
+    if (fseek(f, 0, SEEK_END) == 0) {
+        long size = ftell(f);
+        cut = size > window;
+        if (cut)
+            fseek(f, size - window, SEEK_SET);
+        else
+            rewind(f);
+        bool partial = cut; /* the first line read may be cut: skip it */
+        char *line = NULL;
+        size_t cap = 0;
+        while (getline(&line, &cap, f) > 0) {
+            if (partial) {
+                partial = false;
+                continue;
+            }
+            json_t *ev = json_loads(line, 0, NULL);
+            if (json_is_object(ev))
+                fn(ev, ctx);
+            json_decref(ev);
+        }
+        free(line);
+    }
+    fclose(f);
+    return cut;
+}

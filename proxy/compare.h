@@ -13,6 +13,7 @@
 #ifndef PD_PROXY_COMPARE_H
 #define PD_PROXY_COMPARE_H
 
+#include <jansson.h>
 #include <openssl/evp.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -53,5 +54,15 @@ void pd_divergence_close(pd_divergence_log_t *log);
 void pd_divergence_record(pd_divergence_log_t *log, const char *rule, const char *kind,
                           const char *sql, const pd_result_sum_t *old_side,
                           const pd_result_sum_t *new_side);
+
+/*
+ * Reads the log's events, oldest first, from at most the last `window` bytes of the file
+ * (a bounded read: a large log never stalls the loop), calling fn with each event that
+ * parses as JSON (a borrowed reference). Returns true when the window cut the log, so
+ * that older events were not read; false too when there is no file.
+ */
+#define PD_DIVERGENCE_WINDOW (4L << 20)
+typedef void (*pd_divergence_fn)(json_t *event, void *ctx);
+bool pd_divergence_scan(const char *path, long window, pd_divergence_fn fn, void *ctx);
 
 #endif /* PD_PROXY_COMPARE_H */
