@@ -6,7 +6,6 @@
  * database went quiet; the sequences are set on a libuv worker thread (libpq's blocking
  * calls never run on the loop), then the flags flip and the pause ends.
  */
-/* timegm and strptime: _GNU_SOURCE comes from the build */
 #include "admin/cutover.h"
 
 #include <libpq-fe.h>
@@ -37,6 +36,7 @@ struct pd_cutover {
     char who[64];
     uint64_t started_ms, timeout_ms, quiet_ms;
     uv_timer_t timer;
+    bool tables;     /* the database has tables rules (mirrors, sequences) */
     bool sequencing; /* the worker thread sets sequences */
     bool stopped;    /* abandoned while the worker ran: freed when it returns */
     json_t *checks;  /* switchover: the guardrails as checked */
@@ -341,14 +341,6 @@ json_t *pd_cmd_resume(pd_server_t *srv, int argc, char **argv)
  * switchover / rollback
  */
 
-static time_t parse_time(const char *iso)
-{
-    struct tm tm = {0};
-    if (iso == NULL || strptime(iso, "%Y-%m-%dT%H:%M:%SZ", &tm) == NULL)
-        return 0;
-    return timegm(&tm);
-}
-
 static void add_check(json_t *checks, const char *name, bool ok, json_t *value, const char *hint)
 {
     json_t *c =
@@ -394,7 +386,8 @@ static json_t *guardrails(pd_server_t *srv, const char *database, op_kind_t kind
         /* divergence since the last passing verify, and that verify's age */
         json_t *v = pd_state_verify(srv->state, r->name);
         bool v_ok = json_is_true(json_object_get(v, "ok"));
-        time_t at = parse_time(json_string_value(json_object_get(v, "time")));
+        int64_t at_ms = pd_report_parse_time(json_string_value(json_object_get(v, "time")));
+        time_t at = at_ms > 0 ? (time_t)(at_ms / 1000) : 0;
         snprintf(name, sizeof name, "%s: verify passed within %ld s", r->name, max_age_s);
         ok = v != NULL && v_ok && at > 0 && now - at <= max_age_s;
         snprintf(hint, sizeof hint,
@@ -544,36 +537,41 @@ static void flip_done(struct pd_cutover *op, int seq_set)
     pd_writes_t to = sw ? PD_WRITES_DUAL_NEW : PD_WRITES_DUAL;
     pd_reads_t reads = {.mode = sw ? PD_READS_NEW : PD_READS_OLD, .percent = sw ? 100 : 0};
     json_t *rules = json_array();
-    /* Every rule is checked before any flips: the state write is the only step that can
-       fail midway, and then the rules flipped so far are put back. */
-    unsigned done[64];
-    unsigned ndone = 0;
-    pd_rule_flags_t before[64];
+    /* The state write is the only step that can fail midway: the rules flipped so far
+       are then put back as they were. */
+    pd_rule_flags_t *before = malloc((srv->cfg->rule_count + 1) * sizeof *before);
+    if (before == NULL) {
+        json_decref(rules);
+        abandon(op, "out of memory", NULL, NULL);
+        return;
+    }
+    memcpy(before, srv->flags, srv->cfg->rule_count * sizeof *before);
     for (unsigned i = 0; i < srv->cfg->rule_count; i++) {
         if (strcmp(srv->cfg->rules[i].database, op->database) != 0)
             continue;
         char *err = NULL;
-        before[ndone] = srv->flags[i];
-        if (ndone == 64 || pd_server_set_flags(srv, i, to, &reads, op->who, &err) != 0) {
-            for (unsigned k = 0; k < ndone; k++) {
+        if (pd_server_set_flags(srv, i, to, &reads, op->who, &err) != 0) {
+            for (unsigned k = 0; k < i; k++) {
                 char *e2 = NULL;
-                pd_server_set_flags(srv, done[k], before[k].writes, &before[k].reads, op->who, &e2);
+                if (strcmp(srv->cfg->rules[k].database, op->database) == 0)
+                    pd_server_set_flags(srv, k, before[k].writes, &before[k].reads, op->who, &e2);
                 free(e2);
             }
             char why[512];
             snprintf(why, sizeof why, "the state could not be saved: %s",
-                     err ? err : "too many rules");
+                     err ? err : "out of memory");
             free(err);
+            free(before);
             json_decref(rules);
             abandon(op, why, "Check that the state file's directory is writable.", NULL);
             return;
         }
-        done[ndone++] = i;
         char rt[32];
         json_array_append_new(rules, json_pack("{s:s, s:s, s:s}", "rule", srv->cfg->rules[i].name,
                                                "writes", pd_writes_name(to), "reads",
                                                pd_reads_format(&reads, rt, sizeof rt)));
     }
+    free(before);
     uint64_t paused = uv_now(srv->loop) - op->started_ms;
     json_t *r = json_pack("{s:b, s:s, s:s, s:I, s:I, s:i, s:O, s:o}", "ok", 1, "database",
                           op->database, "operation", op_name(op->kind), "pause_ms",
@@ -593,16 +591,14 @@ static void switch_tick(uv_timer_t *t)
     struct pd_cutover *op = t->data;
     pd_server_t *srv = op->srv;
     uint64_t now = uv_now(srv->loop);
-    bool tables;
-    db_has_rules(srv, op->database, &tables);
     pd_mirror_totals_t mt = {0};
-    if (tables)
+    if (op->tables)
         pd_mirror_db_totals(srv, op->database, &mt);
     if (db_quiet(srv, op->database) && mt.busy == 0 && mt.queued == 0) {
         uv_timer_stop(&op->timer);
         op->quiet_ms = now - op->started_ms;
         const pd_database_cfg_t *db = pd_config_database(srv->cfg, op->database);
-        if (!tables || db == NULL || db->new == NULL) {
+        if (!op->tables || db == NULL || db->new == NULL) {
             flip_done(op, 0);
             return;
         }
@@ -683,6 +679,7 @@ void pd_cmd_switchover(pd_server_t *srv, pd_admin_req_t *req, int argc, char **a
         return;
     }
     op->checks = checks;
+    op->tables = tables;
     pd_log_info(NULL, "%s of database \"%s\" started by %s%s: paused", op_name(kind), op->database,
                 op->who, o.force && failed > 0 ? " (--force over failing guardrails)" : "");
     uv_timer_start(&op->timer, switch_tick, 0, 1);

@@ -19,9 +19,11 @@
 #include "proxy/mirror.h"
 #include "proxy/server.h"
 
-#define PD_REPORT_MAX_BUCKETS 60  /* points of the divergence-over-time series */
-#define PD_REPORT_RECENT      10  /* newest divergence events listed */
-#define PD_REPORT_MAX_QUEUED  2000 /* statements the mirrors may trail by and be ready (switchover drains the rest while paused) */
+#define PD_REPORT_MAX_BUCKETS 60 /* points of the divergence-over-time series */
+#define PD_REPORT_RECENT      10 /* newest divergence events listed */
+#define PD_REPORT_MAX_QUEUED                                                                       \
+    2000 /* statements the mirrors may trail by and be ready (switchover drains the rest while     \
+            paused) */
 
 /*
  * The report of database `db` now, or NULL when no database of that name is configured. The caller

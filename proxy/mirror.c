@@ -1829,7 +1829,7 @@ int pd_mirror_swap_ready(pd_session_t *s)
     return 0;
 }
 
-bool pd_mirror_swap(pd_session_t *s, PGconn **conn)
+void pd_mirror_swap(pd_session_t *s, PGconn **conn)
 {
     pd_session_mirror_t *sm = &s->mir;
     pd_mirror_t *m = sm->mirror;
@@ -1852,13 +1852,12 @@ bool pd_mirror_swap(pd_session_t *s, PGconn **conn)
         free(m->poll);
         m->poll = NULL;
         mirror_die(m, "could not take over the session's connection as the mirror");
-        return true; /* the session goes on; its mirror is detached */
+        return; /* the session goes on; its mirror is detached */
     }
     m->poll->data = m;
     restart_poll(m, UV_READABLE);
     pd_log_info(m->tag, "now on the %s side (backend pid %d)", s->auth_new ? "new" : "old",
                 PQbackendPID(m->backend.conn));
-    return true;
 }
 
 void pd_mirror_session_end(pd_session_t *s)

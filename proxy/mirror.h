@@ -140,7 +140,7 @@ const pd_sql_result_t *pd_mirror_portal_plan(pd_session_t *s, const char *name);
  * the session to relay raw on.
  */
 int pd_mirror_swap_ready(pd_session_t *s);
-bool pd_mirror_swap(pd_session_t *s, struct pg_conn **conn);
+void pd_mirror_swap(pd_session_t *s, struct pg_conn **conn);
 
 /* The session ends: its mirror drains what is queued and closes on its own. */
 void pd_mirror_session_end(pd_session_t *s);

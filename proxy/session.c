@@ -1141,7 +1141,6 @@ bool pd_session_quiet(const pd_session_t *s)
     return !s->rules_on || s->gate_held || at_boundary(s);
 }
 
-static void server_attach_failed(pd_session_t *s);
 static bool server_attach(pd_session_t *s);
 
 /*
@@ -1165,16 +1164,13 @@ static int change_sides(pd_session_t *s)
         return 1;
     pd_transport_close(&s->server);
     s->server_open = false;
-    if (!pd_mirror_swap(s, &s->backend.conn)) {
-        server_attach_failed(s);
-        return -1;
-    }
+    pd_mirror_swap(s, &s->backend.conn);
     s->auth_new = !s->auth_new;
     for (unsigned i = 0; i < s->stmt_buckets; i++)
         for (pd_stmt_t *e = s->stmts[i]; e != NULL; e = e->next)
             e->lost = true;
     if (!server_attach(s)) {
-        server_attach_failed(s);
+        server_lost(s, "could not watch the server socket");
         return -1;
     }
     pd_log_info(s->tag, "now on the %s side (backend pid %d)", s->auth_new ? "new" : "old",
@@ -1771,11 +1767,6 @@ static bool server_attach(pd_session_t *s)
     return true;
 }
 
-static void server_attach_failed(pd_session_t *s)
-{
-    server_lost(s, "could not watch the server socket");
-}
-
 static void on_backend_connected(pd_backend_t *b, void *owner, const char *err,
                                  const char *sqlstate)
 {
@@ -1792,7 +1783,7 @@ static void on_backend_connected(pd_backend_t *b, void *owner, const char *err,
         return;
     }
     if (!server_attach(s)) {
-        server_attach_failed(s);
+        server_lost(s, "could not watch the server socket");
         return;
     }
 
