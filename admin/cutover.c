@@ -17,6 +17,7 @@
 #include "admin/report.h"
 #include "proxy/log.h"
 #include "proxy/mirror.h"
+#include "proxy/seqsync.h"
 #include "proxy/session.h"
 #include "rules/state.h"
 
@@ -440,50 +441,13 @@ static void seq_work(uv_work_t *w)
     struct pd_cutover *op = w->data;
     op->seq_set = 0;
     PGconn *from = PQconnectdb(op->from), *to = PQconnectdb(op->to);
-    PGresult *src = NULL, *dst = NULL;
-    static const char list_sql[] =
-        "SELECT quote_ident(schemaname) || '.' || quote_ident(sequencename), "
-        "coalesce(last_value, 0) FROM pg_catalog.pg_sequences WHERE increment_by > 0 "
-        "ORDER BY 1";
     if (PQstatus(from) != CONNECTION_OK || PQstatus(to) != CONNECTION_OK) {
         snprintf(op->seq_error, sizeof op->seq_error, "could not connect to set sequences: %s",
                  PQerrorMessage(PQstatus(from) != CONNECTION_OK ? from : to));
-        goto out;
+        op->seq_error[strcspn(op->seq_error, "\n")] = '\0';
+    } else {
+        op->seq_set = pd_seqsync_round(from, to, op->seq_error, sizeof op->seq_error);
     }
-    src = PQexec(from, list_sql);
-    dst = PQexec(to, list_sql);
-    if (PQresultStatus(src) != PGRES_TUPLES_OK || PQresultStatus(dst) != PGRES_TUPLES_OK) {
-        snprintf(op->seq_error, sizeof op->seq_error, "could not list sequences: %s",
-                 PQresultErrorMessage(PQresultStatus(src) != PGRES_TUPLES_OK ? src : dst));
-        goto out;
-    }
-    /* Both lists are ordered by name: walk them together. */
-    int j = 0, nd = PQntuples(dst);
-    for (int i = 0; i < PQntuples(src); i++) {
-        const char *name = PQgetvalue(src, i, 0);
-        while (j < nd && strcmp(PQgetvalue(dst, j, 0), name) < 0)
-            j++;
-        if (j == nd || strcmp(PQgetvalue(dst, j, 0), name) != 0)
-            continue; /* not on the other side: nothing to collide with */
-        long long want = strtoll(PQgetvalue(src, i, 1), NULL, 10);
-        if (want <= strtoll(PQgetvalue(dst, j, 1), NULL, 10))
-            continue;
-        const char *params[2] = {name, PQgetvalue(src, i, 1)};
-        PGresult *res = PQexecParams(to, "SELECT pg_catalog.setval($1::regclass, $2::bigint)", 2,
-                                     NULL, params, NULL, NULL, 0);
-        bool ok = PQresultStatus(res) == PGRES_TUPLES_OK;
-        if (!ok)
-            snprintf(op->seq_error, sizeof op->seq_error, "could not set sequence %s: %s", name,
-                     PQresultErrorMessage(res));
-        PQclear(res);
-        if (!ok)
-            goto out;
-        op->seq_set++;
-    }
-out:
-    op->seq_error[strcspn(op->seq_error, "\n")] = '\0';
-    PQclear(src);
-    PQclear(dst);
     PQfinish(from);
     PQfinish(to);
 }

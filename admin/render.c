@@ -7,6 +7,7 @@
 #include <stdio.h>
 
 #include "proxy/mirror.h"
+#include "proxy/seqsync.h"
 #include "rules/catalog.h"
 #include "rules/sql.h"
 
@@ -70,6 +71,9 @@ static void render_rules(const pd_server_t *srv, pd_buf_t *out)
     help(out, "pgdual_mirror_queued_statements", "gauge",
          "Statements released to mirrors and not applied yet (how far new trails).");
     put(out, "pgdual_mirror_queued_statements %llu\n", mt.queued);
+    help(out, "pgdual_sequences_set_total", "counter",
+         "Mirror-side sequences raised to the authoritative side's value (kept in step).");
+    put(out, "pgdual_sequences_set_total %llu\n", (unsigned long long)pd_seqsync_total(srv));
     help(out, "pgdual_mirrored_statements_total", "counter",
          "Statements replayed on a tables rule's mirror.");
     for (unsigned i = 0; i < cfg->rule_count; i++)

@@ -23,6 +23,7 @@
 #include "proxy/compare.h"
 #include "proxy/log.h"
 #include "proxy/mirror.h"
+#include "proxy/seqsync.h"
 #include "proxy/session.h"
 #include "rules/catalog.h"
 #include "rules/state.h"
@@ -112,6 +113,7 @@ static json_t *cmd_status(pd_server_t *srv, int argc, char **argv)
                         json_pack("{s:i, s:i, s:i, s:I}", "open", (int)mt.open, "connecting",
                                   (int)mt.connecting, "detached", (int)mt.detached, "queued",
                                   (json_int_t)mt.queued));
+    json_object_set_new(r, "sequences", pd_seqsync_status(srv));
     json_t *counters = pd_render_rule_stats(srv);
     json_object_set(r, "rule_counters", json_object_get(counters, "rules"));
     json_object_set(r, "rewrite_cache", json_object_get(counters, "rewrite_cache"));

@@ -24,6 +24,7 @@
 #include "proxy/compare.h"
 #include "proxy/log.h"
 #include "proxy/mirror.h"
+#include "proxy/seqsync.h"
 #include "proxy/session.h"
 #include "rules/catalog.h"
 #include "rules/sql.h"
@@ -509,6 +510,7 @@ static void finish(pd_server_t *srv)
 {
     close_listener(srv);
     pd_mirror_close_all(srv);
+    pd_seqsync_stop(srv);
     pd_cutover_stop_all(srv);
     pd_admin_stop(srv->admin);
     srv->admin = NULL;
@@ -758,6 +760,8 @@ int pd_server_init(pd_server_t *srv, uv_loop_t *loop, pd_config_t *cfg)
         return -1;
     if (cfg->admin_metrics != NULL &&
         (srv->metrics = pd_metrics_start(loop, cfg->admin_metrics, pd_render_metrics, srv)) == NULL)
+        return -1;
+    if (pd_seqsync_start(srv) != 0)
         return -1;
     uv_signal_init(loop, &srv->sig_int);
     uv_signal_init(loop, &srv->sig_term);

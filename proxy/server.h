@@ -93,6 +93,7 @@ typedef struct pd_server {
     pd_sql_t *sql;                        /* owned; the rewriter for cfg's rules */
     struct pd_mirror *mirrors;            /* owned; every mirror connection (mirror.c) */
     struct pd_mirror_keys *mirror_keys;   /* owned; rows with images queued (mirror.c) */
+    struct pd_seqsync *seqsync;           /* owned; sequences kept in step (seqsync.c) */
     bool reloading;
     unsigned config_generation;
     unsigned rules_generation;    /* bumped on every flag change and reload */

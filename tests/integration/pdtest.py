@@ -802,8 +802,9 @@ class CtlMixin:
 
     def ctl_json(self, *args, expect_rc=0):
         r = self.ctl(*args, json_out=True)
-        self.assertEqual(r.returncode, expect_rc, "pgdualctl %s: rc %d\n%s%s"
-                         % (" ".join(args), r.returncode, r.stdout, r.stderr))
+        if expect_rc is not None:
+            self.assertEqual(r.returncode, expect_rc, "pgdualctl %s: rc %d\n%s%s"
+                             % (" ".join(args), r.returncode, r.stdout, r.stderr))
         return json.loads(r.stdout)
 
     def job(self, job_id):

@@ -270,6 +270,18 @@ class MirrorTest(unittest.TestCase):
             t.join(300)
         self.assertEqual(errors, [])
         wait_match(self.proxy, "16 clients' transactions mirrored")
+        # Rows arrive on new with their keys (row images), so new's sequences only move
+        # because pgdual keeps them in step, once a second, even past rolled-back nextvals.
+        seqs = ("SELECT sequencename, last_value FROM pg_sequences "
+                "WHERE sequencename IN ('mt_orders_id_seq', 'mt_items_id_seq') ORDER BY 1")
+        old_seqs = pdtest.direct_query(seqs, dbname="app")
+        self.assertEqual(len(old_seqs), 2)
+        self.assertGreater(old_seqs[0][1], 1000)
+        pdtest.wait_for(lambda: pdtest.direct_query(seqs, dbname="app2") == old_seqs, 10,
+                        what="new's sequences at old's values")
+        status = self.proxy.ctl_json("status")
+        self.assertGreaterEqual(status["sequences"]["app"]["sequences_set"], 1, status)
+        self.assertNotIn("error", status["sequences"]["app"], status)
         st = counters(self.proxy)
         self.assertEqual(st["mirror_proxy_errors"], 0)
         self.assertEqual(st["mirror_unapplied"], 0)
