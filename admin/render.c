@@ -61,6 +61,15 @@ static void render_rules(const pd_server_t *srv, pd_buf_t *out)
         put(out, "pgdual_shadow_reads_total{rule=\"%s\",outcome=\"skipped\"} %llu\n", name,
             (unsigned long long)st->shadow_skipped);
     }
+    help(out, "pgdual_aa_reads_total", "counter",
+         "reads=aa: reads run twice on the authoritative side, by outcome (the noise floor).");
+    for (unsigned i = 0; i < cfg->rule_count; i++) {
+        const pd_rule_stats_t *st = &srv->stats[i];
+        put(out, "pgdual_aa_reads_total{rule=\"%s\",outcome=\"compared\"} %llu\n",
+            cfg->rules[i].name, (unsigned long long)st->aa_compared);
+        put(out, "pgdual_aa_reads_total{rule=\"%s\",outcome=\"differed\"} %llu\n",
+            cfg->rules[i].name, (unsigned long long)st->aa_mismatched);
+    }
     pd_mirror_totals_t mt;
     pd_mirror_totals(srv, &mt);
     help(out, "pgdual_mirror_connections", "gauge",
@@ -155,13 +164,14 @@ json_t *pd_render_rule_stats(const pd_server_t *srv)
         const pd_rule_stats_t *st = &srv->stats[i];
         json_object_set_new(
             rules, srv->cfg->rules[i].name,
-            json_pack("{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}", "passed",
+            json_pack("{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}", "passed",
                       (json_int_t)st->passed, "rewritten", (json_int_t)st->rewritten, "refused",
                       (json_int_t)st->refused, "shadow_compared", (json_int_t)st->shadow_compared,
                       "shadow_mismatched", (json_int_t)st->shadow_mismatched, "shadow_skipped",
-                      (json_int_t)st->shadow_skipped, "mirrored", (json_int_t)st->mirrored,
-                      "mirror_diverged", (json_int_t)st->mirror_diverged, "mirror_unapplied",
-                      (json_int_t)st->mirror_unapplied, "mirror_proxy_errors",
+                      (json_int_t)st->shadow_skipped, "aa_compared", (json_int_t)st->aa_compared,
+                      "aa_mismatched", (json_int_t)st->aa_mismatched, "mirrored",
+                      (json_int_t)st->mirrored, "mirror_diverged", (json_int_t)st->mirror_diverged,
+                      "mirror_unapplied", (json_int_t)st->mirror_unapplied, "mirror_proxy_errors",
                       (json_int_t)st->mirror_proxy_errors));
     }
     pd_sql_stats_t cs = {0};

@@ -262,7 +262,7 @@ static json_t *cmd_flag(pd_server_t *srv, int argc, char **argv)
         if (!ok) {
             char msg[160];
             snprintf(msg, sizeof msg, "invalid flag \"%.64s\"", argv[i]);
-            return reply_error(msg, "Use reads=old|shadow|new|new@N (N 0..100) or "
+            return reply_error(msg, "Use reads=old|shadow|aa|new|new@N (N 0..100) or "
                                     "writes=old|dual|dual-new|new.");
         }
     }
@@ -341,9 +341,11 @@ static json_t *cmd_divergence(pd_server_t *srv, int argc, char **argv)
             continue;
         const pd_rule_stats_t *st = &srv->stats[i];
         json_array_append_new(
-            counts, json_pack("{s:s, s:I, s:I, s:I, s:I, s:I}", "rule", srv->cfg->rules[i].name,
-                              "shadow_mismatched", (json_int_t)st->shadow_mismatched,
-                              "shadow_compared", (json_int_t)st->shadow_compared, "shadow_skipped",
+            counts, json_pack("{s:s, s:I, s:I, s:I, s:I, s:I, s:I, s:I}", "rule",
+                              srv->cfg->rules[i].name, "aa_compared", (json_int_t)st->aa_compared,
+                              "aa_mismatched", (json_int_t)st->aa_mismatched, "shadow_mismatched",
+                              (json_int_t)st->shadow_mismatched, "shadow_compared",
+                              (json_int_t)st->shadow_compared, "shadow_skipped",
                               (json_int_t)st->shadow_skipped, "mirror_diverged",
                               (json_int_t)st->mirror_diverged, "mirror_unapplied",
                               (json_int_t)st->mirror_unapplied));

@@ -99,10 +99,11 @@ struct pd_mirror {
     unsigned queued;
     size_t queued_bytes;
     bool busy;
-    bool in_txn;             /* a transaction the mirror opened is open */
-    bool txn_failed;         /* ...and a statement in it failed on the mirror */
-    bool closing;            /* the session ended: close when the queue is empty */
-    bool copying;            /* the head op's COPY data is being sent */
+    bool in_txn;     /* a transaction the mirror opened is open */
+    bool txn_failed; /* ...and a statement in it failed on the mirror */
+    bool closing;    /* the session ended: close when the queue is empty */
+    bool copying;    /* the head op's COPY data is being sent */
+    bool aa;         /* reads=aa: connected to the authoritative side itself, for A/A reads only */
     key_node_t **held_nodes; /* rows written in the open transaction: released at its end */
     unsigned nheld, held_cap;
 };
@@ -502,16 +503,21 @@ static void finish_shadow(pd_mirror_t *m, pd_mirror_op_t *op, pd_rule_stats_t *s
     copy_state(b->tag, sizeof b->tag, op->mirror_tag);
     copy_state(b->sqlstate, sizeof b->sqlstate, op->mirror_sqlstate);
     if (st != NULL)
-        st->shadow_compared++;
+        (*(m->aa ? &st->aa_compared : &st->shadow_compared))++;
     if (pd_result_equal(a, b))
         return;
-    if (st != NULL) {
+    /* An A/A difference is noise by definition (nothing was migrated): it is counted and
+       logged apart, and does not count against a cutover. */
+    if (st != NULL && m->aa)
+        st->aa_mismatched++;
+    if (st != NULL && !m->aa) {
         st->shadow_mismatched++;
         st->divergence_at = (int64_t)time(NULL);
     }
-    pd_log_info(m->tag, "shadow read differs for rule \"%s\"", rule_name(m->srv, op->rule));
-    pd_divergence_record(m->srv->divergence, rule_name(m->srv, op->rule), "shadow_read", op->stmt,
-                         a, b);
+    pd_log_info(m->tag, "%s read differs for rule \"%s\"", m->aa ? "A/A" : "shadow",
+                rule_name(m->srv, op->rule));
+    pd_divergence_record(m->srv->divergence, rule_name(m->srv, op->rule),
+                         m->aa ? "aa_read" : "shadow_read", op->stmt, a, b);
 }
 
 static bool finish_head(pd_mirror_t *m)
@@ -915,8 +921,10 @@ static pd_mirror_t *mirror_open(pd_session_t *s)
         .values = (const char *const *)s->values,
     };
     char err[512];
-    /* The mirror is the side the session does not talk to. */
-    const char *target = db == NULL ? NULL : s->auth_new ? db->old : db->new;
+    /* The mirror is the side the session does not talk to; for A/A reads (which the flag
+       checks allow only while no rule of the database mirrors writes), the same side. */
+    m->aa = !pd_mirror_db_active(s->srv, s->database) && pd_mirror_db_aa(s->srv, s->database);
+    const char *target = db == NULL ? NULL : (s->auth_new != m->aa) ? db->old : db->new;
     if (target == NULL || pd_backend_connect(&m->backend, s->srv->loop, target, &params,
                                              on_connected, m, err, sizeof err) != 0) {
         m->state = M_DEAD;
@@ -1003,12 +1011,28 @@ static void mirror_push(pd_mirror_t *m, pd_mirror_op_t *op)
  * The session's side
  */
 
+static bool writes_mirrored(pd_writes_t w)
+{
+    return w == PD_WRITES_DUAL || w == PD_WRITES_DUAL_NEW;
+}
+
 bool pd_mirror_db_active(const pd_server_t *srv, const char *database)
 {
     for (unsigned i = 0; i < srv->cfg->rule_count; i++) {
         const pd_rule_cfg_t *r = &srv->cfg->rules[i];
         if (r->kind == PD_RULE_TABLES && strcmp(r->database, database) == 0 &&
-            (srv->flags[i].writes == PD_WRITES_DUAL || srv->flags[i].writes == PD_WRITES_DUAL_NEW))
+            writes_mirrored(srv->flags[i].writes))
+            return true;
+    }
+    return false;
+}
+
+bool pd_mirror_db_aa(const pd_server_t *srv, const char *database)
+{
+    for (unsigned i = 0; i < srv->cfg->rule_count; i++) {
+        const pd_rule_cfg_t *r = &srv->cfg->rules[i];
+        if (r->kind == PD_RULE_TABLES && strcmp(r->database, database) == 0 &&
+            srv->flags[i].reads.mode == PD_READS_AA)
             return true;
     }
     return false;
@@ -1528,16 +1552,19 @@ static pd_mirror_op_t *synthetic(const char *sql, const pd_mirror_op_t *like)
     return op;
 }
 
+/* commit and on_failure concern mirrored writes; an A/A connection has none. */
 static bool rule_lockstep(const pd_server_t *srv, int rule)
 {
     return rule >= 0 && (unsigned)rule < srv->cfg->rule_count &&
-           srv->cfg->rules[rule].commit == PD_COMMIT_LOCKSTEP;
+           srv->cfg->rules[rule].commit == PD_COMMIT_LOCKSTEP &&
+           writes_mirrored(srv->flags[rule].writes);
 }
 
 static bool rule_fails(const pd_server_t *srv, int rule)
 {
     return rule >= 0 && (unsigned)rule < srv->cfg->rule_count &&
-           srv->cfg->rules[rule].on_failure == PD_ON_FAILURE_FAIL;
+           srv->cfg->rules[rule].on_failure == PD_ON_FAILURE_FAIL &&
+           writes_mirrored(srv->flags[rule].writes);
 }
 
 /* A lockstep op the session waits for is applied, failed or dropped. */
@@ -1858,6 +1885,21 @@ void pd_mirror_swap(pd_session_t *s, PGconn **conn)
     restart_poll(m, UV_READABLE);
     pd_log_info(m->tag, "now on the %s side (backend pid %d)", s->auth_new ? "new" : "old",
                 PQbackendPID(m->backend.conn));
+}
+
+bool pd_mirror_follow_flags(pd_session_t *s)
+{
+    pd_mirror_t *m = s->mir.mirror;
+    bool want_aa =
+        !pd_mirror_db_active(s->srv, s->database) && pd_mirror_db_aa(s->srv, s->database);
+    if (m == NULL || m->aa == want_aa)
+        return true;
+    if (s->txn_status != 'I' && s->txn_status != 0)
+        return false;
+    pd_log_info(s->tag, "second connection let go: the flags now want it on %s",
+                want_aa ? "the same database (A/A)" : "the other database");
+    pd_mirror_session_end(s);
+    return true;
 }
 
 void pd_mirror_session_end(pd_session_t *s)

@@ -76,6 +76,8 @@ typedef struct {
 
 /* Does the database have a tables rule with writes dual or dual-new? */
 bool pd_mirror_db_active(const pd_server_t *srv, const char *database);
+/* ... or one at reads=aa (A/A: a second connection to the authoritative side)? */
+bool pd_mirror_db_aa(const pd_server_t *srv, const char *database);
 
 /* Session hooks (session.c calls them only when sm->on). Each returns false when out of
    memory (the session then ends). */
@@ -144,6 +146,14 @@ void pd_mirror_swap(pd_session_t *s, struct pg_conn **conn);
 
 /* The session ends: its mirror drains what is queued and closes on its own. */
 void pd_mirror_session_end(pd_session_t *s);
+
+/*
+ * After a flag change, at a batch boundary: an A/A connection goes to the authoritative
+ * side and a mirror to the other one, so when the database now wants the other kind the
+ * session lets its connection go (as at session end) and opens the right one when next
+ * needed. False inside a transaction: the caller tries again after it.
+ */
+bool pd_mirror_follow_flags(pd_session_t *s);
 
 /* The mirrors of the server, for status (and the switchover guardrails): connections
    open, connecting, detached (dead while their session lives), statements queued. */

@@ -225,7 +225,13 @@ static const char *tables_rule_refusal(const pd_rule_cfg_t *r, pd_writes_t write
                                        const pd_reads_t *reads)
 {
     if (r->kind != PD_RULE_TABLES)
-        return NULL;
+        return reads->mode == PD_READS_AA
+                   ? "reads=aa (A/A noise floor) is for kind: tables rules; a kind: columns "
+                     "rule's shadow reads run in one database"
+                   : NULL;
+    if (reads->mode == PD_READS_AA && writes != PD_WRITES_OLD)
+        return "reads=aa compares old against old, so it runs before writes are mirrored: "
+               "measure the noise floor at writes=old, then set writes=dual reads=shadow";
     bool to_new = new_authoritative(writes);
     if (to_new && r->table_count > 0)
         return "writes=dual-new and writes=new make new authoritative for the whole database "
@@ -250,20 +256,31 @@ static const char *tables_rule_refusal(const pd_rule_cfg_t *r, pd_writes_t write
     return NULL;
 }
 
-/* Every tables rule of a database must agree on which side is authoritative. */
-static const char *authority_refusal(const pd_config_t *cfg, const pd_rule_flags_t *flags,
-                                     unsigned rule, pd_writes_t writes)
+/*
+ * Every tables rule of a database must agree on which side is authoritative; and a
+ * session's second connection goes either to the other database (writes mirrored) or to
+ * the same one (reads=aa), so the two cannot mix within a database.
+ */
+static const char *database_refusal(const pd_config_t *cfg, const pd_rule_flags_t *flags,
+                                    unsigned rule, pd_writes_t writes, const pd_reads_t *reads)
 {
     const pd_rule_cfg_t *r = &cfg->rules[rule];
     if (r->kind != PD_RULE_TABLES)
         return NULL;
-    for (unsigned i = 0; i < cfg->rule_count; i++)
-        if (i != rule && cfg->rules[i].kind == PD_RULE_TABLES &&
-            strcmp(cfg->rules[i].database, r->database) == 0 &&
-            new_authoritative(flags[i].writes) != new_authoritative(writes))
+    for (unsigned i = 0; i < cfg->rule_count; i++) {
+        if (i == rule || cfg->rules[i].kind != PD_RULE_TABLES ||
+            strcmp(cfg->rules[i].database, r->database) != 0)
+            continue;
+        if (new_authoritative(flags[i].writes) != new_authoritative(writes))
             return "another kind: tables rule of the database has the other side "
                    "authoritative; the database's tables rules must flip together (pgdualctl "
                    "switchover/rollback DB)";
+        if ((reads->mode == PD_READS_AA && flags[i].writes != PD_WRITES_OLD) ||
+            (flags[i].reads.mode == PD_READS_AA && writes != PD_WRITES_OLD))
+            return "reads=aa cannot run while another kind: tables rule of the database "
+                   "mirrors writes (sessions' second connection would go to new): set the "
+                   "other rule's reads off aa first, or its writes to old";
+    }
     return NULL;
 }
 
@@ -301,7 +318,7 @@ const char *pd_server_check_flags(const pd_server_t *srv, unsigned rule, pd_writ
                                   const pd_reads_t *reads)
 {
     const char *why = flags_refusal(&srv->cfg->rules[rule], writes, reads);
-    return why != NULL ? why : authority_refusal(srv->cfg, srv->flags, rule, writes);
+    return why != NULL ? why : database_refusal(srv->cfg, srv->flags, rule, writes, reads);
 }
 
 /* Flags in force: the state's (operators' changes) or else the config's initial ones. */
@@ -326,7 +343,7 @@ static pd_rule_flags_t *flags_compute(pd_state_t *state, const pd_config_t *cfg)
         }
     }
     for (unsigned i = 0; i < cfg->rule_count; i++) {
-        const char *refusal = authority_refusal(cfg, flags, i, flags[i].writes);
+        const char *refusal = database_refusal(cfg, flags, i, flags[i].writes, &flags[i].reads);
         if (refusal != NULL) {
             pd_log_error(NULL, "rule \"%s\": %s", cfg->rules[i].name, refusal);
             free(flags);

@@ -49,6 +49,7 @@ const char *pd_session_state_name(pd_session_state_t s);
 typedef struct {
     uint64_t passed, rewritten, refused; /* statements concerning the rule */
     uint64_t shadow_compared, shadow_mismatched, shadow_skipped;
+    uint64_t aa_compared, aa_mismatched; /* reads=aa: old against old (the noise floor) */
     /* tables rules: statements replayed on the mirror; outcomes that differed (or failed
        there); statements never applied (mirror detached); errors the proxy caused there */
     uint64_t mirrored, mirror_diverged, mirror_unapplied, mirror_proxy_errors;

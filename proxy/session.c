@@ -715,10 +715,11 @@ static void drop_forget_batch(pd_session_t *s, uint32_t seq)
 static void refresh_rules(pd_session_t *s)
 {
     unsigned gen = s->srv->rules_generation + 1;
-    if (s->rules_generation == gen || s->busy || s->batch_count > 0)
+    if (s->rules_generation == gen || s->busy || s->batch_count > 0 || !pd_mirror_follow_flags(s))
         return;
     s->rules_on = pd_route_db_has_rules(s->srv->cfg, s->database);
-    s->mir.on = s->rules_on && pd_mirror_db_active(s->srv, s->database);
+    s->mir.on = s->rules_on &&
+                (pd_mirror_db_active(s->srv, s->database) || pd_mirror_db_aa(s->srv, s->database));
     s->want_new = s->rules_on && pd_server_new_authoritative(s->srv, s->database);
     s->rules_generation = gen;
 }

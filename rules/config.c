@@ -168,6 +168,7 @@ static const struct {
 } reads_forms[] = {
     {"old", PD_READS_OLD, 0},
     {"shadow", PD_READS_SHADOW, 0},
+    {"aa", PD_READS_AA, 0},
     {"new", PD_READS_NEW, 100},
 };
 
@@ -444,7 +445,7 @@ static const constraint_t constraints[] = {
     {limits_fields, "startup_timeout_ms", timeout_ok,
      "a whole number of milliseconds from 1 to 4294967295"},
     {rule_fields, "name", rule_name_ok, "a name without spaces, quotes or backslashes"},
-    {rule_fields, "reads", reads_ok, "old, shadow, new or new@N with N from 0 to 100"},
+    {rule_fields, "reads", reads_ok, "old, shadow, aa, new or new@N with N from 0 to 100"},
 };
 
 static const constraint_t *find_constraint(const cyaml_schema_field_t *fields, const char *key)

@@ -19,12 +19,15 @@ typedef enum { PD_TLS_DISABLE, PD_TLS_ALLOW, PD_TLS_REQUIRE } pd_tls_mode_t;
 typedef enum { PD_AUTH_TRUST, PD_AUTH_SCRAM } pd_auth_mode_t;
 typedef enum { PD_RULE_COLUMNS, PD_RULE_TABLES } pd_rule_kind_t;
 typedef enum { PD_WRITES_OLD, PD_WRITES_DUAL, PD_WRITES_DUAL_NEW, PD_WRITES_NEW } pd_writes_t;
-typedef enum { PD_READS_OLD, PD_READS_SHADOW, PD_READS_NEW } pd_reads_mode_t;
+/* PD_READS_AA: shadow reads compared against the authoritative side itself (A/A), to
+   measure how much two runs of the same read differ with nothing migrated: the noise
+   floor that shadow divergence is judged against. */
+typedef enum { PD_READS_OLD, PD_READS_SHADOW, PD_READS_NEW, PD_READS_AA } pd_reads_mode_t;
 typedef enum { PD_COMMIT_ASYNC, PD_COMMIT_LOCKSTEP } pd_mirror_commit_t;
 typedef enum { PD_ON_FAILURE_RECORD, PD_ON_FAILURE_FAIL } pd_on_failure_t;
 typedef enum { PD_LOG_ERROR, PD_LOG_WARNING, PD_LOG_INFO, PD_LOG_DEBUG } pd_log_level_t;
 
-/* A reads flag: "old", "shadow", "new" or "new@N" (N in 0..100: the share of sessions). */
+/* A reads flag: "old", "shadow", "aa", "new" or "new@N" (N in 0..100: the share of sessions). */
 typedef struct {
     pd_reads_mode_t mode;
     unsigned percent; /* 100 for plain "new"; N for "new@N"; 0 otherwise */

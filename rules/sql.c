@@ -1035,6 +1035,9 @@ static void resolve_views(job_t *job)
             job->primary[i].reads = PD_READS_OLD;
             job->shadow[i].reads = PD_READS_NEW;
             job->any_shadow = job->any_shadow || job->in_db[i];
+        } else if (v.reads == PD_READS_AA) {
+            /* tables rules only: the mirror pass compares old with old (sql_mirror.c) */
+            job->primary[i].reads = job->shadow[i].reads = PD_READS_OLD;
         }
     }
 }

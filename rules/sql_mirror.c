@@ -99,11 +99,18 @@ bool pd__rule_mirrors(const pd__ctx_t *ctx, const pd__rule_t *r)
     return w == PD_WRITES_DUAL || w == PD_WRITES_DUAL_NEW;
 }
 
-/* The first rule mirroring in this pass, or NULL. */
-static const pd__rule_t *mirroring_rule(const pd__ctx_t *ctx)
+/* reads=aa: the session's second connection goes to the authoritative side itself. */
+static bool rule_aa(const pd__ctx_t *ctx, const pd__rule_t *r)
+{
+    return !r->columns_kind && ctx->in_db[r->index] && ctx->given[r->index].reads == PD_READS_AA;
+}
+
+/* The first rule in this pass that keeps a second connection in step (mirroring writes,
+   or comparing A/A), or NULL. */
+static const pd__rule_t *stepping_rule(const pd__ctx_t *ctx)
 {
     for (unsigned i = 0; i < ctx->nrules; i++)
-        if (pd__rule_mirrors(ctx, &ctx->rules[i]))
+        if (pd__rule_mirrors(ctx, &ctx->rules[i]) || rule_aa(ctx, &ctx->rules[i]))
             return &ctx->rules[i];
     return NULL;
 }
@@ -756,6 +763,8 @@ static void plan_txn(pd__ctx_t *ctx, const pd__rule_t *r, const PgQuery__Transac
         break;
     default:
         ctx->mirror = PD_MIRROR_NONE;
+        if (!pd__rule_mirrors(ctx, r))
+            break; /* A/A: nothing is written on the second connection */
         refuse_mirror(ctx, r,
                       "Commit or roll back without two-phase commit while the rule mirrors "
                       "writes.",
@@ -807,7 +816,8 @@ static bool find_foreign(pd__node_t *n, void *arg)
 }
 
 /* reads=shadow of a tables rule: a SELECT of the rule's tables only, without volatile
-   functions or CURRENT_* values, is run on new too and compared. */
+   functions or CURRENT_* values, is run on new too and compared; reads=aa runs it a second
+   time on old (A/A). */
 static void plan_shadow(pd__ctx_t *ctx, pd__node_t *stmt)
 {
     if (stmt->node_case != PG_QUERY__NODE__NODE_SELECT_STMT ||
@@ -819,12 +829,13 @@ static void plan_shadow(pd__ctx_t *ctx, pd__node_t *stmt)
         return;
     for (unsigned i = 0; i < ctx->nrules; i++) {
         const pd__rule_t *r = &ctx->rules[i];
-        if (r->columns_kind || !ctx->in_db[i] || ctx->given[i].reads != PD_READS_SHADOW)
+        if (r->columns_kind || !ctx->in_db[i] ||
+            (ctx->given[i].reads != PD_READS_SHADOW && ctx->given[i].reads != PD_READS_AA))
             continue;
         read_t d = {.rule = r, .ok = true};
         if (!pd__walk(&stmt->base, find_foreign, &d) || !d.ok || !d.any)
             continue;
-        for (unsigned t = 0; t < r->ntables; t++)
+        for (unsigned t = 0; ctx->given[i].reads == PD_READS_SHADOW && t < r->ntables; t++)
             if (r->tfacts != NULL && r->tfacts[t] != NULL && table_mapped(r, r->tfacts[t]))
                 return; /* new's columns differ: the same text would not read the same */
         ctx->mirror = PD_MIRROR_SHADOW;
@@ -839,7 +850,7 @@ void pd__plan_mirror(pd__ctx_t *ctx, pd__node_t *stmt)
         plan_shadow(ctx, stmt);
         return;
     }
-    const pd__rule_t *r = mirroring_rule(ctx);
+    const pd__rule_t *r = stepping_rule(ctx);
     if (r == NULL || stmt == NULL)
         return;
     switch (stmt->node_case) {
@@ -860,6 +871,8 @@ void pd__plan_mirror(pd__ctx_t *ctx, pd__node_t *stmt)
     default:
         break;
     }
+    if (!pd__rule_mirrors(ctx, r))
+        return; /* A/A: writes run on the authoritative side only */
     if (!plan_write(ctx, r, stmt))
         plan_other(ctx, r, stmt);
 }

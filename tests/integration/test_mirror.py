@@ -474,7 +474,19 @@ class MirrorFailTest(MirrorKilledTest):
             for t in threads:
                 t.start()
             time.sleep(1.0)
+            # One transaction straddles the kill for certain: its INSERT is applied on
+            # both sides before, its COMMIT comes after (the workers' timing varies).
+            straddler = pdtest.connect(p.port)
+            scur = straddler.cursor()
+            scur.execute("INSERT INTO mt_orders (total, note) VALUES (1, 's') RETURNING id")
+            sid = scur.fetchone()[0]
             self.pg_ctl("stop", "-m", "immediate")
+            with self.assertRaises(psycopg2.Error) as cm:
+                straddler.commit()
+            self.assertEqual(cm.exception.pgcode, "55000", cm.exception.pgerror)
+            self.assertIn("on_failure: fail", cm.exception.pgerror)
+            failed.append(sid)
+            straddler.close()
             time.sleep(1.5)
             stop.set()
             for t in threads:
@@ -559,6 +571,84 @@ class MirrorTouchedTest(unittest.TestCase):
             # The untouched corruption is still there for a full verify to find.
             full = json.loads(p.ctl("--json", "verify", RULE, check=False).stdout)["result"]
             self.assertEqual(full["divergent"], 2)
+
+
+class MirrorAATest(unittest.TestCase):
+    """reads=aa: shadow reads compared against old itself, to measure the noise floor
+    before anything is migrated; differences are counted apart and are not divergence."""
+
+    def test_aa_noise_floor_then_dual(self):
+        reset_schema()
+        # new differs from old: an A/A read that went to new would differ every time.
+        pdtest.direct_query("INSERT INTO mt_orders (total, note) VALUES (7, 'only-new')",
+                            dbname="app2")
+        with RulesProxy(rules=[tables_rule(writes="old", reads="aa")], databases=databases(),
+                        sample=1.0) as p:
+            conn = pdtest.connect(p.port)
+            conn.autocommit = True
+            cur = conn.cursor()
+            cur.executemany("INSERT INTO mt_orders (total, note) VALUES (%s, 'n')",
+                            [(i,) for i in range(5)])
+            for _ in range(20):
+                cur.execute("SELECT id, total, note FROM mt_orders WHERE total >= %s", (2,))
+                self.assertEqual(len(cur.fetchall()), 3)
+            pdtest.wait_for(lambda: counters(p)["aa_compared"] >= 20, 10,
+                            what="20 A/A comparisons")
+            st = counters(p)
+            self.assertEqual((st["aa_mismatched"], st["shadow_compared"], st["mirrored"]),
+                             (0, 0, 0), (st, p.divergence()))
+            # Writes stayed on old only: nothing of them reached new.
+            self.assertEqual(pdtest.direct_query("SELECT count(*) FROM mt_orders",
+                                                 dbname="app2")[0][0], 1)
+            # Noise: a table that changes between the two runs of a read differs A/A.
+            stop = threading.Event()
+
+            def writer():
+                c = pdtest.cluster()
+                w = psycopg2.connect(host=c["host"], port=c["port"], dbname="app",
+                                     user="postgres")
+                w.autocommit = True
+                while not stop.is_set():
+                    w.cursor().execute("INSERT INTO mt_log (msg) VALUES ('tick')")
+                w.close()
+            t = threading.Thread(target=writer)
+            t.start()
+            try:
+                def noisy():
+                    cur.execute("SELECT count(*) FROM mt_log")
+                    return counters(p)["aa_mismatched"] >= 1
+                pdtest.wait_for(noisy, 20, interval=0.01, what="an A/A difference")
+            finally:
+                stop.set()
+                t.join(10)
+            st = counters(p)
+            self.assertEqual(st["shadow_mismatched"], 0, st)
+            kinds = {e["kind"] for e in p.divergence()}
+            self.assertEqual(kinds, {"aa_read"}, p.divergence())
+            metrics = urllib.request.urlopen(
+                "http://127.0.0.1:%d/metrics" % p.metrics_port, timeout=10).read().decode()
+            self.assertRegex(metrics, r'pgdual_aa_reads_total\{rule="%s",outcome="differed"\} '
+                                      r'[1-9]' % RULE)
+            # A/A only while writes are not mirrored; the flag says what to do instead.
+            r = p.ctl("flag", RULE, "writes=dual", check=False)
+            self.assertNotEqual(r.returncode, 0)
+            self.assertIn("reads=aa compares old against old", r.stdout + r.stderr)
+            # On to dual: the same session's second connection now goes to new, so its
+            # writes are applied once on each side (not twice on old).
+            p.ctl("flag", RULE, "reads=old")
+            for db in ("app", "app2"):  # the writer above wrote mt_log on old directly
+                pdtest.direct_query("TRUNCATE mt_orders, mt_log RESTART IDENTITY", dbname=db)
+            p.ctl("flag", RULE, "writes=dual")
+            p.ctl("flag", RULE, "reads=shadow")
+            cur.execute("INSERT INTO mt_orders (total, note) VALUES (42, 'after')")
+            wait_match(p, "the write after A/A mirrored to new")
+            self.assertEqual(pdtest.direct_query(
+                "SELECT count(*) FROM mt_orders WHERE total = 42", dbname="app")[0][0], 1)
+            cur.execute("SELECT total FROM mt_orders")
+            pdtest.wait_for(lambda: counters(p)["shadow_compared"] >= 1, 10,
+                            what="a shadow comparison against new")
+            self.assertEqual(counters(p)["shadow_mismatched"], 0, p.divergence())
+            conn.close()
 
 
 class MirrorShadowTest(unittest.TestCase):

@@ -207,7 +207,8 @@ class ReportTest(pdtest.CtlMixin, unittest.TestCase):
         self.assertEqual((rule["writes"], rule["reads"]), ("dual", "shadow"))
         self.assertEqual(rule["counters"], {
             "passed": 1, "rewritten": 2, "refused": 0, "shadow_compared": 1,
-            "shadow_mismatched": 1, "shadow_skipped": 0, "mirrored": 2, "mirror_diverged": 2,
+            "shadow_mismatched": 1, "shadow_skipped": 0, "aa_compared": 0,
+            "aa_mismatched": 0, "mirrored": 2, "mirror_diverged": 2,
             "mirror_unapplied": 0, "mirror_proxy_errors": 0})
         verify = rule["last_verify"]
         self.assertNotIn("keys", verify)

@@ -579,9 +579,10 @@ static void test_reads_parse_and_format(void **state)
         unsigned percent;
         const char *formatted;
     } good[] = {
-        {"old", PD_READS_OLD, 0, "old"},        {"shadow", PD_READS_SHADOW, 0, "shadow"},
-        {"new", PD_READS_NEW, 100, "new"},      {"new@0", PD_READS_NEW, 0, "new@0"},
-        {"new@25", PD_READS_NEW, 25, "new@25"}, {"new@100", PD_READS_NEW, 100, "new"},
+        {"old", PD_READS_OLD, 0, "old"},       {"shadow", PD_READS_SHADOW, 0, "shadow"},
+        {"aa", PD_READS_AA, 0, "aa"},          {"new", PD_READS_NEW, 100, "new"},
+        {"new@0", PD_READS_NEW, 0, "new@0"},   {"new@25", PD_READS_NEW, 25, "new@25"},
+        {"new@100", PD_READS_NEW, 100, "new"},
     };
     static const char *const bad[] = {"",       "NEW",      "new@",    "new@101", "new@-1",
                                       "new@+5", "new@05",   "new@25x", "new@ 5",  "shadow@5",
