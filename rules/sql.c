@@ -455,10 +455,14 @@ static bool starts_with_keeping_word(const char *sql)
     return false;
 }
 
+/* Does the rule keep a session's second connection in step (writes mirrored, or A/A
+   reads), so that transaction control and settings must be examined too? */
 static bool mirrors(const pd_sql_t *rw, unsigned i, const pd_rule_view_t *views)
 {
     pd_writes_t w = views != NULL ? views[i].writes : rw->rules[i].cfg->writes;
-    return !rw->rules[i].columns_kind && (w == PD_WRITES_DUAL || w == PD_WRITES_DUAL_NEW);
+    pd_reads_mode_t rd = views != NULL ? views[i].reads : rw->rules[i].cfg->reads.mode;
+    return !rw->rules[i].columns_kind &&
+           (w == PD_WRITES_DUAL || w == PD_WRITES_DUAL_NEW || rd == PD_READS_AA);
 }
 
 static bool may_concern_rule(const pd_sql_t *rw, const char *database, const char *sql,

@@ -61,7 +61,7 @@ typedef struct pd_table_facts {
 /* The flags one session sees for one rule, with reads new@N already resolved. */
 typedef struct {
     pd_writes_t writes;
-    pd_reads_mode_t reads; /* PD_READS_OLD, PD_READS_SHADOW or PD_READS_NEW */
+    pd_reads_mode_t reads; /* PD_READS_OLD, _SHADOW, _AA or _NEW */
 } pd_rule_view_t;
 
 typedef enum {

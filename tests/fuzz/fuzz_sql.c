@@ -45,6 +45,7 @@ static const pd_rule_view_t views[][2] = {
     {{PD_WRITES_OLD, PD_READS_NEW}, {PD_WRITES_DUAL_NEW, PD_READS_NEW}},
     {{PD_WRITES_DUAL_NEW, PD_READS_SHADOW}, {PD_WRITES_OLD, PD_READS_NEW}},
     {{PD_WRITES_NEW, PD_READS_OLD}, {PD_WRITES_OLD, PD_READS_OLD}},
+    {{PD_WRITES_OLD, PD_READS_AA}, {PD_WRITES_OLD, PD_READS_AA}},
 };
 
 static pd_config_t *cfg;

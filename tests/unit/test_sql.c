@@ -855,6 +855,39 @@ static void test_template_keeps_mirror_plan(void **state)
     pd_config_free(cfg);
 }
 
+/* reads=aa (writes=old): reads of the rule's tables get a shadow plan (run again on old),
+   transaction control and settings are kept in step, and writes are not replayed at all,
+   nor is two-phase commit refused (nothing is written on the second connection). */
+static void test_aa_plans_reads_only(void **state)
+{
+    (void)state;
+    pd_config_t *cfg = load_config();
+    pd_sql_t *rw = new_rewriter(cfg, true, 64);
+    pd_rule_view_t v[NRULES];
+    set_views(v, PD_WRITES_OLD, PD_READS_OLD);
+    v[R_ORDERS].reads = PD_READS_AA;
+    static const struct {
+        const char *sql;
+        pd_mirror_kind_t mirror;
+    } cases[] = {
+        {"SELECT id, total FROM orders WHERE id = 7", PD_MIRROR_SHADOW},
+        {"BEGIN", PD_MIRROR_TXN},
+        {"SET search_path = public", PD_MIRROR_SET},
+        {"UPDATE orders SET total = 1 WHERE id = 7", PD_MIRROR_NONE},
+        {"INSERT INTO orders (total) VALUES (3)", PD_MIRROR_NONE},
+        {"PREPARE TRANSACTION 'x'", PD_MIRROR_NONE},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        pd_sql_result_t *r = pd_sql_rewrite(rw, "shop", cases[i].sql, v);
+        assert_non_null(r);
+        if (r->mirror != cases[i].mirror || r->action == PD_SQL_REFUSE)
+            fail_msg("%s: mirror %d action %d", cases[i].sql, r->mirror, r->action);
+        pd_sql_result_release(r);
+    }
+    pd_sql_free(rw);
+    pd_config_free(cfg);
+}
+
 static void test_template_hit_skips_parsing(void **state)
 {
     (void)state;
@@ -1419,6 +1452,7 @@ int main(void)
         cmocka_unit_test(test_corpus_through_templates),
         cmocka_unit_test(test_template_hit_skips_parsing),
         cmocka_unit_test(test_template_keeps_mirror_plan),
+        cmocka_unit_test(test_aa_plans_reads_only),
         cmocka_unit_test(test_template_forms),
         cmocka_unit_test(test_template_off_for_params_in_rules),
         cmocka_unit_test(test_cache_hits_and_skips),
