@@ -387,7 +387,9 @@ static long long count_since(json_t *events, const char *rule, int64_t since_ms)
     json_t *ev;
     json_array_foreach(events, i, ev)
     {
-        if (strcmp(json_string_value(json_object_get(ev, "rule")), rule) != 0)
+        const char *kind = json_string_value(json_object_get(ev, "kind"));
+        if (strcmp(json_string_value(json_object_get(ev, "rule")), rule) != 0 ||
+            (kind != NULL && strcmp(kind, "aa_read") == 0)) /* noise, not divergence */
             continue;
         int64_t t = pd_report_parse_time(json_string_value(json_object_get(ev, "time")));
         n += t < 0 || t >= since_ms;
