@@ -19,6 +19,7 @@ typedef struct pd_session pd_session_t;
 typedef struct pd_admin pd_admin_t;
 typedef struct pd_jobs pd_jobs_t;
 typedef struct pd_metrics pd_metrics_t;
+typedef struct pd_notify pd_notify_t;
 typedef struct pd_state pd_state_t;
 typedef struct pd_sql pd_sql_t;
 #include "rules/sql.h"
@@ -103,8 +104,9 @@ typedef struct pd_server {
     struct pd_cutover *cutovers; /* owned; pauses and switchovers in progress (cutover.c) */
     unsigned npauses;
 
-    bool stopping; /* SIGTERM: no new sessions; exit when the last one ends */
+    bool stopping; /* SIGTERM/SIGINT: no new sessions; exit when the last one ends */
     int exit_code;
+    pd_notify_t *notify; /* owned by main; NULL unless run under a service manager */
 } pd_server_t;
 
 /*

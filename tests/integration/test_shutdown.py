@@ -1,0 +1,237 @@
+#!/usr/bin/python3
+"""Graceful restart and the service manager.
+
+SIGTERM (smart shutdown): the listener closes at once (new connections are refused), GET
+/ready answers 503, an idle session gets FATAL 57P01 at once, a session in a transaction
+may COMMIT and then gets 57P01, a statement still running after limits.shutdown_grace_ms
+gets 57P01 (and is cancelled on the server), and pgdual exits 0.
+SIGINT (fast shutdown): every session gets 57P01 at once, its transaction rolled back.
+sd_notify: READY=1 once pgdual listens, RELOADING=1 then READY=1 around a SIGHUP reload,
+STOPPING=1 at SIGTERM, on the datagram socket named by $NOTIFY_SOCKET."""
+
+import http.client
+import os
+import select
+import signal
+import socket
+import subprocess
+import time
+import unittest
+
+import pdtest
+from pdtest import HOST, Proxy, RawClient, connect, direct_query, wait_for
+
+GRACE_MS = 4000
+TABLE = "pd_shutdown"
+FATAL_57P01 = "terminating connection due to administrator command"
+
+
+def http_get(port, path):
+    conn = http.client.HTTPConnection(HOST, port, timeout=5)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
+
+
+def refused(port):
+    try:
+        socket.create_connection((HOST, port), timeout=1).close()
+        return False
+    except ConnectionRefusedError:
+        return True
+
+
+def rows():
+    return direct_query("SELECT id, who FROM %s ORDER BY id" % TABLE, dbname="app")
+
+
+def close_all(proxy, *clients):
+    """Closes clients (sockets, raw or psycopg2) and kills pgdual if a failing test left
+    it running."""
+    import psycopg2
+    for c in clients:
+        try:
+            c.close()
+        except psycopg2.Error:
+            pass
+    if proxy.proc is not None:
+        proxy._kill()
+
+
+def wait_fatal_sent(conn, timeout=5):
+    """Waits until the server has written to a psycopg2 connection we are not reading."""
+    r, _, _ = select.select([conn.fileno()], [], [], timeout)
+    return bool(r)
+
+
+class ShutdownTest(unittest.TestCase):
+    def setUp(self):
+        direct_query("DROP TABLE IF EXISTS %s; CREATE TABLE %s (id int PRIMARY KEY, who text)"
+                     % (TABLE, TABLE), dbname="app")
+
+    def assert_closed(self, conn):
+        """The server ended the session: the next statement fails for want of a
+        connection. (libpq does not show the FATAL that came while it was not reading, with
+        PostgreSQL itself neither; raw clients and psql check the SQLSTATE and message.)"""
+        import psycopg2
+        with self.assertRaises(psycopg2.OperationalError) as cm:
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1")
+        self.assertIn("server closed the connection", str(cm.exception))
+        self.assertTrue(conn.closed)
+
+    def test_sigterm_drains(self):
+        mport = pdtest.free_port()
+        p = Proxy(limits={"shutdown_grace_ms": GRACE_MS},
+                  admin={"metrics": "%s:%d" % (HOST, mport)}).start()
+        wait_for(lambda: pdtest.port_open(mport), 10, what="the metrics port")
+        self.assertEqual(http_get(mport, "/ready"), (200, "ready\n"))
+
+        idle_raw = RawClient(p.port).startup()
+        idle_pg = connect(p.port)
+        idle_pg.autocommit = True
+        with idle_pg.cursor() as cur:
+            cur.execute("SELECT 1")
+        txn = connect(p.port)  # psycopg2 opens a transaction at the first statement
+        with txn.cursor() as cur:
+            cur.execute("INSERT INTO %s VALUES (1, 'before')" % TABLE)
+        # Two statements sent in one go: both are answered before the session ends.
+        piped = RawClient(p.port).startup(application_name="pd_shutdown_pipe")
+        piped.send(pdtest.query_msg("SELECT pg_sleep(1)") + pdtest.query_msg("SELECT 42"))
+        busy = subprocess.Popen(
+            pdtest.psql_argv(p.port, "app", "postgres", "-c", "SELECT pg_sleep(60)",
+                             application_name="pd_shutdown_busy"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            pdtest.wait_backend_busy("pd_shutdown_busy")
+            pdtest.wait_backend_busy("pd_shutdown_pipe")
+
+            t0 = time.monotonic()
+            p.proc.send_signal(signal.SIGTERM)
+
+            # Idle sessions end at once with 57P01.
+            err = idle_raw.read_error_then_close(timeout=5)
+            self.assertIsNotNone(err, "no error before the close")
+            self.assertEqual((err["S"], err["C"], err["M"]), ("FATAL", "57P01", FATAL_57P01))
+            self.assertTrue(wait_fatal_sent(idle_pg), "the idle psycopg2 session heard nothing")
+            self.assert_closed(idle_pg)
+
+            self.assertEqual(piped.simple_query_results(2), [[[b""]], [[b"42"]]])
+            err = piped.read_error_then_close(timeout=5)
+            self.assertEqual((err["S"], err["C"]), ("FATAL", "57P01"))
+
+            # No new connections; the readiness probe says so while sessions drain.
+            wait_for(lambda: refused(p.port), 5, what="the listener to close")
+            self.assertEqual(http_get(mport, "/ready"), (503, "not ready\n"))
+
+            # The open transaction goes on and commits; then its session ends.
+            with txn.cursor() as cur:
+                cur.execute("INSERT INTO %s VALUES (2, 'during')" % TABLE)
+            txn.commit()
+            self.assertLess(time.monotonic() - t0, GRACE_MS / 1000.0,
+                            "the commit came after the grace period; the test proves nothing")
+            self.assertEqual(rows(), [(1, "before"), (2, "during")])
+            self.assertTrue(wait_fatal_sent(txn), "the committed session heard nothing")
+            self.assert_closed(txn)
+            self.assertEqual(http_get(mport, "/ready")[0], 503)
+
+            # The statement still running when the grace period ends is ended with 57P01.
+            _, stderr = busy.communicate(timeout=GRACE_MS / 1000.0 + 15)
+            ended = time.monotonic() - t0
+            self.assertNotEqual(busy.returncode, 0)
+            self.assertIn("FATAL:  " + FATAL_57P01, stderr)
+            self.assertGreater(ended, GRACE_MS / 1000.0 - 0.5, "ended before the grace period")
+
+            # pgdual exits 0 once the last session is gone, within grace + margin.
+            rc = p.wait_exit(GRACE_MS / 1000.0 + 10 - (time.monotonic() - t0))
+            self.assertEqual(rc, 0)
+            self.assertLess(time.monotonic() - t0, GRACE_MS / 1000.0 + 10)
+            # The statement was cancelled on the server, not left to run on.
+            wait_for(lambda: not direct_query(
+                "SELECT 1 FROM pg_stat_activity WHERE application_name = 'pd_shutdown_busy' "
+                "AND state = 'active'"), 10, what="the running statement to be cancelled")
+            log = p.log()
+            self.assertIn("smart shutdown", log)
+            self.assertIn("shutdown grace period of %d ms is over" % GRACE_MS, log)
+        finally:
+            if busy.poll() is None:
+                busy.kill()
+                busy.wait()
+            close_all(p, idle_raw, piped, idle_pg, txn)
+
+    def test_sigint_ends_transactions_at_once(self):
+        import psycopg2
+        p = Proxy(limits={"shutdown_grace_ms": 60000}).start()
+        raw = RawClient(p.port).startup()
+        txn = connect(p.port)
+        try:
+            self.assertIsNone(raw.simple_query("BEGIN")[1])
+            self.assertIsNone(raw.simple_query(
+                "INSERT INTO %s VALUES (10, 'never committed')" % TABLE)[1])
+            with txn.cursor() as cur:
+                cur.execute("INSERT INTO %s VALUES (11, 'never committed')" % TABLE)
+            t0 = time.monotonic()
+            p.proc.send_signal(signal.SIGINT)
+            err = raw.read_error_then_close(timeout=5)
+            self.assertIsNotNone(err, "no error before the close")
+            self.assertEqual((err["S"], err["C"], err["M"]), ("FATAL", "57P01", FATAL_57P01))
+            self.assertEqual(p.wait_exit(10), 0)
+            self.assertLess(time.monotonic() - t0, 10)
+            with self.assertRaises(psycopg2.OperationalError):
+                txn.commit()
+            # PostgreSQL rolled both transactions back when their connections closed.
+            wait_for(lambda: not direct_query(
+                "SELECT 1 FROM pg_stat_activity WHERE datname = 'app' AND state IN "
+                "('idle in transaction', 'idle in transaction (aborted)')"), 10,
+                what="the backends to go away")
+            self.assertEqual(rows(), [])
+        finally:
+            close_all(p, raw, txn)
+
+    def test_sd_notify(self):
+        path = os.path.join(pdtest.tmpdir(), "notify.sock")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        p = Proxy(env={"NOTIFY_SOCKET": path})
+        try:
+            p.start()
+
+            def expect(key, timeout=10):
+                """Reads datagrams until one holds the line key; returns its fields."""
+                deadline = time.monotonic() + timeout
+                seen = []
+                while True:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self.fail("no %s from pgdual within %d s (got %r)" % (key, timeout, seen))
+                    sock.settimeout(left)
+                    try:
+                        data = sock.recv(4096).decode()
+                    except socket.timeout:
+                        continue
+                    seen.append(data)
+                    fields = dict(line.split("=", 1) for line in data.splitlines() if "=" in line)
+                    if key in data.splitlines():
+                        return fields
+
+            ready = expect("READY=1")
+            self.assertTrue(pdtest.port_open(p.port), "READY=1 before pgdual listens")
+            self.assertIn("accepting connections", ready.get("STATUS", ""))
+
+            p.proc.send_signal(signal.SIGHUP)
+            reloading = expect("RELOADING=1")
+            self.assertGreater(int(reloading["MONOTONIC_USEC"]), 0)
+            self.assertIn("configuration reloaded", expect("READY=1").get("STATUS", ""))
+
+            p.proc.send_signal(signal.SIGTERM)
+            self.assertIn("smart shutdown", expect("STOPPING=1").get("STATUS", ""))
+            self.assertEqual(p.wait_exit(10), 0)
+        finally:
+            close_all(p, sock)
+
+
+if __name__ == "__main__":
+    pdtest.main()
