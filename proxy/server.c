@@ -30,7 +30,8 @@
 #include "rules/sql.h"
 #include "rules/state.h"
 
-#define ACCEPT_BURST 64 /* connections accepted per readiness callback */
+#define ACCEPT_BURST   64 /* connections accepted per readiness callback */
+#define MIRROR_POLL_MS 50 /* stopping: how often the mirrors' queues are looked at */
 
 static void errors_add(pd_config_errors_t *errs, const char *msg)
 {
@@ -515,10 +516,43 @@ static void finish(pd_server_t *srv)
     pd_metrics_stop(srv->metrics);
     srv->metrics = NULL;
     uv_handle_t *handles[] = {(uv_handle_t *)&srv->sig_int, (uv_handle_t *)&srv->sig_term,
-                              (uv_handle_t *)&srv->sig_hup, (uv_handle_t *)&srv->drain_timer};
+                              (uv_handle_t *)&srv->sig_hup, (uv_handle_t *)&srv->drain_timer,
+                              (uv_handle_t *)&srv->mirror_timer};
     for (size_t i = 0; i < sizeof handles / sizeof handles[0]; i++)
         if (!uv_is_closing(handles[i]))
             uv_close(handles[i], NULL);
+}
+
+static void on_mirror_poll(uv_timer_t *t);
+
+/*
+ * Stopping, and the last session is gone. A graceful stop also waits for the mirrors
+ * whose sessions ended (commit: async) to apply what they have queued, so that a restart
+ * leaves green no write behind; the grace period bounds the wait (then stop_fast, and
+ * what is left is recorded as mirror_unapplied).
+ */
+static void maybe_finish(pd_server_t *srv)
+{
+    if (!srv->stopping || srv->nsessions > 0)
+        return;
+    pd_mirror_totals_t t;
+    pd_mirror_totals(srv, &t);
+    if (!srv->stop_fast && t.busy > 0) {
+        if (!uv_is_active((uv_handle_t *)&srv->mirror_timer)) {
+            pd_log_info(NULL,
+                        "waiting for the mirrors to apply what their sessions left (%u "
+                        "connections, %llu statements queued)",
+                        t.busy, t.queued);
+            uv_timer_start(&srv->mirror_timer, on_mirror_poll, MIRROR_POLL_MS, MIRROR_POLL_MS);
+        }
+        return;
+    }
+    finish(srv);
+}
+
+static void on_mirror_poll(uv_timer_t *t)
+{
+    maybe_finish(t->data);
 }
 
 void pd_server_session_added(pd_server_t *srv, pd_session_t *s)
@@ -544,8 +578,7 @@ void pd_server_session_removed(pd_server_t *srv, pd_session_t *s)
     s->prev = s->next = NULL;
     srv->nsessions--;
     srv->state_counts[s->state]--;
-    if (srv->stopping && srv->nsessions == 0)
-        finish(srv);
+    maybe_finish(srv);
 }
 
 static void shutdown_all(pd_server_t *srv, bool fast)
@@ -576,6 +609,7 @@ static void stop(pd_server_t *srv, bool now)
                        now ? "fast" : "smart", srv->nsessions);
     }
     if (now) {
+        srv->stop_fast = true;
         pd_log_info(NULL, "fast shutdown: ending %u sessions", srv->nsessions);
         shutdown_all(srv, true);
     } else {
@@ -585,8 +619,7 @@ static void stop(pd_server_t *srv, bool now)
                     srv->nsessions, srv->cfg->shutdown_grace_ms);
         shutdown_all(srv, false);
     }
-    if (srv->nsessions == 0)
-        finish(srv);
+    maybe_finish(srv);
 }
 
 static void on_drain_timeout(uv_timer_t *t)
@@ -793,7 +826,9 @@ int pd_server_init(pd_server_t *srv, uv_loop_t *loop, pd_config_t *cfg)
     uv_signal_init(loop, &srv->sig_term);
     uv_signal_init(loop, &srv->sig_hup);
     uv_timer_init(loop, &srv->drain_timer);
+    uv_timer_init(loop, &srv->mirror_timer);
     srv->sig_int.data = srv->sig_term.data = srv->sig_hup.data = srv->drain_timer.data = srv;
+    srv->mirror_timer.data = srv;
     uv_signal_start(&srv->sig_int, on_signal, SIGINT);
     uv_signal_start(&srv->sig_term, on_signal, SIGTERM);
     uv_signal_start(&srv->sig_hup, on_signal, SIGHUP);

@@ -5,6 +5,8 @@ SIGTERM (smart shutdown): the listener closes at once (new connections are refus
 /ready answers 503, an idle session gets FATAL 57P01 at once, a session in a transaction
 may COMMIT and then gets 57P01, a statement still running after limits.shutdown_grace_ms
 gets 57P01 (and is cancelled on the server), and pgdual exits 0.
+pgdual waits (within the grace period) for async mirrors to apply what sessions that
+ended left queued, so a restart leaves green no write behind.
 SIGINT (fast shutdown): every session gets 57P01 at once, its transaction rolled back.
 sd_notify: READY=1 once pgdual listens, RELOADING=1 then READY=1 around a SIGHUP reload,
 STOPPING=1 at SIGTERM, on the datagram socket named by $NOTIFY_SOCKET."""
@@ -190,6 +192,52 @@ class ShutdownTest(unittest.TestCase):
             self.assertEqual(rows(), [])
         finally:
             close_all(p, raw, txn)
+
+    def test_graceful_stop_waits_for_the_mirror(self):
+        import psycopg2
+        for db in ("app", "app2"):
+            direct_query("DROP TABLE IF EXISTS %s_m; CREATE TABLE %s_m (id int PRIMARY KEY, "
+                         "note text)" % (TABLE, TABLE), dbname=db)
+        div = os.path.join(pdtest.tmpdir(), "divergence.jsonl")
+        rule = {"name": "m", "database": "app", "kind": "tables",
+                "tables": ["public.%s_m" % TABLE], "writes": "dual", "reads": "old",
+                "mirror": {"commit": "async", "on_failure": "record"}}
+        p = Proxy(databases=[{"name": "app", "old": pdtest.pg_conninfo("app"),
+                              "new": pdtest.pg_conninfo("app2")}],
+                  rules=[rule], divergence={"log": div},
+                  limits={"shutdown_grace_ms": 20000}, env={"PGUSER": "postgres"}).start()
+        c = pdtest.cluster()
+        locker = psycopg2.connect(host=c["host"], port=c["port"], dbname="app2", user="postgres")
+        client = connect(p.port)
+        client.autocommit = True
+        try:
+            # Green's table is locked: the mirrored INSERT queues behind the lock while
+            # the client has its answer from blue (commit: async).
+            with locker.cursor() as cur:
+                cur.execute("LOCK TABLE %s_m IN ACCESS EXCLUSIVE MODE" % TABLE)
+            with client.cursor() as cur:
+                cur.execute("INSERT INTO %s_m VALUES (1, 'mirrored late')" % TABLE)
+            wait_for(lambda: direct_query(
+                "SELECT 1 FROM pg_stat_activity WHERE datname = 'app2' AND "
+                "wait_event_type = 'Lock'"), 10, what="the mirror to wait for the lock")
+
+            p.proc.send_signal(signal.SIGTERM)
+            self.assertTrue(wait_fatal_sent(client), "the idle session heard nothing")
+            # The last session is gone, and pgdual waits for its mirror.
+            wait_for(lambda: "waiting for the mirrors" in p.log(), 10,
+                     what="pgdual to wait for the mirror")
+            self.assertTrue(pdtest.pid_alive(p.pid))
+            locker.rollback()
+            self.assertEqual(p.wait_exit(15), 0)
+            self.assertEqual(direct_query("SELECT id, note FROM %s_m" % TABLE, dbname="app2"),
+                             [(1, "mirrored late")])
+            unapplied = []
+            if os.path.exists(div):
+                with open(div) as f:
+                    unapplied = [line for line in f if "mirror_unapplied" in line]
+            self.assertEqual(unapplied, [])
+        finally:
+            close_all(p, locker, client)
 
     def test_sd_notify(self):
         path = os.path.join(pdtest.tmpdir(), "notify.sock")
