@@ -1613,11 +1613,14 @@ static int pump_client(pd_session_t *s)
 /*
  * Shutting down (SIGTERM): a session ends at its first transaction boundary, so that a
  * transaction in progress may finish but nothing new starts. The ReadyForQuery that
- * brought it there goes out before the FATAL. True when the session ended.
+ * brought it there goes out before the FATAL. Messages relayed without their Sync yet
+ * (busy) or answers still owed (ready_owed: pass-through does not count batches) mean
+ * the server has work of the client's in hand. True when the session ended.
  */
 static bool end_if_draining(pd_session_t *s)
 {
-    if (!s->srv->stopping || s->state != PD_SESSION_ACTIVE || s->ready_owed > 0 || !at_boundary(s))
+    if (!s->srv->stopping || s->state != PD_SESSION_ACTIVE || s->busy || s->ready_owed > 0 ||
+        !at_boundary(s))
         return false;
     pd_session_terminate(s, "57P01", "terminating connection due to administrator command", NULL);
     return true;

@@ -3,7 +3,8 @@
 
 SIGTERM (smart shutdown): the listener closes at once (new connections are refused), GET
 /ready answers 503, an idle session gets FATAL 57P01 at once, a session in a transaction
-may COMMIT and then gets 57P01, a statement still running after limits.shutdown_grace_ms
+may COMMIT and then gets 57P01 (so do pipelined statements and an extended-protocol
+batch waiting for its Sync), a statement still running after limits.shutdown_grace_ms
 gets 57P01 (and is cancelled on the server), and pgdual exits 0.
 pgdual waits (within the grace period) for async mirrors to apply what sessions that
 ended left queued, so a restart leaves green no write behind.
@@ -16,12 +17,13 @@ import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import time
 import unittest
 
 import pdtest
-from pdtest import HOST, Proxy, RawClient, connect, direct_query, wait_for
+from pdtest import HOST, Proxy, RawClient, connect, cstr, direct_query, msg, wait_for
 
 GRACE_MS = 4000
 TABLE = "pd_shutdown"
@@ -100,6 +102,15 @@ class ShutdownTest(unittest.TestCase):
         txn = connect(p.port)  # psycopg2 opens a transaction at the first statement
         with txn.cursor() as cur:
             cur.execute("INSERT INTO %s VALUES (1, 'before')" % TABLE)
+        # An extended-protocol statement executed, its Sync not sent yet: the implicit
+        # transaction is still open, so the session must wait for the Sync.
+        unsynced = RawClient(p.port).startup()
+        unsynced.send(msg("P", cstr("") + cstr("INSERT INTO %s VALUES (3, 'synced')" % TABLE)
+                          + struct.pack("!H", 0))
+                      + msg("B", cstr("") + cstr("") + struct.pack("!HHH", 0, 0, 0))
+                      + msg("E", cstr("") + struct.pack("!I", 0)) + msg("H"))
+        for kind in ("1", "2", "C"):
+            unsynced.expect(kind)
         # Two statements sent in one go: both are answered before the session ends.
         piped = RawClient(p.port).startup(application_name="pd_shutdown_pipe")
         piped.send(pdtest.query_msg("SELECT pg_sleep(1)") + pdtest.query_msg("SELECT 42"))
@@ -125,6 +136,11 @@ class ShutdownTest(unittest.TestCase):
             err = piped.read_error_then_close(timeout=5)
             self.assertEqual((err["S"], err["C"]), ("FATAL", "57P01"))
 
+            unsynced.send(msg("S"))
+            unsynced.expect("Z")
+            err = unsynced.read_error_then_close(timeout=5)
+            self.assertEqual((err["S"], err["C"]), ("FATAL", "57P01"))
+
             # No new connections; the readiness probe says so while sessions drain.
             wait_for(lambda: refused(p.port), 5, what="the listener to close")
             self.assertEqual(http_get(mport, "/ready"), (503, "not ready\n"))
@@ -135,7 +151,7 @@ class ShutdownTest(unittest.TestCase):
             txn.commit()
             self.assertLess(time.monotonic() - t0, GRACE_MS / 1000.0,
                             "the commit came after the grace period; the test proves nothing")
-            self.assertEqual(rows(), [(1, "before"), (2, "during")])
+            self.assertEqual(rows(), [(1, "before"), (2, "during"), (3, "synced")])
             self.assertTrue(wait_fatal_sent(txn), "the committed session heard nothing")
             self.assert_closed(txn)
             self.assertEqual(http_get(mport, "/ready")[0], 503)
@@ -162,7 +178,7 @@ class ShutdownTest(unittest.TestCase):
             if busy.poll() is None:
                 busy.kill()
                 busy.wait()
-            close_all(p, idle_raw, piped, idle_pg, txn)
+            close_all(p, idle_raw, unsynced, piped, idle_pg, txn)
 
     def test_sigint_ends_transactions_at_once(self):
         import psycopg2
