@@ -30,6 +30,7 @@ typedef struct mconn mconn_t;
 struct pd_metrics {
     uv_tcp_t listener;
     pd_metrics_render_fn render;
+    pd_metrics_ready_fn ready;
     void *ctx;
     mconn_t *conns; /* open connections, owned */
     unsigned nconns;
@@ -157,6 +158,11 @@ static bool parse_request_line(char *line, char **method, char **target)
            strtok_r(NULL, " ", &save) == NULL && strncmp(version, "HTTP/1.", 7) == 0;
 }
 
+static bool path_is(const char *target, size_t len, const char *path)
+{
+    return len == strlen(path) && strncmp(target, path, len) == 0;
+}
+
 static void serve(mconn_t *c, pd_metrics_t *m)
 {
     char *eol = memchr(c->req, '\n', c->len);
@@ -174,8 +180,17 @@ static void serve(mconn_t *c, pd_metrics_t *m)
         return;
     }
     size_t plen = strcspn(target, "?");
-    if (plen != strlen("/metrics") || strncmp(target, "/metrics", plen) != 0) {
-        respond_text(c, "404 Not Found", "not found; metrics are at /metrics\n", NULL);
+    if (path_is(target, plen, "/ready")) {
+        bool ready = m->ready(m->ctx);
+        const char *text = ready ? "ready\n" : "not ready\n";
+        pd_buf_reset(&c->body);
+        pd_buf_put(&c->body, text, strlen(text));
+        respond(c, ready ? "200 OK" : "503 Service Unavailable", NULL, head);
+        return;
+    }
+    if (!path_is(target, plen, "/metrics")) {
+        respond_text(c, "404 Not Found",
+                     "not found; metrics are at /metrics, readiness at /ready\n", NULL);
         return;
     }
     pd_buf_reset(&c->body);
@@ -318,12 +333,13 @@ static int bind_listener(pd_metrics_t *m, const char *address)
 }
 
 pd_metrics_t *pd_metrics_start(uv_loop_t *loop, const char *address, pd_metrics_render_fn render,
-                               void *ctx)
+                               pd_metrics_ready_fn ready, void *ctx)
 {
     pd_metrics_t *m = calloc(1, sizeof *m);
     if (m == NULL)
         return NULL;
     m->render = render;
+    m->ready = ready;
     m->ctx = ctx;
     uv_tcp_init(loop, &m->listener);
     m->listener.data = m;
@@ -331,7 +347,7 @@ pd_metrics_t *pd_metrics_start(uv_loop_t *loop, const char *address, pd_metrics_
         pd_metrics_stop(m);
         return NULL;
     }
-    pd_log_info(NULL, "metrics at http://%s/metrics", address);
+    pd_log_info(NULL, "metrics at http://%s/metrics, readiness at /ready", address);
     return m;
 }
 

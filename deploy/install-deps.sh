@@ -15,7 +15,7 @@ PACKAGES="
 	libuv1-dev libpq-dev libssl-dev libcyaml-dev libpg-query-dev libprotobuf-c-dev
 	libjansson-dev libcmocka-dev
 	postgresql-15 postgresql-client-15 postgresql-contrib
-	python3 python3-psycopg2 pgbouncer pgpool2 openssl procps iproute2 util-linux
+	python3 python3-psycopg2 python3-yaml pgbouncer pgpool2 openssl procps iproute2 util-linux
 "
 
 apt-get update -q

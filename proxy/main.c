@@ -14,6 +14,7 @@
 
 #include "proxy/demo.h"
 #include "proxy/log.h"
+#include "proxy/notify.h"
 #include "proxy/server.h"
 
 static void usage(FILE *out)
@@ -27,7 +28,9 @@ static void usage(FILE *out)
                  "                             with sample rules and proxy to them\n"
                  "  pgdual --version | --help\n"
                  "\n"
-                 "Signals: SIGHUP reloads the config, SIGTERM drains and exits, SIGINT exits.\n");
+                 "Signals: SIGHUP reloads the config; SIGTERM stops accepting, ends sessions at\n"
+                 "their next transaction boundary (the rest after limits.shutdown_grace_ms)\n"
+                 "and exits; SIGINT ends every session and exits.\n");
 }
 
 static pd_config_t *load_config(const char *path)
@@ -66,7 +69,7 @@ static int check_config(const char *path)
     return rc;
 }
 
-static int run(pd_config_t *cfg, pd_demo_t *demo)
+static int run(pd_config_t *cfg, pd_demo_t *demo, pd_notify_t *notify)
 {
     uv_loop_t loop;
     if (uv_loop_init(&loop) != 0) {
@@ -78,6 +81,7 @@ static int run(pd_config_t *cfg, pd_demo_t *demo)
     if (pd_server_init(&srv, &loop, cfg) == 0) {
         if (demo != NULL)
             pd_demo_print_banner(demo);
+        srv.notify = notify;
         rc = pd_server_run(&srv);
     }
     pd_server_free(&srv);
@@ -148,11 +152,15 @@ int main(int argc, char **argv)
     /* A peer that goes away must be an error to handle, not a signal that kills us. */
     signal(SIGPIPE, SIG_IGN);
 
+    /* Before the demo starts its servers, which must not report in pgdual's name. */
+    pd_notify_t *notify = pd_notify_open();
     pd_demo_t *demo = NULL;
     if (demo_mode) {
         demo = pd_demo_start(port ? (int)port : 6432);
-        if (demo == NULL)
+        if (demo == NULL) {
+            pd_notify_close(notify);
             return 1;
+        }
         config = pd_demo_config_path(demo);
     }
     pd_config_t *cfg = load_config(config);
@@ -160,9 +168,10 @@ int main(int argc, char **argv)
     if (cfg != NULL) {
         if (port != 0)
             cfg->listen_port = (uint16_t)port;
-        rc = run(cfg, demo);
+        rc = run(cfg, demo, notify);
     }
     if (demo != NULL)
         pd_demo_stop(demo);
+    pd_notify_close(notify);
     return rc;
 }

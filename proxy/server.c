@@ -24,14 +24,15 @@
 #include "proxy/compare.h"
 #include "proxy/log.h"
 #include "proxy/mirror.h"
+#include "proxy/notify.h"
 #include "proxy/seqsync.h"
 #include "proxy/session.h"
 #include "rules/catalog.h"
 #include "rules/sql.h"
 #include "rules/state.h"
 
-#define DRAIN_GRACE_MS 30000 /* SIGTERM: how long sessions may finish before they are ended */
-#define ACCEPT_BURST   64    /* connections accepted per readiness callback */
+#define ACCEPT_BURST   64 /* connections accepted per readiness callback */
+#define MIRROR_POLL_MS 50 /* stopping: how often the mirrors' queues are looked at */
 
 static void errors_add(pd_config_errors_t *errs, const char *msg)
 {
@@ -534,10 +535,43 @@ static void finish(pd_server_t *srv)
     pd_metrics_stop(srv->metrics);
     srv->metrics = NULL;
     uv_handle_t *handles[] = {(uv_handle_t *)&srv->sig_int, (uv_handle_t *)&srv->sig_term,
-                              (uv_handle_t *)&srv->sig_hup, (uv_handle_t *)&srv->drain_timer};
+                              (uv_handle_t *)&srv->sig_hup, (uv_handle_t *)&srv->drain_timer,
+                              (uv_handle_t *)&srv->mirror_timer};
     for (size_t i = 0; i < sizeof handles / sizeof handles[0]; i++)
         if (!uv_is_closing(handles[i]))
             uv_close(handles[i], NULL);
+}
+
+static void on_mirror_poll(uv_timer_t *t);
+
+/*
+ * Stopping, and the last session is gone. A graceful stop also waits for the mirrors
+ * whose sessions ended (commit: async) to apply what they have queued, so that a restart
+ * leaves green no write behind; the grace period bounds the wait (then stop_fast, and
+ * what is left is recorded as mirror_unapplied).
+ */
+static void maybe_finish(pd_server_t *srv)
+{
+    if (!srv->stopping || srv->nsessions > 0)
+        return;
+    pd_mirror_totals_t t;
+    pd_mirror_totals(srv, &t);
+    if (!srv->stop_fast && t.busy > 0) {
+        if (!uv_is_active((uv_handle_t *)&srv->mirror_timer)) {
+            pd_log_info(NULL,
+                        "waiting for the mirrors to apply what their sessions left (%u "
+                        "connections, %llu statements queued)",
+                        t.busy, t.queued);
+            uv_timer_start(&srv->mirror_timer, on_mirror_poll, MIRROR_POLL_MS, MIRROR_POLL_MS);
+        }
+        return;
+    }
+    finish(srv);
+}
+
+static void on_mirror_poll(uv_timer_t *t)
+{
+    maybe_finish(t->data);
 }
 
 void pd_server_session_added(pd_server_t *srv, pd_session_t *s)
@@ -563,40 +597,62 @@ void pd_server_session_removed(pd_server_t *srv, pd_session_t *s)
     s->prev = s->next = NULL;
     srv->nsessions--;
     srv->state_counts[s->state]--;
-    if (srv->stopping && srv->nsessions == 0)
-        finish(srv);
+    maybe_finish(srv);
 }
 
-static void terminate_all(pd_server_t *srv)
+static void shutdown_all(pd_server_t *srv, bool fast)
 {
     pd_session_t *next;
     for (pd_session_t *s = srv->sessions; s != NULL; s = next) {
         next = s->next;
-        pd_session_terminate(s, "57P01", "terminating connection due to administrator command",
-                             NULL);
+        pd_session_shutdown(s, fast);
     }
 }
 
+/*
+ * SIGTERM is PostgreSQL's smart shutdown made fit for a proxy behind a load balancer: the
+ * listener closes at once, so that new connections are refused and the balancer moves on;
+ * sessions between transactions end at once and the others when their transaction ends
+ * (pd_session_shutdown), each with FATAL 57P01, since a client of a proxy that is going away
+ * would otherwise hold it up for as long as it keeps its connection. What is left after
+ * limits.shutdown_grace_ms is ended as by SIGINT, PostgreSQL's fast shutdown: every
+ * session now, with FATAL 57P01, a statement in flight cancelled and an open transaction
+ * rolled back by the server.
+ */
 static void stop(pd_server_t *srv, bool now)
 {
     if (!srv->stopping) {
         srv->stopping = true;
         close_listener(srv);
+        pd_notify_send(srv->notify, "STOPPING=1\nSTATUS=%s shutdown: %u sessions to end",
+                       now ? "fast" : "smart", srv->nsessions);
     }
     if (now) {
+        srv->stop_fast = true;
         pd_log_info(NULL, "fast shutdown: ending %u sessions", srv->nsessions);
-        terminate_all(srv);
+        shutdown_all(srv, true);
     } else {
-        pd_log_info(NULL, "smart shutdown: waiting up to %d s for %u sessions to end",
-                    DRAIN_GRACE_MS / 1000, srv->nsessions);
+        pd_log_info(NULL,
+                    "smart shutdown: no new connections; %u sessions end at their next "
+                    "transaction boundary, or in %u ms (limits.shutdown_grace_ms)",
+                    srv->nsessions, srv->cfg->shutdown_grace_ms);
+        shutdown_all(srv, false);
     }
-    if (srv->nsessions == 0)
-        finish(srv);
+    maybe_finish(srv);
 }
 
 static void on_drain_timeout(uv_timer_t *t)
 {
-    stop(t->data, true);
+    pd_server_t *srv = t->data;
+    pd_log_info(NULL, "shutdown grace period of %u ms is over", srv->cfg->shutdown_grace_ms);
+    stop(srv, true);
+}
+
+/* GET /ready of the metrics endpoint: listening and not stopping. */
+static bool server_ready(void *ctx)
+{
+    const pd_server_t *srv = ctx;
+    return !srv->stopping && srv->listen_fd >= 0;
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -636,6 +692,8 @@ static void reload_done(uv_work_t *w, int status)
     if (error != NULL) {
         pd_log_error(NULL, "reload failed: %s; still running with the previous configuration",
                      error);
+        pd_notify_send(srv->notify, "READY=1\nSTATUS=reload failed; running with the previous "
+                                    "configuration");
         material_free(&job->m);
     } else {
         const pd_config_t *old = srv->cfg;
@@ -651,6 +709,9 @@ static void reload_done(uv_work_t *w, int status)
         pd_log_set_level(srv->cfg->log_level);
         pd_log_info(NULL, "configuration reloaded: %u databases, %u rules",
                     srv->cfg->database_count, srv->cfg->rule_count);
+        pd_notify_send(srv->notify,
+                       "READY=1\nSTATUS=configuration reloaded: %u databases, %u rules",
+                       srv->cfg->database_count, srv->cfg->rule_count);
     }
     if (job->cb != NULL)
         job->cb(srv, error, job->ctx);
@@ -683,6 +744,7 @@ int pd_server_reload(pd_server_t *srv, pd_config_errors_t *errs, pd_server_reloa
         return -1;
     }
     srv->reloading = true;
+    pd_notify_reloading(srv->notify);
     return 0;
 }
 
@@ -700,7 +762,7 @@ static void on_signal(uv_signal_t *h, int signum)
     case SIGTERM:
         pd_log_info(NULL, "received SIGTERM");
         if (!srv->stopping)
-            uv_timer_start(&srv->drain_timer, on_drain_timeout, DRAIN_GRACE_MS, 0);
+            uv_timer_start(&srv->drain_timer, on_drain_timeout, srv->cfg->shutdown_grace_ms, 0);
         stop(srv, false);
         break;
     default:
@@ -776,7 +838,8 @@ int pd_server_init(pd_server_t *srv, uv_loop_t *loop, pd_config_t *cfg)
     if (cfg->admin_socket != NULL && (srv->admin = pd_admin_start(srv, cfg->admin_socket)) == NULL)
         return -1;
     if (cfg->admin_metrics != NULL &&
-        (srv->metrics = pd_metrics_start(loop, cfg->admin_metrics, pd_render_metrics, srv)) == NULL)
+        (srv->metrics = pd_metrics_start(loop, cfg->admin_metrics, pd_render_metrics, server_ready,
+                                         srv)) == NULL)
         return -1;
     if (pd_seqsync_start(srv) != 0)
         return -1;
@@ -784,7 +847,9 @@ int pd_server_init(pd_server_t *srv, uv_loop_t *loop, pd_config_t *cfg)
     uv_signal_init(loop, &srv->sig_term);
     uv_signal_init(loop, &srv->sig_hup);
     uv_timer_init(loop, &srv->drain_timer);
+    uv_timer_init(loop, &srv->mirror_timer);
     srv->sig_int.data = srv->sig_term.data = srv->sig_hup.data = srv->drain_timer.data = srv;
+    srv->mirror_timer.data = srv;
     uv_signal_start(&srv->sig_int, on_signal, SIGINT);
     uv_signal_start(&srv->sig_term, on_signal, SIGTERM);
     uv_signal_start(&srv->sig_hup, on_signal, SIGHUP);
@@ -793,6 +858,8 @@ int pd_server_init(pd_server_t *srv, uv_loop_t *loop, pd_config_t *cfg)
 
 int pd_server_run(pd_server_t *srv)
 {
+    pd_notify_send(srv->notify, "READY=1\nSTATUS=accepting connections on %s:%u",
+                   srv->cfg->listen_host, srv->cfg->listen_port);
     uv_run(srv->loop, UV_RUN_DEFAULT);
     return srv->exit_code;
 }

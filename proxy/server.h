@@ -19,6 +19,7 @@ typedef struct pd_session pd_session_t;
 typedef struct pd_admin pd_admin_t;
 typedef struct pd_jobs pd_jobs_t;
 typedef struct pd_metrics pd_metrics_t;
+typedef struct pd_notify pd_notify_t;
 typedef struct pd_state pd_state_t;
 typedef struct pd_sql pd_sql_t;
 #include "rules/sql.h"
@@ -73,7 +74,8 @@ typedef struct pd_server {
     int listen_fd;
     uv_poll_t *listen_poll; /* owned; freed by its close callback */
     uv_signal_t sig_int, sig_term, sig_hup;
-    uv_timer_t drain_timer;
+    uv_timer_t drain_timer;  /* SIGTERM: limits.shutdown_grace_ms */
+    uv_timer_t mirror_timer; /* stopping: polls the mirrors still applying their queue */
 
     pd_session_t *sessions; /* doubly linked list of live sessions, owned */
     unsigned nsessions;
@@ -105,8 +107,10 @@ typedef struct pd_server {
     struct pd_cutover *cutovers; /* owned; pauses and switchovers in progress (cutover.c) */
     unsigned npauses;
 
-    bool stopping; /* SIGTERM: no new sessions; exit when the last one ends */
+    bool stopping;  /* SIGTERM/SIGINT: no new sessions; exit when the last one ends */
+    bool stop_fast; /* SIGINT or the grace period over: mirrors are not waited for */
     int exit_code;
+    pd_notify_t *notify; /* owned by main; NULL unless run under a service manager */
 } pd_server_t;
 
 /*

@@ -528,19 +528,25 @@ static void closing_step(pd_session_t *s, bool readable, bool writable)
 }
 
 /*
- * The client went away without Terminate. A query it left running would go on until the
- * server next writes to the closed connection, holding locks and a CPU meanwhile; so it
- * is cancelled first, as the client could no longer do.
+ * A session ending with a statement in flight: the statement would go on until the server
+ * next writes to the closed connection, holding locks and a CPU meanwhile, and in
+ * autocommit even commit; so it is cancelled first, as the client could no longer do.
  */
+static bool cancel_running(pd_session_t *s, const char *why)
+{
+    if ((!s->busy && s->ready_owed == 0) || s->backend.conn == NULL || !s->backend.connected)
+        return false;
+    pd_log_info(s->tag, "%s during a query; cancelling it", why);
+    if (pd_cancel_dispatch(s->srv->loop, s->backend.conn, s->tag) != 0)
+        pd_log_warning(s->tag, "could not start cancelling the query");
+    return true;
+}
+
+/* The client went away without Terminate. */
 static void client_gone(pd_session_t *s)
 {
-    if (s->busy && s->backend.conn != NULL && s->backend.connected) {
-        pd_log_info(s->tag, "client closed the connection during a query; cancelling it");
-        if (pd_cancel_dispatch(s->srv->loop, s->backend.conn, s->tag) != 0)
-            pd_log_warning(s->tag, "could not start cancelling the query");
-    } else {
+    if (!cancel_running(s, "client closed the connection"))
         pd_log_debug(s->tag, "client closed the connection");
-    }
     session_close(s);
 }
 
@@ -1202,6 +1208,14 @@ static bool gate_closed(pd_session_t *s)
     return false;
 }
 
+/* A client message is on its way to the server: each Query, Sync and FunctionCall is
+   answered by one ReadyForQuery. Counted once, when the scan moves past the message. */
+static void count_ready_owed(pd_session_t *s, uint8_t type)
+{
+    if (type == PD_FE_QUERY || type == PD_FE_SYNC || type == PD_FE_FUNCTION_CALL)
+        s->ready_owed++;
+}
+
 static int scan_client(pd_session_t *s)
 {
     pd_pipe_t *p = &s->c2b;
@@ -1282,12 +1296,14 @@ static int scan_client(pd_session_t *s)
             if (p->scan != at) {
                 if (h.type == PD_FE_BIND)
                     s->batch_msgs++; /* a Bind replaced whole (see route_bind_close) */
-                continue;            /* taken whole: decided and moved past */
+                count_ready_owed(s, h.type);
+                continue; /* taken whole: decided and moved past */
             }
             if (h.type != PD_FE_SYNC && h.type != PD_FE_QUERY && h.type != PD_FE_FUNCTION_CALL)
                 s->batch_msgs++;
         }
         /* The message streams through (a Bind after what was put in ahead of it). */
+        count_ready_owed(s, h.type);
         if (total <= avail) {
             p->scan += (size_t)total;
         } else {
@@ -1426,6 +1442,8 @@ static bool server_message(pd_session_t *s, uint8_t type, const uint8_t *body, s
         sum_message(sum, type, body, n);
     if (type == PD_BE_READY) {
         s->txn_status = body[0];
+        if (!internal && s->ready_owed > 0)
+            s->ready_owed--;
         /* Idle again unless the client has already sent more (pipelining). */
         s->busy = pipe_pending(&s->c2b) || s->c2b.end > s->c2b.scan || s->batch_count > 1;
         bool shadow_done = b != NULL && b->shadow && s->shadow != NULL;
@@ -1593,10 +1611,45 @@ static int pump_client(pd_session_t *s)
     }
 }
 
+/*
+ * Shutting down (SIGTERM): a session ends at its first transaction boundary, so that a
+ * transaction in progress may finish but nothing new starts. The ReadyForQuery that
+ * brought it there goes out before the FATAL. Messages relayed without their Sync yet
+ * (busy) or answers still owed (ready_owed: pass-through does not count batches) mean
+ * the server has work of the client's in hand. True when the session ended.
+ */
+static bool end_if_draining(pd_session_t *s)
+{
+    if (!s->srv->stopping || s->state != PD_SESSION_ACTIVE || s->busy || s->ready_owed > 0 ||
+        !at_boundary(s))
+        return false;
+    pd_session_terminate(s, "57P01", "terminating connection due to administrator command", NULL);
+    return true;
+}
+
+void pd_session_shutdown(pd_session_t *s, bool fast)
+{
+    if (s->closed || s->state == PD_SESSION_CLOSING)
+        return;
+    /* Not yet serving: refused as a new connection would be. */
+    if (s->state != PD_SESSION_ACTIVE) {
+        pd_session_terminate(s, "57P03", "the database system is shutting down", NULL);
+        return;
+    }
+    if (!fast) {
+        end_if_draining(s);
+        return;
+    }
+    /* As PostgreSQL's fast shutdown aborts what runs: a statement left running would
+       otherwise go on, and even commit, after its client was told it was ended. */
+    cancel_running(s, "shutting down");
+    pd_session_terminate(s, "57P01", "terminating connection due to administrator command", NULL);
+}
+
 static int pump_server(pd_session_t *s)
 {
     for (;;) {
-        if (scan_server(s) < 0)
+        if (scan_server(s) < 0 || end_if_draining(s))
             return -1;
         /* A shadow query decided while scanning goes out at once. */
         if (s->to_server.len > 0 && to_server_flush(s) < 0) {

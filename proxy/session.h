@@ -153,8 +153,10 @@ struct pd_session {
     bool sums_ready;
     bool tap_row; /* b2c: the DataRow in progress is being summed */
 
-    uint8_t txn_status; /* from the last ReadyForQuery: 'I', 'T' or 'E' */
-    bool busy;          /* messages went to the server since its last ReadyForQuery */
+    uint8_t txn_status;  /* from the last ReadyForQuery: 'I', 'T' or 'E' */
+    bool busy;           /* messages went to the server since its last ReadyForQuery */
+    unsigned ready_owed; /* the client's Query, Sync and FunctionCall relayed whose
+                            ReadyForQuery has not come back (with or without rules) */
     bool client_terminated;
     uint64_t started_ms;
     uint64_t bytes_c2b, bytes_b2c;
@@ -167,6 +169,14 @@ void pd_session_accept(pd_server_t *srv, int fd, const char *peer);
  * at a message boundary; the backend is closed at once. */
 void pd_session_terminate(pd_session_t *s, const char *sqlstate, const char *message,
                           const char *hint);
+
+/*
+ * Shutting down. Smart (SIGTERM): a session between transactions ends now with FATAL
+ * 57P01, one in a transaction or a statement when that ends (at its ReadyForQuery). Fast
+ * (SIGINT, or the grace period is over): it ends now with FATAL 57P01, a statement it
+ * has running cancelled. Either way a session still starting gets 57P03.
+ */
+void pd_session_shutdown(pd_session_t *s, bool fast);
 
 /* What the session waited for happened (the mirror applied a batch under commit:
  * lockstep, a pause ended, the mirror is ready to change sides): the relay goes on, from

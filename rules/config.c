@@ -36,6 +36,7 @@
 #define DEFAULT_SAMPLE    0.1
 #define DEFAULT_CLIENTS   1000u
 #define DEFAULT_STARTUP   60000u
+#define DEFAULT_GRACE     30000u
 #define MIN_MESSAGE_SIZE  1024u
 #define MAX_CLIENTS_LIMIT 1000000u
 #define MAX_REPORTED      100u /* errors listed before "N more" */
@@ -79,6 +80,7 @@ typedef struct {
     uint32_t *max_clients;
     uint64_t *max_message_size;
     uint32_t *startup_timeout_ms;
+    uint32_t *shutdown_grace_ms;
 } raw_limits_t;
 
 typedef struct {
@@ -224,6 +226,7 @@ static const cyaml_schema_field_t limits_fields[] = {
     CYAML_FIELD_UINT_PTR("max_clients", OPT, raw_limits_t, max_clients),
     CYAML_FIELD_UINT_PTR("max_message_size", OPT, raw_limits_t, max_message_size),
     CYAML_FIELD_UINT_PTR("startup_timeout_ms", OPT, raw_limits_t, startup_timeout_ms),
+    CYAML_FIELD_UINT_PTR("shutdown_grace_ms", OPT, raw_limits_t, shutdown_grace_ms),
     CYAML_FIELD_END,
 };
 
@@ -415,6 +418,12 @@ static bool timeout_ok(const char *v)
     return in_range(v, 1, UINT32_MAX);
 }
 
+/* 0 is allowed: SIGTERM then ends every session at once, like PostgreSQL's fast shutdown. */
+static bool grace_ok(const char *v)
+{
+    return in_range(v, 0, UINT32_MAX);
+}
+
 static bool host_port_ok(const char *v)
 {
     const char *colon = strrchr(v, ':');
@@ -444,6 +453,8 @@ static const constraint_t constraints[] = {
     {limits_fields, "max_message_size", message_size_ok, "a size in bytes from 1024 to 1073741823"},
     {limits_fields, "startup_timeout_ms", timeout_ok,
      "a whole number of milliseconds from 1 to 4294967295"},
+    {limits_fields, "shutdown_grace_ms", grace_ok,
+     "a whole number of milliseconds from 0 to 4294967295"},
     {rule_fields, "name", rule_name_ok, "a name without spaces, quotes or backslashes"},
     {rule_fields, "reads", reads_ok, "old, shadow, aa, new or new@N with N from 0 to 100"},
 };
@@ -1259,6 +1270,8 @@ static bool convert_misc(pd_config_t *cfg, raw_config_t *raw)
         lim && lim->max_message_size ? (uint32_t)*lim->max_message_size : PD_MSG_MAX_LEN;
     cfg->startup_timeout_ms =
         lim && lim->startup_timeout_ms ? *lim->startup_timeout_ms : DEFAULT_STARTUP;
+    cfg->shutdown_grace_ms =
+        lim && lim->shutdown_grace_ms ? *lim->shutdown_grace_ms : DEFAULT_GRACE;
     cfg->log_level = raw->log && raw->log->level ? *raw->log->level : PD_LOG_INFO;
     return true;
 }

@@ -96,11 +96,12 @@ typedef struct {
     char *divergence_log; /* NULL = none */
     double shadow_sample; /* 0..1, default 0.1 */
 
-    /* limits: { max_clients, max_message_size, startup_timeout_ms } (pgdual's own
-       addition to the DESIGN.md schema) */
+    /* limits: { max_clients, max_message_size, startup_timeout_ms, shutdown_grace_ms }
+       (pgdual's own addition to the DESIGN.md schema) */
     unsigned max_clients;        /* default 1000 */
     uint32_t max_message_size;   /* default PD_MSG_MAX_LEN (1 GB - 1), at least 1024 */
     unsigned startup_timeout_ms; /* default 60000 */
+    unsigned shutdown_grace_ms;  /* SIGTERM: how long transactions may finish; default 30000 */
 
     pd_log_level_t log_level; /* log: { level: error|warning|info|debug }, default info */
 

@@ -363,6 +363,26 @@ class Proxy:
             problems.append("pgdual died of signal %d" % -rc)
         elif rc not in (0, None) and not problems and rc != -signal.SIGKILL:
             problems.append("pgdual exited with status %d after SIGTERM" % rc)
+        self._finish(problems)
+
+    def wait_exit(self, timeout):
+        """Waits for pgdual to exit by itself (after a signal the test sent) and returns
+        its exit status (negative: the signal that killed it). Raises ProxyError if it is
+        still running after timeout seconds (it is then killed) or if its log shows a
+        sanitizer report; the exit status itself is for the test to judge."""
+        problems = []
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            problems.append("pgdual did not exit within %.1f s; killed" % timeout)
+            self._kill()
+        rc = self.proc.returncode
+        self._finish(problems)
+        return rc
+
+    def _finish(self, problems):
+        """The process has ended: closes its log and raises ProxyError on problems or a
+        sanitizer report."""
         if self._logf:
             self._logf.close()
             self._logf = None
@@ -692,6 +712,21 @@ class RawClient:
                 err = parse_fields(body)
             elif k == "Z":
                 return rows, err
+
+    def simple_query_results(self, n):
+        """Reads the answers to n simple queries sent earlier: a list of row lists, one
+        per ReadyForQuery; an ErrorResponse raises ServerError."""
+        results, rows = [], []
+        while len(results) < n:
+            k, body = self.recv_msg()
+            if k == "D":
+                rows.append(decode_datarow(body))
+            elif k == "E":
+                raise ServerError(parse_fields(body))
+            elif k == "Z":
+                results.append(rows)
+                rows = []
+        return results
 
     def read_error_then_close(self, timeout=5):
         """Reads until an ErrorResponse and then end of stream. Returns the error fields;

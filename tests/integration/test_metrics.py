@@ -1,6 +1,7 @@
 #!/usr/bin/python3
 """The metrics endpoint: GET /metrics answers 200 with the Prometheus text format (0.0.4),
-HEAD the same headers without a body, other paths 404, other methods 405, garbage 400,
+HEAD the same headers without a body, GET /ready 200 while pgdual accepts connections,
+other paths 404, other methods 405, garbage 400,
 oversized requests 431; slow, idle or broken clients are timed out and never hold up
 the proxy or other scrapes."""
 
@@ -79,6 +80,15 @@ class MetricsTest(unittest.TestCase):
         self.assertEqual(status, 200)
         self.assertGreater(int(headers["Content-Length"]), 0)
         self.assertEqual(body, b"")
+
+    def test_ready(self):
+        # 200 while pgdual accepts connections (503 while it drains: test_shutdown).
+        status, _, body = self.request("GET", "/ready")
+        self.assertEqual((status, body), (200, b"ready\n"))
+        status, headers, body = self.request("HEAD", "/ready?probe=1")
+        self.assertEqual((status, body), (200, b""))
+        self.assertEqual(int(headers["Content-Length"]), len(b"ready\n"))
+        self.assertEqual(self.request("GET", "/readyz")[0], 404)
 
     def test_other_paths_and_methods(self):
         for path in ("/", "/metricsx", "/metrics/x", "/favicon.ico"):

@@ -264,6 +264,16 @@ static void test_deploy_example_loads(void **state)
     assert_null(cfg->databases[1].new);
     assert_int_equal(cfg->rule_count, 2);
     assert_int_equal(cfg->rules[1].reads.mode, PD_READS_SHADOW);
+    assert_int_equal(cfg->shutdown_grace_ms, 30000);
+    pd_config_free(cfg);
+
+    /* The /etc/pgdual/pgdual.yaml of deploy/systemd: writes only where the unit lets it. */
+    cfg = load_ok("deploy/pgdual.yaml");
+    assert_string_equal(cfg->admin_socket, "/run/pgdual/admin.sock");
+    assert_string_equal(cfg->state, "/var/lib/pgdual/state.json");
+    assert_string_equal(cfg->divergence_log, "/var/lib/pgdual/divergence.jsonl");
+    assert_int_equal(cfg->shutdown_grace_ms, 30000);
+    assert_int_equal(cfg->rule_count, 0);
     pd_config_free(cfg);
 }
 
@@ -288,6 +298,7 @@ static void test_defaults(void **state)
     assert_int_equal(cfg->max_clients, 1000);
     assert_int_equal(cfg->max_message_size, PD_MSG_MAX_LEN);
     assert_int_equal(cfg->startup_timeout_ms, 60000);
+    assert_int_equal(cfg->shutdown_grace_ms, 30000);
     assert_int_equal(cfg->log_level, PD_LOG_INFO);
     assert_int_equal(cfg->database_count, 1);
     assert_null(cfg->databases[0].new);
@@ -330,6 +341,7 @@ static void test_state_limits_log_and_flags(void **state)
     assert_int_equal(cfg->max_clients, 5000);
     assert_int_equal(cfg->max_message_size, 1048576);
     assert_int_equal(cfg->startup_timeout_ms, 15000);
+    assert_int_equal(cfg->shutdown_grace_ms, 0);
     assert_int_equal(cfg->log_level, PD_LOG_WARNING);
     assert_true(cfg->shadow_sample == 1.0);
     assert_int_equal(cfg->rule_count, 1);
