@@ -369,6 +369,58 @@ class WatchTest(pdtest.CtlMixin, unittest.TestCase):
         events = [e["event"] for e in self.events() if e.get("database") == COLS]
         self.assertEqual(events, ["switchover", "rollback"])
 
+    def test_7_rollback_retried_until_it_drains(self):
+        self.mirrors_idle()
+        self.verified()
+        self.ctl_json("switchover", DB, "--watch", "60s", "--max-divergence", "0",
+                      "--timeout", "300")
+        # A transaction left open keeps the rollback from draining within 300 ms.
+        a = self.connect()
+        a.cursor().execute("BEGIN")
+        a.cursor().execute("UPDATE accounts SET balance = balance + 1 WHERE id = 3")
+        old("INSERT INTO accounts (id, owner) VALUES (100002, 'only on old')")
+        b = self.connect()
+        b.cursor().execute("INSERT INTO accounts (id, owner) VALUES (100002, 'via pgdual')")
+        w = pdtest.wait_for(lambda: [w for w in self.watch_of() if w["attempts"] >= 1 and
+                                     w["state"] == "rollback pending"], 10,
+                            what="a failed rollback attempt")[0]
+        self.assertIn("transactions in flight did not drain within 300 ms",
+                      w["last_failure"])
+        self.assertEqual(w["reason"], "1 divergence events since the switch, more than "
+                                      "--max-divergence 0")
+        self.assertEqual(self.flags(), ("dual-new", "new"))
+        # No pause is kept meanwhile: the other session goes on.
+        b.cursor().execute("UPDATE accounts SET balance = balance + 1 WHERE id = 4")
+        names = [e["event"] for e in self.events()]
+        self.assertIn("auto_rollback_failed", names)
+        self.assertIn("switchover_abandoned", names)
+        a.cursor().execute("COMMIT")
+        self.wait_rolled_back(timeout=20)
+        auto = self.events()[-1]
+        self.assertEqual(auto["event"], "auto_rollback")
+        self.assertGreaterEqual(auto["attempts"], 2)
+        self.assertIn('automatic rollback of database "shop" (attempt 1) did not happen: '
+                      'transactions in flight did not drain within 300 ms; trying again in 1 s',
+                      self.proxy.log())
+        a.close()
+        b.close()
+        self.mirrors_idle()
+        self.verified(repair=True)
+
+    def test_8_shutdown_ends_a_watch(self):
+        self.verified()
+        self.ctl_json("switchover", DB, "--watch", "1h", "--max-divergence", "0")
+        self.assertEqual(len(self.watch_of()), 1)
+        self.proxy.stop()  # raises on a sanitizer report (a leaked watch, say)
+        ev = self.events()[-1]
+        self.assertEqual((ev["event"], ev["reason"], ev["by"]),
+                         ("watch_ended", "pgdual is stopping", "pgdual"))
+        # A restart keeps the flags (state) but not the watch (it lived in the process).
+        self.proxy.start()
+        self.assertEqual(self.flags(), ("dual-new", "new"))
+        self.assertEqual(self.watch_of(), [])
+        self.ctl_json("rollback", DB)
+
 
 if __name__ == "__main__":
     pdtest.main()
