@@ -34,13 +34,15 @@ struct pd_cutover {
     pd_admin_req_t *req; /* NULL once answered */
     op_kind_t kind;
     char database[64];
-    char who[64];
+    char who[96];
     uint64_t started_ms, timeout_ms, quiet_ms;
     uv_timer_t timer;
-    bool tables;     /* the database has tables rules (mirrors, sequences) */
-    bool sequencing; /* the worker thread sets sequences */
-    bool stopped;    /* abandoned while the worker ran: freed when it returns */
-    json_t *checks;  /* switchover: the guardrails as checked */
+    bool tables;           /* the database has tables rules (mirrors, sequences) */
+    bool sequencing;       /* the worker thread sets sequences */
+    bool stopped;          /* abandoned while the worker ran: freed when it returns */
+    json_t *checks;        /* switchover: the guardrails as checked */
+    pd_watch_opts_t watch; /* switchover --watch: what to watch after the flip */
+    pd_watch_t *auto_for;  /* a rollback run by this watch (not owned), or NULL */
     /* sequences, on the worker */
     uv_work_t work;
     char *from, *to; /* conninfos: sequences of `to` are brought up to `from`'s */
@@ -100,15 +102,21 @@ static void reply(struct pd_cutover *op, json_t *r)
     op->req = NULL;
 }
 
-static void record(struct pd_cutover *op, const char *event, json_t *fields)
+void pd_cutover_record(pd_server_t *srv, const char *database, const char *who, const char *event,
+                       json_t *fields)
 {
     char *err = NULL;
-    json_object_set_new(fields, "database", json_string(op->database));
-    if (pd_state_record_event(op->srv->state, event, op->who, fields, &err) != 0) {
-        pd_log_warning(NULL, "%s of database \"%s\" not recorded in the state: %s", event,
-                       op->database, err ? err : "out of memory");
+    json_object_set_new(fields, "database", json_string(database));
+    if (pd_state_record_event(srv->state, event, who, fields, &err) != 0) {
+        pd_log_warning(NULL, "%s of database \"%s\" not recorded in the state: %s", event, database,
+                       err ? err : "out of memory");
         free(err);
     }
+}
+
+static void record(struct pd_cutover *op, const char *event, json_t *fields)
+{
+    pd_cutover_record(op->srv, op->database, op->who, event, fields);
 }
 
 /* Sessions of the database not between transactions, as [{session, state, since_ms}]. */
@@ -146,21 +154,44 @@ static bool db_has_rules(const pd_server_t *srv, const char *database, bool *tab
     return any;
 }
 
-/* Options: --timeout MS, --force, --dry-run, --max-verify-age S. NULL or an error reply. */
+/* Options: --timeout MS, --force, --dry-run, --max-verify-age S, and switchover's watch
+ * (watch.h). NULL or an error reply. */
 typedef struct {
     uint64_t timeout_ms;
     long max_age_s;
     bool force, dry_run;
+    pd_watch_opts_t watch;
 } opts_t;
 
-static json_t *parse_opts(int argc, char **argv, bool pause, opts_t *o)
+static const char *usage_of(op_kind_t kind)
 {
+    return kind == OP_PAUSE ? "Usage: pause DB [--timeout MS]"
+           : kind == OP_ROLLBACK
+               ? "Usage: rollback DB [--timeout MS] [--force] [--dry-run]"
+               : "Usage: switchover DB [--timeout MS] [--force] [--dry-run] [--max-verify-age S] "
+                 "[--watch DURATION [--max-divergence N] [--max-error-rate R]]";
+}
+
+static json_t *parse_opts(int argc, char **argv, op_kind_t kind, opts_t *o)
+{
+    bool pause = kind == OP_PAUSE;
     o->timeout_ms = pause ? PAUSE_DEFAULT_MS : SWITCHOVER_DEFAULT_MS;
     o->max_age_s = VERIFY_AGE_DEFAULT_S;
     o->force = o->dry_run = false;
+    pd_watch_opts_init(&o->watch);
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i];
         char *end = NULL;
+        char msg[256];
+        int taken = kind == OP_SWITCHOVER && i + 1 < argc
+                        ? pd_watch_option(a, argv[i + 1], &o->watch, msg, sizeof msg)
+                        : 0;
+        if (taken < 0)
+            return error_reply(msg, usage_of(kind));
+        if (taken > 0) {
+            i++;
+            continue;
+        }
         if ((strcmp(a, "--timeout") == 0 || strcmp(a, "--max-verify-age") == 0) && i + 1 < argc) {
             long v = strtol(argv[++i], &end, 10);
             bool timeout = strcmp(a, "--timeout") == 0;
@@ -177,14 +208,17 @@ static json_t *parse_opts(int argc, char **argv, bool pause, opts_t *o)
         } else if (!pause && strcmp(a, "--dry-run") == 0) {
             o->dry_run = true;
         } else {
-            char msg[128];
-            snprintf(msg, sizeof msg, "unknown option \"%.64s\"", a);
-            return error_reply(msg, pause ? "Usage: pause DB [--timeout MS]"
-                                          : "Usage: switchover|rollback DB [--timeout MS] "
-                                            "[--force] [--dry-run] [--max-verify-age S]");
+            bool valued = strcmp(a, "--timeout") == 0 ||
+                          (!pause && strcmp(a, "--max-verify-age") == 0) ||
+                          (kind == OP_SWITCHOVER && pd_watch_is_option(a));
+            snprintf(msg, sizeof msg, "%s \"%.64s\"",
+                     valued ? "missing value of option" : "unknown option", a);
+            return error_reply(msg, usage_of(kind));
         }
     }
-    return NULL;
+    const char *hint = NULL;
+    const char *why = pd_watch_opts_error(&o->watch, &hint);
+    return why != NULL ? error_reply(why, hint) : NULL;
 }
 
 /* The database exists and has rules, and nothing else is pausing it. NULL or an error. */
@@ -293,7 +327,7 @@ void pd_cmd_pause(pd_server_t *srv, pd_admin_req_t *req, int argc, char **argv)
 {
     opts_t o;
     bool tables;
-    json_t *err = parse_opts(argc, argv, true, &o);
+    json_t *err = parse_opts(argc, argv, OP_PAUSE, &o);
     if (err == NULL)
         err = check_database(srv, argv[1], &tables);
     if (err != NULL) {
@@ -472,7 +506,10 @@ static void abandon(struct pd_cutover *op, const char *why, const char *hint, js
                      (json_int_t)paused));
     json_decref(busy);
     reply(op, r);
+    pd_watch_t *w = op->auto_for;
     op_end(op);
+    if (w != NULL)
+        pd_watch_rollback_done(w, why, NULL);
 }
 
 static void seq_done(uv_work_t *w, int status)
@@ -541,13 +578,24 @@ static void flip_done(struct pd_cutover *op, int seq_set)
                           op->database, "operation", op_name(op->kind), "pause_ms",
                           (json_int_t)paused, "drain_ms", (json_int_t)op->quiet_ms, "sequences_set",
                           seq_set, "checks", op->checks, "rules", rules);
-    record(op, op_name(op->kind),
-           json_pack("{s:I, s:I, s:i}", "pause_ms", (json_int_t)paused, "drain_ms",
-                     (json_int_t)op->quiet_ms, "sequences_set", seq_set));
+    json_t *measured = json_pack("{s:I, s:I, s:i}", "pause_ms", (json_int_t)paused, "drain_ms",
+                                 (json_int_t)op->quiet_ms, "sequences_set", seq_set);
+    /* The traffic mark moves with every flip; a switchover --watch starts its watch. */
+    json_t *watch =
+        pd_watch_flipped(srv, op->database, sw ? &op->watch : NULL, op->timeout_ms, op->who);
+    if (watch != NULL) {
+        json_object_set(measured, "watch", watch);
+        json_object_set_new(r, "watch", watch);
+    }
     pd_log_info(NULL, "%s of database \"%s\" done by %s: paused %llu ms, %d sequences set",
                 op_name(op->kind), op->database, op->who, (unsigned long long)paused, seq_set);
+    pd_watch_t *w = op->auto_for;
+    if (w == NULL)
+        record(op, op_name(op->kind), measured); /* the watch records its own rollback */
     reply(op, r);
     op_end(op);
+    if (w != NULL)
+        pd_watch_rollback_done(w, NULL, measured);
 }
 
 static void switch_tick(uv_timer_t *t)
@@ -589,12 +637,69 @@ static void switch_tick(uv_timer_t *t)
     }
 }
 
+/* The reply refusing an operation whose guardrails failed; takes checks. */
+static json_t *refusal(op_kind_t kind, const char *database, json_t *checks, int failed)
+{
+    /* Name the first failing check in the message; the list has them all. */
+    json_t *first = NULL;
+    for (size_t i = 0; i < json_array_size(checks) && first == NULL; i++)
+        if (!json_is_true(json_object_get(json_array_get(checks, i), "ok")))
+            first = json_array_get(checks, i);
+    char msg[512];
+    snprintf(msg, sizeof msg,
+             "%s of database \"%s\" refused: check \"%s\" failed (%d of %zu failed)", op_name(kind),
+             database, json_string_value(json_object_get(first, "check")), failed,
+             json_array_size(checks));
+    json_t *r = error_reply(msg, json_string_value(json_object_get(first, "hint")));
+    json_object_set_new(r, "checks", checks);
+    return r;
+}
+
+/* Pauses the database and lets switch_tick drain and flip it. NULL, or out of memory. */
+static struct pd_cutover *switch_start(pd_server_t *srv, pd_admin_req_t *req, op_kind_t kind,
+                                       const char *database, const opts_t *o, json_t *checks,
+                                       bool tables)
+{
+    struct pd_cutover *op = op_new(srv, req, kind, database, o->timeout_ms);
+    if (op == NULL) {
+        json_decref(checks);
+        return NULL;
+    }
+    op->checks = checks;
+    op->tables = tables;
+    op->watch = o->watch;
+    uv_timer_start(&op->timer, switch_tick, 0, 1);
+    return op;
+}
+
+static json_t *dry_run(const char *database, op_kind_t kind, const opts_t *o, json_t *checks,
+                       int failed)
+{
+    bool sw = kind == OP_SWITCHOVER;
+    json_t *plan =
+        json_pack("[s, s, s, s, s]", "check the guardrails (refuse unless --force)",
+                  "pause: hold new transactions and statements outside transactions",
+                  "drain: wait until sessions are between transactions and mirrors applied all",
+                  sw ? "set new's sequences at least as high as old's"
+                     : "set old's sequences at least as high as new's",
+                  sw ? "flip every rule to writes=dual-new reads=new, then resume"
+                     : "flip every rule to writes=dual reads=old, then resume");
+    if (o->watch.window_ms > 0) {
+        char step[512];
+        pd_watch_plan(&o->watch, step, sizeof step);
+        json_array_append_new(plan, json_string(step));
+    }
+    return json_pack("{s:b, s:b, s:s, s:s, s:b, s:o, s:o}", "ok", 1, "dry_run", 1, "database",
+                     database, "operation", op_name(kind), "would_refuse", failed > 0 && !o->force,
+                     "plan", plan, "checks", checks);
+}
+
 void pd_cmd_switchover(pd_server_t *srv, pd_admin_req_t *req, int argc, char **argv)
 {
     op_kind_t kind = strcmp(argv[0], "rollback") == 0 ? OP_ROLLBACK : OP_SWITCHOVER;
     opts_t o;
     bool tables = false;
-    json_t *err = parse_opts(argc, argv, false, &o);
+    json_t *err = parse_opts(argc, argv, kind, &o);
     if (err == NULL)
         err = check_database(srv, argv[1], &tables);
     if (err != NULL) {
@@ -603,50 +708,57 @@ void pd_cmd_switchover(pd_server_t *srv, pd_admin_req_t *req, int argc, char **a
     }
     int failed = 0;
     json_t *checks = guardrails(srv, argv[1], kind, o.max_age_s, tables, &failed);
-    bool sw = kind == OP_SWITCHOVER;
     if (o.dry_run) {
-        json_t *plan =
-            json_pack("[s, s, s, s, s]", "check the guardrails (refuse unless --force)",
-                      "pause: hold new transactions and statements outside transactions",
-                      "drain: wait until sessions are between transactions and mirrors applied all",
-                      sw ? "set new's sequences at least as high as old's"
-                         : "set old's sequences at least as high as new's",
-                      sw ? "flip every rule to writes=dual-new reads=new, then resume"
-                         : "flip every rule to writes=dual reads=old, then resume");
-        pd_admin_reply(req,
-                       json_pack("{s:b, s:b, s:s, s:s, s:b, s:o, s:o}", "ok", 1, "dry_run", 1,
-                                 "database", argv[1], "operation", op_name(kind), "would_refuse",
-                                 failed > 0 && !o.force, "plan", plan, "checks", checks));
+        pd_admin_reply(req, dry_run(argv[1], kind, &o, checks, failed));
         return;
     }
     if (failed > 0 && !o.force) {
-        /* Name the first failing check in the message; the list has them all. */
-        json_t *first = NULL;
-        for (size_t i = 0; i < json_array_size(checks) && first == NULL; i++)
-            if (!json_is_true(json_object_get(json_array_get(checks, i), "ok")))
-                first = json_array_get(checks, i);
-        char msg[512];
-        snprintf(msg, sizeof msg,
-                 "%s of database \"%s\" refused: check \"%s\" failed (%d of %zu "
-                 "failed)",
-                 op_name(kind), argv[1], json_string_value(json_object_get(first, "check")), failed,
-                 json_array_size(checks));
-        json_t *r = error_reply(msg, json_string_value(json_object_get(first, "hint")));
-        json_object_set_new(r, "checks", checks);
-        pd_admin_reply(req, r);
+        pd_admin_reply(req, refusal(kind, argv[1], checks, failed));
         return;
     }
-    struct pd_cutover *op = op_new(srv, req, kind, argv[1], o.timeout_ms);
+    struct pd_cutover *op = switch_start(srv, req, kind, argv[1], &o, checks, tables);
     if (op == NULL) {
-        json_decref(checks);
         pd_admin_reply(req, error_reply("out of memory", NULL));
         return;
     }
-    op->checks = checks;
-    op->tables = tables;
     pd_log_info(NULL, "%s of database \"%s\" started by %s%s: paused", op_name(kind), op->database,
                 op->who, o.force && failed > 0 ? " (--force over failing guardrails)" : "");
-    uv_timer_start(&op->timer, switch_tick, 0, 1);
+    /* The operator takes over: a watch of the last switchover ends. */
+    pd_watch_end(srv, op->database, op->who,
+                 kind == OP_ROLLBACK ? "an operator's rollback" : "a new switchover");
+}
+
+int pd_cutover_auto_rollback(pd_server_t *srv, pd_watch_t *w, const char *database, const char *who,
+                             uint64_t timeout_ms, char *msg, size_t size)
+{
+    bool tables = false;
+    int failed = 0;
+    json_t *checks = NULL;
+    json_t *err = check_database(srv, database, &tables);
+    if (err == NULL) {
+        checks = guardrails(srv, database, OP_ROLLBACK, VERIFY_AGE_DEFAULT_S, tables, &failed);
+        if (failed > 0)
+            err = refusal(OP_ROLLBACK, database, checks, failed); /* takes checks */
+    }
+    if (err != NULL) {
+        /* The refusal as one line: what failed, then what to do. */
+        const char *e = json_string_value(json_object_get(err, "error"));
+        const char *h = json_string_value(json_object_get(err, "hint"));
+        snprintf(msg, size, "%s%s%s%s", e ? e : "refused", h ? " (" : "", h ? h : "", h ? ")" : "");
+        json_decref(err);
+        return -1;
+    }
+    opts_t o = {.timeout_ms = timeout_ms};
+    pd_watch_opts_init(&o.watch);
+    struct pd_cutover *op = switch_start(srv, NULL, OP_ROLLBACK, database, &o, checks, tables);
+    if (op == NULL) {
+        snprintf(msg, size, "out of memory");
+        return -1;
+    }
+    op->auto_for = w;
+    snprintf(op->who, sizeof op->who, "%s", who);
+    pd_log_info(NULL, "rollback of database \"%s\" started by %s: paused", database, who);
+    return 0;
 }
 
 void pd_cutover_stop_all(pd_server_t *srv)
@@ -660,4 +772,5 @@ void pd_cutover_stop_all(pd_server_t *srv)
             abandon(op, "pgdual is stopping", NULL, NULL);
         }
     }
+    pd_watch_stop_all(srv);
 }

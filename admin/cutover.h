@@ -17,6 +17,9 @@
  *   writes=dual-new reads=new, and resumes. Sessions change sides at their next
  *   statement, connected. rollback DB: the same in reverse (dual-new back to dual, reads
  *   old; old's sequences brought up to new's).
+ * switchover DB --watch DURATION [--max-divergence N] [--max-error-rate R]: after the flip
+ *   the database is watched, and rolled back on its own when a threshold is passed
+ *   (admin/watch.h). An operator's switchover or rollback of the database ends its watch.
  * Every pause, resume, switchover and rollback is recorded in the state's history with
  * who asked and what was measured.
  */
@@ -26,6 +29,7 @@
 #include <jansson.h>
 
 #include "admin/socket.h"
+#include "admin/watch.h"
 #include "proxy/server.h"
 
 void pd_cmd_pause(pd_server_t *srv, pd_admin_req_t *req, int argc, char **argv);
@@ -33,7 +37,22 @@ json_t *pd_cmd_resume(pd_server_t *srv, int argc, char **argv);
 /* switchover and rollback (argv[0] says which) */
 void pd_cmd_switchover(pd_server_t *srv, pd_admin_req_t *req, int argc, char **argv);
 
-/* Server shutdown: pauses end, operations in progress are abandoned (their clients told). */
+/*
+ * A rollback of the database on behalf of watch w (no admin client): its guardrails, pause,
+ * drain (at most timeout_ms), sequences and flip, as `rollback DB --timeout timeout_ms`,
+ * recorded as by `who`. 0 when started: pd_watch_rollback_done tells w how it ended. -1 when
+ * it could not start (refused: a guardrail failed, the database is paused), msg says why.
+ */
+int pd_cutover_auto_rollback(pd_server_t *srv, pd_watch_t *w, const char *database, const char *who,
+                             uint64_t timeout_ms, char *msg, size_t size);
+
+/* Appends an operator event about a database to the state's history (a reference to fields
+ * is taken); a state that cannot be written is logged, never fatal. */
+void pd_cutover_record(pd_server_t *srv, const char *database, const char *who, const char *event,
+                       json_t *fields);
+
+/* Server shutdown: pauses end, operations in progress are abandoned (their clients told),
+ * watches end (pd_watch_stop_all). */
 void pd_cutover_stop_all(pd_server_t *srv);
 
 #endif /* PD_ADMIN_CUTOVER_H */

@@ -39,12 +39,19 @@ static void usage(FILE *out)
             "          verify RULE [--repair] [--touched] [--batch N],\n"
             "          backfill RULE [--batch N] [--throttle MS], jobs [ID], cancel ID,\n"
             "          pause DB [--timeout MS], resume DB,\n"
-            "          switchover DB [--timeout MS] [--force] [--dry-run] [--max-verify-age S],\n"
-            "          rollback DB, reload, report DB [--html FILE]\n"
+            "          switchover DB [--timeout MS] [--force] [--dry-run] [--max-verify-age S]\n"
+            "                     [--watch DURATION [--max-divergence N] [--max-error-rate R]],\n"
+            "          rollback DB [--timeout MS] [--force] [--dry-run], reload,\n"
+            "          report DB [--html FILE]\n"
             "verify and backfill follow their job to the end with a progress display;\n"
             "--detach (after the command) only starts it.\n"
             "report prints the cutover readiness of a database; --html FILE also writes\n"
-            "it as one self-contained HTML page.\n");
+            "it as one self-contained HTML page.\n"
+            "switchover --watch DURATION (90s, 10m, 1h) keeps watching after the switch and\n"
+            "rolls back on its own when, within DURATION, more than N divergence events are\n"
+            "recorded (--max-divergence N) or, after 100 requests, the clients' errors per\n"
+            "request exceed the rate before the switch plus R (--max-error-rate 0.05 or 5%%);\n"
+            "status and report show the watch and the last automatic rollback.\n");
 }
 
 static int connect_admin(const char *path)
@@ -122,7 +129,7 @@ static char *scalar_text(json_t *v)
         return strdup(json_string_value(v));
     if (json_is_null(v) || v == NULL)
         return strdup("");
-    return json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY);
+    return json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY | JSON_REAL_PRECISION(15));
 }
 
 /* An array of objects as an aligned table, columns in the order of the first object. */
@@ -610,6 +617,41 @@ static void print_report_divergence(json_t *div)
     json_decref(rows);
 }
 
+/* switchover --watch: the watch running (or none) and the newest watch events. */
+static void print_report_watch(json_t *watch)
+{
+    json_t *w = json_array_get(json_object_get(watch, "active"), 0);
+    if (w == NULL) {
+        printf("\nrollback watch: none running\n");
+    } else {
+        printf("\nrollback watch: %s until %s (started by %s)\n", str_of(w, "state", "?"),
+               str_of(w, "until", "?"), str_of(w, "started_by", "?"));
+        printf("  divergence events since the switch: %lld", (long long)int_of(w, "divergence"));
+        if (json_is_integer(json_object_get(w, "max_divergence")))
+            printf(" (rolls back above %lld)", (long long)int_of(w, "max_divergence"));
+        printf("\n  client errors since the switch: %lld in %lld requests (rate %.4f, before %.4f)",
+               (long long)int_of(w, "errors"), (long long)int_of(w, "requests"),
+               json_number_value(json_object_get(w, "error_rate")),
+               json_number_value(json_object_get(w, "rate_before")));
+        if (json_is_number(json_object_get(w, "max_error_rate")))
+            printf(" (rolls back above before + %g)",
+                   json_number_value(json_object_get(w, "max_error_rate")));
+        printf("\n");
+        if (json_is_string(json_object_get(w, "reason")))
+            printf("  triggered: %s\n", str_of(w, "reason", ""));
+        if (json_is_string(json_object_get(w, "last_failure")))
+            printf("  last rollback attempt failed: %s\n", str_of(w, "last_failure", ""));
+    }
+    json_t *events = json_object_get(watch, "events");
+    json_t *rows = pd_report_history_rows(events, REPORT_HISTORY_SHOWN);
+    if (json_array_size(rows) > 0) {
+        printf("watch events (newest %zu of %zu):\n", json_array_size(rows),
+               json_array_size(events));
+        print_table(rows);
+    }
+    json_decref(rows);
+}
+
 /* The report for people: the verdict and its checks first, then the evidence. */
 static void print_report(json_t *rep)
 {
@@ -631,6 +673,7 @@ static void print_report(json_t *rep)
            (long long)int_of(m, "open"), (long long)int_of(m, "connecting"),
            (long long)int_of(m, "detached"), (long long)int_of(m, "queued"));
     print_report_divergence(json_object_get(rep, "divergence"));
+    print_report_watch(json_object_get(rep, "watch"));
     json_t *history = json_object_get(rep, "history");
     json_t *rows = pd_report_history_rows(history, REPORT_HISTORY_SHOWN);
     printf("\nhistory (newest %zu of %zu):\n", json_array_size(rows), json_array_size(history));
@@ -803,7 +846,7 @@ int main(int argc, char **argv)
     if (ok && starts_job && !detach && json_is_integer(job)) {
         rc = follow_job(fd, json_integer_value(job), as_json);
     } else if (as_json) {
-        char *text = json_dumps(reply, JSON_COMPACT);
+        char *text = json_dumps(reply, JSON_COMPACT | JSON_REAL_PRECISION(15));
         printf("%s\n", text ? text : "{}");
         free(text);
     } else if (!ok) {

@@ -12,6 +12,7 @@
 
 #include "admin/render.h"
 #include "admin/socket.h"
+#include "admin/watch.h"
 #include "proxy/compare.h"
 #include "rules/state.h"
 
@@ -478,12 +479,15 @@ json_t *pd_report_build(pd_server_t *srv, const char *db)
 
     char when[32];
     pd_report_format_time(now, when, sizeof when);
+    /* switchover --watch: the watch running and the history's watch events */
+    json_t *watch = json_pack("{s:o, s:o}", "active", pd_watch_list(srv, db), "events",
+                              pd_watch_events(srv, db));
     json_t *report = json_pack(
-        "{s:s, s:s, s:b, s:o, s:o, s:{s:i, s:i, s:i, s:I, s:s}, s:o, s:o}", "database", db,
+        "{s:s, s:s, s:b, s:o, s:o, s:{s:i, s:i, s:i, s:I, s:s}, s:o, s:o, s:o}", "database", db,
         "generated_at", when, "has_new", dbc->new != NULL, "ready", ready, "rules", rules,
         "mirrors", "open", (int)in.mirrors.open, "connecting", (int)in.mirrors.connecting,
         "detached", (int)in.mirrors.detached, "queued", (json_int_t)in.mirrors.queued, "scope",
-        "database", "divergence", divergence, "history", history_of(srv, &sc, db));
+        "database", "divergence", divergence, "watch", watch, "history", history_of(srv, &sc, db));
     json_decref(stats);
     json_decref(sc.events);
     free(sc.idx);

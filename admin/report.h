@@ -35,6 +35,9 @@
  *    divergence: {logged, events, window_cut, undated, bucket_s, start, end, buckets,
  *                 series: [{rule, kind, total, counts: [...]}],
  *                 recent: [{time, rule, kind, statement}]},
+ *    watch: {active: [the switchover --watch running, as pd_watch_list gives it],
+ *            events: [switchovers with a watch, auto_rollback, auto_rollback_failed,
+ *                     watch_passed, watch_ended: history entries, oldest first]},
  *    history: [flag changes of the database's rules and its operator events, oldest first]}
  */
 json_t *pd_report_build(pd_server_t *srv, const char *db);

@@ -81,7 +81,7 @@ static void cell(FILE *f, json_t *v)
     } else if (json_is_boolean(v)) {
         fputs(json_is_true(v) ? "yes" : "no", f);
     } else if (v != NULL && !json_is_null(v)) {
-        char *t = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY);
+        char *t = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY | JSON_REAL_PRECISION(15));
         esc(f, t);
         free(t);
     }
@@ -340,7 +340,7 @@ json_t *pd_report_history_rows(json_t *history, size_t newest)
             what = strdup(str(h, "event"));
         else if (asprintf(&what, "flags of %s", str(h, "rule")) < 0)
             what = NULL;
-        char *text = json_dumps(detail, JSON_COMPACT);
+        char *text = json_dumps(detail, JSON_COMPACT | JSON_REAL_PRECISION(15));
         json_array_append_new(rows, json_pack("{s:s, s:s, s:s, s:s}", "time", str(h, "time"),
                                               "what", what ? what : "", "by", str(h, "by"),
                                               "detail", text ? text : ""));
@@ -421,6 +421,29 @@ int pd_report_html(FILE *out, json_t *report)
 
     static const char *const hist_keys[] = {"time", "what", "by", "detail", NULL};
     static const char *const hist_heads[] = {"Time", "What", "By", "Details", NULL};
+    json_t *watch = json_object_get(report, "watch");
+    static const char *const watch_keys[] = {
+        "state",  "until",      "max_divergence", "max_error_rate", "divergence",   "requests",
+        "errors", "error_rate", "rate_before",    "reason",         "last_failure", NULL};
+    static const char *const watch_heads[] = {"State",
+                                              "Until",
+                                              "Max divergence",
+                                              "Max error rate (above before)",
+                                              "Divergence since the switch",
+                                              "Requests since",
+                                              "Errors since",
+                                              "Error rate",
+                                              "Error rate before",
+                                              "Triggered by",
+                                              "Last failed attempt",
+                                              NULL};
+    fputs("<h2>Rollback watch (switchover --watch)</h2>\n", out);
+    table(out, json_object_get(watch, "active"), watch_keys, watch_heads);
+    fputs("<h3>Watch events</h3>\n", out);
+    rows = pd_report_history_rows(json_object_get(watch, "events"), 0);
+    table(out, rows, hist_keys, hist_heads);
+    json_decref(rows);
+
     fputs("<h2>History of flags and operator events</h2>\n", out);
     rows = pd_report_history_rows(json_object_get(report, "history"), 0);
     table(out, rows, hist_keys, hist_heads);

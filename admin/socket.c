@@ -107,6 +107,10 @@ static json_t *cmd_status(pd_server_t *srv, int argc, char **argv)
     json_object_set_new(r, "sessions_total", json_integer((json_int_t)srv->total_sessions));
     json_object_set_new(r, "databases", dbs);
     json_object_set_new(r, "rules", json_integer(srv->cfg->rule_count));
+    /* switchover --watch: the watches running, and the last automatic rollback of each
+       database (from the history: it survives restarts). */
+    json_object_set_new(r, "watches", pd_watch_list(srv, NULL));
+    json_object_set_new(r, "auto_rollbacks", pd_watch_last_rollbacks(srv, NULL));
     pd_mirror_totals_t mt;
     pd_mirror_totals(srv, &mt);
     json_object_set_new(r, "mirrors",
@@ -395,8 +399,9 @@ static const struct {
     {"cancel", 1, 1, pd_cmd_cancel, NULL, "cancel ID"},
     {"pause", 1, 3, NULL, pd_cmd_pause, "pause DB [--timeout MS]"},
     {"resume", 1, 1, pd_cmd_resume, NULL, "resume DB"},
-    {"switchover", 1, 7, NULL, pd_cmd_switchover,
-     "switchover DB [--timeout MS] [--force] [--dry-run] [--max-verify-age S]"},
+    {"switchover", 1, 13, NULL, pd_cmd_switchover,
+     "switchover DB [--timeout MS] [--force] [--dry-run] [--max-verify-age S] "
+     "[--watch DURATION [--max-divergence N] [--max-error-rate R]]"},
     {"rollback", 1, 7, NULL, pd_cmd_switchover, "rollback DB [--timeout MS] [--force] [--dry-run]"},
     {"report", 1, 1, cmd_report, NULL, "report DB"},
 };
@@ -487,9 +492,10 @@ static void on_written(uv_write_t *req, int status)
     free(w);
 }
 
+/* Reals (error rates) go with 15 digits: 0.1, not 0.10000000000000001. */
 static void send_reply(admin_conn_t *c, json_t *reply)
 {
-    char *text = json_dumps(reply, JSON_COMPACT);
+    char *text = json_dumps(reply, JSON_COMPACT | JSON_REAL_PRECISION(15));
     json_decref(reply);
     write_req_t *w = malloc(sizeof *w);
     size_t n = text ? strlen(text) : 0;

@@ -877,6 +877,11 @@ void pd_server_free(pd_server_t *srv)
         srv->pauses = p->next;
         free(p);
     }
+    while (srv->traffic != NULL) {
+        pd_traffic_t *t = srv->traffic;
+        srv->traffic = t->next;
+        free(t);
+    }
     srv->state = NULL;
     free(srv->flags);
     srv->flags = NULL;
@@ -957,4 +962,19 @@ uint64_t pd_server_paused_since(const pd_server_t *srv, const char *database)
         if (strcmp(p->database, database) == 0)
             return p->since_ms ? p->since_ms : 1;
     return 0;
+}
+
+pd_traffic_t *pd_server_traffic(pd_server_t *srv, const char *database)
+{
+    for (pd_traffic_t *t = srv->traffic; t != NULL; t = t->next)
+        if (strcmp(t->database, database) == 0)
+            return t;
+    size_t n = strlen(database) + 1;
+    pd_traffic_t *t = calloc(1, sizeof *t + n);
+    if (t == NULL)
+        return NULL;
+    memcpy(t->database, database, n);
+    t->next = srv->traffic;
+    srv->traffic = t;
+    return t;
 }

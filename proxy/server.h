@@ -57,6 +57,22 @@ typedef struct {
     int64_t divergence_at; /* unix time of the last divergence event (0: none) */
 } pd_rule_stats_t;
 
+/*
+ * Client traffic of one database, for switchover --watch (admin/watch.c): requests
+ * answered (each ReadyForQuery relayed to a client: one simple Query, or one extended
+ * protocol batch up to its Sync) and ErrorResponses relayed to clients (PostgreSQL's and
+ * pgdual's refusals alike, which reach clients through the server too; not the proxy's
+ * own shadow queries). Plain increments on the loop. Kept by database name for the
+ * server's life: a reload keeps them, and a session's pointer stays valid.
+ * mark_*: the counts when the database's authoritative side last changed (0: start).
+ */
+typedef struct pd_traffic {
+    struct pd_traffic *next;
+    uint64_t requests, errors;
+    uint64_t mark_requests, mark_errors;
+    char database[];
+} pd_traffic_t;
+
 /* A users-file entry ready for SCRAM: plain-text passwords are derived once at load. */
 typedef struct {
     const pd_user_t *user; /* owned by pd_server_t.users */
@@ -105,6 +121,8 @@ typedef struct pd_server {
 
     struct pd_pause *pauses;     /* owned; paused databases (pgdualctl pause, switchover) */
     struct pd_cutover *cutovers; /* owned; pauses and switchovers in progress (cutover.c) */
+    struct pd_watch *watches;    /* owned; switchover --watch in progress (admin/watch.c) */
+    pd_traffic_t *traffic;       /* owned; client traffic per database */
     unsigned npauses;
 
     bool stopping;  /* SIGTERM/SIGINT: no new sessions; exit when the last one ends */
@@ -157,6 +175,9 @@ int pd_server_pause(pd_server_t *srv, const char *database);
 void pd_server_resume(pd_server_t *srv, const char *database);
 bool pd_server_paused(const pd_server_t *srv, const char *database);
 uint64_t pd_server_paused_since(const pd_server_t *srv, const char *database);
+
+/* The traffic counters of a database, added at first use; NULL when out of memory. */
+pd_traffic_t *pd_server_traffic(pd_server_t *srv, const char *database);
 
 /* Looks up the auth entry of a user, or NULL. */
 const pd_auth_entry_t *pd_server_auth_entry(const pd_server_t *srv, const char *user);

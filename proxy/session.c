@@ -1440,6 +1440,10 @@ static bool server_message(pd_session_t *s, uint8_t type, const uint8_t *body, s
     pd_result_sum_t *sum = current_sum(s);
     if (sum != NULL)
         sum_message(sum, type, body, n);
+    if (!internal && s->traffic != NULL) {
+        s->traffic->requests += type == PD_BE_READY;
+        s->traffic->errors += type == PD_BE_ERROR;
+    }
     if (type == PD_BE_READY) {
         s->txn_status = body[0];
         if (!internal && s->ready_owed > 0)
@@ -1547,6 +1551,8 @@ static int scan_server(pd_session_t *s)
         pd_result_sum_t *sum = h.type == PD_BE_DATA_ROW ? current_sum(s) : NULL;
         if (drop && total > avail)
             break; /* dropped messages are taken whole (they are the proxy's own) */
+        if (h.type == PD_BE_ERROR && !drop && s->traffic != NULL)
+            s->traffic->errors++;
         if (sum != NULL) {
             pd_result_row_begin(sum);
             size_t here = total <= avail ? (size_t)total : avail;
@@ -2135,7 +2141,8 @@ static void startup_message(pd_session_t *s, const pd_startup_t *st)
     /* Sessions talk to the authoritative side (new once switched over). */
     s->auth_new = db != NULL && db->new != NULL &&pd_server_new_authoritative(s->srv, s->database);
     s->want_new = s->auth_new;
-    if (db != NULL && (s->conninfo = strdup(s->auth_new ? db->new : db->old)) == NULL) {
+    if (db != NULL && ((s->conninfo = strdup(s->auth_new ? db->new : db->old)) == NULL ||
+                       (s->traffic = pd_server_traffic(s->srv, s->database)) == NULL)) {
         pd_session_terminate(s, "53200", "out of memory", NULL);
         return;
     }

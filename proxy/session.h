@@ -114,6 +114,7 @@ struct pd_session {
     unsigned nparams;
     char **names, **values;
     char *conninfo;         /* the database's old conninfo, copied: reload frees configs */
+    pd_traffic_t *traffic;  /* not owned: the server's counters of the database, or NULL */
     pd_scram_t *scram;      /* owned during AUTH */
     bool auth_unknown_user; /* SCRAM against a mock secret, fails at the end */
 

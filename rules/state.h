@@ -48,7 +48,8 @@ json_t *pd_state_verify(pd_state_t *st, const char *rule); /* new reference or N
 
 /*
  * Appends an operator event to the history: {time, event, by, ...the fields of `fields`}
- * (event: pause, resume, switchover, rollback, switchover_abandoned, auto_rollback; fields
+ * (event: pause, resume, switchover, rollback, switchover_abandoned, and from
+ * switchover --watch auto_rollback, auto_rollback_failed, watch_passed, watch_ended; fields
  * name the database and what was checked or measured). Takes a reference to fields.
  * Flag changes (pd_state_set_flags) are history entries without "event". Persisted.
  */
