@@ -8,7 +8,6 @@
  */
 #include "admin/cutover.h"
 
-#include <libpq-fe.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -473,17 +472,7 @@ static void flip_done(struct pd_cutover *op, int seq_set);
 static void seq_work(uv_work_t *w)
 {
     struct pd_cutover *op = w->data;
-    op->seq_set = 0;
-    PGconn *from = PQconnectdb(op->from), *to = PQconnectdb(op->to);
-    if (PQstatus(from) != CONNECTION_OK || PQstatus(to) != CONNECTION_OK) {
-        snprintf(op->seq_error, sizeof op->seq_error, "could not connect to set sequences: %s",
-                 PQerrorMessage(PQstatus(from) != CONNECTION_OK ? from : to));
-        op->seq_error[strcspn(op->seq_error, "\n")] = '\0';
-    } else {
-        op->seq_set = pd_seqsync_round(from, to, op->seq_error, sizeof op->seq_error);
-    }
-    PQfinish(from);
-    PQfinish(to);
+    op->seq_set = pd_seqsync_once(op->from, op->to, op->seq_error, sizeof op->seq_error);
 }
 
 static void abandon(struct pd_cutover *op, const char *why, const char *hint, json_t *busy)

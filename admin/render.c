@@ -4,6 +4,8 @@
 #include "admin/render.h"
 
 #include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
 #include <stdio.h>
 
 #include "proxy/mirror.h"
@@ -37,39 +39,55 @@ static void render_sessions(const pd_server_t *srv, pd_buf_t *out)
     put(out, "pgdual_sessions_total %llu\n", (unsigned long long)srv->total_sessions);
 }
 
+/* One per-rule counter of pd_rule_stats_t under a label value (NULL: no label). */
+typedef struct {
+    const char *value;
+    size_t offset;
+} rule_series_t;
+
+#define SERIES(value, field)                                                                       \
+    {                                                                                              \
+        value, offsetof(pd_rule_stats_t, field)                                                    \
+    }
+
+/* A counter family with one line per rule and series: family{rule="R",label="V"} N. */
+static void rule_counters(const pd_server_t *srv, pd_buf_t *out, const char *family,
+                          const char *text, const char *label, const rule_series_t *series,
+                          size_t n)
+{
+    help(out, family, "counter", text);
+    for (unsigned i = 0; i < srv->cfg->rule_count; i++) {
+        const char *st = (const char *)&srv->stats[i];
+        for (size_t k = 0; k < n; k++) {
+            unsigned long long v = *(const uint64_t *)(st + series[k].offset);
+            if (label == NULL)
+                put(out, "%s{rule=\"%s\"} %llu\n", family, srv->cfg->rules[i].name, v);
+            else
+                put(out, "%s{rule=\"%s\",%s=\"%s\"} %llu\n", family, srv->cfg->rules[i].name, label,
+                    series[k].value, v);
+        }
+    }
+}
+
+#define RULE_COUNTERS(srv, out, family, text, label, ...)                                          \
+    do {                                                                                           \
+        static const rule_series_t s_[] = {__VA_ARGS__};                                           \
+        rule_counters(srv, out, family, text, label, s_, sizeof s_ / sizeof s_[0]);                \
+    } while (0)
+
 static void render_rules(const pd_server_t *srv, pd_buf_t *out)
 {
     const pd_config_t *cfg = srv->cfg;
-    help(out, "pgdual_statements_total", "counter",
-         "Statements concerning a rule, by what pgdual did with them.");
-    for (unsigned i = 0; i < cfg->rule_count; i++) {
-        const pd_rule_stats_t *st = &srv->stats[i];
-        const char *name = cfg->rules[i].name;
-        put(out, "pgdual_statements_total{rule=\"%s\",action=\"passed\"} %llu\n", name,
-            (unsigned long long)st->passed);
-        put(out, "pgdual_statements_total{rule=\"%s\",action=\"rewritten\"} %llu\n", name,
-            (unsigned long long)st->rewritten);
-        put(out, "pgdual_statements_total{rule=\"%s\",action=\"refused\"} %llu\n", name,
-            (unsigned long long)st->refused);
-    }
-    help(out, "pgdual_shadow_reads_total", "counter", "Shadow reads by outcome.");
-    for (unsigned i = 0; i < cfg->rule_count; i++) {
-        const pd_rule_stats_t *st = &srv->stats[i];
-        const char *name = cfg->rules[i].name;
-        put(out, "pgdual_shadow_reads_total{rule=\"%s\",outcome=\"compared\"} %llu\n", name,
-            (unsigned long long)st->shadow_compared);
-        put(out, "pgdual_shadow_reads_total{rule=\"%s\",outcome=\"skipped\"} %llu\n", name,
-            (unsigned long long)st->shadow_skipped);
-    }
-    help(out, "pgdual_aa_reads_total", "counter",
-         "reads=aa: reads run twice on the authoritative side, by outcome (the noise floor).");
-    for (unsigned i = 0; i < cfg->rule_count; i++) {
-        const pd_rule_stats_t *st = &srv->stats[i];
-        put(out, "pgdual_aa_reads_total{rule=\"%s\",outcome=\"compared\"} %llu\n",
-            cfg->rules[i].name, (unsigned long long)st->aa_compared);
-        put(out, "pgdual_aa_reads_total{rule=\"%s\",outcome=\"differed\"} %llu\n",
-            cfg->rules[i].name, (unsigned long long)st->aa_mismatched);
-    }
+    RULE_COUNTERS(srv, out, "pgdual_statements_total",
+                  "Statements concerning a rule, by what pgdual did with them.", "action",
+                  SERIES("passed", passed), SERIES("rewritten", rewritten),
+                  SERIES("refused", refused));
+    RULE_COUNTERS(srv, out, "pgdual_shadow_reads_total", "Shadow reads by outcome.", "outcome",
+                  SERIES("compared", shadow_compared), SERIES("skipped", shadow_skipped));
+    RULE_COUNTERS(
+        srv, out, "pgdual_aa_reads_total",
+        "reads=aa: reads run twice on the authoritative side, by outcome (the noise floor).",
+        "outcome", SERIES("compared", aa_compared), SERIES("differed", aa_mismatched));
     pd_mirror_totals_t mt;
     pd_mirror_totals(srv, &mt);
     help(out, "pgdual_mirror_connections", "gauge",
@@ -83,27 +101,15 @@ static void render_rules(const pd_server_t *srv, pd_buf_t *out)
     help(out, "pgdual_sequences_set_total", "counter",
          "Mirror-side sequences raised to the authoritative side's value (kept in step).");
     put(out, "pgdual_sequences_set_total %llu\n", (unsigned long long)pd_seqsync_total(srv));
-    help(out, "pgdual_mirrored_statements_total", "counter",
-         "Statements replayed on a tables rule's mirror.");
-    for (unsigned i = 0; i < cfg->rule_count; i++)
-        put(out, "pgdual_mirrored_statements_total{rule=\"%s\"} %llu\n", cfg->rules[i].name,
-            (unsigned long long)srv->stats[i].mirrored);
-    help(out, "pgdual_divergence_total", "counter", "Divergence events by rule and kind.");
-    for (unsigned i = 0; i < cfg->rule_count; i++) {
-        const pd_rule_stats_t *st = &srv->stats[i];
-        const char *name = cfg->rules[i].name;
-        put(out, "pgdual_divergence_total{rule=\"%s\",kind=\"shadow_read\"} %llu\n", name,
-            (unsigned long long)st->shadow_mismatched);
-        put(out, "pgdual_divergence_total{rule=\"%s\",kind=\"mirror_outcome\"} %llu\n", name,
-            (unsigned long long)st->mirror_diverged);
-        put(out, "pgdual_divergence_total{rule=\"%s\",kind=\"mirror_unapplied\"} %llu\n", name,
-            (unsigned long long)st->mirror_unapplied);
-    }
-    help(out, "pgdual_mirror_proxy_errors_total", "counter",
-         "Errors pgdual itself caused on a mirror (a bug: report it).");
-    for (unsigned i = 0; i < cfg->rule_count; i++)
-        put(out, "pgdual_mirror_proxy_errors_total{rule=\"%s\"} %llu\n", cfg->rules[i].name,
-            (unsigned long long)srv->stats[i].mirror_proxy_errors);
+    RULE_COUNTERS(srv, out, "pgdual_mirrored_statements_total",
+                  "Statements replayed on a tables rule's mirror.", NULL, SERIES(NULL, mirrored));
+    RULE_COUNTERS(srv, out, "pgdual_divergence_total", "Divergence events by rule and kind.",
+                  "kind", SERIES("shadow_read", shadow_mismatched),
+                  SERIES("mirror_outcome", mirror_diverged),
+                  SERIES("mirror_unapplied", mirror_unapplied));
+    RULE_COUNTERS(srv, out, "pgdual_mirror_proxy_errors_total",
+                  "Errors pgdual itself caused on a mirror (a bug: report it).", NULL,
+                  SERIES(NULL, mirror_proxy_errors));
     help(out, "pgdual_rule_flags", "gauge", "The flags in force (value 1).");
     for (unsigned i = 0; i < cfg->rule_count; i++) {
         char reads[32];

@@ -898,6 +898,50 @@ static void on_connected(pd_backend_t *b, void *owner, const char *err, const ch
     mirror_pump(m);
 }
 
+static bool writes_mirrored(pd_writes_t w)
+{
+    return w == PD_WRITES_DUAL || w == PD_WRITES_DUAL_NEW;
+}
+
+static bool flags_mirror_writes(const pd_rule_flags_t *f)
+{
+    return writes_mirrored(f->writes);
+}
+
+static bool flags_aa(const pd_rule_flags_t *f)
+{
+    return f->reads.mode == PD_READS_AA;
+}
+
+/* Does some tables rule of the database have flags for which pred holds? */
+static bool any_tables_rule(const pd_server_t *srv, const char *database,
+                            bool (*pred)(const pd_rule_flags_t *))
+{
+    for (unsigned i = 0; i < srv->cfg->rule_count; i++) {
+        const pd_rule_cfg_t *r = &srv->cfg->rules[i];
+        if (r->kind == PD_RULE_TABLES && strcmp(r->database, database) == 0 && pred(&srv->flags[i]))
+            return true;
+    }
+    return false;
+}
+
+bool pd_mirror_db_active(const pd_server_t *srv, const char *database)
+{
+    return any_tables_rule(srv, database, flags_mirror_writes);
+}
+
+bool pd_mirror_db_aa(const pd_server_t *srv, const char *database)
+{
+    return any_tables_rule(srv, database, flags_aa);
+}
+
+/* Should a session's second connection be an A/A one (to its own side)? The flag checks
+   allow reads=aa only while no rule of the database mirrors writes. */
+static bool wants_aa(const pd_server_t *srv, const char *database)
+{
+    return !pd_mirror_db_active(srv, database) && pd_mirror_db_aa(srv, database);
+}
+
 static pd_mirror_t *mirror_open(pd_session_t *s)
 {
     const pd_database_cfg_t *db = pd_config_database(s->srv->cfg, s->database);
@@ -921,9 +965,8 @@ static pd_mirror_t *mirror_open(pd_session_t *s)
         .values = (const char *const *)s->values,
     };
     char err[512];
-    /* The mirror is the side the session does not talk to; for A/A reads (which the flag
-       checks allow only while no rule of the database mirrors writes), the same side. */
-    m->aa = !pd_mirror_db_active(s->srv, s->database) && pd_mirror_db_aa(s->srv, s->database);
+    /* The mirror is the side the session does not talk to; for A/A reads, the same side. */
+    m->aa = wants_aa(s->srv, s->database);
     const char *target = db == NULL ? NULL : (s->auth_new != m->aa) ? db->old : db->new;
     if (target == NULL || pd_backend_connect(&m->backend, s->srv->loop, target, &params,
                                              on_connected, m, err, sizeof err) != 0) {
@@ -1010,33 +1053,6 @@ static void mirror_push(pd_mirror_t *m, pd_mirror_op_t *op)
 /* ---------------------------------------------------------------------------------------
  * The session's side
  */
-
-static bool writes_mirrored(pd_writes_t w)
-{
-    return w == PD_WRITES_DUAL || w == PD_WRITES_DUAL_NEW;
-}
-
-bool pd_mirror_db_active(const pd_server_t *srv, const char *database)
-{
-    for (unsigned i = 0; i < srv->cfg->rule_count; i++) {
-        const pd_rule_cfg_t *r = &srv->cfg->rules[i];
-        if (r->kind == PD_RULE_TABLES && strcmp(r->database, database) == 0 &&
-            writes_mirrored(srv->flags[i].writes))
-            return true;
-    }
-    return false;
-}
-
-bool pd_mirror_db_aa(const pd_server_t *srv, const char *database)
-{
-    for (unsigned i = 0; i < srv->cfg->rule_count; i++) {
-        const pd_rule_cfg_t *r = &srv->cfg->rules[i];
-        if (r->kind == PD_RULE_TABLES && strcmp(r->database, database) == 0 &&
-            srv->flags[i].reads.mode == PD_READS_AA)
-            return true;
-    }
-    return false;
-}
 
 static bool expect_push(pd_session_mirror_t *sm, pd_expect_t e)
 {
@@ -1890,8 +1906,7 @@ void pd_mirror_swap(pd_session_t *s, PGconn **conn)
 bool pd_mirror_follow_flags(pd_session_t *s)
 {
     pd_mirror_t *m = s->mir.mirror;
-    bool want_aa =
-        !pd_mirror_db_active(s->srv, s->database) && pd_mirror_db_aa(s->srv, s->database);
+    bool want_aa = wants_aa(s->srv, s->database);
     if (m == NULL || m->aa == want_aa)
         return true;
     if (s->txn_status != 'I' && s->txn_status != 0)

@@ -94,11 +94,22 @@ static PGconn *connect_side(const char *conninfo, char *err, size_t errlen)
     const char *vals[] = {conninfo, "5", "pgdual sequences", NULL};
     PGconn *c = PQconnectdbParams(keys, vals, 1);
     if (PQstatus(c) != CONNECTION_OK) {
-        snprintf(err, errlen, "could not connect: %s", PQerrorMessage(c));
+        snprintf(err, errlen, "could not connect to set sequences: %s", PQerrorMessage(c));
+        err[strcspn(err, "\n")] = '\0';
         PQfinish(c);
         return NULL;
     }
     return c;
+}
+
+int pd_seqsync_once(const char *from, const char *to, char *err, size_t errlen)
+{
+    PGconn *f = connect_side(from, err, errlen);
+    PGconn *t = f != NULL ? connect_side(to, err, errlen) : NULL;
+    int set = t != NULL ? pd_seqsync_round(f, t, err, errlen) : -1;
+    PQfinish(f);
+    PQfinish(t);
+    return set;
 }
 
 static void round_work(uv_work_t *w)
@@ -113,10 +124,8 @@ static void round_work(uv_work_t *w)
             *c = NULL;
         }
         if (*c == NULL &&
-            (*c = connect_side(side == 0 ? e->old_ci : e->new_ci, e->err, sizeof e->err)) == NULL) {
-            e->err[strcspn(e->err, "\n")] = '\0';
+            (*c = connect_side(side == 0 ? e->old_ci : e->new_ci, e->err, sizeof e->err)) == NULL)
             return;
-        }
     }
     e->set = e->new_auth ? pd_seqsync_round(e->new, e->old, e->err, sizeof e->err)
                          : pd_seqsync_round(e->old, e->new, e->err, sizeof e->err);

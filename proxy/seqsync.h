@@ -29,6 +29,10 @@ typedef struct pd_server pd_server_t;
  */
 int pd_seqsync_round(struct pg_conn *from, struct pg_conn *to, char *err, size_t errlen);
 
+/* One round over connections of its own (opened with a 5 s timeout, then closed), for
+   switchover and rollback; the same outcome as pd_seqsync_round. */
+int pd_seqsync_once(const char *from, const char *to, char *err, size_t errlen);
+
 /* Starts the once-a-second rounds (the server calls it at start; databases and flags are
    read at each tick, so reloads and flag changes need nothing more). */
 int pd_seqsync_start(pd_server_t *srv);

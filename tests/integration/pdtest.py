@@ -126,6 +126,22 @@ def direct_query(sql, args=(), dbname="postgres"):
         conn.close()
 
 
+def fresh_databases(*names):
+    """Drops each database (if there) and creates it empty on the real cluster."""
+    for db in names:
+        direct_query("DROP DATABASE IF EXISTS %s WITH (FORCE)" % db)
+        direct_query("CREATE DATABASE %s" % db)
+
+
+def stop_and_drop(proxy, *names):
+    """Stops the proxy, then drops the databases, also when stopping failed."""
+    try:
+        proxy.stop()
+    finally:
+        for db in names:
+            direct_query("DROP DATABASE IF EXISTS %s WITH (FORCE)" % db)
+
+
 def wait_backend_busy(appname, timeout=10):
     """Waits until the backend of the session named appname is running a query (so that
     a cancel or a cut connection hits the query, not the gap before it)."""

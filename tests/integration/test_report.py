@@ -53,9 +53,8 @@ def new(sql, args=()):
 
 
 def create_schema():
+    pdtest.fresh_databases(OLD, NEW)
     for db in (OLD, NEW):
-        direct_query("DROP DATABASE IF EXISTS %s WITH (FORCE)" % db)
-        direct_query("CREATE DATABASE %s" % db)
         direct_query("CREATE TABLE orders (id int PRIMARY KEY, note text); "
                      "INSERT INTO orders SELECT g, 'n' || g FROM generate_series(1, %d) g"
                      % ROWS, dbname=db)
@@ -90,11 +89,7 @@ class ReportTest(pdtest.CtlMixin, unittest.TestCase):
 
     @classmethod
     def tearDownClass(cls):
-        try:
-            cls.proxy.stop()
-        finally:
-            for db in (OLD, NEW):
-                direct_query("DROP DATABASE IF EXISTS %s WITH (FORCE)" % db)
+        pdtest.stop_and_drop(cls.proxy, OLD, NEW)
 
     # -----------------------------------------------------------------------------------
 

@@ -11,7 +11,6 @@ import threading
 import time
 import unittest
 
-import psycopg2
 
 import pdtest
 from pdtest import Proxy, direct_query, pg_conninfo
@@ -121,9 +120,8 @@ class Load:
 class SwitchoverTest(pdtest.CtlMixin, unittest.TestCase):
     @classmethod
     def setUpClass(cls):
+        pdtest.fresh_databases(OLD, NEW)
         for db in (OLD, NEW):
-            direct_query("DROP DATABASE IF EXISTS %s WITH (FORCE)" % db)
-            direct_query("CREATE DATABASE %s" % db)
             direct_query(SCHEMA, dbname=db)
         # pgbench's tables too (identical: pgbench -i's data is deterministic).
         c = pdtest.cluster()
@@ -144,11 +142,7 @@ class SwitchoverTest(pdtest.CtlMixin, unittest.TestCase):
 
     @classmethod
     def tearDownClass(cls):
-        try:
-            cls.proxy.stop()
-        finally:
-            for db in (OLD, NEW):
-                direct_query("DROP DATABASE IF EXISTS %s WITH (FORCE)" % db)
+        pdtest.stop_and_drop(cls.proxy, OLD, NEW)
 
     def connect(self):
         conn = pdtest.connect(self.proxy.port, dbname=DB)

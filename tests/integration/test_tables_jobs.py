@@ -60,9 +60,7 @@ LINES_BOTH = ("SELECT md5(string_agg(ROW(order_id, line_no, sku, qty)::text, ','
 
 
 def create_schema():
-    for db in (OLD, NEW):
-        direct_query("DROP DATABASE IF EXISTS %s WITH (FORCE)" % db)
-        direct_query("CREATE DATABASE %s" % db)
+    pdtest.fresh_databases(OLD, NEW)
     for run, email, name in ((old, "email", "name"), (new, "email_address", "full_name")):
         run("CREATE TABLE big (id bigserial PRIMARY KEY, %s text, %s text, visits int)"
             % (email, name))
@@ -110,11 +108,7 @@ class TablesJobsTest(pdtest.CtlMixin, unittest.TestCase):
 
     @classmethod
     def tearDownClass(cls):
-        try:
-            cls.proxy.stop()
-        finally:
-            for db in (OLD, NEW):
-                direct_query("DROP DATABASE IF EXISTS %s WITH (FORCE)" % db)
+        pdtest.stop_and_drop(cls.proxy, OLD, NEW)
 
     # -----------------------------------------------------------------------------------
 

@@ -44,9 +44,7 @@ def cols(sql, args=()):
 class WatchTest(pdtest.CtlMixin, unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        for db in (OLD, NEW, COLS):
-            direct_query("DROP DATABASE IF EXISTS %s WITH (FORCE)" % db)
-            direct_query("CREATE DATABASE %s" % db)
+        pdtest.fresh_databases(OLD, NEW, COLS)
         for db in (OLD, NEW):
             direct_query(SCHEMA, dbname=db)
         cols("CREATE TABLE users (id bigserial PRIMARY KEY, email text, email_address text)")
@@ -69,11 +67,7 @@ class WatchTest(pdtest.CtlMixin, unittest.TestCase):
 
     @classmethod
     def tearDownClass(cls):
-        try:
-            cls.proxy.stop()
-        finally:
-            for db in (OLD, NEW, COLS):
-                direct_query("DROP DATABASE IF EXISTS %s WITH (FORCE)" % db)
+        pdtest.stop_and_drop(cls.proxy, OLD, NEW, COLS)
 
     # -----------------------------------------------------------------------------------
 
