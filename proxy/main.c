@@ -16,6 +16,7 @@
 #include "proxy/log.h"
 #include "proxy/notify.h"
 #include "proxy/server.h"
+#include "rules/flags.h"
 
 static void usage(FILE *out)
 {
@@ -43,7 +44,10 @@ static pd_config_t *load_config(const char *path)
     return cfg;
 }
 
-/* --check also opens the users file, since a bad one would stop the server too. */
+/*
+ * --check also opens the users file and applies the server's checks of the rules' initial
+ * flags, since a bad users file or flags the server cannot serve would stop it too.
+ */
 static int check_config(const char *path)
 {
     pd_config_t *cfg = load_config(path);
@@ -52,6 +56,15 @@ static int check_config(const char *path)
         return 1;
     }
     int rc = 0;
+    pd_config_errors_t ferrs = {0};
+    if (pd_flags_check_config(cfg, &ferrs) > 0) {
+        for (size_t i = 0; i < ferrs.count; i++)
+            fprintf(stderr, "pgdual: %s\n", ferrs.msgs[i]);
+        fprintf(stderr, "pgdual: HINT:  Change the rules' initial writes/reads in the file: "
+                        "pgdual refuses to start with flags it cannot serve.\n");
+        rc = 1;
+    }
+    pd_config_errors_free(&ferrs);
     if (cfg->users_file != NULL) {
         pd_config_errors_t errs = {0};
         pd_users_t *users = pd_users_load(cfg->users_file, &errs);
@@ -62,7 +75,9 @@ static int check_config(const char *path)
             rc = 1;
         pd_users_free(users);
     }
-    if (rc == 0)
+    if (rc != 0)
+        fprintf(stderr, "pgdual: configuration file \"%s\" has errors\n", path);
+    else
         printf("pgdual: configuration file \"%s\" is valid (%u databases, %u rules)\n", path,
                cfg->database_count, cfg->rule_count);
     pd_config_free(cfg);

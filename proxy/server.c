@@ -199,11 +199,6 @@ static int material_finish(material_t *m)
     return m->sql != NULL ? 0 : -1;
 }
 
-/*
- * Blue/green (kind: tables): writes=dual with old authoritative is built (mirror.c, commit
- * async and lockstep); new as the authoritative side (dual-new, new) and reads routed to
- * new are not yet, and are refused so that nothing is believed done that is not.
- */
 /* A paused database (pgdualctl pause, switchover). */
 struct pd_pause {
     struct pd_pause *next;
@@ -216,73 +211,11 @@ static bool new_authoritative(pd_writes_t w)
     return w == PD_WRITES_DUAL_NEW || w == PD_WRITES_NEW;
 }
 
-/*
- * A tables rule's flags say which database is authoritative for the whole session: under
- * old|dual sessions talk to old and new is the mirror; under dual-new|new they talk to
- * new (old the mirror under dual-new). Reads come from the authoritative side (or both,
- * shadow): a read served from the trailing mirror would not see the session's own writes.
- */
-static const char *tables_rule_refusal(const pd_rule_cfg_t *r, pd_writes_t writes,
-                                       const pd_reads_t *reads)
-{
-    if (r->kind != PD_RULE_TABLES)
-        return reads->mode == PD_READS_AA
-                   ? "reads=aa (A/A noise floor) is for kind: tables rules; a kind: columns "
-                     "rule's shadow reads run in one database"
-                   : NULL;
-    if (reads->mode == PD_READS_AA && writes != PD_WRITES_OLD)
-        return "reads=aa compares old against old, so it runs before writes are mirrored: "
-               "measure the noise floor at writes=old, then set writes=dual reads=shadow";
-    bool to_new = new_authoritative(writes);
-    if (to_new && r->table_count > 0)
-        return "writes=dual-new and writes=new make new authoritative for the whole database "
-               "(sessions then talk to new only), so the rule must cover every table: omit "
-               "`tables` from the rule";
-    if (to_new && r->column_count > 0)
-        return "writes=dual-new and writes=new of a kind: tables rule with renamed or "
-               "transformed `columns` are not built yet (the application's statements would "
-               "need rewriting for new's schema)";
-    if (reads->mode == PD_READS_SHADOW && writes != PD_WRITES_DUAL && writes != PD_WRITES_DUAL_NEW)
-        return "reads=shadow of a kind: tables rule needs both sides written (writes=dual or "
-               "dual-new) to be compared";
-    if (reads->mode == PD_READS_NEW && reads->percent < 100)
-        return "gradual reads (new@N) are for kind: columns rules; a kind: tables rule reads "
-               "from the authoritative database";
-    if (reads->mode == PD_READS_NEW && !to_new)
-        return "reads=new of a kind: tables rule needs new authoritative (writes=dual-new or "
-               "new): pgdualctl switchover flips both";
-    if (reads->mode == PD_READS_OLD && to_new)
-        return "reads=old of a kind: tables rule needs old authoritative (writes=old or dual): "
-               "pgdualctl rollback flips both";
-    return NULL;
-}
-
-/*
- * Every tables rule of a database must agree on which side is authoritative; and a
- * session's second connection goes either to the other database (writes mirrored) or to
- * the same one (reads=aa), so the two cannot mix within a database.
- */
+/* The checks are pure and shared with `pgdual --check` (rules/flags.c). */
 static const char *database_refusal(const pd_config_t *cfg, const pd_rule_flags_t *flags,
                                     unsigned rule, pd_writes_t writes, const pd_reads_t *reads)
 {
-    const pd_rule_cfg_t *r = &cfg->rules[rule];
-    if (r->kind != PD_RULE_TABLES)
-        return NULL;
-    for (unsigned i = 0; i < cfg->rule_count; i++) {
-        if (i == rule || cfg->rules[i].kind != PD_RULE_TABLES ||
-            strcmp(cfg->rules[i].database, r->database) != 0)
-            continue;
-        if (new_authoritative(flags[i].writes) != new_authoritative(writes))
-            return "another kind: tables rule of the database has the other side "
-                   "authoritative; the database's tables rules must flip together (pgdualctl "
-                   "switchover/rollback DB)";
-        if ((reads->mode == PD_READS_AA && flags[i].writes != PD_WRITES_OLD) ||
-            (flags[i].reads.mode == PD_READS_AA && writes != PD_WRITES_OLD))
-            return "reads=aa cannot run while another kind: tables rule of the database "
-                   "mirrors writes (sessions' second connection would go to new): set the "
-                   "other rule's reads off aa first, or its writes to old";
-    }
-    return NULL;
+    return pd_flags_database_refusal(cfg, flags, rule, writes, reads, NULL);
 }
 
 bool pd_server_new_authoritative(const pd_server_t *srv, const char *database)
@@ -294,25 +227,10 @@ bool pd_server_new_authoritative(const pd_server_t *srv, const char *database)
     return false;
 }
 
-/*
- * Reads must come from a side that is written: under writes=old nothing writes the new
- * columns, so reads=new would serve what nobody keeps up; under writes=new nothing
- * writes the old ones, so every read must be served from new.
- */
-static const char *pairing_refusal(pd_writes_t writes, const pd_reads_t *reads)
-{
-    if (writes == PD_WRITES_OLD && reads->mode == PD_READS_NEW && reads->percent > 0)
-        return "reads=new needs the new columns written: set writes=dual (and backfill) first";
-    if (writes == PD_WRITES_NEW && (reads->mode != PD_READS_NEW || reads->percent < 100))
-        return "writes=new leaves the old columns unwritten: reads must be new (new@100)";
-    return NULL;
-}
-
 static const char *flags_refusal(const pd_rule_cfg_t *r, pd_writes_t writes,
                                  const pd_reads_t *reads)
 {
-    const char *why = tables_rule_refusal(r, writes, reads);
-    return why != NULL ? why : pairing_refusal(writes, reads);
+    return pd_flags_refusal(r, writes, reads, NULL);
 }
 
 const char *pd_server_check_flags(const pd_server_t *srv, unsigned rule, pd_writes_t writes,

@@ -24,12 +24,7 @@ typedef struct pd_state pd_state_t;
 typedef struct pd_sql pd_sql_t;
 #include "rules/sql.h"
 typedef struct pd_rule_facts pd_rule_facts_t;
-
-/* The flags in force for one rule: the config's initial ones, or the state's. */
-typedef struct {
-    pd_writes_t writes;
-    pd_reads_t reads;
-} pd_rule_flags_t;
+#include "rules/flags.h" /* pd_rule_flags_t: the flags in force for one rule */
 
 /* The session states; the X-macro gives the enum and the names used by logs and status. */
 #define PD_SESSION_STATES(X)                                                                       \

@@ -1276,7 +1276,16 @@ static bool convert_misc(pd_config_t *cfg, raw_config_t *raw)
     return true;
 }
 
-static void convert_rule(pd_rule_cfg_t *out, raw_rule_t *r, unsigned line)
+/* Where a node is (1-based), or else where the rule is. */
+static void node_pos(const yaml_node_t *n, const yaml_node_t *rule, unsigned *line,
+                     unsigned *column)
+{
+    const yaml_node_t *at = n != NULL ? n : rule;
+    *line = at != NULL ? (unsigned)at->start_mark.line + 1 : 0;
+    *column = at != NULL ? (unsigned)at->start_mark.column + 1 : 0;
+}
+
+static void convert_rule(pd_rule_cfg_t *out, raw_rule_t *r, load_ctx_t *c, const yaml_node_t *item)
 {
     out->name = take(&r->name);
     out->database = take(&r->database);
@@ -1299,7 +1308,9 @@ static void convert_rule(pd_rule_cfg_t *out, raw_rule_t *r, unsigned line)
         out->reads = (pd_reads_t){PD_READS_OLD, 0};
     out->commit = r->mirror ? r->mirror->commit : PD_COMMIT_ASYNC;
     out->on_failure = r->mirror ? r->mirror->on_failure : PD_ON_FAILURE_RECORD;
-    out->line = line;
+    node_pos(NULL, item, &out->line, &out->column);
+    node_pos(map_get(c, item, "writes"), item, &out->writes_line, &out->writes_column);
+    node_pos(map_get(c, item, "reads"), item, &out->reads_line, &out->reads_column);
 }
 
 static bool convert_lists(load_ctx_t *c, pd_config_t *cfg, raw_config_t *raw)
@@ -1319,8 +1330,7 @@ static bool convert_lists(load_ctx_t *c, pd_config_t *cfg, raw_config_t *raw)
     cfg->rule_count = raw->rules_count;
     for (unsigned i = 0; i < raw->rules_count; i++) {
         const yaml_node_t *item = i < seq_len(rules) ? seq_item(c, rules, i) : NULL;
-        unsigned line = item != NULL ? (unsigned)item->start_mark.line + 1 : 0;
-        convert_rule(&cfg->rules[i], &raw->rules[i], line);
+        convert_rule(&cfg->rules[i], &raw->rules[i], c, item);
     }
     return true;
 }

@@ -64,6 +64,9 @@ typedef struct {
     pd_mirror_commit_t commit;
     pd_on_failure_t on_failure;
     unsigned line; /* where the rule starts in the file, for later error messages */
+    unsigned column;
+    /* where the values of `writes` and `reads` are (the rule's position when absent) */
+    unsigned writes_line, writes_column, reads_line, reads_column;
 } pd_rule_cfg_t;
 
 typedef struct {

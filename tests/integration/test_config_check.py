@@ -88,6 +88,75 @@ class ConfigCheckTest(unittest.TestCase):
         self.assertRegex(out, re.escape(path) + r":2:\d+: .*sometimes")
         self.assertRegex(out, re.escape(path) + r":5:\d+: .*app")
 
+    def test_initial_flags_the_server_refuses(self):
+        # Initial flags that the server refuses at start are --check errors too, at the
+        # key at fault, naming the rule; and the server does refuse each of these files.
+        db = {"name": "app", "old": pdtest.pg_conninfo("app"),
+              "new": pdtest.pg_conninfo("app2")}
+        columns = {"kind": "columns", "table": "public.users", "key": ["id"],
+                   "columns": [{"old": "email", "new": "email_address"}]}
+        # (rules, [(rule, key at fault, its value, the other key and value, why)])
+        cases = [
+            ([dict(name="orders", database="app", kind="tables", writes="old", reads="new")],
+             [("orders", "reads", "new", "writes: old",
+               "reads=new of a kind: tables rule needs new authoritative")]),
+            ([dict(name="orders", database="app", kind="tables", tables=["public.orders"],
+                   writes="dual-new", reads="new")],
+             [("orders", "writes", "dual-new", "reads: new",
+               "so the rule must cover every table")]),
+            ([dict(name="users-email", database="app", writes="new", reads="old", **columns)],
+             [("users-email", "writes", "new", "reads: old",
+               "writes=new leaves the old columns unwritten")]),
+            ([dict(name="orders", database="app", kind="tables", writes="dual", reads="old"),
+              dict(name="items", database="app", kind="tables", writes="dual-new",
+                   reads="new")],
+             [("orders", "writes", "dual", "reads: old",
+               "the database's tables rules must flip together"),
+              ("items", "writes", "dual-new", "reads: new",
+               "the database's tables rules must flip together")]),
+        ]
+        for rules, expected in cases:
+            with self.subTest(rules=[r["name"] for r in rules]):
+                d = pdtest.tmpdir()
+                path = os.path.join(d, "flags.yaml")
+                with open(path, "w") as f:
+                    f.write(pdtest.to_yaml({
+                        "listen": {"host": pdtest.HOST, "port": pdtest.free_port()},
+                        "databases": [db], "rules": rules}))
+                with open(path) as f:
+                    lines = f.read().splitlines()
+                rc, out = check(path)
+                self.assertEqual(rc, 1, out)
+                for rule, key, value, other, why in expected:
+                    m = re.search(re.escape(path) + r":(\d+):(\d+): rule \"%s\": %s: %s cannot "
+                                  r"be served with %s: .*%s" % (rule, key, value, other,
+                                                              re.escape(why)), out)
+                    self.assertIsNotNone(m, out)
+                    # The position is that of the key's value.
+                    line = lines[int(m.group(1)) - 1]
+                    self.assertEqual(line[:int(m.group(2)) - 1].strip(), key + ":", line)
+                self.assertIn("HINT:", out)
+                self.assertNotIn("is valid", out)
+                # The server refuses the same file, for the same reason.
+                r = subprocess.run([pdtest.pgdual_path(), "-c", path], capture_output=True,
+                                   text=True, timeout=60, cwd=d)
+                self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+                self.assertIn(expected[0][4], r.stderr)
+
+        # Flags the server serves pass both.
+        d = pdtest.tmpdir()
+        path = os.path.join(d, "ok.yaml")
+        with open(path, "w") as f:
+            f.write(pdtest.to_yaml({
+                "listen": {"host": pdtest.HOST, "port": pdtest.free_port()},
+                "databases": [db],
+                "rules": [dict(name="orders", database="app", kind="tables", writes="dual-new",
+                               reads="new"),
+                          dict(name="users-email", database="app", writes="new", reads="new",
+                               **columns)]}))
+        rc, out = check(path)
+        self.assertEqual(rc, 0, out)
+
     def test_missing_file(self):
         rc, out = check(os.path.join(pdtest.tmpdir(), "does-not-exist.yaml"))
         self.assertNotEqual(rc, 0)

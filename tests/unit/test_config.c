@@ -18,6 +18,7 @@
 
 #include "protocol/wire.h"
 #include "rules/config.h"
+#include "rules/flags.h"
 
 /* ---------------------------------------------------------------------------------------
  * Helpers.
@@ -149,8 +150,10 @@ static void check_invalid_file(const char *path)
     pd_config_t *cfg = pd_config_load(path, &errs);
     size_t plen = strlen(path);
 
-    if (cfg != NULL)
+    /* A file that loads must have initial flags the server refuses (as --check says). */
+    if (cfg != NULL && pd_flags_check_config(cfg, &errs) == 0)
         fail_msg("%s should not load", path);
+    pd_config_free(cfg);
     assert_true(starts_with_position(expect));
     /* One fault per file, so one error: no cascades of follow-up messages. */
     if (errs.count != 1 || strstr(errs.msgs[0], expect) == NULL) {
@@ -347,7 +350,7 @@ static void test_state_limits_log_and_flags(void **state)
     assert_int_equal(cfg->rule_count, 1);
     assert_int_equal(cfg->rules[0].writes, PD_WRITES_DUAL_NEW);
     assert_int_equal(cfg->rules[0].reads.mode, PD_READS_NEW);
-    assert_int_equal(cfg->rules[0].reads.percent, 25);
+    assert_int_equal(cfg->rules[0].reads.percent, 100);
     assert_int_equal(cfg->rules[0].commit, PD_COMMIT_LOCKSTEP);
     assert_int_equal(cfg->rules[0].on_failure, PD_ON_FAILURE_FAIL);
     assert_int_equal(cfg->rules[0].table_count, 0); /* omitted: every table */
@@ -632,6 +635,68 @@ static void test_writes_parse_and_name(void **state)
     assert_false(pd_writes_parse(NULL, &w));
 }
 
+/* ---------------------------------------------------------------------------------------
+ * Initial flags the server would refuse at start (pgdual --check reports them).
+ */
+static void test_initial_flags_checked(void **state)
+{
+    static const char text[] = "databases:\n"
+                               "  - { name: app, old: \"dbname=app\", new: \"dbname=app2\" }\n"
+                               "rules:\n"
+                               "  - name: orders\n"
+                               "    database: app\n"
+                               "    kind: tables\n"
+                               "    writes: old\n"
+                               "    reads: new\n"
+                               "  - name: users-email\n"
+                               "    database: app\n"
+                               "    kind: columns\n"
+                               "    table: users\n"
+                               "    key: [id]\n"
+                               "    columns: [{ old: email, new: email_address }]\n"
+                               "    writes: new\n"
+                               "  - name: items\n"
+                               "    database: app\n"
+                               "    kind: tables\n"
+                               "    tables: [items]\n"
+                               "    writes: dual\n";
+    pd_config_errors_t errs = {0};
+    pd_config_t *cfg = load_text(text, &errs);
+
+    assert_non_null(cfg);
+    assert_int_equal(pd_flags_check_config(cfg, &errs), 2);
+    assert_int_equal(errs.count, 2);
+    assert_string_equal(errs.msgs[0],
+                        "t.yaml:8:12: rule \"orders\": reads: new cannot be served with writes: "
+                        "old: reads=new of a kind: tables rule needs new authoritative "
+                        "(writes=dual-new or new): pgdualctl switchover flips both");
+    assert_string_equal(errs.msgs[1],
+                        "t.yaml:15:13: rule \"users-email\": writes: new cannot be served with "
+                        "reads: old: writes=new leaves the old columns unwritten: reads must be "
+                        "new (new@100)");
+    pd_config_errors_free(&errs);
+    pd_config_free(cfg);
+
+    /* Every valid file's flags are served. */
+    char *dir = source_path("tests/config/valid");
+    struct dirent **list;
+    int n = list_yaml(dir, &list);
+    for (int i = 0; i < n; i++) {
+        char *path = NULL;
+        assert_true(asprintf(&path, "%s/%s", dir, list[i]->d_name) > 0);
+        cfg = pd_config_load(path, &errs);
+        assert_non_null(cfg);
+        if (pd_flags_check_config(cfg, &errs) != 0) {
+            print_errors(&errs);
+            fail_msg("%s has flags the server refuses", path);
+        }
+        pd_config_free(cfg);
+        free(path);
+    }
+    free_list(list, n);
+    free(dir);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -654,6 +719,7 @@ int main(void)
         cmocka_unit_test(test_config_database_lookup),
         cmocka_unit_test(test_reads_parse_and_format),
         cmocka_unit_test(test_writes_parse_and_name),
+        cmocka_unit_test(test_initial_flags_checked),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
