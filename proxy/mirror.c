@@ -408,7 +408,7 @@ static void mirror_free(pd_mirror_t *m)
 static void mirror_die(pd_mirror_t *m, const char *why)
 {
     if (m->state != M_DEAD && why != NULL)
-        pd_log_warning(m->tag, "mirror detached: %s", why);
+        pd_log_warning(m->tag, "detached: %s", why);
     m->state = M_DEAD;
     if (m->poll != NULL) {
         uv_close((uv_handle_t *)m->poll, poll_closed);
@@ -893,7 +893,7 @@ static void on_connected(pd_backend_t *b, void *owner, const char *err, const ch
     }
     m->poll->data = m;
     m->state = M_READY;
-    pd_log_info(m->tag, "mirror connected (backend pid %d)", PQbackendPID(m->backend.conn));
+    pd_log_info(m->tag, "connected (backend pid %d)", PQbackendPID(m->backend.conn));
     restart_poll(m, UV_READABLE);
     mirror_pump(m);
 }
@@ -971,7 +971,7 @@ static pd_mirror_t *mirror_open(pd_session_t *s)
     if (target == NULL || pd_backend_connect(&m->backend, s->srv->loop, target, &params,
                                              on_connected, m, err, sizeof err) != 0) {
         m->state = M_DEAD;
-        pd_log_warning(m->tag, "mirror detached: %s",
+        pd_log_warning(m->tag, "detached: %s",
                        target == NULL ? "the database has no new side" : err);
     }
     return m;

@@ -170,6 +170,10 @@ class MirrorTest(unittest.TestCase):
         self.assertEqual(st["mirror_unapplied"], 0)
         self.assertEqual(st["mirror_proxy_errors"], 0)
         self.assertGreater(st["mirrored"], 10)
+        # The session's tag ends in "mirror": the line says what happened to it once.
+        self.assertRegex(self.proxy.log(),
+                         r"\[S-\d+ app/postgres@[^]]+\] mirror connected \(backend pid \d+\)")
+        self.assertNotIn("mirror mirror", self.proxy.log())
 
     def test_extended_protocol_images_and_describe(self):
         with RawClient(self.proxy.port) as c:
@@ -334,6 +338,9 @@ class MirrorDownTest(unittest.TestCase):
             for e in events:
                 self.assertEqual(e["rule"], RULE)
                 self.assertNotIn("down", e["statement"])  # literals never reach the log
+            # The session's tag ends in "mirror": the line says what happened to it once.
+            self.assertRegex(p.log(), r"\[S-\d+ app/postgres@[^]]+\] mirror detached: ")
+            self.assertNotIn("mirror mirror", p.log())
         self.assertEqual(pdtest.direct_query("SELECT count(*) FROM mt_orders",
                                              dbname="app2")[0][0], 0)
 
