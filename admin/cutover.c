@@ -404,6 +404,13 @@ static json_t *guardrails(pd_server_t *srv, const char *database, op_kind_t kind
                  "pgdualctl flag %s writes=%s (and let the mirror catch up) "
                  "first.",
                  r->name, pd_writes_name(from));
+        /* Under writes=new old was not written at all: nothing is queued to catch up. */
+        if (from == PD_WRITES_DUAL_NEW && srv->flags[i].writes == PD_WRITES_NEW)
+            snprintf(hint, sizeof hint,
+                     "pgdualctl flag %s writes=dual-new, then pgdualctl verify %s --repair: "
+                     "old was not written while writes=new, and only the repair brings it up "
+                     "to date.",
+                     r->name, r->name);
         add_check(checks, name, ok, json_string(pd_writes_name(srv->flags[i].writes)), hint);
         *failed += !ok;
         /* the flags after the flip are ones this version serves */

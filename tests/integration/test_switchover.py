@@ -371,5 +371,38 @@ class SwitchoverTest(pdtest.CtlMixin, unittest.TestCase):
         self.assertEqual(events[-1], "switchover_abandoned")
 
 
+class RollbackFromNewTest(pdtest.CtlMixin, unittest.TestCase):
+    """A rollback refused because a rule is at writes=new says how to come back: old was
+    not written at all, so only verify --repair brings it up to date (no mirror to wait
+    for)."""
+
+    def test_hint_from_writes_new(self):
+        direct_query("DROP TABLE IF EXISTS sw_users; CREATE TABLE sw_users (id bigserial "
+                     "PRIMARY KEY, email text, email_address text)", dbname="app")
+        d = pdtest.tmpdir("pdtest-switch-")
+        self.sock = os.path.join(d, "admin.sock")
+        self.state = os.path.join(d, "state.json")
+        rule = {"name": "users-email", "database": "app", "kind": "columns",
+                "table": "public.sw_users", "key": ["id"],
+                "columns": [{"old": "email", "new": "email_address"}],
+                "writes": "new", "reads": "new"}
+        with Proxy(admin={"socket": self.sock}, state=self.state, rules=[rule],
+                   env={"PGUSER": "postgres"}):
+            dry = self.ctl_json("rollback", "app", "--dry-run")
+            self.assertTrue(dry["would_refuse"])
+            check = [c for c in dry["checks"] if c["check"] == "users-email: writes=dual-new"]
+            self.assertEqual(len(check), 1, dry)
+            self.assertFalse(check[0]["ok"])
+            self.assertEqual(check[0]["value"], "new")
+            hint = check[0]["hint"]
+            self.assertIn("pgdualctl flag users-email writes=dual-new", hint)
+            self.assertIn("pgdualctl verify users-email --repair", hint)
+            self.assertNotIn("catch up", hint)
+            r = self.ctl("rollback", "app")
+            self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+            self.assertIn("HINT:  " + hint, r.stderr)
+        direct_query("DROP TABLE sw_users", dbname="app")
+
+
 if __name__ == "__main__":
     pdtest.main()
