@@ -208,6 +208,17 @@ static void reload_finished(pd_server_t *srv, const char *error, void *ctx)
     json_object_set_new(r, "databases", json_integer(srv->cfg->database_count));
     json_object_set_new(r, "rules", json_integer(srv->cfg->rule_count));
     json_object_set_new(r, "generation", json_integer(srv->config_generation));
+    /* Keys the file changed that only a restart applies (logged as a warning too). */
+    if (srv->restart_needed[0] != NULL) {
+        json_t *keys = json_array();
+        for (unsigned i = 0; srv->restart_needed[i] != NULL; i++)
+            json_array_append_new(keys, json_string(srv->restart_needed[i]));
+        json_object_set_new(r, "restart_needed", keys);
+        json_object_set_new(r, "warning",
+                            json_string("the config file changes keys that take effect only "
+                                        "after a restart of pgdual (restart_needed); the values "
+                                        "in force are kept until then"));
+    }
     pd_admin_reply(req, r);
 }
 

@@ -594,6 +594,75 @@ static void reload_work(uv_work_t *w)
     job->rc = material_load(cfg, &job->m);
 }
 
+static bool same_string(const char *a, const char *b)
+{
+    return a == NULL || b == NULL ? a == b : strcmp(a, b) == 0;
+}
+
+/* Swaps *a and *b when they differ; says whether they did. */
+static bool keep_string(char **next, char **running)
+{
+    if (same_string(*next, *running))
+        return false;
+    char *t = *next;
+    *next = *running;
+    *running = t;
+    return true;
+}
+
+/*
+ * What a reload cannot apply: the listener, the admin socket, the metrics endpoint and the
+ * state are opened once, at start. The new config keeps the values in force (the file's
+ * go away with the previous config), so that srv->cfg says what runs and the next reload
+ * compares with that; the keys the file changed are logged and kept in
+ * srv->restart_needed for the reload's reply.
+ */
+static void keep_restart_keys(pd_server_t *srv, pd_config_t *next)
+{
+    pd_config_t *run = srv->cfg;
+    unsigned n = 0;
+    if (next->listen_port != run->listen_port ||
+        !same_string(next->listen_host, run->listen_host)) {
+        next->listen_port = run->listen_port;
+        keep_string(&next->listen_host, &run->listen_host);
+        srv->restart_needed[n++] = "listen";
+    }
+    if (!same_string(next->state, run->state) ||
+        !same_string(next->state_conninfo, run->state_conninfo)) {
+        keep_string(&next->state, &run->state);
+        keep_string(&next->state_conninfo, &run->state_conninfo);
+        srv->restart_needed[n++] = "state";
+    }
+    if (keep_string(&next->admin_socket, &run->admin_socket))
+        srv->restart_needed[n++] = "admin.socket";
+    if (keep_string(&next->admin_metrics, &run->admin_metrics))
+        srv->restart_needed[n++] = "admin.metrics";
+    srv->restart_needed[n] = NULL;
+    char list[128] = "";
+    for (unsigned i = 0; i < n; i++)
+        snprintf(list + strlen(list), sizeof list - strlen(list), "%s%s", i > 0 ? ", " : "",
+                 srv->restart_needed[i]);
+    if (n > 0)
+        pd_log_warning(NULL,
+                       "the config file changes %s, which take effect only after a restart of "
+                       "pgdual; the values in force are kept until then",
+                       list);
+}
+
+/* divergence.log is applied by opening the new file (before anything is swapped in). */
+static int reopen_divergence(pd_server_t *srv, const pd_config_t *next, pd_divergence_log_t **out)
+{
+    *out = NULL;
+    if (same_string(next->divergence_log, srv->cfg->divergence_log))
+        return 0;
+    char *err = NULL;
+    *out = pd_divergence_open(next->divergence_log, &err);
+    if (*out == NULL)
+        pd_log_error(NULL, "%s", err ? err : "out of memory");
+    free(err);
+    return *out != NULL ? 0 : -1;
+}
+
 static void reload_done(uv_work_t *w, int status)
 {
     reload_job_t *job = w->data;
@@ -607,17 +676,27 @@ static void reload_done(uv_work_t *w, int status)
     pd_rule_flags_t *flags = NULL;
     if (error == NULL && (flags = flags_compute(srv->state, job->m.cfg)) == NULL)
         error = "a rule's flags cannot be served (see the log)";
+    pd_divergence_log_t *divergence = NULL;
+    if (error == NULL && reopen_divergence(srv, job->m.cfg, &divergence) != 0)
+        error = "the divergence log could not be opened (see the log)";
     if (error != NULL) {
         pd_log_error(NULL, "reload failed: %s; still running with the previous configuration",
                      error);
         pd_notify_send(srv->notify, "READY=1\nSTATUS=reload failed; running with the previous "
                                     "configuration");
+        free(flags);
         material_free(&job->m);
     } else {
-        const pd_config_t *old = srv->cfg;
-        if (job->m.cfg->listen_port != old->listen_port ||
-            strcmp(job->m.cfg->listen_host, old->listen_host) != 0)
-            pd_log_warning(NULL, "listen address changes take effect only after a restart");
+        keep_restart_keys(srv, job->m.cfg);
+        if (divergence != NULL) {
+            pd_divergence_close(srv->divergence);
+            srv->divergence = divergence;
+            pd_log_info(NULL, "divergence events now go to %s%s%s",
+                        job->m.cfg->divergence_log ? "\"" : "",
+                        job->m.cfg->divergence_log ? job->m.cfg->divergence_log
+                                                   : "no file (divergence.log removed)",
+                        job->m.cfg->divergence_log ? "\"" : "");
+        }
         material_t prev = material_take(srv);
         material_give(srv, &job->m);
         material_free(&prev);

@@ -87,6 +87,8 @@ typedef struct pd_server {
     uv_signal_t sig_int, sig_term, sig_hup;
     uv_timer_t drain_timer;  /* SIGTERM: limits.shutdown_grace_ms */
     uv_timer_t mirror_timer; /* stopping: polls the mirrors still applying their queue */
+    /* The keys (static names) whose change the last reload could not apply, NULL-ended. */
+    const char *restart_needed[5];
 
     pd_session_t *sessions; /* doubly linked list of live sessions, owned */
     unsigned nsessions;

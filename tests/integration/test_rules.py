@@ -6,6 +6,7 @@ flags persist across restarts."""
 
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -470,6 +471,94 @@ class CatalogTest(unittest.TestCase):
             self.assertEqual(cm.exception.pgcode, "55000")
             self.assertIn("bad-rule", str(cm.exception))
             conn.close()
+
+
+def read_lines(path):
+    with open(path) as f:
+        return f.read().splitlines()
+
+
+class ReloadTest(unittest.TestCase):
+    """A reload applies divergence.log by opening the new file; listen, state, admin.socket
+    and admin.metrics are opened once at start, so changing them is a warning in the log
+    and in the reload's reply (restart_needed), and the values in force are kept."""
+
+    def mismatch(self, p):
+        conn = pdtest.connect(p.port)
+        conn.autocommit = True
+        conn.cursor().execute("SELECT email FROM rt_users WHERE id = 2")
+        conn.close()
+
+    def test_reload_applies_divergence_log_and_names_restart_keys(self):
+        reset_table()
+        direct("INSERT INTO rt_users (id, email, email_address) VALUES (2, 'Old@X', 'x@x')")
+        with RulesProxy(rules=[rule(reads="shadow")]) as p:
+            first = p.divergence_path
+            self.mismatch(p)
+            pdtest.wait_for(lambda: len(p.divergence()) == 1, 5, what="an event in the log")
+            # Every key of the kind changes at once; the rules stay as they are.
+            second = os.path.join(p.state_dir, "divergence-2.jsonl")
+            old_sock, old_metrics = p.admin_socket, p.metrics_port
+            p.config["divergence"]["log"] = second
+            p.config["listen"]["port"] = pdtest.free_port()
+            p.config["state"] = os.path.join(p.state_dir, "state-2.json")
+            p.config["admin"] = {"socket": os.path.join(p.state_dir, "admin-2.sock"),
+                                 "metrics": "127.0.0.1:%d" % pdtest.free_port()}
+            with open(p.config_path, "w") as f:
+                f.write(pdtest.to_yaml(p.config))
+            reply = p.ctl_json("reload")
+            self.assertTrue(reply["ok"], reply)
+            self.assertEqual(reply["restart_needed"],
+                             ["listen", "state", "admin.socket", "admin.metrics"])
+            self.assertIn("only after a restart", reply["warning"])
+            self.assertRegex(p.log(), r"WARNING:  the config file changes listen, state, "
+                             r"admin\.socket, admin\.metrics, which take effect only after a "
+                             r"restart of pgdual")
+            r = p.ctl("reload")  # the table of people says it as well
+            self.assertIn("restart_needed", r.stdout)
+            # SIGHUP reloads the same way: compared with what runs, so it warns again.
+            p.proc.send_signal(signal.SIGHUP)
+            pdtest.wait_for(lambda: p.log().count("which take effect only after a restart") == 3,
+                            5, what="the warning of the SIGHUP reload")
+            # What runs is what ran: the old socket, metrics port, listener and state.
+            self.assertFalse(os.path.exists(os.path.join(p.state_dir, "admin-2.sock")))
+            self.assertTrue(pdtest.port_open(p.port))
+            body = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % old_metrics,
+                                          timeout=5).read().decode()
+            self.assertIn("pgdual_sessions", body)
+            p.ctl("flag", RULE, "reads=shadow")
+            self.assertFalse(os.path.exists(os.path.join(p.state_dir, "state-2.json")))
+            # The divergence log is the new file from now on: written and read there.
+            self.mismatch(p)
+            pdtest.wait_for(lambda: os.path.exists(second) and os.path.getsize(second) > 0,
+                            5, what="an event in the new divergence log")
+            with open(second) as f:
+                events = [json.loads(line) for line in f if line.strip()]
+            self.assertEqual([e["kind"] for e in events], ["shadow_read"])
+            self.assertEqual(len(p.divergence()), 1, "the old file got the new event")
+            div = p.ctl_json("divergence", RULE)
+            self.assertEqual(len(div["events"]), 1, div)
+            self.assertIn('divergence events now go to "%s"' % second, p.log())
+            # Back to the values in force: nothing left to restart for.
+            p.config["listen"]["port"] = p.port
+            p.config["state"] = os.path.join(p.state_dir, "state.json")
+            p.config["admin"] = {"socket": old_sock, "metrics": "127.0.0.1:%d" % old_metrics}
+            with open(p.config_path, "w") as f:
+                f.write(pdtest.to_yaml(p.config))
+            reply = p.ctl_json("reload")
+            self.assertNotIn("restart_needed", reply)
+            # A divergence log that cannot be opened fails the reload, which changes nothing.
+            p.config["divergence"]["log"] = "/nonexistent-dir/divergence.jsonl"
+            with open(p.config_path, "w") as f:
+                f.write(pdtest.to_yaml(p.config))
+            r = p.ctl("--json", "reload", check=False)
+            self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+            self.assertIn("divergence log could not be opened", json.loads(r.stdout)["error"])
+            self.assertIn('could not open divergence log "/nonexistent-dir/divergence.jsonl"',
+                          p.log())
+            self.mismatch(p)
+            pdtest.wait_for(lambda: len(read_lines(second)) == 2, 5,
+                            what="a second event in the new divergence log")
 
 
 class ReprepareTest(unittest.TestCase):
