@@ -47,9 +47,13 @@ void pd_route_views(const pd_server_t *srv, uint64_t session_key, pd_rule_view_t
 }
 
 /* A refusal built here (not by the rewriter) for a rule whose catalog check failed. */
-static pd_sql_result_t *facts_refusal(pd_sql_result_t *r, const char *error)
+static pd_sql_result_t *facts_refusal(pd_sql_result_t *r, const pd_rule_facts_t *facts)
 {
-    static const char hint[] = "Fix the table or the rule, then run pgdualctl reload.";
+    const char *error = facts->error;
+    const char *hint = facts->unreachable
+                           ? "pgdual checks the database again every few seconds and serves "
+                             "the rule once the check passes; pgdualctl reload checks at once."
+                           : "Fix the table or the rule, then run pgdualctl reload.";
     pd_sql_result_t *f = calloc(1, sizeof *f);
     if (f == NULL)
         return r;
@@ -94,9 +98,8 @@ pd_sql_result_t *pd_route_statement(pd_server_t *srv, const char *database, uint
     if (r == NULL)
         return NULL;
     if (r->rule >= 0 && (unsigned)r->rule < n) {
-        const char *error = srv->facts[r->rule].error;
-        if (error != NULL && r->action == PD_SQL_REWRITE) {
-            r = facts_refusal(r, error);
+        if (srv->facts[r->rule].error != NULL && r->action == PD_SQL_REWRITE) {
+            r = facts_refusal(r, &srv->facts[r->rule]);
             if (r == NULL)
                 return NULL;
         }

@@ -452,9 +452,10 @@ static void finish(pd_server_t *srv)
     srv->admin = NULL;
     pd_metrics_stop(srv->metrics);
     srv->metrics = NULL;
-    uv_handle_t *handles[] = {(uv_handle_t *)&srv->sig_int, (uv_handle_t *)&srv->sig_term,
-                              (uv_handle_t *)&srv->sig_hup, (uv_handle_t *)&srv->drain_timer,
-                              (uv_handle_t *)&srv->mirror_timer};
+    uv_handle_t *handles[] = {
+        (uv_handle_t *)&srv->sig_int,      (uv_handle_t *)&srv->sig_term,
+        (uv_handle_t *)&srv->sig_hup,      (uv_handle_t *)&srv->drain_timer,
+        (uv_handle_t *)&srv->mirror_timer, (uv_handle_t *)&srv->recheck_timer};
     for (size_t i = 0; i < sizeof handles / sizeof handles[0]; i++)
         if (!uv_is_closing(handles[i]))
             uv_close(handles[i], NULL);
@@ -745,6 +746,143 @@ int pd_server_reload(pd_server_t *srv, pd_config_errors_t *errs, pd_server_reloa
     return 0;
 }
 
+/* ---------------------------------------------------------------------------------------
+ * Catalog rechecks: a rule whose catalog check failed because its database could not be
+ * reached (not because a table or column is missing) is checked again every
+ * PD_CATALOG_RECHECK_MS on a worker thread, libpq being blocking, until the check gets
+ * through: the rule is then served again (or refused for what the check found), without
+ * waiting for a reload.
+ */
+
+#define RECHECK_CONNECT_TIMEOUT_S 5 /* a recheck must not hold a worker thread long */
+
+typedef struct {
+    uv_work_t work;
+    pd_server_t *srv;
+    pd_config_t *cfg;       /* a reference: a reload may replace srv->cfg meanwhile */
+    unsigned generation;    /* srv->config_generation when started; other: discarded */
+    bool *which;            /* the rules checked again */
+    pd_rule_facts_t *facts; /* owned; their new facts, the others zeroed */
+} recheck_job_t;
+
+static void recheck_work(uv_work_t *w)
+{
+    recheck_job_t *job = w->data;
+    for (unsigned i = 0; i < job->cfg->rule_count; i++)
+        if (job->which[i])
+            pd_catalog_load_rule(job->cfg, i, &job->facts[i], RECHECK_CONNECT_TIMEOUT_S);
+}
+
+static void recheck_log(const pd_config_t *cfg, unsigned i, const pd_rule_facts_t *f)
+{
+    const pd_rule_cfg_t *r = &cfg->rules[i];
+    if (f->error == NULL)
+        pd_log_info(NULL,
+                    "rule \"%s\": database \"%s\" can be reached again and its catalog check "
+                    "passed: the rule is in force again",
+                    r->name, r->database);
+    else
+        pd_log_error(NULL, "%s (checked again once database \"%s\" could be reached)", f->error,
+                     r->database);
+}
+
+/*
+ * Takes the new facts of the rules whose check got past connecting, with a rewriter built
+ * for them, as a reload does; the facts they replace go to the job, to be freed with it.
+ */
+static void recheck_install(pd_server_t *srv, recheck_job_t *job)
+{
+    unsigned n = srv->cfg->rule_count;
+    bool take[n + 1], any = false;
+    for (unsigned i = 0; i < n; i++) {
+        take[i] = job->which[i] && !job->facts[i].unreachable;
+        any |= take[i];
+        if (job->which[i] && !take[i])
+            pd_log_debug(NULL,
+                         "rule \"%s\": database \"%s\" still cannot be reached; checking "
+                         "again in %u s",
+                         srv->cfg->rules[i].name, srv->cfg->rules[i].database,
+                         PD_CATALOG_RECHECK_MS / 1000);
+    }
+    if (!any)
+        return;
+    pd_rule_facts_t *next = calloc(n + 1, sizeof *next);
+    if (next == NULL)
+        return;
+    const pd_table_facts_t *tables[n + 1];
+    for (unsigned i = 0; i < n; i++) {
+        next[i] = take[i] ? job->facts[i] : srv->facts[i];
+        tables[i] = &next[i].table;
+    }
+    pd_sql_t *sql = pd_sql_new(srv->cfg, tables, SQL_CACHE_ENTRIES);
+    if (sql == NULL) {
+        free(next); /* nothing moved yet: tried again at the next tick */
+        return;
+    }
+    for (unsigned i = 0; i < n; i++) {
+        if (!take[i])
+            continue;
+        recheck_log(srv->cfg, i, &next[i]);
+        job->facts[i] = srv->facts[i];
+    }
+    free(srv->facts);
+    srv->facts = next;
+    pd_sql_free(srv->sql);
+    srv->sql = sql;
+    srv->rules_generation++; /* prepared statements are decided again at their next Bind */
+}
+
+static void recheck_done(uv_work_t *w, int status)
+{
+    recheck_job_t *job = w->data;
+    pd_server_t *srv = job->srv;
+    srv->rechecking = false;
+    if (status == 0 && !srv->stopping && job->generation == srv->config_generation)
+        recheck_install(srv, job);
+    pd_catalog_free(job->facts, job->cfg->rule_count);
+    pd_config_free(job->cfg);
+    free(job->which);
+    free(job);
+}
+
+static void on_recheck(uv_timer_t *t)
+{
+    pd_server_t *srv = t->data;
+    if (srv->stopping || srv->reloading || srv->rechecking || srv->facts == NULL)
+        return;
+    unsigned n = srv->cfg->rule_count;
+    bool any = false;
+    for (unsigned i = 0; i < n; i++)
+        any |= srv->facts[i].unreachable;
+    if (!any)
+        return;
+    recheck_job_t *job = calloc(1, sizeof *job);
+    if (job == NULL)
+        return;
+    job->which = calloc(n + 1, sizeof *job->which);
+    job->facts = calloc(n + 1, sizeof *job->facts);
+    if (job->which == NULL || job->facts == NULL) {
+        free(job->which);
+        free(job->facts);
+        free(job);
+        return;
+    }
+    for (unsigned i = 0; i < n; i++)
+        job->which[i] = srv->facts[i].unreachable;
+    job->srv = srv;
+    job->generation = srv->config_generation;
+    job->cfg = pd_config_ref(srv->cfg);
+    job->work.data = job;
+    if (uv_queue_work(srv->loop, &job->work, recheck_work, recheck_done) != 0) {
+        pd_catalog_free(job->facts, n);
+        pd_config_free(job->cfg);
+        free(job->which);
+        free(job);
+        return;
+    }
+    srv->rechecking = true;
+}
+
 static void on_signal(uv_signal_t *h, int signum)
 {
     pd_server_t *srv = h->data;
@@ -845,6 +983,9 @@ int pd_server_init(pd_server_t *srv, uv_loop_t *loop, pd_config_t *cfg)
     uv_signal_init(loop, &srv->sig_hup);
     uv_timer_init(loop, &srv->drain_timer);
     uv_timer_init(loop, &srv->mirror_timer);
+    uv_timer_init(loop, &srv->recheck_timer);
+    srv->recheck_timer.data = srv;
+    uv_timer_start(&srv->recheck_timer, on_recheck, PD_CATALOG_RECHECK_MS, PD_CATALOG_RECHECK_MS);
     srv->sig_int.data = srv->sig_term.data = srv->sig_hup.data = srv->drain_timer.data = srv;
     srv->mirror_timer.data = srv;
     uv_signal_start(&srv->sig_int, on_signal, SIGINT);

@@ -15,6 +15,9 @@
 
 #define PD_VERSION "0.1.0"
 
+/* How often the catalog check of a rule whose database could not be reached is retried. */
+#define PD_CATALOG_RECHECK_MS 5000
+
 typedef struct pd_session pd_session_t;
 typedef struct pd_admin pd_admin_t;
 typedef struct pd_jobs pd_jobs_t;
@@ -85,8 +88,10 @@ typedef struct pd_server {
     int listen_fd;
     uv_poll_t *listen_poll; /* owned; freed by its close callback */
     uv_signal_t sig_int, sig_term, sig_hup;
-    uv_timer_t drain_timer;  /* SIGTERM: limits.shutdown_grace_ms */
-    uv_timer_t mirror_timer; /* stopping: polls the mirrors still applying their queue */
+    uv_timer_t drain_timer;   /* SIGTERM: limits.shutdown_grace_ms */
+    uv_timer_t mirror_timer;  /* stopping: polls the mirrors still applying their queue */
+    uv_timer_t recheck_timer; /* catalog checks of rules whose database was unreachable */
+    bool rechecking;          /* such a check is on a worker thread */
     /* The keys (static names) whose change the last reload could not apply, NULL-ended. */
     const char *restart_needed[5];
 

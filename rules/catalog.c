@@ -222,33 +222,53 @@ static void load_tables(PGconn *conn, const pd_rule_cfg_t *rule, pd_rule_facts_t
     PQclear(all);
 }
 
+/* Parameters before dbname are defaults the conninfo may override. */
+static PGconn *connect_old(const char *conninfo, unsigned connect_timeout_s)
+{
+    char timeout[16];
+    snprintf(timeout, sizeof timeout, "%u", connect_timeout_s);
+    const char *keys[] = {"connect_timeout", "fallback_application_name", "dbname", NULL};
+    const char *vals[] = {connect_timeout_s > 0 ? timeout : NULL, "pgdual catalog", conninfo, NULL};
+    return PQconnectdbParams(keys, vals, 1);
+}
+
+void pd_catalog_load_rule(const pd_config_t *cfg, unsigned i, pd_rule_facts_t *out,
+                          unsigned connect_timeout_s)
+{
+    *out = (pd_rule_facts_t){0};
+    const pd_rule_cfg_t *rule = &cfg->rules[i];
+    const pd_database_cfg_t *db = pd_config_database(cfg, rule->database);
+    if (db == NULL)
+        return; /* the config loader already refused this */
+    /* One short connection per rule: rules are few and this runs at start/reload. */
+    PGconn *conn = connect_old(db->old, connect_timeout_s);
+    if (PQstatus(conn) != CONNECTION_OK) {
+        char msg[512];
+        snprintf(msg, sizeof msg, "%s", conn != NULL ? PQerrorMessage(conn) : "out of memory");
+        msg[strcspn(msg, "\n")] = '\0';
+        set_error(out,
+                  "rule \"%s\": could not connect to database \"%s\" to check its table: "
+                  "%s",
+                  rule->name, rule->database, msg);
+        out->unreachable = true;
+    } else if (rule->kind == PD_RULE_COLUMNS) {
+        load_table(conn, rule, out);
+    } else {
+        load_tables(conn, rule, out);
+    }
+    /* A connection lost half-way is the same kind of trouble as one not made. */
+    if (out->error != NULL && PQstatus(conn) != CONNECTION_OK)
+        out->unreachable = true;
+    PQfinish(conn);
+}
+
 pd_rule_facts_t *pd_catalog_load(const pd_config_t *cfg)
 {
     pd_rule_facts_t *facts = calloc(cfg->rule_count + 1, sizeof *facts);
     if (facts == NULL)
         return NULL;
-    for (unsigned i = 0; i < cfg->rule_count; i++) {
-        const pd_rule_cfg_t *rule = &cfg->rules[i];
-        const pd_database_cfg_t *db = pd_config_database(cfg, rule->database);
-        if (db == NULL)
-            continue; /* the config loader already refused this */
-        /* One short connection per rule: rules are few and this runs at start/reload. */
-        PGconn *conn = PQconnectdb(db->old);
-        if (PQstatus(conn) != CONNECTION_OK) {
-            char msg[512];
-            snprintf(msg, sizeof msg, "%s", PQerrorMessage(conn));
-            msg[strcspn(msg, "\n")] = '\0';
-            set_error(&facts[i],
-                      "rule \"%s\": could not connect to database \"%s\" to check its table: "
-                      "%s",
-                      rule->name, rule->database, msg);
-        } else if (rule->kind == PD_RULE_COLUMNS) {
-            load_table(conn, rule, &facts[i]);
-        } else {
-            load_tables(conn, rule, &facts[i]);
-        }
-        PQfinish(conn);
-    }
+    for (unsigned i = 0; i < cfg->rule_count; i++)
+        pd_catalog_load_rule(cfg, i, &facts[i], 0);
     return facts;
 }
 

@@ -1526,10 +1526,20 @@ static void free_secret(char *s)
     free(s);
 }
 
+pd_config_t *pd_config_ref(pd_config_t *cfg)
+{
+    cfg->refs++;
+    return cfg;
+}
+
 void pd_config_free(pd_config_t *cfg)
 {
     if (cfg == NULL)
         return;
+    if (cfg->refs > 0) {
+        cfg->refs--;
+        return;
+    }
     for (unsigned i = 0; i < cfg->database_count && cfg->databases != NULL; i++) {
         free(cfg->databases[i].name);
         free_secret(cfg->databases[i].old);

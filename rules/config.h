@@ -112,6 +112,8 @@ typedef struct {
     unsigned database_count;
     pd_rule_cfg_t *rules;
     unsigned rule_count;
+
+    unsigned refs; /* references beyond the first (pd_config_ref) */
 } pd_config_t;
 
 /* A list of error messages, each "FILE:LINE:COLUMN: message" (or "FILE: message"). */
@@ -136,7 +138,12 @@ pd_config_t *pd_config_load(const char *path, pd_config_errors_t *errs);
 pd_config_t *pd_config_load_string(const char *yaml, size_t len, const char *name,
                                    pd_config_errors_t *errs);
 
+/* Drops a reference to cfg (the loader's, or one of pd_config_ref); the last frees it. */
 void pd_config_free(pd_config_t *cfg);
+/* One more reference to cfg, which it returns, for a reader that may outlive the owner's
+   (a worker thread reading a config that a reload replaces meanwhile). Not atomic: take
+   and drop references on one thread. */
+pd_config_t *pd_config_ref(pd_config_t *cfg);
 void pd_config_errors_free(pd_config_errors_t *errs);
 
 /* Finds a database by name, or NULL. */

@@ -561,6 +561,76 @@ class ReloadTest(unittest.TestCase):
                             what="a second event in the new divergence log")
 
 
+class CatalogRecheckTest(unittest.TestCase):
+    """A rule in error because its database could not be reached for the catalog check is
+    checked again every 5 s and served again once the check passes, without a reload; a
+    rule in error for a missing column stays so (until fixed and reloaded)."""
+
+    DB = "pdrecheck_%d" % os.getpid()
+
+    def setUp(self):
+        pdtest.fresh_databases(self.DB)
+        pdtest.direct_query("CREATE TABLE rc_users (id bigserial PRIMARY KEY, email text, "
+                            "email_address text); CREATE TABLE rc_nonew (id bigserial PRIMARY "
+                            "KEY, email text)", dbname=self.DB)
+
+    def tearDown(self):
+        pdtest.direct_query("ALTER DATABASE %s ALLOW_CONNECTIONS true" % self.DB)
+        pdtest.direct_query("DROP DATABASE IF EXISTS %s WITH (FORCE)" % self.DB)
+
+    def block(self, allow):
+        pdtest.direct_query("ALTER DATABASE %s ALLOW_CONNECTIONS %s"
+                            % (self.DB, "true" if allow else "false"))
+        if not allow:
+            pdtest.direct_query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                "WHERE datname = %s", (self.DB,))
+
+    def errors(self, p):
+        return {r["name"]: r.get("error") for r in p.ctl_json("rules")["rules"]}
+
+    def test_unreachable_database_is_checked_again(self):
+        dbs = pdtest.default_databases() + [{"name": "rc", "old": pdtest.pg_conninfo(self.DB)}]
+        good = rule(name="rc-email", database="rc", table="public.rc_users")
+        bad = rule(name="rc-nonew", database="rc", table="public.rc_nonew")
+        with RulesProxy(rules=[good, bad], databases=dbs) as p:
+            self.assertIsNone(self.errors(p)["rc-email"])
+            self.assertIn('column "email_address"', self.errors(p)["rc-nonew"])
+            self.block(False)
+            p.ctl("reload")
+            errors = self.errors(p)
+            for name in ("rc-email", "rc-nonew"):
+                self.assertIn('could not connect to database "rc" to check its table',
+                              errors[name])
+            # Still unreachable: checked again, still in error, nothing logged as fixed.
+            time.sleep(6)
+            self.assertIn("could not connect", self.errors(p)["rc-email"])
+            self.assertNotIn("in force again", p.log())
+            self.block(True)
+            pdtest.wait_for(lambda: self.errors(p)["rc-email"] is None, 15,
+                            what="the rule to be served again")
+            self.assertIn('rule "rc-email": database "rc" can be reached again and its '
+                          'catalog check passed: the rule is in force again', p.log())
+            # The other rule's check now gets as far as its missing column: that is for the
+            # operator to fix, and no longer checked again.
+            errors = self.errors(p)
+            self.assertIn('column "email_address"', errors["rc-nonew"])
+            conn = pdtest.connect(p.port, dbname="rc")
+            conn.autocommit = True
+            cur = conn.cursor()
+            cur.execute("INSERT INTO rc_users (email) VALUES ('Back@Again')")
+            cur.execute("SELECT email_address FROM rc_users")
+            self.assertEqual(cur.fetchall(), [("back@again",)])  # rewritten: writes=dual
+            with self.assertRaises(psycopg2.Error) as cm:
+                cur.execute("INSERT INTO rc_nonew (email) VALUES ('a')")
+            self.assertEqual(cm.exception.pgcode, "55000")
+            conn.close()
+            n = p.log().count('checked again once database "rc" could be reached')
+            self.assertEqual(n, 1, p.log_tail(30))
+            time.sleep(6)
+            self.assertEqual(p.log().count('checked again once database "rc" could be '
+                                           'reached'), 1)
+
+
 class ReprepareTest(unittest.TestCase):
     """A flag flip reaches statements prepared before it: they are prepared again, as the
     rules now decide, at their next Bind."""
