@@ -1,8 +1,13 @@
 /*
  * demo.c — `pgdual --demo`: two throwaway PostgreSQL clusters ("old" and "new") in a
- * fresh directory under /tmp, the sample schema of the migration story in database
- * `app` on both (sample rows on old only), and a config file that proxies to them with
- * the sample rules.
+ * fresh directory under /tmp, the sample schemas of the two migration stories of the
+ * README, and a config file that proxies to them with a sample rule for each:
+ *  - expand/contract in database `app` (old cluster only): users.email becomes
+ *    users.email_address, rule users-email (kind columns);
+ *  - blue/green in database `shop` (on both clusters, sample rows on old only): orders and
+ *    order_items move to the new cluster, rule orders-to-green (kind tables, every table,
+ *    so that `pgdualctl switchover shop` can make new authoritative).
+ * Each story has a database of its own since switchover flips every rule of a database.
  *
  * PostgreSQL's programs run through posix_spawn with argv arrays (never a shell), as the
  * `postgres` user through runuser when we are root, since initdb refuses root. Their
@@ -62,29 +67,34 @@ struct pd_demo {
     demo_cluster_t clusters[2];
 };
 
-static const char *const SCHEMA_SQL = "CREATE TABLE users (\n"
-                                      "    id bigserial PRIMARY KEY,\n"
-                                      "    email text NOT NULL,\n"
-                                      "    email_address text\n"
-                                      ");\n"
-                                      "CREATE TABLE orders (\n"
-                                      "    id bigserial PRIMARY KEY,\n"
-                                      "    user_id bigint,\n"
-                                      "    total numeric(12,2),\n"
-                                      "    created_at timestamptz DEFAULT now()\n"
-                                      ");\n"
-                                      "CREATE TABLE order_items (\n"
-                                      "    order_id bigint,\n"
-                                      "    line int,\n"
-                                      "    sku text,\n"
-                                      "    qty int,\n"
-                                      "    PRIMARY KEY (order_id, line)\n"
-                                      ");\n";
+/* Expand/contract: database `app` on the old cluster. */
+static const char *const APP_SCHEMA_SQL = "CREATE TABLE users (\n"
+                                          "    id bigserial PRIMARY KEY,\n"
+                                          "    email text NOT NULL,\n"
+                                          "    email_address text\n"
+                                          ");\n";
 
-static const char *const SAMPLE_ROWS_SQL =
+static const char *const APP_ROWS_SQL =
     "INSERT INTO users (email) VALUES\n"
     "    ('Alice@Example.com'), ('bob@example.com'), ('Carol.Smith@Example.ORG'),\n"
-    "    ('dave@example.net'), ('Eve.Adams@Example.com');\n"
+    "    ('dave@example.net'), ('Eve.Adams@Example.com');\n";
+
+/* Blue/green: database `shop` on both clusters, rows on old. */
+static const char *const SHOP_SCHEMA_SQL = "CREATE TABLE orders (\n"
+                                           "    id bigserial PRIMARY KEY,\n"
+                                           "    user_id bigint,\n"
+                                           "    total numeric(12,2),\n"
+                                           "    created_at timestamptz DEFAULT now()\n"
+                                           ");\n"
+                                           "CREATE TABLE order_items (\n"
+                                           "    order_id bigint,\n"
+                                           "    line int,\n"
+                                           "    sku text,\n"
+                                           "    qty int,\n"
+                                           "    PRIMARY KEY (order_id, line)\n"
+                                           ");\n";
+
+static const char *const SHOP_ROWS_SQL =
     "INSERT INTO orders (user_id, total, created_at) VALUES\n"
     "    (1, 42.50, now() - interval '3 days'), (1, 17.00, now() - interval '2 days'),\n"
     "    (2, 99.99, now() - interval '1 day'), (3, 5.25, now() - interval '5 hours'),\n"
@@ -442,25 +452,37 @@ static PGconn *connect_to(const demo_cluster_t *c, const char *dbname)
     return conn;
 }
 
-static bool load_schema(const demo_cluster_t *c, bool with_rows)
+/* Creates database `dbname` on the cluster with the schema (and rows, if not NULL). */
+static bool load_database(const demo_cluster_t *c, const char *dbname, const char *schema,
+                          const char *rows)
 {
     PGconn *conn = connect_to(c, "postgres");
     if (conn == NULL)
         return false;
-    bool ok = exec_sql(conn, "CREATE DATABASE app", "CREATE DATABASE app");
+    char sql[64];
+    snprintf(sql, sizeof sql, "CREATE DATABASE %s", dbname);
+    bool ok = exec_sql(conn, sql, sql);
     PQfinish(conn);
     if (!ok)
         return false;
-    conn = connect_to(c, "app");
+    conn = connect_to(c, dbname);
     if (conn == NULL)
         return false;
-    say("loading the sample schema%s into \"app\" on the \"%s\" cluster",
-        with_rows ? " and rows" : "", c->name);
-    ok = exec_sql(conn, SCHEMA_SQL, "loading the sample schema");
-    if (ok && with_rows)
-        ok = exec_sql(conn, SAMPLE_ROWS_SQL, "loading the sample rows");
+    say("loading the sample schema%s into \"%s\" on the \"%s\" cluster",
+        rows != NULL ? " and rows" : "", dbname, c->name);
+    ok = exec_sql(conn, schema, "loading the sample schema");
+    if (ok && rows != NULL)
+        ok = exec_sql(conn, rows, "loading the sample rows");
     PQfinish(conn);
     return ok;
+}
+
+/* Old: `app` and `shop` with rows; new: `shop`, empty (backfill or verify --repair fill it). */
+static bool load_schema(const demo_cluster_t *c, bool old)
+{
+    if (old && !load_database(c, "app", APP_SCHEMA_SQL, APP_ROWS_SQL))
+        return false;
+    return load_database(c, "shop", SHOP_SCHEMA_SQL, old ? SHOP_ROWS_SQL : NULL);
 }
 
 static bool write_config(pd_demo_t *d)
@@ -481,12 +503,15 @@ static bool write_config(pd_demo_t *d)
             "state: \"%s/state.json\"\n"
             "divergence: { log: \"%s/divergence.jsonl\" }\n"
             "databases:\n"
+            "  # Expand/contract: old and new columns in one database.\n"
             "  - name: app\n"
             "    old: \"host=127.0.0.1 port=%d dbname=app user=postgres\"\n"
-            "    new: \"host=127.0.0.1 port=%d dbname=app user=postgres\"\n"
+            "  # Blue/green: the old cluster's shop moves to the new cluster.\n"
+            "  - name: shop\n"
+            "    old: \"host=127.0.0.1 port=%d dbname=shop user=postgres\"\n"
+            "    new: \"host=127.0.0.1 port=%d dbname=shop user=postgres\"\n"
             "rules:\n"
-            "  # Expand/contract inside one database: users.email becomes\n"
-            "  # users.email_address, lower-cased.\n"
+            "  # users.email becomes users.email_address, lower-cased.\n"
             "  - name: users-email\n"
             "    database: app\n"
             "    kind: columns\n"
@@ -497,14 +522,14 @@ static bool write_config(pd_demo_t *d)
             "down: \"email_address\" }\n"
             "    writes: old\n"
             "    reads: old\n"
-            "  # Blue/green: orders move from the old cluster to the new one.\n"
+            "  # Every table of shop (no `tables` list), so that switchover can make the\n"
+            "  # new cluster authoritative for the whole database.\n"
             "  - name: orders-to-green\n"
-            "    database: app\n"
+            "    database: shop\n"
             "    kind: tables\n"
-            "    tables: [public.orders, public.order_items]\n"
             "    writes: old\n"
             "    reads: old\n",
-            d->dir, d->listen_port, d->dir, d->dir, d->dir, o->port, n->port);
+            d->dir, d->listen_port, d->dir, d->dir, d->dir, o->port, o->port, n->port);
     if (fclose(f) != 0) {
         say("cannot write %s: %s", d->config, strerror(errno));
         return false;
@@ -612,26 +637,42 @@ void pd_demo_print_banner(const pd_demo_t *demo)
 {
     char ctl[PATH_MAX];
     pgdualctl_path(ctl, sizeof ctl);
+    int p = demo->listen_port, o = demo->clusters[0].port, n = demo->clusters[1].port;
+    bool from_path = strchr(ctl, '/') == NULL; /* else the one built next to pgdual */
     printf("\n"
-           "pgdual demo is running: old (blue) and new (green) PostgreSQL clusters with a\n"
-           "sample schema, and pgdual in front of them with two sample rules.\n"
+           "pgdual demo is running: old (blue) and new (green) PostgreSQL clusters with sample\n"
+           "schemas, and pgdual in front of them with a sample rule for each migration story.\n"
            "\n"
-           "  Connect through pgdual:  psql \"host=127.0.0.1 port=%d dbname=app "
-           "user=postgres\"\n"
+           "  Connect through pgdual:  psql \"host=127.0.0.1 port=%d dbname=app user=postgres\"\n"
+           "                           psql \"host=127.0.0.1 port=%d dbname=shop user=postgres\"\n"
            "  Operator CLI:            %s -s %s/admin.sock status\n"
-           "  Old cluster (blue):      psql \"host=127.0.0.1 port=%d dbname=app "
-           "user=postgres\"\n"
-           "  New cluster (green):     psql \"host=127.0.0.1 port=%d dbname=app "
-           "user=postgres\"\n"
+           "                           (export PGDUAL_ADMIN=%s/admin.sock to leave out -s)\n"
+           "%s%s%s"
+           "  Old cluster (blue):      psql \"host=127.0.0.1 port=%d dbname=shop user=postgres\"\n"
+           "  New cluster (green):     psql \"host=127.0.0.1 port=%d dbname=shop user=postgres\"\n"
            "  Config:                  %s\n"
            "  Temp dir:                %s\n"
            "\n"
-           "Try: SELECT * FROM users;  SELECT * FROM orders JOIN order_items ON "
-           "order_id = orders.id;\n"
+           "Expand/contract in database \"app\" (rule users-email: users.email becomes\n"
+           "users.email_address, lower-cased), through pgdual:\n"
+           "  SELECT * FROM users;\n"
+           "  pgdualctl flag users-email writes=dual       writes now set both columns\n"
+           "  pgdualctl backfill users-email               fill the new column of old rows\n"
+           "  pgdualctl verify users-email                 0 divergent rows\n"
+           "  pgdualctl flag users-email reads=shadow      then reads=new\n"
+           "\n"
+           "Blue/green in database \"shop\" (rule orders-to-green: every table moves from the\n"
+           "old cluster to the new one), through pgdual:\n"
+           "  SELECT * FROM orders JOIN order_items ON order_id = orders.id;\n"
+           "  pgdualctl backfill orders-to-green           copy the tables to new\n"
+           "  pgdualctl flag orders-to-green writes=dual   mirror every write to new\n"
+           "  pgdualctl verify orders-to-green             0 divergent rows\n"
+           "  pgdualctl switchover shop --dry-run          then switchover shop, rollback shop\n"
            "\n"
            "Press Ctrl-C to stop and clean up.\n",
-           demo->listen_port, ctl, demo->dir, demo->clusters[0].port, demo->clusters[1].port,
-           demo->config, demo->dir);
+           p, p, ctl, demo->dir, demo->dir,
+           from_path ? "" : "                           (below, pgdualctl stands for ",
+           from_path ? "" : ctl, from_path ? "" : ")\n", o, n, demo->config, demo->dir);
     fflush(stdout);
 }
 

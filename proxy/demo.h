@@ -12,9 +12,10 @@
 typedef struct pd_demo pd_demo_t;
 
 /*
- * Creates and starts the two clusters, loads the sample schema and data into both,
- * and writes a config file (proxy on 127.0.0.1:listen_port, admin socket in the temp
- * dir, sample rules) into the temp dir. Prints progress lines to stderr. Returns NULL
+ * Creates and starts the two clusters, loads the sample schemas (database `app` on old for
+ * the expand/contract story; database `shop` on both, rows on old, for blue/green), and
+ * writes a config file (proxy on 127.0.0.1:listen_port, admin socket in the temp dir, a
+ * sample rule per story) into the temp dir. Prints progress lines to stderr. Returns NULL
  * after printing what failed and what to do (and cleaning up whatever was started).
  */
 pd_demo_t *pd_demo_start(int listen_port);

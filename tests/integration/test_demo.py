@@ -1,7 +1,11 @@
 #!/usr/bin/python3
-"""`pgdual --demo -p PORT`: two throwaway clusters with the sample schema come up, the
-banner says how to connect, psql works through the proxy, and Ctrl-C (SIGINT) stops the
-clusters and removes their directory."""
+"""`pgdual --demo -p PORT`: two throwaway clusters with the sample schemas come up, the
+banner says how to connect, psql works through the proxy, both README stories can be
+walked on the demo as the banner says (expand/contract in database app, blue/green in
+database shop, up to a switchover dry run that would not refuse), and Ctrl-C (SIGINT)
+stops the clusters and removes their directory."""
+
+import json
 
 import glob
 import os
@@ -108,20 +112,22 @@ class DemoTest(unittest.TestCase):
             self.assertTrue(pdtest.pid_alive(pid))
 
         pdtest.wait_for(lambda: pdtest.port_open(self.port), 10, what="the demo proxy")
+        self.assertIn('psql "host=127.0.0.1 port=%d dbname=shop user=postgres"' % self.port,
+                      banner)
         r = pdtest.run_psql(self.port, "SELECT count(*), count(DISTINCT lower(email)) FROM "
-                            "users; SELECT count(*) FROM orders JOIN order_items ON "
-                            "order_id = orders.id", dbname="app", user="postgres")
-        users, items = r.stdout.split()
-        self.assertGreater(int(users.split("|")[0]), 0)
-        self.assertGreater(int(items), 0)
+                            "users", dbname="app", user="postgres")
+        self.assertGreater(int(r.stdout.split("|")[0]), 0)
         r = pdtest.run_psql(self.port, "SELECT column_name FROM information_schema.columns "
                             "WHERE table_name = 'users' ORDER BY ordinal_position")
         self.assertEqual(r.stdout.split(), ["id", "email", "email_address"])
+        r = pdtest.run_psql(self.port, "SELECT count(*) FROM orders JOIN order_items ON "
+                            "order_id = orders.id", dbname="shop")
+        self.assertGreater(int(r.stdout), 0)
 
-        # The new cluster has the schema, empty.
-        new_port = int(re.search(r"New cluster.*port=(\d+)", banner).group(1))
-        r = pdtest.run_psql(new_port, "SELECT count(*) FROM users; SELECT count(*) FROM "
-                            "order_items")
+        # The new cluster has shop's schema, empty.
+        new_port = int(re.search(r"New cluster.*port=(\d+) dbname=shop", banner).group(1))
+        r = pdtest.run_psql(new_port, "SELECT count(*) FROM orders; SELECT count(*) FROM "
+                            "order_items", dbname="shop")
         self.assertEqual(r.stdout.split(), ["0", "0"])
 
         # The config written for the demo passes --check.
@@ -129,6 +135,48 @@ class DemoTest(unittest.TestCase):
         r = subprocess.run([pdtest.pgdual_path(), "-c", cfg, "--check"], capture_output=True,
                            text=True, timeout=30)
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+
+        # Both stories as the banner tells them, with pgdualctl through PGDUAL_ADMIN.
+        self.assertIn("export PGDUAL_ADMIN=%s/admin.sock" % self.demo_dir, banner)
+        env = dict(os.environ, PGDUAL_ADMIN=os.path.join(self.demo_dir, "admin.sock"))
+
+        def ctl(*args):
+            r = subprocess.run([os.path.join(pdtest.build_dir(), "pgdualctl"), "--json"]
+                               + list(args), capture_output=True, text=True, timeout=120,
+                               env=env)
+            self.assertEqual(r.returncode, 0, "pgdualctl %s: %s%s"
+                             % (" ".join(args), r.stdout, r.stderr))
+            return json.loads(r.stdout.splitlines()[-1]) if r.stdout.strip() else {}
+
+        for story, db, rule, steps in (
+                ("expand/contract", "app", "users-email",
+                 [("flag", "users-email", "writes=dual"), ("backfill", "users-email")]),
+                ("blue/green", "shop", "orders-to-green",
+                 [("backfill", "orders-to-green"), ("flag", "orders-to-green", "writes=dual")])):
+            with self.subTest(story=story):
+                for step in steps:
+                    self.assertIn("pgdualctl " + " ".join(step), banner)
+                    ctl(*step)
+                self.assertIn("pgdualctl verify %s" % rule, banner)
+                res = ctl("verify", rule)
+                self.assertEqual(res.get("result", {}).get("divergent"), 0, res)
+                # Every guardrail passes (a columns database is switched the same way).
+                dry = ctl("switchover", db, "--dry-run")
+                self.assertFalse(dry["would_refuse"],
+                                 [c for c in dry["checks"] if not c["ok"]])
+        self.assertIn("pgdualctl switchover shop --dry-run", banner)
+        self.assertIn("then switchover shop, rollback shop", banner)
+        self.assertTrue(ctl("switchover", "shop")["ok"])
+        self.assertTrue(ctl("rollback", "shop")["ok"])
+        # Written through pgdual at writes=dual: both columns, and both clusters.
+        r = pdtest.run_psql(self.port, "INSERT INTO users (email) VALUES ('New@Example.com') "
+                            "RETURNING email_address", dbname="app")
+        self.assertEqual(r.stdout.split(), ["new@example.com"])
+        pdtest.run_psql(self.port, "INSERT INTO orders (user_id, total) VALUES (2, 1.00)",
+                        dbname="shop")
+        pdtest.wait_for(lambda: pdtest.run_psql(new_port, "SELECT count(*) FROM orders",
+                                                dbname="shop").stdout.split() == ["6"],
+                        10, what="the order mirrored to the new cluster")
 
         self.proc.send_signal(signal.SIGINT)
         try:
