@@ -13,6 +13,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "admin/fleet.h"
 #include "admin/report.h"
 #include "proxy/log.h"
 #include "proxy/mirror.h"
@@ -139,6 +140,13 @@ static bool db_quiet(pd_server_t *srv, const char *database)
         if (s->database != NULL && strcmp(s->database, database) == 0 && !pd_session_quiet(s))
             return false;
     return true;
+}
+
+bool pd_cutover_drained(pd_server_t *srv, const char *database)
+{
+    pd_mirror_totals_t mt = {0};
+    pd_mirror_db_totals(srv, database, &mt);
+    return db_quiet(srv, database) && mt.busy == 0 && mt.queued == 0;
 }
 
 static bool db_has_rules(const pd_server_t *srv, const char *database, bool *tables)
@@ -464,6 +472,8 @@ static json_t *guardrails(pd_server_t *srv, const char *database, op_kind_t kind
                   "mirrors to catch up.");
         *failed += !ok;
     }
+    if (srv->fleet != NULL)
+        *failed += !pd_fleet_check(srv->fleet, checks);
     return checks;
 }
 
@@ -703,6 +713,24 @@ void pd_cmd_switchover(pd_server_t *srv, pd_admin_req_t *req, int argc, char **a
     }
     if (failed > 0 && !o.force) {
         pd_admin_reply(req, refusal(kind, argv[1], checks, failed));
+        return;
+    }
+    if (srv->fleet != NULL) {
+        if (o.watch.window_ms > 0) {
+            json_decref(checks);
+            pd_admin_reply(req, error_reply("switchover --watch is not available across a fleet "
+                                            "(state: postgres) in this version",
+                                            "Switch over without --watch and watch pgdualctl "
+                                            "report DB; roll back with pgdualctl rollback DB."));
+            return;
+        }
+        pd_log_info(NULL, "%s of database \"%s\" across the fleet requested by %s%s", op_name(kind),
+                    argv[1], pd_admin_who(),
+                    o.force && failed > 0 ? " (--force over failing guardrails)" : "");
+        pd_watch_end(srv, argv[1], pd_admin_who(),
+                     kind == OP_ROLLBACK ? "an operator's rollback" : "a new switchover");
+        pd_fleet_switchover(srv, req, kind == OP_ROLLBACK, argv[1], o.timeout_ms, checks,
+                            pd_admin_who());
         return;
     }
     struct pd_cutover *op = switch_start(srv, req, kind, argv[1], &o, checks, tables);

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "admin/cutover.h"
+#include "admin/fleet.h"
 #include "admin/jobs_cmd.h"
 #include "admin/render.h"
 #include "admin/report.h"
@@ -118,6 +119,12 @@ static json_t *cmd_status(pd_server_t *srv, int argc, char **argv)
                                   (int)mt.connecting, "detached", (int)mt.detached, "queued",
                                   (json_int_t)mt.queued));
     json_object_set_new(r, "sequences", pd_seqsync_status(srv));
+    /* Where the flags live; in a fleet, the version of the shared state this instance runs. */
+    json_object_set_new(r, "state",
+                        srv->fleet != NULL ? pd_fleet_status(srv->fleet)
+                                           : json_pack("{s:s, s:s?}", "backend",
+                                                       srv->cfg->state ? "file" : "memory", "path",
+                                                       srv->cfg->state));
     json_t *counters = pd_render_rule_stats(srv);
     json_object_set(r, "rule_counters", json_object_get(counters, "rules"));
     json_object_set(r, "rewrite_cache", json_object_get(counters, "rewrite_cache"));
@@ -404,11 +411,12 @@ static const struct {
      "[--watch DURATION [--max-divergence N] [--max-error-rate R]]"},
     {"rollback", 1, 7, NULL, pd_cmd_switchover, "rollback DB [--timeout MS] [--force] [--dry-run]"},
     {"report", 1, 1, cmd_report, NULL, "report DB"},
+    {"fleet", 0, 2, NULL, pd_cmd_fleet, "fleet [forget INSTANCE]"},
 };
 
 #define COMMAND_LIST                                                                               \
     "Commands: status, sessions, rules, flag, divergence, reload, verify, backfill, jobs, "        \
-    "cancel, pause, resume, switchover, rollback, report."
+    "cancel, pause, resume, switchover, rollback, report, fleet."
 
 /*
  * Runs one command line. A synchronous command returns its reply; an asynchronous one
