@@ -254,6 +254,16 @@ static void state_changed(member_t *m)
 static void heartbeat(member_t *m)
 {
     pd_fleet_t *f = m->f;
+    PGresult *res;
+    /* A notification lost (or sent while we were away) is caught here. */
+    res = query(m, "could not read the state version", "SELECT version FROM pgdual.state", 0, NULL);
+    if (res == NULL)
+        return;
+    bool behind = PQntuples(res) == 1 &&
+                  strtoll(PQgetvalue(res, 0, 0), NULL, 10) > pd_state_version(f->srv->state);
+    PQclear(res);
+    if (behind)
+        state_changed(m);
     char version[32], sessions[16], queued[32], pid[16];
     snprintf(version, sizeof version, "%" PRId64, pd_state_version(f->srv->state));
     pthread_mutex_lock(&f->lock);
@@ -264,27 +274,18 @@ static void heartbeat(member_t *m)
     char listen[300];
     snprintf(listen, sizeof listen, "%s:%u", f->srv->cfg->listen_host, f->srv->cfg->listen_port);
     const char *p[] = {f->id, f->host, pid, listen, PD_VERSION, version, sessions, queued};
-    PGresult *res = query(m, "could not write the heartbeat",
-                          "INSERT INTO pgdual.instances (id, host, pid, listen, version, "
-                          "state_version, sessions, mirror_queued) "
-                          "VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO UPDATE SET "
-                          "heartbeat_at = now(), state_version = $6, sessions = $7, "
-                          "mirror_queued = $8, pid = $3, host = $2, listen = $4, version = $5, "
-                          "started_at = CASE WHEN pgdual.instances.pid = $3::integer "
-                          "THEN pgdual.instances.started_at ELSE now() END",
-                          8, p);
+    res = query(m, "could not write the heartbeat",
+                "INSERT INTO pgdual.instances (id, host, pid, listen, version, "
+                "state_version, sessions, mirror_queued) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO UPDATE SET "
+                "heartbeat_at = now(), state_version = $6, sessions = $7, "
+                "mirror_queued = $8, pid = $3, host = $2, listen = $4, version = $5, "
+                "started_at = CASE WHEN pgdual.instances.pid = $3::integer "
+                "THEN pgdual.instances.started_at ELSE now() END",
+                8, p);
     PQclear(res);
     if (res == NULL)
         return;
-    /* A notification lost (or sent while we were away) is caught here. */
-    res = query(m, "could not read the state version", "SELECT version FROM pgdual.state", 0, NULL);
-    if (res == NULL)
-        return;
-    bool behind = PQntuples(res) == 1 &&
-                  strtoll(PQgetvalue(res, 0, 0), NULL, 10) > pd_state_version(f->srv->state);
-    PQclear(res);
-    if (behind)
-        state_changed(m);
     res = query(m, "could not list the instances",
                 "SELECT coalesce(json_agg(json_build_object('instance', id, 'host', host, "
                 "'pid', pid, 'listen', listen, 'version', version, 'state_version', "
@@ -1038,6 +1039,7 @@ static void on_acks(pd_fleet_t *f, ev_t *e)
                e->acked == e->expected) {
         json_t *r = c->reply;
         c->reply = NULL;
+        json_object_del(r, "unconfirmed");
         json_object_set_new(r, "confirmed_ms",
                             json_integer((json_int_t)(uv_now(f->srv->loop) - c->started_ms)));
         coord_reply(f, r);
