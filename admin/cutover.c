@@ -102,11 +102,74 @@ static void reply(struct pd_cutover *op, json_t *r)
     op->req = NULL;
 }
 
+/*
+ * A shared state (PostgreSQL) is written off the event loop, one event after the other in
+ * the order they happened: proxying never waits for the control database. A state file is
+ * written at once, so that its history is complete when the command is answered.
+ */
+struct pd_record {
+    struct pd_record *next;
+    uv_work_t work;
+    pd_server_t *srv;
+    json_t *fields;
+    char event[32], who[96], database[64];
+    int rc;
+    char *err;
+};
+
+static void record_work(uv_work_t *w)
+{
+    struct pd_record *rec = w->data;
+    rec->rc = pd_state_record_event(rec->srv->state, rec->event, rec->who, rec->fields, &rec->err);
+    rec->fields = NULL; /* taken */
+}
+
+static void record_next(pd_server_t *srv);
+
+static void record_done(uv_work_t *w, int status)
+{
+    struct pd_record *rec = w->data;
+    pd_server_t *srv = rec->srv;
+    if (status != 0 || rec->rc != 0)
+        pd_log_warning(NULL, "%s of database \"%s\" not recorded in the state: %s", rec->event,
+                       rec->database, rec->err ? rec->err : "out of memory");
+    srv->records = rec->next;
+    json_decref(rec->fields);
+    free(rec->err);
+    free(rec);
+    record_next(srv);
+}
+
+static void record_next(pd_server_t *srv)
+{
+    struct pd_record *rec = srv->records;
+    if (rec != NULL && uv_queue_work(srv->loop, &rec->work, record_work, record_done) != 0)
+        record_done(&rec->work, -1);
+}
+
 void pd_cutover_record(pd_server_t *srv, const char *database, const char *who, const char *event,
                        json_t *fields)
 {
-    char *err = NULL;
     json_object_set_new(fields, "database", json_string(database));
+    if (pd_state_shared(srv->state)) {
+        struct pd_record *rec = calloc(1, sizeof *rec);
+        if (rec != NULL) {
+            rec->srv = srv;
+            rec->fields = fields;
+            rec->work.data = rec;
+            snprintf(rec->event, sizeof rec->event, "%s", event);
+            snprintf(rec->who, sizeof rec->who, "%s", who);
+            snprintf(rec->database, sizeof rec->database, "%s", database);
+            struct pd_record **pp = &srv->records;
+            while (*pp != NULL)
+                pp = &(*pp)->next;
+            *pp = rec;
+            if (srv->records == rec)
+                record_next(srv);
+            return;
+        }
+    }
+    char *err = NULL;
     if (pd_state_record_event(srv->state, event, who, fields, &err) != 0) {
         pd_log_warning(NULL, "%s of database \"%s\" not recorded in the state: %s", event, database,
                        err ? err : "out of memory");

@@ -49,7 +49,8 @@ int pd_cutover_auto_rollback(pd_server_t *srv, pd_watch_t *w, const char *databa
                              uint64_t timeout_ms, char *msg, size_t size);
 
 /* Appends an operator event about a database to the state's history (a reference to fields
- * is taken); a state that cannot be written is logged, never fatal. */
+ * is taken): a state file at once, a shared state (PostgreSQL) off the event loop, events
+ * in order. A state that cannot be written is logged, never fatal. */
 void pd_cutover_record(pd_server_t *srv, const char *database, const char *who, const char *event,
                        json_t *fields);
 

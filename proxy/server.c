@@ -915,16 +915,22 @@ void pd_server_free(pd_server_t *srv)
 int pd_server_set_flags(pd_server_t *srv, unsigned rule, pd_writes_t writes,
                         const pd_reads_t *reads, const char *who, char **err)
 {
-    const char *name = srv->cfg->rules[rule].name;
-    if (pd_state_set_flags(srv->state, name, writes, reads, who, err) != 0)
+    if (pd_state_set_flags(srv->state, srv->cfg->rules[rule].name, writes, reads, who, err) != 0)
         return -1;
+    pd_server_flags_saved(srv, rule, writes, reads, who);
+    return 0;
+}
+
+void pd_server_flags_saved(pd_server_t *srv, unsigned rule, pd_writes_t writes,
+                           const pd_reads_t *reads, const char *who)
+{
+    const char *name = srv->cfg->rules[rule].name;
     srv->flags[rule].writes = writes;
     srv->flags[rule].reads = *reads;
     srv->rules_generation++; /* prepared statements are decided again at their next Bind */
     char rtext[32];
     pd_log_info(NULL, "rule \"%s\": flags set to writes=%s reads=%s by %s", name,
                 pd_writes_name(writes), pd_reads_format(reads, rtext, sizeof rtext), who);
-    return 0;
 }
 
 void pd_server_apply_state(pd_server_t *srv)

@@ -122,6 +122,7 @@ typedef struct pd_server {
 
     struct pd_pause *pauses;     /* owned; paused databases (pgdualctl pause, switchover) */
     struct pd_cutover *cutovers; /* owned; pauses and switchovers in progress (cutover.c) */
+    struct pd_record *records;   /* owned; events on their way to a shared state (cutover.c) */
     struct pd_watch *watches;    /* owned; switchover --watch in progress (admin/watch.c) */
     pd_traffic_t *traffic;       /* owned; client traffic per database */
     unsigned npauses;
@@ -161,6 +162,10 @@ const char *pd_server_check_flags(const pd_server_t *srv, unsigned rule, pd_writ
  * statement of every session. -1 with *err (malloc'd) when the state could not be saved. */
 int pd_server_set_flags(pd_server_t *srv, unsigned rule, pd_writes_t writes,
                         const pd_reads_t *reads, const char *who, char **err);
+/* The second half of pd_server_set_flags, for a caller that saved them in the state itself
+ * (off the event loop): they come into force, logged. */
+void pd_server_flags_saved(pd_server_t *srv, unsigned rule, pd_writes_t writes,
+                           const pd_reads_t *reads, const char *who);
 
 /* The state changed under us (another instance of the fleet): the flags it holds for this
  * instance's rules come into force, all of them at once, unless this version refuses them

@@ -270,9 +270,17 @@ static void no_notices(void *arg, const char *message)
 
 PGconn *pd_state_connect(const char *conninfo, const char *application_name, char **err)
 {
-    /* After dbname, so they win over the conninfo's; a stuck store must not hang pgdual. */
-    const char *keys[] = {"dbname", "application_name", "connect_timeout", NULL};
-    const char *vals[] = {conninfo, application_name, "5", NULL};
+    /* After dbname, so they win over the conninfo's: a store that stops answering (a lost
+       network) is given up after about 5 s rather than waited for. */
+    const char *keys[] = {"dbname",
+                          "application_name",
+                          "connect_timeout",
+                          "keepalives_idle",
+                          "keepalives_interval",
+                          "keepalives_count",
+                          "tcp_user_timeout",
+                          NULL};
+    const char *vals[] = {conninfo, application_name, "5", "5", "2", "2", "5000", NULL};
     PGconn *c = PQconnectdbParams(keys, vals, 1);
     if (PQstatus(c) != CONNECTION_OK) {
         *err = pq_error(c, NULL, "could not connect to the state database");

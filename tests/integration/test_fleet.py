@@ -310,6 +310,50 @@ class FleetTest(unittest.TestCase):
         self.assertIn("no such instance", r["error"])
 
 
+    def test_5_coordinator_killed_mid_switchover(self):
+        # A fourth instance coordinates, and dies while the others are paused: they find
+        # the operation past its deadline, abort it themselves and resume on old.
+        d_proxy, d_sock = start_instance("d", "postgres", self.dir)
+        self.proxies.append(d_proxy)
+        d = Instance(self, d_proxy, d_sock)
+        pdtest.wait_for(lambda: len([i for i in self.a.ctl_json("fleet")["instances"]
+                                     if i["live"]]) == 3, 10, interval=0.1, what="a, b, d live")
+        res = d.ctl_json("verify", RULE)["result"]
+        self.assertTrue(res["ok"], res)
+        held = pdtest.connect(self.b.proxy.port, dbname=DB)  # b cannot drain: d waits
+        held.cursor().execute("UPDATE accounts SET balance = balance WHERE id = 1")
+        log_mark = len(self.a.proxy.log())
+        ctl = d.ctl("switchover", DB, "--timeout", "3000")  # noqa: F841 - see below
+        self.assertNotEqual(ctl.returncode, 0)  # b never answered: d gave up and aborted
+        # Again, and this time d dies while a is paused.
+        t = threading.Thread(target=lambda: d.ctl("switchover", DB, "--timeout", "3000"))
+        t.start()
+        pdtest.wait_for(lambda: self.a.proxy.log().count("paused here", log_mark) >= 2, 5,
+                        interval=0.05, what="a paused for the second operation")
+        os.kill(d_proxy.pid, signal.SIGKILL)
+        d_proxy.wait_exit(10)
+        t.join(30)
+        held.rollback()
+        held.close()
+        t0 = time.monotonic()
+        conn = pdtest.connect(self.a.proxy.port, dbname=DB)
+        conn.autocommit = True
+        conn.cursor().execute("UPDATE accounts SET balance = balance + 1 WHERE id = 3")
+        waited = time.monotonic() - t0
+        conn.close()
+        self.assertLess(waited, 10)  # deadline (3 s) + 2 s grace, then resumed
+        pdtest.wait_for(lambda: "aborted (nobody completed it before its deadline)"
+                        in self.a.proxy.log()[log_mark:], 10, interval=0.1,
+                        what="a logs the abort")
+        for m in (self.a, self.b):
+            self.assertEqual(m.flags(), ("dual", "old"))
+        self.assertEqual(old("SELECT phase, reason FROM pgdual.operations ORDER BY id DESC "
+                             "LIMIT 1"), [("abort", "nobody completed it before its deadline")])
+        d_id = [i["instance"] for i in self.a.ctl_json("fleet")["instances"]
+                if i["listen"].endswith(":%d" % d_proxy.port)][0]
+        self.a.ctl_json("fleet", "forget", d_id)
+
+
 class ControlLostTest(pdtest.CtlMixin, unittest.TestCase):
     """`state: { postgres: CONNINFO }` in a database of its own; that database becomes
     unreachable: the instance keeps serving with its flags and refuses to change them."""
@@ -386,6 +430,37 @@ class ControlLostTest(pdtest.CtlMixin, unittest.TestCase):
         self.assertEqual(self.metric("pgdual_state_connected"), 1)
         self.ctl_json("flag", RULE, "reads=old")
         self.assertEqual(self.ctl_json("rules")["rules"][0]["reads"], "old")
+
+
+    def test_flag_is_saved_off_the_event_loop(self):
+        # The state's backend stops answering (SIGSTOP): a flag change waits for it, and
+        # clients are served meanwhile.
+        self.ctl_json("flag", RULE, "reads=old")  # the state connection exists
+        pid = direct_query("SELECT pid FROM pg_stat_activity WHERE datname = %s AND "
+                           "application_name = 'pgdual state'", (CTL,))[0][0]
+        os.kill(pid, signal.SIGSTOP)
+        out = {}
+        try:
+            t = threading.Thread(target=lambda: out.setdefault(
+                "r", self.ctl_json("flag", RULE, "reads=shadow", expect_rc=None)))
+            t.start()
+            time.sleep(0.5)
+            self.assertTrue(t.is_alive())  # waiting for the store
+            t0 = time.monotonic()
+            conn = pdtest.connect(self.proxy.port, dbname=DB)
+            conn.autocommit = True
+            cur = conn.cursor()
+            cur.execute("SELECT count(*) FROM accounts")
+            self.assertEqual(cur.fetchone()[0], 40)
+            conn.close()
+            self.assertLess(time.monotonic() - t0, 2.0)
+            self.assertEqual(self.ctl_json("rules")["rules"][0]["reads"], "old")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        t.join(30)
+        self.assertTrue(out["r"]["ok"], out["r"])
+        self.assertEqual(self.ctl_json("rules")["rules"][0]["reads"], "shadow")
+        self.ctl_json("flag", RULE, "reads=old")
 
 
 def old_x(sql):
