@@ -779,21 +779,13 @@ void pd_cmd_switchover(pd_server_t *srv, pd_admin_req_t *req, int argc, char **a
         return;
     }
     if (srv->fleet != NULL) {
-        if (o.watch.window_ms > 0) {
-            json_decref(checks);
-            pd_admin_reply(req, error_reply("switchover --watch is not available across a fleet "
-                                            "(state: postgres) in this version",
-                                            "Switch over without --watch and watch pgdualctl "
-                                            "report DB; roll back with pgdualctl rollback DB."));
-            return;
-        }
         pd_log_info(NULL, "%s of database \"%s\" across the fleet requested by %s%s", op_name(kind),
                     argv[1], pd_admin_who(),
                     o.force && failed > 0 ? " (--force over failing guardrails)" : "");
         pd_watch_end(srv, argv[1], pd_admin_who(),
                      kind == OP_ROLLBACK ? "an operator's rollback" : "a new switchover");
         pd_fleet_switchover(srv, req, kind == OP_ROLLBACK, argv[1], o.timeout_ms, checks,
-                            pd_admin_who());
+                            pd_admin_who(), &o.watch, NULL);
         return;
     }
     struct pd_cutover *op = switch_start(srv, req, kind, argv[1], &o, checks, tables);
@@ -827,6 +819,17 @@ int pd_cutover_auto_rollback(pd_server_t *srv, pd_watch_t *w, const char *databa
         snprintf(msg, size, "%s%s%s%s", e ? e : "refused", h ? " (" : "", h ? h : "", h ? ")" : "");
         json_decref(err);
         return -1;
+    }
+    if (srv->fleet != NULL && pd_fleet_coordinating(srv->fleet)) {
+        snprintf(msg, size, "this instance coordinates a fleet operation already (retried)");
+        json_decref(checks);
+        return -1;
+    }
+    if (srv->fleet != NULL) { /* across the fleet, like an operator's rollback */
+        pd_log_info(NULL, "rollback of database \"%s\" across the fleet started by %s", database,
+                    who);
+        pd_fleet_switchover(srv, NULL, true, database, timeout_ms, checks, who, NULL, w);
+        return 0;
     }
     opts_t o = {.timeout_ms = timeout_ms};
     pd_watch_opts_init(&o.watch);

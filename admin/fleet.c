@@ -88,6 +88,8 @@ typedef struct {
     bool sequencing;
     json_t *reply;          /* C_CONFIRM: the reply, sent when every participant confirmed */
     char missing[TEXT_MAX]; /* the instances whose acknowledgement is not in yet */
+    pd_watch_opts_t watch;  /* a switchover's --watch */
+    pd_watch_t *auto_for;   /* the watch whose automatic rollback this is, or NULL */
 } coord_t;
 
 /* The loop's side of an operation this instance takes part in. */
@@ -537,6 +539,8 @@ static int flip_apply(json_t *doc, void *arg)
         if (pd_state_doc_set_flags(doc, json_string_value(rule), writes, &reads, who) != 0)
             return -1;
     }
+    if (json_is_true(json_object_get(flip, "watch_records")))
+        return 0; /* the watch records its automatic rollback itself */
     return pd_state_doc_event(doc, json_string_value(json_object_get(flip, "operation")), who,
                               json_object_get(flip, "event"));
 }
@@ -837,6 +841,8 @@ static void on_op(pd_fleet_t *f, ev_t *e)
         return;
     if (strcmp(e->phase, "flip") == 0) {
         pd_server_apply_state(srv);
+        if (!(f->coord.active && f->coord.op == e->op)) /* the coordinator's moved already */
+            pd_watch_flipped(srv, e->database, NULL, 0, NULL);
         pd_log_info(NULL,
                     "fleet: %s of database \"%s\" (operation %" PRId64 ") flipped; "
                     "resuming",
@@ -921,7 +927,10 @@ static void coord_fail(pd_fleet_t *f, const char *why, const char *hint, bool ab
                                 "pause_ms", (json_int_t)paused, "fleet_operation",
                                 (json_int_t)c->op));
     coord_reply(f, r);
+    pd_watch_t *w = c->auto_for;
     coord_end(f);
+    if (w != NULL)
+        pd_watch_rollback_done(w, why, NULL);
 }
 
 static void coord_deadline(uv_timer_t *t)
@@ -988,6 +997,8 @@ static void seq_done(uv_work_t *w, int status)
                   "database", c->database, "fleet_operation", (json_int_t)c->op, "instances",
                   json_deep_copy(c->participants), "pause_ms", (json_int_t)paused, "drain_ms",
                   (json_int_t)c->drained_ms, "sequences_set", c->seq_set);
+    if (c->auto_for != NULL)
+        json_object_set_new(r->flip, "watch_records", json_true());
     c->step = C_FLIP;
     post_req(f, r);
 }
@@ -1100,17 +1111,37 @@ static void on_flipped(pd_fleet_t *f, ev_t *e)
                 "fleet: %s of database \"%s\" (operation %" PRId64 ") done by %s: paused "
                 "%llu ms",
                 op_word(c), c->database, c->op, c->who, (unsigned long long)paused);
+    /* The traffic mark moves with every flip; a switchover --watch starts its watch here. */
+    json_t *watch = pd_watch_flipped(f->srv, c->database, c->rollback ? NULL : &c->watch,
+                                     c->timeout_ms, c->who);
+    if (watch != NULL)
+        json_object_set_new(c->reply, "watch", watch);
+    if (c->auto_for != NULL) {
+        pd_watch_t *w = c->auto_for;
+        c->auto_for = NULL;
+        pd_watch_rollback_done(w, NULL,
+                               json_pack("{s:I, s:I, s:I, s:i}", "fleet_operation",
+                                         (json_int_t)c->op, "pause_ms", (json_int_t)paused,
+                                         "drain_ms", (json_int_t)c->drained_ms, "sequences_set",
+                                         c->seq_set));
+    }
     c->step = C_CONFIRM;
     uv_timer_start(&c->timer, coord_deadline, CONFIRM_MS, 0);
 }
 
 void pd_fleet_switchover(pd_server_t *srv, pd_admin_req_t *req, bool rollback, const char *database,
-                         uint64_t timeout_ms, json_t *checks, const char *who)
+                         uint64_t timeout_ms, json_t *checks, const char *who,
+                         const pd_watch_opts_t *watch, pd_watch_t *auto_for)
 {
     pd_fleet_t *f = srv->fleet;
     coord_t *c = &f->coord;
     if (c->active) {
         json_decref(checks);
+        if (auto_for != NULL)
+            pd_watch_rollback_done(auto_for, "this instance coordinates a fleet operation already",
+                                   NULL);
+        if (req == NULL)
+            return;
         pd_admin_reply(req, json_pack("{s:b, s:s, s:s}", "ok", 0, "error",
                                       "this instance coordinates a fleet operation already", "hint",
                                       "Wait for it to end (within its --timeout)."));
@@ -1124,7 +1155,10 @@ void pd_fleet_switchover(pd_server_t *srv, pd_admin_req_t *req, bool rollback, c
     if (r == NULL) {
         json_decref(checks);
         json_decref(rules);
-        pd_admin_reply(req, json_pack("{s:b, s:s}", "ok", 0, "error", "out of memory"));
+        if (auto_for != NULL)
+            pd_watch_rollback_done(auto_for, "out of memory", NULL);
+        if (req != NULL)
+            pd_admin_reply(req, json_pack("{s:b, s:s}", "ok", 0, "error", "out of memory"));
         return;
     }
     *c = (coord_t){.active = true,
@@ -1138,6 +1172,11 @@ void pd_fleet_switchover(pd_server_t *srv, pd_admin_req_t *req, bool rollback, c
                    .timer = c->timer,
                    .work = c->work};
     c->work.data = c;
+    c->auto_for = auto_for;
+    if (watch != NULL && !rollback)
+        c->watch = *watch;
+    else
+        pd_watch_opts_init(&c->watch);
     snprintf(c->database, sizeof c->database, "%s", database);
     snprintf(c->who, sizeof c->who, "%s", who);
     snprintf(r->database, sizeof r->database, "%s", database);
@@ -1320,6 +1359,11 @@ void pd_fleet_stop(pd_fleet_t *f)
     uv_close((uv_handle_t *)&f->part.tick, fleet_closed);
     uv_close((uv_handle_t *)&f->beat, fleet_closed);
     uv_close((uv_handle_t *)&f->async, fleet_closed);
+}
+
+bool pd_fleet_coordinating(const pd_fleet_t *f)
+{
+    return f->coord.active;
 }
 
 json_t *pd_fleet_status(pd_fleet_t *f)

@@ -36,6 +36,7 @@
 #include <stdbool.h>
 
 #include "admin/socket.h"
+#include "admin/watch.h"
 #include "proxy/server.h"
 
 #define PD_FLEET_LIVE_MS      5000 /* a heartbeat older than this: the instance is stale */
@@ -51,6 +52,8 @@ void pd_fleet_stop(pd_fleet_t *f);
 /* For status: {backend, instance, version, schema_version, connected, error, lost_ms,
  * instances, held}. */
 json_t *pd_fleet_status(pd_fleet_t *f);
+/* Is this instance coordinating a fleet operation (one at a time)? */
+bool pd_fleet_coordinating(const pd_fleet_t *f);
 /* For metrics: connected (0/1), state version, live instances. */
 void pd_fleet_numbers(pd_fleet_t *f, int *connected, long long *version, int *live);
 
@@ -63,9 +66,12 @@ void pd_cmd_fleet(pd_server_t *srv, pd_admin_req_t *req, int argc, char **argv);
 
 /*
  * Runs a switchover (rollback false) or rollback of database across the fleet, answering
- * req. checks (taken) are the guardrails as checked; rules are the database's rule indexes.
+ * req. checks (taken) are the guardrails as checked. watch: a switchover's --watch (NULL or
+ * window 0: none); it watches this instance's traffic and divergence. auto_for: the watch
+ * whose automatic rollback this is (req NULL; pd_watch_rollback_done tells it the end).
  */
 void pd_fleet_switchover(pd_server_t *srv, pd_admin_req_t *req, bool rollback, const char *database,
-                         uint64_t timeout_ms, json_t *checks, const char *who);
+                         uint64_t timeout_ms, json_t *checks, const char *who,
+                         const pd_watch_opts_t *watch, pd_watch_t *auto_for);
 
 #endif /* PD_ADMIN_FLEET_H */

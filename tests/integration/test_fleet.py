@@ -354,6 +354,33 @@ class FleetTest(unittest.TestCase):
         self.a.ctl_json("fleet", "forget", d_id)
 
 
+    def test_6_watch_rolls_the_fleet_back(self):
+        # switchover --watch through a: a divergence a sees rolls every instance back.
+        pdtest.wait_for(lambda: len([i for i in self.a.ctl_json("fleet")["instances"]
+                                     if i["live"]]) == 2, 10, interval=0.1, what="a, b live")
+        self.assertTrue(self.a.ctl_json("verify", RULE)["result"]["ok"])
+        r = self.a.ctl_json("switchover", DB, "--watch", "30s", "--max-divergence", "0")
+        self.assertEqual(r["watch"]["max_divergence"], 0)
+        for m in (self.a, self.b):
+            self.assertEqual(m.flags(), ("dual-new", "new"))
+        # Behind pgdual's back old gets the row first: the mirrored insert fails there.
+        old("INSERT INTO accounts (id, owner) VALUES (100001, 'only on old')")
+        conn = pdtest.connect(self.a.proxy.port, dbname=DB)
+        conn.autocommit = True
+        conn.cursor().execute("INSERT INTO accounts (id, owner) VALUES (100001, 'via a')")
+        conn.close()
+        for m in (self.a, self.b):
+            pdtest.wait_for(lambda m=m: m.flags() == ("dual", "old"), 15, interval=0.1,
+                            what="every instance rolled back")
+        self.assertIn('database "shop" rolled back automatically to old', self.a.proxy.log())
+        pdtest.wait_for(lambda: [h.get("event") for h in old(
+            "SELECT doc FROM pgdual.state")[0][0]["history"]][-1] == "auto_rollback", 5,
+            interval=0.1, what="auto_rollback in the shared history")
+        ops = old("SELECT operation, phase FROM pgdual.operations ORDER BY id DESC LIMIT 2")
+        self.assertEqual(ops, [("rollback", "flip"), ("switchover", "flip")])
+        self.a.ctl_json("verify", RULE, "--repair")
+
+
 class ControlLostTest(pdtest.CtlMixin, unittest.TestCase):
     """`state: { postgres: CONNINFO }` in a database of its own; that database becomes
     unreachable: the instance keeps serving with its flags and refuses to change them."""
