@@ -540,6 +540,42 @@ static json_t *guardrails(pd_server_t *srv, const char *database, op_kind_t kind
     return checks;
 }
 
+bool pd_cutover_local_ok(pd_server_t *srv, const char *database, bool rollback, char *why,
+                         size_t size)
+{
+    bool tables = false;
+    for (unsigned i = 0; i < srv->cfg->rule_count; i++) {
+        const pd_rule_cfg_t *r = &srv->cfg->rules[i];
+        if (strcmp(r->database, database) != 0)
+            continue;
+        tables |= r->kind == PD_RULE_TABLES;
+        if (rollback)
+            continue;
+        json_t *v = pd_state_verify(srv->state, r->name);
+        int64_t at_ms = pd_report_parse_time(json_string_value(json_object_get(v, "time")));
+        json_decref(v);
+        int64_t last = srv->stats[i].divergence_at;
+        if (last != 0 && (at_ms <= 0 || last >= at_ms / 1000)) {
+            snprintf(why, size,
+                     "rule \"%s\" saw divergence here since its last verify (pgdualctl "
+                     "divergence %s on this instance; then verify %s --repair)",
+                     r->name, r->name, r->name);
+            return false;
+        }
+    }
+    pd_mirror_totals_t mt = {0};
+    if (tables)
+        pd_mirror_db_totals(srv, database, &mt);
+    if (mt.detached > 0) {
+        snprintf(why, size,
+                 "%u mirror connections detached here: writes missed the mirror (pgdualctl "
+                 "verify RULE --repair, and reconnect those sessions)",
+                 (unsigned)mt.detached);
+        return false;
+    }
+    return true;
+}
+
 static void flip_done(struct pd_cutover *op, int seq_set);
 
 static void seq_work(uv_work_t *w)
@@ -785,7 +821,7 @@ void pd_cmd_switchover(pd_server_t *srv, pd_admin_req_t *req, int argc, char **a
         pd_watch_end(srv, argv[1], pd_admin_who(),
                      kind == OP_ROLLBACK ? "an operator's rollback" : "a new switchover");
         pd_fleet_switchover(srv, req, kind == OP_ROLLBACK, argv[1], o.timeout_ms, checks,
-                            pd_admin_who(), &o.watch, NULL);
+                            pd_admin_who(), o.force, &o.watch, NULL);
         return;
     }
     struct pd_cutover *op = switch_start(srv, req, kind, argv[1], &o, checks, tables);
@@ -828,7 +864,7 @@ int pd_cutover_auto_rollback(pd_server_t *srv, pd_watch_t *w, const char *databa
     if (srv->fleet != NULL) { /* across the fleet, like an operator's rollback */
         pd_log_info(NULL, "rollback of database \"%s\" across the fleet started by %s", database,
                     who);
-        pd_fleet_switchover(srv, NULL, true, database, timeout_ms, checks, who, NULL, w);
+        pd_fleet_switchover(srv, NULL, true, database, timeout_ms, checks, who, false, NULL, w);
         return 0;
     }
     opts_t o = {.timeout_ms = timeout_ms};

@@ -54,6 +54,12 @@ int pd_cutover_auto_rollback(pd_server_t *srv, pd_watch_t *w, const char *databa
 void pd_cutover_record(pd_server_t *srv, const char *database, const char *who, const char *event,
                        json_t *fields);
 
+/* The guardrails only this instance can answer (its divergence since the last verify,
+ * its detached mirrors): true, or false with why (what failed and what to run). A
+ * participant of a fleet switchover checks them before it acknowledges the pause. */
+bool pd_cutover_local_ok(pd_server_t *srv, const char *database, bool rollback, char *why,
+                         size_t size);
+
 /* Are the database's sessions between transactions and its mirrors idle (nothing queued)? */
 bool pd_cutover_drained(pd_server_t *srv, const char *database);
 

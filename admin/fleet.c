@@ -49,7 +49,7 @@ typedef struct req {
     struct req *next;
     req_kind_t kind;
     int64_t op;
-    bool ok;
+    bool ok, force;
     uint64_t timeout_ms;
     char database[64], operation[16], phase[16], who[96];
     char text[TEXT_MAX]; /* ack detail, abort reason, instance to forget */
@@ -62,7 +62,7 @@ typedef struct ev {
     struct ev *next;
     ev_kind_t kind;
     int64_t op;
-    bool ok, participant;
+    bool ok, participant, force;
     int64_t deadline_in_ms;
     int acked, expected;
     char database[64], operation[16], phase[16];
@@ -95,6 +95,7 @@ typedef struct {
 /* The loop's side of an operation this instance takes part in. */
 typedef struct {
     bool active, acked;
+    bool force, rollback; /* the operation's --force; a rollback (fewer local checks) */
     int64_t op;
     char database[64], operation[16];
     uint64_t deadline_ms; /* loop time */
@@ -361,7 +362,8 @@ static void read_op(member_t *m, int64_t op)
     PGresult *res = query(m, "could not read a fleet operation",
                           "SELECT database, operation, phase, $2 = ANY (participants), "
                           "(extract(epoch FROM deadline_at - now()) * 1000)::bigint, "
-                          "coalesce(reason, '') FROM pgdual.operations WHERE id = $1::bigint",
+                          "coalesce(reason, ''), force FROM pgdual.operations "
+                          "WHERE id = $1::bigint",
                           2, p);
     if (res == NULL || PQntuples(res) != 1) {
         PQclear(res);
@@ -375,6 +377,7 @@ static void read_op(member_t *m, int64_t op)
         e->participant = strcmp(PQgetvalue(res, 0, 3), "t") == 0;
         e->deadline_in_ms = strtoll(PQgetvalue(res, 0, 4), NULL, 10);
         snprintf(e->text, sizeof e->text, "%s", PQgetvalue(res, 0, 5));
+        e->force = strcmp(PQgetvalue(res, 0, 6), "t") == 0;
     }
     PQclear(res);
     if (e != NULL && strcmp(e->phase, "flip") == 0)
@@ -469,17 +472,19 @@ static void run_begin(member_t *m, req_t *r)
         goto refused;
     }
     PQclear(res);
-    const char *p[] = {r->database, r->operation, f->id, r->who, timeout, live};
+    const char *p[] = {r->database, r->operation,        f->id, r->who, timeout,
+                       live,        r->force ? "t" : "f"};
     res = query(m, "could not record the fleet operation",
                 "WITH ins AS (INSERT INTO pgdual.operations (database, operation, coordinator, "
-                "requested_by, participants, phase, deadline_at) "
+                "requested_by, participants, phase, deadline_at, force) "
                 "SELECT $1, $2, $3, $4, array_agg(id ORDER BY id), 'pause', "
-                "now() + $5::bigint * interval '1 millisecond' FROM pgdual.instances "
+                "now() + $5::bigint * interval '1 millisecond', $7::boolean "
+                "FROM pgdual.instances "
                 "WHERE heartbeat_at > now() - $6::bigint * interval '1 millisecond' OR id = $3 "
                 "RETURNING id, participants) "
                 "SELECT id, array_to_json(participants)::text, pg_notify('pgdual_fleet', "
                 "'op:' || id) FROM ins",
-                6, p);
+                7, p);
     if (res == NULL)
         goto failed;
     e->op = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
@@ -797,7 +802,10 @@ static void part_tick(uv_timer_t *t)
     part_t *p = &f->part;
     uint64_t now = uv_now(f->srv->loop);
     if (pd_cutover_drained(f->srv, p->database)) {
-        ack(f, p->op, "paused", true, NULL);
+        char why[TEXT_MAX] = "";
+        bool ok =
+            p->force || pd_cutover_local_ok(f->srv, p->database, p->rollback, why, sizeof why);
+        ack(f, p->op, "paused", ok, ok ? NULL : why);
         p->acked = true;
         uint64_t wait =
             p->deadline_ms + CHECK_GRACE_MS > now ? p->deadline_ms + CHECK_GRACE_MS - now : 0;
@@ -824,6 +832,8 @@ static void on_op(pd_fleet_t *f, ev_t *e)
         *p = (part_t){.active = true, .op = e->op, .tick = p->tick};
         snprintf(p->database, sizeof p->database, "%s", e->database);
         snprintf(p->operation, sizeof p->operation, "%s", e->operation);
+        p->force = e->force;
+        p->rollback = strcmp(e->operation, "rollback") == 0;
         p->deadline_ms = uv_now(srv->loop) + (uint64_t)e->deadline_in_ms;
         if (pd_server_pause(srv, e->database) != 0) {
             p->active = false;
@@ -1040,8 +1050,8 @@ static void on_acks(pd_fleet_t *f, ev_t *e)
         snprintf(c->missing, sizeof c->missing, "%s", e->ok ? e->text : "");
         if (!e->ok) {
             coord_fail(f, e->text,
-                       "The instance named could not pause: wait for its transactions (or end "
-                       "them), then run it again.",
+                       "The instance named refused: do what its reason says (on that "
+                       "instance), or run it again with --force.",
                        true);
         } else if (e->acked == e->expected) {
             coord_drained(f);
@@ -1130,7 +1140,7 @@ static void on_flipped(pd_fleet_t *f, ev_t *e)
 }
 
 void pd_fleet_switchover(pd_server_t *srv, pd_admin_req_t *req, bool rollback, const char *database,
-                         uint64_t timeout_ms, json_t *checks, const char *who,
+                         uint64_t timeout_ms, json_t *checks, const char *who, bool force,
                          const pd_watch_opts_t *watch, pd_watch_t *auto_for)
 {
     pd_fleet_t *f = srv->fleet;
@@ -1183,6 +1193,7 @@ void pd_fleet_switchover(pd_server_t *srv, pd_admin_req_t *req, bool rollback, c
     snprintf(r->operation, sizeof r->operation, "%s", op_word(c));
     snprintf(r->who, sizeof r->who, "%s", who);
     r->timeout_ms = timeout_ms;
+    r->force = force;
     uv_timer_start(&c->timer, coord_deadline, timeout_ms, 0);
     post_req(f, r);
 }

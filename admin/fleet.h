@@ -66,12 +66,13 @@ void pd_cmd_fleet(pd_server_t *srv, pd_admin_req_t *req, int argc, char **argv);
 
 /*
  * Runs a switchover (rollback false) or rollback of database across the fleet, answering
- * req. checks (taken) are the guardrails as checked. watch: a switchover's --watch (NULL or
- * window 0: none); it watches this instance's traffic and divergence. auto_for: the watch
- * whose automatic rollback this is (req NULL; pd_watch_rollback_done tells it the end).
+ * req. checks (taken) are the guardrails as checked; each participant also checks what only
+ * it can answer (pd_cutover_local_ok) before it acknowledges, unless force. watch: a switchover's
+ * --watch (NULL or window 0: none); it watches this instance's traffic and divergence. auto_for:
+ * the watch whose automatic rollback this is (req NULL; pd_watch_rollback_done tells it the end).
  */
 void pd_fleet_switchover(pd_server_t *srv, pd_admin_req_t *req, bool rollback, const char *database,
-                         uint64_t timeout_ms, json_t *checks, const char *who,
+                         uint64_t timeout_ms, json_t *checks, const char *who, bool force,
                          const pd_watch_opts_t *watch, pd_watch_t *auto_for);
 
 #endif /* PD_ADMIN_FLEET_H */

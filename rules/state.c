@@ -219,6 +219,7 @@ static const struct {
      " coordinator text NOT NULL,"
      " requested_by text NOT NULL,"
      " participants text[] NOT NULL,"
+     " force boolean NOT NULL DEFAULT false,"
      " phase text NOT NULL CHECK (phase IN ('pause', 'flip', 'abort')),"
      " reason text,"
      " created_at timestamptz NOT NULL DEFAULT now(),"

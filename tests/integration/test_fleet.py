@@ -381,6 +381,35 @@ class FleetTest(unittest.TestCase):
         self.a.ctl_json("verify", RULE, "--repair")
 
 
+    def test_7_divergence_seen_by_another_instance_refuses(self):
+        # b saw a divergence after the last verify; a, which coordinates, did not: b says
+        # no when asked to pause, and the switchover is refused unless --force.
+        time.sleep(1.1)  # the verify must be later than earlier divergence (seconds)
+        self.assertTrue(self.a.ctl_json("verify", RULE)["result"]["ok"])
+        time.sleep(1.1)  # the divergence must be later than the verify (seconds)
+        new("INSERT INTO accounts (id, owner) VALUES (100002, 'only on new')")
+        conn = pdtest.connect(self.b.proxy.port, dbname=DB)
+        conn.autocommit = True
+        conn.cursor().execute("INSERT INTO accounts (id, owner) VALUES (100002, 'via b')")
+        conn.close()
+        b_id = [i["instance"] for i in self.b.ctl_json("fleet")["instances"] if i["this"]][0]
+        pdtest.wait_for(lambda: self.b.ctl_json("divergence")["counters"][0]["mirror_diverged"]
+                        > 0, 10, interval=0.1, what="b counts the divergence")
+        checks = self.a.ctl_json("switchover", DB, "--dry-run")["checks"]
+        self.assertTrue(all(c["ok"] for c in checks), checks)  # a knows of nothing
+        r = self.a.ctl_json("switchover", DB, expect_rc=1)
+        self.assertIn("instance %s: rule \"%s\" saw divergence here since its last verify"
+                      % (b_id, RULE), r["error"])
+        self.assertIn("--force", r["hint"])
+        for m in (self.a, self.b):
+            self.assertEqual(m.flags(), ("dual", "old"))
+        r = self.a.ctl_json("switchover", DB, "--force")
+        for m in (self.a, self.b):
+            self.assertEqual(m.flags(), ("dual-new", "new"))
+        self.a.ctl_json("rollback", DB)
+        self.a.ctl_json("verify", RULE, "--repair")
+
+
 class ControlLostTest(pdtest.CtlMixin, unittest.TestCase):
     """`state: { postgres: CONNINFO }` in a database of its own; that database becomes
     unreachable: the instance keeps serving with its flags and refuses to change them."""
