@@ -96,6 +96,7 @@ typedef struct {
 typedef struct {
     bool active, acked;
     bool force, rollback; /* the operation's --force; a rollback (fewer local checks) */
+    bool participant;     /* false: joined after it began; holds, never acknowledges */
     int64_t op;
     char database[64], operation[16];
     uint64_t deadline_ms; /* loop time */
@@ -313,6 +314,8 @@ static void heartbeat(member_t *m)
     }
 }
 
+static void read_op(member_t *m, int64_t op);
+
 static bool connect_member(member_t *m)
 {
     pd_fleet_t *f = m->f;
@@ -348,6 +351,13 @@ static bool connect_member(member_t *m)
     if (was_lost)
         pd_log_info(NULL, "fleet: the control connection is back");
     state_changed(m); /* whatever changed while we were away */
+    /* An operation in progress: paused with the others (fleet.h). */
+    res = query(m, "could not read the fleet operations",
+                "SELECT id FROM pgdual.operations WHERE phase = 'pause' AND now() < deadline_at", 0,
+                NULL);
+    for (int i = 0; res != NULL && i < PQntuples(res); i++)
+        read_op(m, strtoll(PQgetvalue(res, i, 0), NULL, 10));
+    PQclear(res);
     m->next_beat = 0;
     return true;
 }
@@ -825,7 +835,9 @@ static void on_op(pd_fleet_t *f, ev_t *e)
     part_t *p = &f->part;
     bool mine = p->active && p->op == e->op;
     if (strcmp(e->phase, "pause") == 0) {
-        if (!e->participant || mine || e->deadline_in_ms <= 0)
+        /* An instance that joined after the operation began is not waited for, but holds
+           the database too: it must not write on the old side while the others flip. */
+        if (mine || e->deadline_in_ms <= 0)
             return;
         if (p->active) /* an older operation never ended here: it is over now */
             part_end(f);
@@ -833,18 +845,26 @@ static void on_op(pd_fleet_t *f, ev_t *e)
         snprintf(p->database, sizeof p->database, "%s", e->database);
         snprintf(p->operation, sizeof p->operation, "%s", e->operation);
         p->force = e->force;
+        p->participant = e->participant;
         p->rollback = strcmp(e->operation, "rollback") == 0;
         p->deadline_ms = uv_now(srv->loop) + (uint64_t)e->deadline_in_ms;
         if (pd_server_pause(srv, e->database) != 0) {
             p->active = false;
-            ack(f, e->op, "paused", false,
-                "the database is paused here already (pgdualctl pause "
-                "or a switchover of this instance)");
+            if (e->participant)
+                ack(f, e->op, "paused", false,
+                    "the database is paused here already (pgdualctl pause "
+                    "or a switchover of this instance)");
             return;
         }
-        pd_log_info(NULL, "fleet: %s of database \"%s\" (operation %" PRId64 "): paused here",
-                    e->operation, e->database, e->op);
-        uv_timer_start(&p->tick, part_tick, 0, 1);
+        pd_log_info(NULL, "fleet: %s of database \"%s\" (operation %" PRId64 "): paused here%s",
+                    e->operation, e->database, e->op,
+                    e->participant ? "" : " (joined after it began: held until it ends)");
+        if (e->participant) {
+            uv_timer_start(&p->tick, part_tick, 0, 1);
+        } else {
+            p->acked = true;
+            uv_timer_start(&p->tick, part_check, (uint64_t)e->deadline_in_ms + CHECK_GRACE_MS, 0);
+        }
         return;
     }
     if (!mine)
@@ -857,8 +877,10 @@ static void on_op(pd_fleet_t *f, ev_t *e)
                     "fleet: %s of database \"%s\" (operation %" PRId64 ") flipped; "
                     "resuming",
                     e->operation, e->database, e->op);
+        bool participant = p->participant;
         part_end(f);
-        ack(f, e->op, "flipped", true, NULL);
+        if (participant)
+            ack(f, e->op, "flipped", true, NULL);
     } else if (strcmp(e->phase, "abort") == 0) {
         pd_log_warning(NULL,
                        "fleet: %s of database \"%s\" (operation %" PRId64 ") aborted (%s); "
@@ -1254,6 +1276,35 @@ static void on_beat(uv_timer_t *t)
     pthread_mutex_unlock(&f->lock);
 }
 
+/*
+ * At start, before the first client: a fleet operation in progress holds this instance's
+ * database too (it joined too late to be a participant; fleet.h). Best effort: an
+ * unreachable control database leaves it to the thread, which looks again on connecting.
+ */
+static void hold_for_operations(pd_fleet_t *f)
+{
+    char *err = NULL;
+    PGconn *c = pd_state_connect(f->conninfo, "pgdual fleet", &err);
+    free(err);
+    if (c == NULL)
+        return;
+    PGresult *res =
+        PQexec(c, "SELECT id, database, operation, "
+                  "(extract(epoch FROM deadline_at - now()) * 1000)::bigint, force "
+                  "FROM pgdual.operations WHERE phase = 'pause' AND now() < deadline_at");
+    for (int i = 0; PQresultStatus(res) == PGRES_TUPLES_OK && i < PQntuples(res); i++) {
+        ev_t e = {.kind = EV_OP, .op = strtoll(PQgetvalue(res, i, 0), NULL, 10)};
+        snprintf(e.database, sizeof e.database, "%s", PQgetvalue(res, i, 1));
+        snprintf(e.operation, sizeof e.operation, "%s", PQgetvalue(res, i, 2));
+        snprintf(e.phase, sizeof e.phase, "pause");
+        e.deadline_in_ms = strtoll(PQgetvalue(res, i, 3), NULL, 10);
+        e.force = strcmp(PQgetvalue(res, i, 4), "t") == 0;
+        on_op(f, &e);
+    }
+    PQclear(res);
+    PQfinish(c);
+}
+
 pd_fleet_t *pd_fleet_start(pd_server_t *srv, const char *conninfo)
 {
     pd_fleet_t *f = calloc(1, sizeof *f);
@@ -1283,6 +1334,7 @@ pd_fleet_t *pd_fleet_start(pd_server_t *srv, const char *conninfo)
     f->part.tick.data = f;
     on_beat(&f->beat);
     uv_timer_start(&f->beat, on_beat, PD_FLEET_HEARTBEAT_MS / 2, PD_FLEET_HEARTBEAT_MS / 2);
+    hold_for_operations(f);
     if (pthread_create(&f->thread, NULL, member_main, f) != 0) {
         pd_log_error(NULL, "fleet: could not start its thread");
         pd_fleet_stop(f);

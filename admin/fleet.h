@@ -24,6 +24,10 @@
  * the control table; one that cannot reach it keeps the database paused (it cannot know
  * which side is authoritative) and says so in status.
  *
+ * An instance that starts (or reconnects) while an operation is pausing holds the database
+ * as well, without being waited for, until the operation ends: it must not write on the
+ * old side while the others flip.
+ *
  * Fail closed: a member without its control connection changes no flags (changes fail at
  * the store), is listed in status (`state.connected` false) and metrics, and a switchover
  * is refused while any instance is stale (registered, but no heartbeat within

@@ -410,6 +410,54 @@ class FleetTest(unittest.TestCase):
         self.a.ctl_json("verify", RULE, "--repair")
 
 
+    def test_8_instance_started_during_a_switchover_holds(self):
+        # e starts while a switchover waits for b: e is not waited for, but holds its
+        # clients until the flip, then serves them on new.
+        time.sleep(1.1)
+        self.assertTrue(self.a.ctl_json("verify", RULE)["result"]["ok"])
+        held = pdtest.connect(self.b.proxy.port, dbname=DB)
+        held.cursor().execute("UPDATE accounts SET balance = balance WHERE id = 1")
+        out = {}
+        t = threading.Thread(target=lambda: out.setdefault(
+            "r", self.a.ctl_json("switchover", DB, "--timeout", "15000", expect_rc=None)))
+        t.start()
+        pdtest.wait_for(lambda: old("SELECT count(*) FROM pgdual.operations WHERE phase = "
+                                    "'pause'")[0][0] == 1, 5, interval=0.05,
+                        what="the operation in progress")
+        e_proxy, e_sock = start_instance("e", "postgres", self.dir)
+        self.proxies.append(e_proxy)
+        e = Instance(self, e_proxy, e_sock)
+        pdtest.wait_for(lambda: "joined after it began: held until it ends" in e_proxy.log(),
+                        5, interval=0.05, what="e holds")
+        served = {}
+
+        def client():
+            conn = pdtest.connect(e_proxy.port, dbname=DB)
+            conn.autocommit = True
+            cur = conn.cursor()
+            cur.execute("SELECT count(*) FROM accounts")
+            served["at"] = time.monotonic()
+            conn.close()
+
+        c = threading.Thread(target=client)
+        c.start()
+        time.sleep(0.5)
+        self.assertNotIn("at", served)  # held
+        released = time.monotonic()
+        held.rollback()
+        held.close()
+        t.join(30)
+        c.join(30)
+        self.assertTrue(out["r"]["ok"], out["r"])
+        self.assertNotIn(e_proxy.port, [int(i.rsplit(":", 1)[1]) for i in out["r"]["instances"]])
+        self.assertGreaterEqual(served["at"], released)
+        self.assertEqual(e.flags(), ("dual-new", "new"))
+        self.a.ctl_json("rollback", DB)
+        for m in (self.a, self.b, e):
+            pdtest.wait_for(lambda m=m: m.flags() == ("dual", "old"), 5, interval=0.1,
+                            what="rolled back everywhere")
+
+
 class ControlLostTest(pdtest.CtlMixin, unittest.TestCase):
     """`state: { postgres: CONNINFO }` in a database of its own; that database becomes
     unreachable: the instance keeps serving with its flags and refuses to change them."""
