@@ -13,6 +13,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "admin/fleet.h"
 #include "admin/report.h"
 #include "proxy/log.h"
 #include "proxy/mirror.h"
@@ -101,11 +102,74 @@ static void reply(struct pd_cutover *op, json_t *r)
     op->req = NULL;
 }
 
+/*
+ * A shared state (PostgreSQL) is written off the event loop, one event after the other in
+ * the order they happened: proxying never waits for the control database. A state file is
+ * written at once, so that its history is complete when the command is answered.
+ */
+struct pd_record {
+    struct pd_record *next;
+    uv_work_t work;
+    pd_server_t *srv;
+    json_t *fields;
+    char event[32], who[96], database[64];
+    int rc;
+    char *err;
+};
+
+static void record_work(uv_work_t *w)
+{
+    struct pd_record *rec = w->data;
+    rec->rc = pd_state_record_event(rec->srv->state, rec->event, rec->who, rec->fields, &rec->err);
+    rec->fields = NULL; /* taken */
+}
+
+static void record_next(pd_server_t *srv);
+
+static void record_done(uv_work_t *w, int status)
+{
+    struct pd_record *rec = w->data;
+    pd_server_t *srv = rec->srv;
+    if (status != 0 || rec->rc != 0)
+        pd_log_warning(NULL, "%s of database \"%s\" not recorded in the state: %s", rec->event,
+                       rec->database, rec->err ? rec->err : "out of memory");
+    srv->records = rec->next;
+    json_decref(rec->fields);
+    free(rec->err);
+    free(rec);
+    record_next(srv);
+}
+
+static void record_next(pd_server_t *srv)
+{
+    struct pd_record *rec = srv->records;
+    if (rec != NULL && uv_queue_work(srv->loop, &rec->work, record_work, record_done) != 0)
+        record_done(&rec->work, -1);
+}
+
 void pd_cutover_record(pd_server_t *srv, const char *database, const char *who, const char *event,
                        json_t *fields)
 {
-    char *err = NULL;
     json_object_set_new(fields, "database", json_string(database));
+    if (pd_state_shared(srv->state)) {
+        struct pd_record *rec = calloc(1, sizeof *rec);
+        if (rec != NULL) {
+            rec->srv = srv;
+            rec->fields = fields;
+            rec->work.data = rec;
+            snprintf(rec->event, sizeof rec->event, "%s", event);
+            snprintf(rec->who, sizeof rec->who, "%s", who);
+            snprintf(rec->database, sizeof rec->database, "%s", database);
+            struct pd_record **pp = &srv->records;
+            while (*pp != NULL)
+                pp = &(*pp)->next;
+            *pp = rec;
+            if (srv->records == rec)
+                record_next(srv);
+            return;
+        }
+    }
+    char *err = NULL;
     if (pd_state_record_event(srv->state, event, who, fields, &err) != 0) {
         pd_log_warning(NULL, "%s of database \"%s\" not recorded in the state: %s", event, database,
                        err ? err : "out of memory");
@@ -139,6 +203,13 @@ static bool db_quiet(pd_server_t *srv, const char *database)
         if (s->database != NULL && strcmp(s->database, database) == 0 && !pd_session_quiet(s))
             return false;
     return true;
+}
+
+bool pd_cutover_drained(pd_server_t *srv, const char *database)
+{
+    pd_mirror_totals_t mt = {0};
+    pd_mirror_db_totals(srv, database, &mt);
+    return db_quiet(srv, database) && mt.busy == 0 && mt.queued == 0;
 }
 
 static bool db_has_rules(const pd_server_t *srv, const char *database, bool *tables)
@@ -471,7 +542,45 @@ static json_t *guardrails(pd_server_t *srv, const char *database, op_kind_t kind
                   "mirrors to catch up.");
         *failed += !ok;
     }
+    if (srv->fleet != NULL)
+        *failed += !pd_fleet_check(srv->fleet, checks);
     return checks;
+}
+
+bool pd_cutover_local_ok(pd_server_t *srv, const char *database, bool rollback, char *why,
+                         size_t size)
+{
+    bool tables = false;
+    for (unsigned i = 0; i < srv->cfg->rule_count; i++) {
+        const pd_rule_cfg_t *r = &srv->cfg->rules[i];
+        if (strcmp(r->database, database) != 0)
+            continue;
+        tables |= r->kind == PD_RULE_TABLES;
+        if (rollback)
+            continue;
+        json_t *v = pd_state_verify(srv->state, r->name);
+        int64_t at_ms = pd_report_parse_time(json_string_value(json_object_get(v, "time")));
+        json_decref(v);
+        int64_t last = srv->stats[i].divergence_at;
+        if (last != 0 && (at_ms <= 0 || last >= at_ms / 1000)) {
+            snprintf(why, size,
+                     "rule \"%s\" saw divergence here since its last verify (pgdualctl "
+                     "divergence %s on this instance; then verify %s --repair)",
+                     r->name, r->name, r->name);
+            return false;
+        }
+    }
+    pd_mirror_totals_t mt = {0};
+    if (tables)
+        pd_mirror_db_totals(srv, database, &mt);
+    if (mt.detached > 0) {
+        snprintf(why, size,
+                 "%u mirror connections detached here: writes missed the mirror (pgdualctl "
+                 "verify RULE --repair, and reconnect those sessions)",
+                 (unsigned)mt.detached);
+        return false;
+    }
+    return true;
 }
 
 static void flip_done(struct pd_cutover *op, int seq_set);
@@ -712,6 +821,16 @@ void pd_cmd_switchover(pd_server_t *srv, pd_admin_req_t *req, int argc, char **a
         pd_admin_reply(req, refusal(kind, argv[1], checks, failed));
         return;
     }
+    if (srv->fleet != NULL) {
+        pd_log_info(NULL, "%s of database \"%s\" across the fleet requested by %s%s", op_name(kind),
+                    argv[1], pd_admin_who(),
+                    o.force && failed > 0 ? " (--force over failing guardrails)" : "");
+        pd_watch_end(srv, argv[1], pd_admin_who(),
+                     kind == OP_ROLLBACK ? "an operator's rollback" : "a new switchover");
+        pd_fleet_switchover(srv, req, kind == OP_ROLLBACK, argv[1], o.timeout_ms, checks,
+                            pd_admin_who(), o.force, &o.watch, NULL);
+        return;
+    }
     struct pd_cutover *op = switch_start(srv, req, kind, argv[1], &o, checks, tables);
     if (op == NULL) {
         pd_admin_reply(req, error_reply("out of memory", NULL));
@@ -743,6 +862,17 @@ int pd_cutover_auto_rollback(pd_server_t *srv, pd_watch_t *w, const char *databa
         snprintf(msg, size, "%s%s%s%s", e ? e : "refused", h ? " (" : "", h ? h : "", h ? ")" : "");
         json_decref(err);
         return -1;
+    }
+    if (srv->fleet != NULL && pd_fleet_coordinating(srv->fleet)) {
+        snprintf(msg, size, "this instance coordinates a fleet operation already (retried)");
+        json_decref(checks);
+        return -1;
+    }
+    if (srv->fleet != NULL) { /* across the fleet, like an operator's rollback */
+        pd_log_info(NULL, "rollback of database \"%s\" across the fleet started by %s", database,
+                    who);
+        pd_fleet_switchover(srv, NULL, true, database, timeout_ms, checks, who, false, NULL, w);
+        return 0;
     }
     opts_t o = {.timeout_ms = timeout_ms};
     pd_watch_opts_init(&o.watch);

@@ -20,6 +20,8 @@
  * switchover DB --watch DURATION [--max-divergence N] [--max-error-rate R]: after the flip
  *   the database is watched, and rolled back on its own when a threshold is passed
  *   (admin/watch.h). An operator's switchover or rollback of the database ends its watch.
+ * With `state: postgres`, switchover and rollback run across the fleet (admin/fleet.h); pause
+ * and resume stay this instance's own.
  * Every pause, resume, switchover and rollback is recorded in the state's history with
  * who asked and what was measured.
  */
@@ -47,9 +49,19 @@ int pd_cutover_auto_rollback(pd_server_t *srv, pd_watch_t *w, const char *databa
                              uint64_t timeout_ms, char *msg, size_t size);
 
 /* Appends an operator event about a database to the state's history (a reference to fields
- * is taken); a state that cannot be written is logged, never fatal. */
+ * is taken): a state file at once, a shared state (PostgreSQL) off the event loop, events
+ * in order. A state that cannot be written is logged, never fatal. */
 void pd_cutover_record(pd_server_t *srv, const char *database, const char *who, const char *event,
                        json_t *fields);
+
+/* The guardrails only this instance can answer (its divergence since the last verify,
+ * its detached mirrors): true, or false with why (what failed and what to run). A
+ * participant of a fleet switchover checks them before it acknowledges the pause. */
+bool pd_cutover_local_ok(pd_server_t *srv, const char *database, bool rollback, char *why,
+                         size_t size);
+
+/* Are the database's sessions between transactions and its mirrors idle (nothing queued)? */
+bool pd_cutover_drained(pd_server_t *srv, const char *database);
 
 /* Server shutdown: pauses end, operations in progress are abandoned (their clients told),
  * watches end (pd_watch_stop_all). */

@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "admin/fleet.h"
 #include "proxy/mirror.h"
 #include "proxy/seqsync.h"
 #include "rules/catalog.h"
@@ -101,6 +102,20 @@ static void render_rules(const pd_server_t *srv, pd_buf_t *out)
     help(out, "pgdual_sequences_set_total", "counter",
          "Mirror-side sequences raised to the authoritative side's value (kept in step).");
     put(out, "pgdual_sequences_set_total %llu\n", (unsigned long long)pd_seqsync_total(srv));
+    if (srv->fleet != NULL) {
+        int connected, live;
+        long long version;
+        pd_fleet_numbers(srv->fleet, &connected, &version, &live);
+        help(out, "pgdual_state_connected", "gauge",
+             "1 while the control connection to the shared state (state: postgres) is up; at 0 "
+             "flags cannot change here (fail closed).");
+        put(out, "pgdual_state_connected %d\n", connected);
+        help(out, "pgdual_state_version", "gauge", "The version of the shared state in force.");
+        put(out, "pgdual_state_version %lld\n", version);
+        help(out, "pgdual_fleet_instances", "gauge",
+             "Instances sharing the state with a heartbeat in the last 5 s (this one included).");
+        put(out, "pgdual_fleet_instances %d\n", live);
+    }
     RULE_COUNTERS(srv, out, "pgdual_mirrored_statements_total",
                   "Statements replayed on a tables rule's mirror.", NULL, SERIES(NULL, mirrored));
     RULE_COUNTERS(srv, out, "pgdual_divergence_total", "Divergence events by rule and kind.",

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "admin/cutover.h"
+#include "admin/fleet.h"
 #include "admin/jobs_cmd.h"
 #include "admin/render.h"
 #include "admin/report.h"
@@ -118,6 +119,12 @@ static json_t *cmd_status(pd_server_t *srv, int argc, char **argv)
                                   (int)mt.connecting, "detached", (int)mt.detached, "queued",
                                   (json_int_t)mt.queued));
     json_object_set_new(r, "sequences", pd_seqsync_status(srv));
+    /* Where the flags live; in a fleet, the version of the shared state this instance runs. */
+    json_object_set_new(r, "state",
+                        srv->fleet != NULL ? pd_fleet_status(srv->fleet)
+                                           : json_pack("{s:s, s:s?}", "backend",
+                                                       srv->cfg->state ? "file" : "memory", "path",
+                                                       srv->cfg->state));
     json_t *counters = pd_render_rule_stats(srv);
     json_object_set(r, "rule_counters", json_object_get(counters, "rules"));
     json_object_set(r, "rewrite_cache", json_object_get(counters, "rewrite_cache"));
@@ -257,7 +264,59 @@ static json_t *flags_json(const pd_server_t *srv, unsigned i)
 }
 
 /* flag RULE reads=VALUE|writes=VALUE [...]: all-or-nothing, persisted before in force. */
-static json_t *cmd_flag(pd_server_t *srv, int argc, char **argv)
+/*
+ * A flag change is saved off the event loop (the state may be a file that is fsynced, or
+ * PostgreSQL), then comes into force on the loop and is answered: proxying never waits
+ * for the store.
+ */
+struct flag_work {
+    uv_work_t work;
+    pd_server_t *srv;
+    pd_admin_req_t *req;
+    char rule[128], who[96];
+    pd_writes_t writes;
+    pd_reads_t reads;
+    int rc;
+    char *err;
+};
+
+static void flag_save(uv_work_t *w)
+{
+    struct flag_work *fw = w->data;
+    fw->rc =
+        pd_state_set_flags(fw->srv->state, fw->rule, fw->writes, &fw->reads, fw->who, &fw->err);
+}
+
+static void flag_saved(uv_work_t *w, int status)
+{
+    struct flag_work *fw = w->data;
+    pd_server_t *srv = fw->srv;
+    json_t *r;
+    int rule = find_rule(srv, fw->rule); /* a reload may have come in between */
+    if (status != 0 || fw->rc != 0) {
+        r = reply_error(fw->err ? fw->err : "could not save the state",
+                        pd_state_shared(srv->state)
+                            ? "The flags were not changed. pgdualctl status shows the state's "
+                              "connection; try again once it is back."
+                            : "The flags were not changed. Check that the state file's "
+                              "directory is writable.");
+    } else if (rule < 0) {
+        r = reply_error("the rule went away (reload) while its flags were saved",
+                        "pgdualctl rules lists the rules.");
+    } else {
+        pd_server_flags_saved(srv, (unsigned)rule, fw->writes, &fw->reads, fw->who);
+        r = flags_json(srv, (unsigned)rule);
+    }
+    if (fw->req != NULL)
+        pd_admin_reply(fw->req, r);
+    else
+        json_decref(r);
+    free(fw->err);
+    free(fw);
+}
+
+/* NULL when the change was queued (flag_saved answers req), else the error reply. */
+static json_t *cmd_flag(pd_server_t *srv, pd_admin_req_t *req, int argc, char **argv)
 {
     int rule = find_rule(srv, argv[1]);
     if (rule < 0) {
@@ -292,15 +351,28 @@ static json_t *cmd_flag(pd_server_t *srv, int argc, char **argv)
                            "its sessions paused and drained first",
                            "Use pgdualctl switchover DB (or rollback DB); the flags were not "
                            "changed.");
-    char *err = NULL;
-    if (pd_server_set_flags(srv, (unsigned)rule, writes, &reads, current_who, &err) != 0) {
-        json_t *r = reply_error(err ? err : "could not save the state",
-                                "The flags were not changed. Check that the state file's "
-                                "directory is writable.");
-        free(err);
-        return r;
+    struct flag_work *fw = calloc(1, sizeof *fw);
+    if (fw == NULL)
+        return reply_error("out of memory", NULL);
+    fw->srv = srv;
+    fw->req = req;
+    fw->writes = writes;
+    fw->reads = reads;
+    snprintf(fw->rule, sizeof fw->rule, "%s", srv->cfg->rules[rule].name);
+    snprintf(fw->who, sizeof fw->who, "%s", current_who);
+    fw->work.data = fw;
+    if (uv_queue_work(srv->loop, &fw->work, flag_save, flag_saved) != 0) {
+        free(fw);
+        return reply_error("out of memory", NULL);
     }
-    return flags_json(srv, (unsigned)rule);
+    return NULL;
+}
+
+static void cmd_flag_async(pd_server_t *srv, pd_admin_req_t *req, int argc, char **argv)
+{
+    json_t *r = cmd_flag(srv, req, argc, argv);
+    if (r != NULL)
+        pd_admin_reply(req, r);
 }
 
 /* The newest events of the divergence log (of one rule, or all), at most `limit`. */
@@ -401,7 +473,7 @@ static const struct {
     {"status", 0, 0, cmd_status, NULL, "status"},
     {"sessions", 0, 0, cmd_sessions, NULL, "sessions"},
     {"rules", 0, 0, cmd_rules, NULL, "rules"},
-    {"flag", 2, 3, cmd_flag, NULL, "flag RULE reads=VALUE|writes=VALUE"},
+    {"flag", 2, 3, NULL, cmd_flag_async, "flag RULE reads=VALUE|writes=VALUE"},
     {"divergence", 0, 3, cmd_divergence, NULL, "divergence [RULE] [--limit N]"},
     {"reload", 0, 0, NULL, cmd_reload, "reload"},
     {"verify", 1, 5, pd_cmd_verify, NULL, "verify RULE [--repair] [--touched] [--batch N]"},
@@ -415,11 +487,12 @@ static const struct {
      "[--watch DURATION [--max-divergence N] [--max-error-rate R]]"},
     {"rollback", 1, 7, NULL, pd_cmd_switchover, "rollback DB [--timeout MS] [--force] [--dry-run]"},
     {"report", 1, 1, cmd_report, NULL, "report DB"},
+    {"fleet", 0, 2, NULL, pd_cmd_fleet, "fleet [forget INSTANCE]"},
 };
 
 #define COMMAND_LIST                                                                               \
     "Commands: status, sessions, rules, flag, divergence, reload, verify, backfill, jobs, "        \
-    "cancel, pause, resume, switchover, rollback, report."
+    "cancel, pause, resume, switchover, rollback, report, fleet."
 
 /*
  * Runs one command line. A synchronous command returns its reply; an asynchronous one

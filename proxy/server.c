@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "admin/cutover.h"
+#include "admin/fleet.h"
 #include "admin/jobs.h"
 #include "admin/metrics.h"
 #include "admin/render.h"
@@ -448,6 +449,8 @@ static void finish(pd_server_t *srv)
     pd_mirror_close_all(srv);
     pd_seqsync_stop(srv);
     pd_cutover_stop_all(srv);
+    pd_fleet_stop(srv->fleet);
+    srv->fleet = NULL;
     pd_admin_stop(srv->admin);
     srv->admin = NULL;
     pd_metrics_stop(srv->metrics);
@@ -907,19 +910,31 @@ static void on_signal(uv_signal_t *h, int signum)
     }
 }
 
+/* `state: postgres` keeps it on the old side of the first database; `{postgres: C}` at C. */
+static const char *state_conninfo(const pd_config_t *cfg)
+{
+    if (cfg->state_conninfo != NULL)
+        return cfg->state_conninfo;
+    if (cfg->state != NULL && strcmp(cfg->state, "postgres") == 0 && cfg->database_count > 0)
+        return cfg->databases[0].old;
+    return NULL;
+}
+
 static int open_state(pd_server_t *srv)
 {
     const pd_config_t *cfg = srv->cfg;
-    if (cfg->state_conninfo != NULL || (cfg->state && strcmp(cfg->state, "postgres") == 0)) {
-        pd_log_error(NULL, "state: postgres is not supported yet; give a file path");
-        return -1;
-    }
+    const char *conninfo = state_conninfo(cfg);
     char *err = NULL;
-    srv->state = pd_state_open(cfg->state, &err);
+    srv->state =
+        conninfo != NULL ? pd_state_open_postgres(conninfo, &err) : pd_state_open(cfg->state, &err);
     if (srv->state == NULL) {
         pd_log_error(NULL, "%s", err ? err : "out of memory");
-        pd_log_error(NULL, "HINT:  Move the file away to start with the config's initial "
-                           "flags, or fix it.");
+        pd_log_error(NULL, conninfo != NULL
+                               ? "HINT:  The state lives in schema pgdual of that database: its "
+                                 "conninfo must name a user that may create the schema (or "
+                                 "use `state: { postgres: CONNINFO }`)."
+                               : "HINT:  Move the file away to start with the config's initial "
+                                 "flags, or fix it.");
         free(err);
         return -1;
     }
@@ -978,6 +993,9 @@ int pd_server_init(pd_server_t *srv, uv_loop_t *loop, pd_config_t *cfg)
         return -1;
     if (pd_seqsync_start(srv) != 0)
         return -1;
+    const char *conninfo = state_conninfo(cfg);
+    if (conninfo != NULL && (srv->fleet = pd_fleet_start(srv, conninfo)) == NULL)
+        return -1;
     uv_signal_init(loop, &srv->sig_int);
     uv_signal_init(loop, &srv->sig_term);
     uv_signal_init(loop, &srv->sig_hup);
@@ -1035,16 +1053,71 @@ void pd_server_free(pd_server_t *srv)
 int pd_server_set_flags(pd_server_t *srv, unsigned rule, pd_writes_t writes,
                         const pd_reads_t *reads, const char *who, char **err)
 {
-    const char *name = srv->cfg->rules[rule].name;
-    if (pd_state_set_flags(srv->state, name, writes, reads, who, err) != 0)
+    if (pd_state_set_flags(srv->state, srv->cfg->rules[rule].name, writes, reads, who, err) != 0)
         return -1;
+    pd_server_flags_saved(srv, rule, writes, reads, who);
+    return 0;
+}
+
+void pd_server_flags_saved(pd_server_t *srv, unsigned rule, pd_writes_t writes,
+                           const pd_reads_t *reads, const char *who)
+{
+    const char *name = srv->cfg->rules[rule].name;
     srv->flags[rule].writes = writes;
     srv->flags[rule].reads = *reads;
     srv->rules_generation++; /* prepared statements are decided again at their next Bind */
     char rtext[32];
     pd_log_info(NULL, "rule \"%s\": flags set to writes=%s reads=%s by %s", name,
                 pd_writes_name(writes), pd_reads_format(reads, rtext, sizeof rtext), who);
-    return 0;
+}
+
+void pd_server_apply_state(pd_server_t *srv)
+{
+    const pd_config_t *cfg = srv->cfg;
+    pd_rule_flags_t *next = malloc((cfg->rule_count + 1) * sizeof *next);
+    if (next == NULL)
+        return;
+    memcpy(next, srv->flags, cfg->rule_count * sizeof *next);
+    bool changed = false;
+    for (unsigned i = 0; i < cfg->rule_count; i++) {
+        pd_rule_flags_t f;
+        if (!pd_state_flags(srv->state, cfg->rules[i].name, &f.writes, &f.reads))
+            continue;
+        changed |= f.writes != next[i].writes || f.reads.mode != next[i].reads.mode ||
+                   f.reads.percent != next[i].reads.percent;
+        next[i] = f;
+    }
+    /* Checked together: a database's tables rules flip at once. */
+    for (unsigned i = 0; changed && i < cfg->rule_count; i++) {
+        const char *why = flags_refusal(&cfg->rules[i], next[i].writes, &next[i].reads);
+        if (why == NULL)
+            why = database_refusal(cfg, next, i, next[i].writes, &next[i].reads);
+        if (why != NULL) {
+            pd_log_error(NULL,
+                         "rule \"%s\": the shared state (version %lld) holds flags this "
+                         "instance refuses: %s; the flags in force stay",
+                         cfg->rules[i].name, (long long)pd_state_version(srv->state), why);
+            changed = false;
+        }
+    }
+    for (unsigned i = 0; changed && i < cfg->rule_count; i++) {
+        if (next[i].writes == srv->flags[i].writes &&
+            next[i].reads.mode == srv->flags[i].reads.mode &&
+            next[i].reads.percent == srv->flags[i].reads.percent)
+            continue;
+        char rtext[32];
+        pd_log_info(NULL,
+                    "rule \"%s\": flags set to writes=%s reads=%s from the shared state "
+                    "(version %lld)",
+                    cfg->rules[i].name, pd_writes_name(next[i].writes),
+                    pd_reads_format(&next[i].reads, rtext, sizeof rtext),
+                    (long long)pd_state_version(srv->state));
+    }
+    if (changed) {
+        memcpy(srv->flags, next, cfg->rule_count * sizeof *next);
+        srv->rules_generation++;
+    }
+    free(next);
 }
 
 /* ---------------------------------------------------------------------------------------

@@ -115,6 +115,7 @@ typedef struct pd_server {
     struct pd_mirror *mirrors;            /* owned; every mirror connection (mirror.c) */
     struct pd_mirror_keys *mirror_keys;   /* owned; rows with images queued (mirror.c) */
     struct pd_seqsync *seqsync;           /* owned; sequences kept in step (seqsync.c) */
+    struct pd_fleet *fleet;               /* owned; NULL unless `state: postgres` (fleet.c) */
     bool reloading;
     unsigned config_generation;
     unsigned rules_generation;    /* bumped on every flag change and reload */
@@ -123,6 +124,7 @@ typedef struct pd_server {
 
     struct pd_pause *pauses;     /* owned; paused databases (pgdualctl pause, switchover) */
     struct pd_cutover *cutovers; /* owned; pauses and switchovers in progress (cutover.c) */
+    struct pd_record *records;   /* owned; events on their way to a shared state (cutover.c) */
     struct pd_watch *watches;    /* owned; switchover --watch in progress (admin/watch.c) */
     pd_traffic_t *traffic;       /* owned; client traffic per database */
     unsigned npauses;
@@ -162,6 +164,15 @@ const char *pd_server_check_flags(const pd_server_t *srv, unsigned rule, pd_writ
  * statement of every session. -1 with *err (malloc'd) when the state could not be saved. */
 int pd_server_set_flags(pd_server_t *srv, unsigned rule, pd_writes_t writes,
                         const pd_reads_t *reads, const char *who, char **err);
+/* The second half of pd_server_set_flags, for a caller that saved them in the state itself
+ * (off the event loop): they come into force, logged. */
+void pd_server_flags_saved(pd_server_t *srv, unsigned rule, pd_writes_t writes,
+                           const pd_reads_t *reads, const char *who);
+
+/* The state changed under us (another instance of the fleet): the flags it holds for this
+ * instance's rules come into force, all of them at once, unless this version refuses them
+ * (logged; the flags in force stay). */
+void pd_server_apply_state(pd_server_t *srv);
 
 /* Is new the authoritative side of the database (its tables rules at dual-new or new)?
    Sessions then talk to new, and old is the mirror. */
