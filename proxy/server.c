@@ -621,6 +621,8 @@ static bool keep_string(char **next, char **running)
  * compares with that; the keys the file changed are logged and kept in
  * srv->restart_needed for the reload's reply.
  */
+static const char *state_conninfo(const pd_config_t *cfg);
+
 static void keep_restart_keys(pd_server_t *srv, pd_config_t *next)
 {
     pd_config_t *run = srv->cfg;
@@ -632,9 +634,12 @@ static void keep_restart_keys(pd_server_t *srv, pd_config_t *next)
         srv->restart_needed[n++] = "listen";
     }
     if (!same_string(next->state, run->state) ||
-        !same_string(next->state_conninfo, run->state_conninfo)) {
+        !same_string(state_conninfo(next), state_conninfo(run))) {
         keep_string(&next->state, &run->state);
         keep_string(&next->state_conninfo, &run->state_conninfo);
+        /* `state: postgres` lives on the first database's old side, which changed: pinned */
+        if (!same_string(state_conninfo(next), state_conninfo(run)))
+            next->state_conninfo = strdup(state_conninfo(run));
         srv->restart_needed[n++] = "state";
     }
     if (keep_string(&next->admin_socket, &run->admin_socket))
