@@ -304,7 +304,12 @@ static void flag_saved(uv_work_t *w, int status)
         r = reply_error("the rule went away (reload) while its flags were saved",
                         "pgdualctl rules lists the rules.");
     } else {
-        pd_server_flags_saved(srv, (unsigned)rule, fw->writes, &fw->reads, fw->who);
+        /* A shared state may have moved on meanwhile (another instance): what is in force
+           is what it holds now, not necessarily this change. */
+        if (pd_state_shared(srv->state))
+            pd_server_apply_state(srv);
+        else
+            pd_server_flags_saved(srv, (unsigned)rule, fw->writes, &fw->reads, fw->who);
         r = flags_json(srv, (unsigned)rule);
     }
     if (fw->req != NULL)
