@@ -795,7 +795,10 @@ static void part_check(uv_timer_t *t)
     req_t *r = req_new(REQ_CHECK, f->part.op);
     if (r != NULL)
         post_req(f, r);
-    if (!f->part.held_unknown && !f->connected) {
+    pthread_mutex_lock(&f->lock);
+    bool connected = f->connected;
+    pthread_mutex_unlock(&f->lock);
+    if (!f->part.held_unknown && !connected) {
         f->part.held_unknown = true;
         pd_log_warning(NULL,
                        "fleet: %s of database \"%s\" (operation %" PRId64 ") passed its deadline "
@@ -1095,8 +1098,15 @@ static void on_acks(pd_fleet_t *f, ev_t *e)
 static void on_begun(pd_fleet_t *f, ev_t *e)
 {
     coord_t *c = &f->coord;
-    if (!c->active || c->step != C_BEGIN)
+    if (!c->active || c->step != C_BEGIN) {
+        /* Given up on (its timeout) before it was recorded: nobody waits for it now. */
+        req_t *r = e->ok && e->op != 0 ? req_new(REQ_ABORT, e->op) : NULL;
+        if (r != NULL) {
+            snprintf(r->text, sizeof r->text, "its coordinator gave up before it began");
+            post_req(f, r);
+        }
         return;
+    }
     if (!e->ok) {
         coord_fail(f, e->text,
                    "Wait for the operation in progress to end (pgdualctl fleet), or check the "
