@@ -1,6 +1,7 @@
 /*
  * test_state.c — runtime state: flags survive a reopen, writes are atomic, a failed write
- * leaves memory unchanged, history is bounded, checkpoints and verify results persist.
+ * leaves memory unchanged, history is bounded, checkpoints and verify results persist, an
+ * edit of several changes is all or nothing, a state without a file lives in memory.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -181,6 +182,84 @@ static void test_checkpoints_and_verify_persist(void **ctx)
     pd_state_free(st);
 }
 
+/* One edit that flips two rules and records the event: all of it, or (failing) none. */
+static int flip_two(json_t *doc, void *arg)
+{
+    const pd_reads_t *reads = arg;
+    if (pd_state_doc_set_flags(doc, "a", PD_WRITES_DUAL_NEW, reads, "uid 0") != 0 ||
+        pd_state_doc_set_flags(doc, "b", PD_WRITES_DUAL_NEW, reads, "uid 0") != 0)
+        return -1;
+    json_t *fields = json_pack("{s:s}", "database", "shop");
+    int rc = pd_state_doc_event(doc, "switchover", "uid 0", fields); /* copies the fields */
+    json_decref(fields);
+    return rc;
+}
+
+static int half_then_fail(json_t *doc, void *arg)
+{
+    const pd_reads_t *reads = arg;
+    pd_state_doc_set_flags(doc, "a", PD_WRITES_NEW, reads, "uid 0");
+    return -1; /* e.g. out of memory midway */
+}
+
+static void test_edit_is_all_or_nothing(void **ctx)
+{
+    (void)ctx;
+    char *err = NULL;
+    pd_state_t *st = pd_state_open(path, &err);
+    assert_non_null(st);
+    assert_false(pd_state_shared(st));
+    pd_reads_t reads = {.mode = PD_READS_NEW, .percent = 100};
+    assert_int_equal(pd_state_edit(st, NULL, NULL, flip_two, &reads, &err), 0);
+    pd_writes_t w;
+    pd_reads_t r;
+    assert_true(pd_state_flags(st, "a", &w, &r));
+    assert_int_equal(w, PD_WRITES_DUAL_NEW);
+    assert_true(pd_state_flags(st, "b", &w, &r));
+    assert_int_equal(r.mode, PD_READS_NEW);
+    json_t *h = pd_state_history(st);
+    assert_int_equal(json_array_size(h), 3);
+    assert_string_equal(json_string_value(json_object_get(json_array_get(h, 2), "event")),
+                        "switchover");
+    assert_string_equal(json_string_value(json_object_get(json_array_get(h, 2), "database")),
+                        "shop");
+    json_decref(h);
+    /* A failing edit changes nothing, in memory or on disk, even what it did before failing. */
+    assert_int_equal(pd_state_edit(st, NULL, NULL, half_then_fail, &reads, &err), -1);
+    assert_non_null(err);
+    free(err);
+    err = NULL;
+    assert_true(pd_state_flags(st, "a", &w, &r));
+    assert_int_equal(w, PD_WRITES_DUAL_NEW);
+    pd_state_free(st);
+    st = pd_state_open(path, &err);
+    assert_non_null(st);
+    assert_true(pd_state_flags(st, "a", &w, &r));
+    assert_int_equal(w, PD_WRITES_DUAL_NEW);
+    h = pd_state_history(st);
+    assert_int_equal(json_array_size(h), 3);
+    json_decref(h);
+    assert_int_equal(pd_state_version(st), 0); /* versions are the shared state's */
+    assert_int_equal(pd_state_refresh(st, &err), 0);
+    pd_state_free(st);
+}
+
+static void test_memory_only_state(void **ctx)
+{
+    (void)ctx;
+    char *err = NULL;
+    pd_state_t *st = pd_state_open(NULL, &err);
+    assert_non_null(st);
+    pd_reads_t reads = {.mode = PD_READS_OLD};
+    assert_int_equal(pd_state_set_flags(st, "r", PD_WRITES_DUAL, &reads, "t", &err), 0);
+    pd_writes_t w;
+    pd_reads_t r;
+    assert_true(pd_state_flags(st, "r", &w, &r));
+    assert_int_equal(w, PD_WRITES_DUAL);
+    assert_int_equal(access(path, F_OK), -1); /* nothing written anywhere */
+    pd_state_free(st);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -191,6 +270,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_garbage_file_is_refused, setup, teardown),
         cmocka_unit_test_setup_teardown(test_history_is_bounded, setup, teardown),
         cmocka_unit_test_setup_teardown(test_checkpoints_and_verify_persist, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_edit_is_all_or_nothing, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_memory_only_state, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
