@@ -567,6 +567,21 @@ class ControlLostTest(pdtest.CtlMixin, unittest.TestCase):
         self.ctl_json("flag", RULE, "reads=old")
 
 
+    def test_no_start_without_the_control_database(self):
+        # Its flags may be stale: an instance does not start on the config's initial ones.
+        dbs = [{"name": DB, "old": pg_conninfo(OLD + "x", user="postgres"),
+                "new": pg_conninfo(NEW + "x", user="postgres")}]
+        p = Proxy(databases=dbs, state={"postgres": pg_conninfo(CTL + "_missing",
+                                                                user="postgres")},
+                  rules=[{"name": RULE, "database": DB, "kind": "tables", "writes": "dual",
+                          "reads": "old"}])
+        with self.assertRaises(pdtest.ProxyError) as cm:
+            p.start()
+        self.assertIn("exited with status 1", str(cm.exception))
+        self.assertIn("could not connect to the state database", p.log())
+        self.assertIn("HINT:", p.log())
+
+
 def old_x(sql):
     return direct_query(sql, dbname=OLD + "x")
 
