@@ -102,6 +102,17 @@ static void render_rules(const pd_server_t *srv, pd_buf_t *out)
     help(out, "pgdual_sequences_set_total", "counter",
          "Mirror-side sequences raised to the authoritative side's value (kept in step).");
     put(out, "pgdual_sequences_set_total %llu\n", (unsigned long long)pd_seqsync_total(srv));
+    /* What switchover --watch compares: client requests and errors per database. */
+    help(out, "pgdual_client_requests_total", "counter",
+         "Requests answered to clients (one per ReadyForQuery), by database.");
+    for (const pd_traffic_t *t = srv->traffic; t != NULL; t = t->next)
+        put(out, "pgdual_client_requests_total{database=\"%s\"} %llu\n", t->database,
+            (unsigned long long)t->requests);
+    help(out, "pgdual_client_errors_total", "counter",
+         "ErrorResponses sent to clients, by database.");
+    for (const pd_traffic_t *t = srv->traffic; t != NULL; t = t->next)
+        put(out, "pgdual_client_errors_total{database=\"%s\"} %llu\n", t->database,
+            (unsigned long long)t->errors);
     if (srv->fleet != NULL) {
         int connected, live;
         long long version;

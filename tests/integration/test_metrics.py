@@ -69,6 +69,17 @@ class MetricsTest(unittest.TestCase):
         total = re.search(r"^pgdual_sessions_total (\d+)$", text, re.M)
         self.assertIsNotNone(total, text)
         self.assertGreaterEqual(int(total.group(1)), 1)
+        # Requests and client errors per database (what switchover --watch compares).
+        req = re.search(r'^pgdual_client_requests_total\{database="app"\} (\d+)$', text, re.M)
+        self.assertIsNotNone(req, text)
+        self.assertGreaterEqual(int(req.group(1)), 1)
+        errs = re.search(r'^pgdual_client_errors_total\{database="app"\} (\d+)$', text, re.M)
+        self.assertIsNotNone(errs, text)
+        r = run_psql(self.proxy.port, "SELECT 1/0", check=False)
+        self.assertNotEqual(r.returncode, 0)
+        after = self.request("GET", "/metrics")[2].decode()
+        errs2 = re.search(r'^pgdual_client_errors_total\{database="app"\} (\d+)$', after, re.M)
+        self.assertEqual(int(errs2.group(1)), int(errs.group(1)) + 1)
         # The numbers are rendered at each request.
         run_psql(self.proxy.port, "SELECT 1")
         text = self.request("GET", "/metrics?x=1")[2].decode()
