@@ -1269,9 +1269,36 @@ static pd_sql_result_t *instantiate(tmpl_t *t, const char *sql, const pd__lits_t
 
 /* The template path after an exact-text miss. Sets *done when it answered (with a result,
    or NULL when out of memory); leaves it false when the statement takes the exact path. */
+/* A template hit found from plain text without the lexer (pd__lits_take_plain), or NULL
+   with *done false: the caller takes the lexer's path (which also makes the template). */
+static pd_sql_result_t *plain_hit(job_t *job, bool *done)
+{
+    pd_sql_t *rw = job->rw;
+    pd__lits_t lits;
+    if (pd__lits_take_plain(job->sql, &lits) != PD__LITS_OK)
+        return NULL;
+    pd_sql_result_t *res = NULL;
+    size_t len = 0;
+    char *key = lits.tmpl.len <= CACHE_MAX_SQL
+                    ? cache_key(job, 'T', lits.tmpl.buf, lits.tmpl.len, lits.kinds, &len)
+                    : NULL;
+    tmpl_t *t = key != NULL ? pd__cache_get(&rw->cache, key, len, pd__cache_hash(key, len)) : NULL;
+    if (t != NULL && usable(t, &lits)) {
+        rw->stats.template_hits++;
+        res = instantiate(t, job->sql, &lits);
+        *done = true;
+    }
+    free(key);
+    pd__lits_free(&lits);
+    return res;
+}
+
 static pd_sql_result_t *rewrite_templated(job_t *job, bool *done)
 {
     pd_sql_t *rw = job->rw;
+    pd_sql_result_t *hit = plain_hit(job, done);
+    if (*done)
+        return hit;
     pd__lits_t lits;
     pd__lits_status_t st = pd__lits_take(job->sql, &lits);
     if (st != PD__LITS_OK) {

@@ -276,6 +276,10 @@ typedef enum {
 
 pd__lits_status_t pd__lits_take(const char *sql, pd__lits_t *out);
 void pd__lits_free(pd__lits_t *l);
+/* The same for plain text without the lexer (sql_tmpl.c says what is plain): PD__LITS_NONE
+   when the text is not plain (ask pd__lits_take), else exactly pd__lits_take's answer,
+   ntokens excepted (0): for looking a template up, never for making one. */
+pd__lits_status_t pd__lits_take_plain(const char *sql, pd__lits_t *out);
 /* Does the template lex as the statement did, each $i a parameter token exactly where its
    literal stood? (Replacing a literal can glue it to its neighbour: N'x' becomes the
    identifier N$1.) False too when out of memory: the template is then simply not used. */

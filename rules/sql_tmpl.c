@@ -395,3 +395,201 @@ char *pd__split_fill(const pd__split_t *s, const char *sql, const pd__lits_t *l)
     buf[total] = '\0';
     return buf;
 }
+
+/* ---------------------------------------------------------------------------------------
+ * The fast path for plain statements.
+ *
+ * A statement of one shape with new literals each time (a client that inlines its values)
+ * would be lexed by pg_query_scan at every execution only to find its template, the
+ * dearest step left on that path. For "plain" text — ASCII, no comments, no backslash, no
+ * dollar sign, no prefixed or adjacent strings, numbers that are plain decimal integers or
+ * fractions — where PostgreSQL's lexer finds literals is evident, and this finds them
+ * the same way; anything else returns PD__LITS_NONE and the caller asks the real lexer.
+ * The result is only used to look a template up (its ntokens is not counted): a template
+ * is made, and verified, from the real lexer's reading only. Tests and the SQL fuzz target
+ * check that wherever this answers, it answers exactly as pd__lits_take does.
+ */
+static bool ident_char(unsigned char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_';
+}
+
+static bool is_digit(unsigned char c)
+{
+    return c >= '0' && c <= '9';
+}
+
+/* An integer literal that does not fit int32 is FCONST to PostgreSQL's lexer. */
+static char integer_kind(const char *s, size_t n)
+{
+    while (n > 1 && *s == '0') {
+        s++;
+        n--;
+    }
+    if (n < 10)
+        return 'I';
+    if (n > 10)
+        return 'F';
+    return memcmp(s, "2147483647", 10) <= 0 ? 'I' : 'F';
+}
+
+typedef struct {
+    size_t start, end;
+    char kind;
+} plain_lit_t;
+
+/* The literals of plain text, into lits (at most max); -1 when the text is not plain. */
+static long plain_literals(const char *sql, size_t len, plain_lit_t *lits, size_t max)
+{
+    size_t n = 0, i = 0;
+    while (i < len) {
+        unsigned char c = (unsigned char)sql[i];
+        if (c >= 0x80 || c == '\\' || c == '$' || c == 0 || c == 0x7f ||
+            (c < 0x20 && c != ' ' && c != '\t' && c != '\n' && c != '\r' && c != '\f'))
+            return -1;
+        if ((c == '-' && i + 1 < len && sql[i + 1] == '-') ||
+            (c == '/' && i + 1 < len && sql[i + 1] == '*'))
+            return -1;  /* comments */
+        if (c == '"') { /* a quoted identifier: "" doubles a quote */
+            if (i + 1 < len && sql[i + 1] == '"')
+                return -1; /* "" (empty: an error) or a quote-led name: the lexer's call */
+            for (i++;; i++) {
+                if (i >= len)
+                    return -1;
+                if (sql[i] == '"') {
+                    if (i + 1 < len && sql[i + 1] == '"') {
+                        i++;
+                        continue;
+                    }
+                    break;
+                }
+                if ((unsigned char)sql[i] >= 0x80 || sql[i] == '\\' || (unsigned char)sql[i] < 0x20)
+                    return -1;
+            }
+            i++;
+            if (i < len && sql[i] == '"')
+                return -1;
+            continue;
+        }
+        if (c == '\'') {
+            if (i > 0 &&
+                (ident_char((unsigned char)sql[i - 1]) || sql[i - 1] == '&' || sql[i - 1] == '\''))
+                return -1; /* E'', B'', X'', N'', U&'' and the like */
+            size_t start = i;
+            for (i++;; i++) {
+                if (i >= len)
+                    return -1;
+                if (sql[i] == '\'') {
+                    if (i + 1 < len && sql[i + 1] == '\'') {
+                        i++;
+                        continue;
+                    }
+                    break;
+                }
+                if ((unsigned char)sql[i] >= 0x80 || sql[i] == '\\')
+                    return -1;
+            }
+            i++;
+            /* 'a' 'b' across a newline is one literal to the lexer: not plain. */
+            size_t j = i;
+            while (j < len && (sql[j] == ' ' || sql[j] == '\t' || sql[j] == '\n' ||
+                               sql[j] == '\r' || sql[j] == '\f'))
+                j++;
+            if (j < len && sql[j] == '\'')
+                return -1;
+            if (i < len && (ident_char((unsigned char)sql[i]) || sql[i] == '"'))
+                return -1;
+            if (n == max)
+                return -1;
+            lits[n++] = (plain_lit_t){start, i, 'S'};
+            continue;
+        }
+        if (ident_char(c) && !is_digit(c)) { /* an identifier or keyword */
+            while (i < len && ident_char((unsigned char)sql[i]))
+                i++;
+            if (i < len && (sql[i] == '\'' || sql[i] == '"' || sql[i] == '&'))
+                return -1;
+            continue;
+        }
+        if (is_digit(c)) {
+            size_t start = i;
+            while (i < len && is_digit((unsigned char)sql[i]))
+                i++;
+            char kind = integer_kind(sql + start, i - start);
+            if (i < len && sql[i] == '.') {
+                if (i + 1 >= len || !is_digit((unsigned char)sql[i + 1]))
+                    return -1; /* 1.. and 1. are the lexer's corner cases */
+                for (i++; i < len && is_digit((unsigned char)sql[i]); i++) {
+                }
+                kind = 'F';
+            }
+            if (i < len && (ident_char((unsigned char)sql[i]) || sql[i] == '.' || sql[i] == '"' ||
+                            sql[i] == '\''))
+                return -1; /* exponents, 0x, 1_000, 123abc: left to the lexer */
+            if (n == max)
+                return -1;
+            lits[n++] = (plain_lit_t){start, i, kind};
+            continue;
+        }
+        if (c == '.' && i + 1 < len && is_digit((unsigned char)sql[i + 1]))
+            return -1; /* .5 */
+        if (strchr("~!@#^&|`?+-*/%<>=", c) != NULL) {
+            /* Operators: long ones (the lexer has limits and splitting rules) and the
+               rarely seen ones are left to it. */
+            size_t start = i;
+            while (i < len && sql[i] != '\0' && strchr("~!@#^&|`?+-*/%<>=", sql[i]) != NULL)
+                i++;
+            if (i - start > 3 || memchr(sql + start, '`', i - start) != NULL)
+                return -1;
+            for (size_t k = start; k + 1 < i; k++)
+                if ((sql[k] == '-' && sql[k + 1] == '-') || (sql[k] == '/' && sql[k + 1] == '*'))
+                    return -1; /* a comment starts inside the run */
+            continue;
+        }
+        i++;
+    }
+    return (long)n;
+}
+
+pd__lits_status_t pd__lits_take_plain(const char *sql, pd__lits_t *out)
+{
+    memset(out, 0, sizeof *out);
+    enum { MAX_PLAIN_LITS = 64 };
+    plain_lit_t found[MAX_PLAIN_LITS];
+    size_t len = strlen(sql);
+    long n = plain_literals(sql, len, found, MAX_PLAIN_LITS);
+    if (n <= 0)
+        return PD__LITS_NONE;
+    out->start = malloc((size_t)n * sizeof *out->start);
+    out->end = malloc((size_t)n * sizeof *out->end);
+    out->at = malloc((size_t)n * sizeof *out->at);
+    out->kinds = malloc((size_t)n + 1);
+    out->tmpl.cap = len + (size_t)n * 8 + 1;
+    out->tmpl.buf = malloc(out->tmpl.cap);
+    if (out->start == NULL || out->end == NULL || out->at == NULL || out->kinds == NULL ||
+        out->tmpl.buf == NULL) {
+        pd__lits_free(out);
+        return PD__LITS_OOM;
+    }
+    out->tmpl.buf[0] = '\0';
+    size_t copied = 0;
+    for (long k = 0; k < n; k++) {
+        char param[32];
+        int plen = param_text(param, out->n + 1);
+        pd__text_add(&out->tmpl, sql + copied, found[k].start - copied);
+        out->at[out->n] = out->tmpl.len;
+        pd__text_add(&out->tmpl, param, (size_t)plen);
+        out->start[out->n] = found[k].start;
+        out->end[out->n] = found[k].end;
+        out->kinds[out->n] = found[k].kind;
+        out->n++;
+        copied = found[k].end;
+    }
+    out->kinds[out->n] = '\0';
+    pd__text_add(&out->tmpl, sql + copied, len - copied);
+    if (out->tmpl.oom) {
+        pd__lits_free(out);
+        return PD__LITS_OOM;
+    }
+    return PD__LITS_OK;
+}
