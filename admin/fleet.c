@@ -1362,11 +1362,12 @@ pd_fleet_t *pd_fleet_start(pd_server_t *srv, const char *conninfo)
                            "rows, --repair fixes them)",
                            srv->cfg->rules[i].name,
                            srv->cfg->rules[i].commit == PD_COMMIT_LOCKSTEP
-                               ? "under lockstep, writes in explicit transactions are ordered "
-                                 "by the authoritative side's row locks, autocommit writes are "
-                                 "not"
-                               : "use mirror.commit lockstep, and explicit transactions for "
-                                 "such writes");
+                               ? "under lockstep they are ordered by the authoritative side's "
+                                 "row locks in explicit transactions and in autocommit simple "
+                                 "queries (pgdual wraps those in a transaction of its own), "
+                                 "not in autocommit extended-protocol (prepared) or pipelined "
+                                 "batches, nor COPY"
+                               : "use mirror.commit lockstep for such writes");
     return f;
 }
 

@@ -226,6 +226,7 @@ static void free_session(uv_handle_t *h)
     pd_buf_free(&s->out);
     pd_buf_free(&s->to_server);
     free(s->batches);
+    free(s->wrap_sql);
     pd_sql_result_release(s->shadow);
     free(s->shadow_text);
     prepared_free(s->shadow_ext);
@@ -644,6 +645,11 @@ static void batch_pop(pd_session_t *s)
     s->batch_count--;
 }
 
+static pd_batch_t *batch_back(pd_session_t *s)
+{
+    return &s->batches[(s->batch_head + s->batch_count - 1) % s->batch_cap];
+}
+
 /* Ends the batch being sent (at Sync, Query or FunctionCall). */
 static bool batch_close(pd_session_t *s, bool shadow)
 {
@@ -817,6 +823,56 @@ static bool refusal_extended(pd_session_t *s, pd_buf_t *msg, const pd_sql_result
     pd_buf_free(&sql);
     return ok;
 }
+/*
+ * Fleet wrap (pd_mirror_wraps, mirror.h): the client's autocommit Query runs on the
+ * authoritative side inside pgdual's own BEGIN ... COMMIT, so that its row locks are held
+ * until the mirror has applied and committed it (lockstep holds the batch's ReadyForQuery
+ * until then); writes of one row made through several instances then reach the mirror
+ * in the authoritative side's order. BEGIN goes ahead of the Query, as the proxy's own
+ * batch whose answers are dropped; the client's input waits until pgdual's COMMIT (or
+ * ROLLBACK, when the batch failed) is answered, and the client hears that ReadyForQuery,
+ * 'I', and the COMMIT's error if it failed. Simple Query protocol only: an
+ * extended-protocol batch (Parse/Bind/Execute/Sync) is not wrapped.
+ */
+static bool wrap_begin(pd_session_t *s, const char *sql, int rule)
+{
+    free(s->wrap_sql);
+    s->wrap_sql = strdup(sql);
+    s->wrap_rule = rule;
+    pd_fe_query(&s->to_server, "BEGIN");
+    pd_batch_t b = {.seq = s->batch_seq, .internal = true, .wrap = 'B'};
+    if (s->wrap_sql == NULL || !pd_buf_ok(&s->to_server) || !batch_push(s, b)) {
+        pd_buf_reset(&s->to_server);
+        return false;
+    }
+    s->hold_client = true;
+    return true;
+}
+
+/* ReadyForQuery (status) ending a part of a fleet wrap: true when it is dropped. */
+static bool wrap_ready(pd_session_t *s, uint8_t wrap, uint8_t status)
+{
+    if (wrap == 'B')
+        return true; /* the client's batch follows */
+    if (wrap == 'W') {
+        /* The mirror applied and committed the batch (lockstep held this until then). */
+        s->wrap_commit = status != 'E';
+        pd_fe_query(&s->to_server, s->wrap_commit ? "COMMIT" : "ROLLBACK");
+        pd_batch_t b = {.seq = s->batch_seq, .internal = true, .wrap = 'C'};
+        if (!pd_buf_ok(&s->to_server) || !batch_push(s, b)) {
+            pd_session_terminate(s, "53200", "out of memory", NULL);
+            return true;
+        }
+        s->busy = true;
+        return true;
+    }
+    /* 'C': the transaction is over; the client hears this ReadyForQuery and goes on. */
+    free(s->wrap_sql);
+    s->wrap_sql = NULL;
+    s->hold_client = false;
+    return false;
+}
+
 typedef enum { ROUTE_OK, ROUTE_WAIT, ROUTE_CLOSED } route_rc_t;
 
 /* A whole Query at [scan, scan + total). */
@@ -864,9 +920,17 @@ static route_rc_t route_query(pd_session_t *s, pd_pipe_t *p, size_t total)
         pd_session_terminate(s, "53200", "out of memory", NULL);
         return ROUTE_CLOSED;
     }
-    bool shadow = r->action == PD_SQL_PASS && sample_shadow(s, r);
+    /* Nothing of the client's may be unsent ahead of pgdual's BEGIN. */
+    bool wrap = s->mir.on && s->batch_count == 0 && s->batch_msgs == 0 && !pipe_pending(p) &&
+                s->to_server.len == 0 && s->shadow == NULL && pd_mirror_wraps(s, r);
+    bool shadow = !wrap && r->action == PD_SQL_PASS && sample_shadow(s, r);
     if (shadow && !start_shadow(s, r, q.sql))
         shadow = false;
+    if (wrap && !wrap_begin(s, q.sql, r->mirror_rule)) {
+        pd_sql_result_release(r);
+        pd_session_terminate(s, "53200", "out of memory", NULL);
+        return ROUTE_CLOSED;
+    }
     size_t msg_end = p->scan + total;
     bool ok = true;
     if (r->action == PD_SQL_PASS) {
@@ -886,6 +950,8 @@ static route_rc_t route_query(pd_session_t *s, pd_pipe_t *p, size_t total)
         pd_session_terminate(s, "53200", "out of memory", NULL);
         return ROUTE_CLOSED;
     }
+    if (wrap)
+        batch_back(s)->wrap = 'W';
     s->busy = true;
     return ROUTE_OK;
 }
@@ -1418,6 +1484,8 @@ static bool must_see_whole(const pd_session_t *s, uint8_t type)
         return true;
     if (s->mir.on && pd_mirror_wants(s, type))
         return true;
+    if (type == PD_BE_ERROR && s->batch_count > 0 && s->batches[s->batch_head].wrap == 'C')
+        return true;
     return s->shadow != NULL && (type == PD_BE_COMMAND_COMPLETE || type == PD_BE_ERROR);
 }
 
@@ -1451,9 +1519,12 @@ static bool server_message(pd_session_t *s, uint8_t type, const uint8_t *body, s
         /* Idle again unless the client has already sent more (pipelining). */
         s->busy = pipe_pending(&s->c2b) || s->c2b.end > s->c2b.scan || s->batch_count > 1;
         bool shadow_done = b != NULL && b->shadow && s->shadow != NULL;
+        uint8_t wrap = b != NULL ? b->wrap : 0;
         if (b != NULL)
             drop_forget_batch(s, b->seq);
         batch_pop(s);
+        if (wrap != 0)
+            return wrap_ready(s, wrap, body[0]);
         if (internal) {
             finish_shadow(s);
             s->hold_client = false;
@@ -1461,6 +1532,14 @@ static bool server_message(pd_session_t *s, uint8_t type, const uint8_t *body, s
         }
         if (shadow_done)
             begin_shadow_query(s);
+        return false;
+    }
+    if (b != NULL && b->wrap == 'C' && type == PD_BE_ERROR) {
+        /* pgdual's COMMIT failed: the client hears why its write did not commit. */
+        if (s->traffic != NULL)
+            s->traffic->errors++;
+        if (s->wrap_commit)
+            pd_mirror_wrap_failed(s, s->wrap_rule, s->wrap_sql, body, n);
         return false;
     }
     if (b != NULL && !internal &&
@@ -1520,12 +1599,18 @@ static int scan_server(pd_session_t *s)
             bool mirrored = s->mir.on && b != NULL && !b->internal;
             /* commit: lockstep: the client hears ReadyForQuery once the mirror applied the
                batch (what came before it goes on). */
+            /* A wrapped batch is an implicit transaction to the mirror: whether it
+               failed is in its statements' outcomes. */
+            bool wrapped = b != NULL && b->wrap == 'W';
             if (mirrored && h.type == PD_BE_READY &&
-                (s->mirror_wait || pd_mirror_before_ready(s, seq, s->txn_status, body[0]))) {
+                (s->mirror_wait || pd_mirror_before_ready(s, seq, wrapped ? 'I' : s->txn_status,
+                                                          wrapped ? 'I' : body[0]))) {
                 s->mirror_wait = true;
                 break;
             }
             if (server_message(s, h.type, body, h.len - 4)) {
+                if (s->closed || s->state != PD_SESSION_ACTIVE)
+                    return -1;
                 pipe_replace(p, p->scan + (size_t)total, NULL, 0);
                 continue;
             }

@@ -86,6 +86,9 @@ typedef struct {
     uint32_t seen[3]; /* ParseComplete, BindComplete, CloseComplete seen so far */
     bool shadow;      /* the client's query; its result is summed for a shadow comparison */
     bool internal;    /* the proxy's own query (shadow read): nothing of it reaches the client */
+    uint8_t wrap;     /* fleet wrap (pd_mirror_wraps): 'B' the proxy's BEGIN, 'W' the client's
+                         batch inside, 'C' the proxy's COMMIT or ROLLBACK (its error and
+                         ReadyForQuery reach the client), 0 none */
 } pd_batch_t;
 
 struct pd_session {
@@ -141,6 +144,9 @@ struct pd_session {
     bool auth_new;    /* the backend is the database's new side (tables rules at dual-new|new) */
     bool want_new;    /* ... which the rules in force ask for (sides change when idle) */
     bool mirror_wait; /* b2c waits at a ReadyForQuery for the mirror (lockstep) */
+    char *wrap_sql;   /* the client's Query in a fleet wrap, for the divergence log; owned */
+    int wrap_rule;    /* ... and its rule */
+    bool wrap_commit; /* the wrap ends with COMMIT (not ROLLBACK) */
 
     pd_prepared_t *cand; /* this batch binds a shadowed read: an owned copy */
 
