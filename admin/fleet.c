@@ -1363,10 +1363,9 @@ pd_fleet_t *pd_fleet_start(pd_server_t *srv, const char *conninfo)
                            srv->cfg->rules[i].name,
                            srv->cfg->rules[i].commit == PD_COMMIT_LOCKSTEP
                                ? "under lockstep they are ordered by the authoritative side's "
-                                 "row locks in explicit transactions and in autocommit simple "
-                                 "queries (pgdual wraps those in a transaction of its own), "
-                                 "not in autocommit extended-protocol (prepared) or pipelined "
-                                 "batches, nor COPY"
+                                 "row locks, in explicit transactions and in autocommit batches "
+                                 "(pgdual wraps those in a transaction of its own), but not in "
+                                 "an autocommit batch pipelined behind another, nor COPY"
                                : "use mirror.commit lockstep for such writes");
     return f;
 }

@@ -122,12 +122,13 @@ bool pd_mirror_before_ready(pd_session_t *s, uint32_t seq, uint8_t status_before
  */
 int pd_mirror_commit_first(pd_session_t *s, const pd_sql_result_t *r, const char *sql);
 /*
- * Fleet wrap (commit: lockstep, `state: postgres`): must this autocommit Query (plan r,
- * routed at transaction status 'I') run on the authoritative side inside a transaction of
+ * Fleet wrap (commit: lockstep, `state: postgres`): must the autocommit batch whose first
+ * statement has plan r (a Query, or the Parse or Bind that starts an extended-protocol
+ * batch, at transaction status 'I') run on the authoritative side inside a transaction of
  * pgdual's own? Its row locks are then held until the mirror has applied and committed
  * the batch, so that the mirror applies writes of one row made through several instances
  * in the authoritative side's order (within one instance the keys table already does).
- * The session sends BEGIN before the Query and, once the mirror is done, COMMIT (ROLLBACK
+ * The session sends BEGIN before the batch and, once the mirror is done, COMMIT (ROLLBACK
  * when the batch failed); it passes ReadyForQuery 'I' to pd_mirror_before_ready for the
  * wrapped batch, which is an implicit transaction to the mirror.
  */

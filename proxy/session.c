@@ -645,15 +645,15 @@ static void batch_pop(pd_session_t *s)
     s->batch_count--;
 }
 
-static pd_batch_t *batch_back(pd_session_t *s)
-{
-    return &s->batches[(s->batch_head + s->batch_count - 1) % s->batch_cap];
-}
-
 /* Ends the batch being sent (at Sync, Query or FunctionCall). */
 static bool batch_close(pd_session_t *s, bool shadow)
 {
-    pd_batch_t b = {.seq = s->batch_seq++, .shadow = shadow};
+    pd_batch_t b = {.seq = s->batch_seq++, .shadow = shadow, .wrap = s->wrap_open ? 'W' : 0};
+    if (s->wrap_open) {
+        /* What the client sends next waits until pgdual's COMMIT is answered. */
+        s->wrap_open = false;
+        s->hold_client = true;
+    }
     s->batch_msgs = s->batch_exec = 0;
     s->sent[0] = s->sent[1] = s->sent[2] = 0;
     s->batch_refused = false;
@@ -774,7 +774,8 @@ static bool start_shadow(pd_session_t *s, pd_sql_result_t *r, const char *sql)
 static bool shadow_extended(pd_session_t *s)
 {
     pd_prepared_t *c = s->cand;
-    if (c == NULL || s->batch_exec != 1 || s->batch_refused || !sample_shadow(s, c->r))
+    if (c == NULL || s->batch_exec != 1 || s->batch_refused || s->wrap_open ||
+        !sample_shadow(s, c->r))
         return false;
     if (!start_shadow(s, c->r, c->sql))
         return false;
@@ -831,21 +832,29 @@ static bool refusal_extended(pd_session_t *s, pd_buf_t *msg, const pd_sql_result
  * in the authoritative side's order. BEGIN goes ahead of the Query, as the proxy's own
  * batch whose answers are dropped; the client's input waits until pgdual's COMMIT (or
  * ROLLBACK, when the batch failed) is answered, and the client hears that ReadyForQuery,
- * 'I', and the COMMIT's error if it failed. Simple Query protocol only: an
- * extended-protocol batch (Parse/Bind/Execute/Sync) is not wrapped.
+ * 'I', and the COMMIT's error if it failed.
+ *
+ * The decision is taken at the batch's first message (a Query; a Parse or a Bind of an
+ * extended-protocol batch, by its statement), which must be the first of the client's
+ * still unsent: BEGIN goes out before it. The batch is the client's up to its Sync (or
+ * Query); only then is the client held (batch_close).
  */
-static bool wrap_begin(pd_session_t *s, const char *sql, int rule)
+static bool maybe_wrap(pd_session_t *s, const pd_pipe_t *p, const pd_sql_result_t *r,
+                       const char *sql)
 {
+    if (!s->mir.on || s->wrap_open || s->batch_count > 0 || s->batch_msgs > 0 || pipe_pending(p) ||
+        s->to_server.len > 0 || s->shadow != NULL || !pd_mirror_wraps(s, r))
+        return true;
     free(s->wrap_sql);
     s->wrap_sql = strdup(sql);
-    s->wrap_rule = rule;
+    s->wrap_rule = r->mirror_rule;
     pd_fe_query(&s->to_server, "BEGIN");
     pd_batch_t b = {.seq = s->batch_seq, .internal = true, .wrap = 'B'};
     if (s->wrap_sql == NULL || !pd_buf_ok(&s->to_server) || !batch_push(s, b)) {
         pd_buf_reset(&s->to_server);
         return false;
     }
-    s->hold_client = true;
+    s->wrap_open = true;
     return true;
 }
 
@@ -920,17 +929,14 @@ static route_rc_t route_query(pd_session_t *s, pd_pipe_t *p, size_t total)
         pd_session_terminate(s, "53200", "out of memory", NULL);
         return ROUTE_CLOSED;
     }
-    /* Nothing of the client's may be unsent ahead of pgdual's BEGIN. */
-    bool wrap = s->mir.on && s->batch_count == 0 && s->batch_msgs == 0 && !pipe_pending(p) &&
-                s->to_server.len == 0 && s->shadow == NULL && pd_mirror_wraps(s, r);
-    bool shadow = !wrap && r->action == PD_SQL_PASS && sample_shadow(s, r);
-    if (shadow && !start_shadow(s, r, q.sql))
-        shadow = false;
-    if (wrap && !wrap_begin(s, q.sql, r->mirror_rule)) {
+    if (!maybe_wrap(s, p, r, q.sql)) {
         pd_sql_result_release(r);
         pd_session_terminate(s, "53200", "out of memory", NULL);
         return ROUTE_CLOSED;
     }
+    bool shadow = !s->wrap_open && r->action == PD_SQL_PASS && sample_shadow(s, r);
+    if (shadow && !start_shadow(s, r, q.sql))
+        shadow = false;
     size_t msg_end = p->scan + total;
     bool ok = true;
     if (r->action == PD_SQL_PASS) {
@@ -950,8 +956,6 @@ static route_rc_t route_query(pd_session_t *s, pd_pipe_t *p, size_t total)
         pd_session_terminate(s, "53200", "out of memory", NULL);
         return ROUTE_CLOSED;
     }
-    if (wrap)
-        batch_back(s)->wrap = 'W';
     s->busy = true;
     return ROUTE_OK;
 }
@@ -1008,7 +1012,7 @@ static route_rc_t route_parse(pd_session_t *s, pd_pipe_t *p, size_t total)
     if (p->has_hole && p->hole_end != p->scan)
         return ROUTE_WAIT;
     pd_stmt_t *e = stmt_put(s, &m);
-    if (e == NULL || !stmt_decide(s, e)) {
+    if (e == NULL || !stmt_decide(s, e) || !maybe_wrap(s, p, e->r, e->sql)) {
         pd_session_terminate(s, "53200", "out of memory", NULL);
         return ROUTE_CLOSED;
     }
@@ -1126,7 +1130,7 @@ static route_rc_t route_bind_close(pd_session_t *s, pd_pipe_t *p, uint8_t type, 
     pd_buf_init(&prefix);
     uint8_t *bind = NULL;
     size_t bind_len = 0;
-    bool ok = bind_prefix(s, e, &prefix) &&
+    bool ok = bind_prefix(s, e, &prefix) && maybe_wrap(s, p, e->r, e->sql) &&
               (!s->mir.on || mirror_bind(s, e, body, total - PD_MSG_HEADER_LEN, &bind, &bind_len));
     if (ok && bind != NULL) {
         /* The Bind itself changes too: it and what goes ahead of it, in one replacement. */
@@ -1520,7 +1524,8 @@ static bool server_message(pd_session_t *s, uint8_t type, const uint8_t *body, s
         s->busy = pipe_pending(&s->c2b) || s->c2b.end > s->c2b.scan || s->batch_count > 1;
         bool shadow_done = b != NULL && b->shadow && s->shadow != NULL;
         uint8_t wrap = b != NULL ? b->wrap : 0;
-        if (b != NULL)
+        /* pgdual's BEGIN and COMMIT share the seq of a client's batch: not theirs. */
+        if (b != NULL && !(internal && wrap != 0))
             drop_forget_batch(s, b->seq);
         batch_pop(s);
         if (wrap != 0)

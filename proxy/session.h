@@ -147,6 +147,7 @@ struct pd_session {
     char *wrap_sql;   /* the client's Query in a fleet wrap, for the divergence log; owned */
     int wrap_rule;    /* ... and its rule */
     bool wrap_commit; /* the wrap ends with COMMIT (not ROLLBACK) */
+    bool wrap_open;   /* the batch being sent is wrapped (pgdual's BEGIN is ahead of it) */
 
     pd_prepared_t *cand; /* this batch binds a shadowed read: an owned copy */
 

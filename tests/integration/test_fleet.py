@@ -9,6 +9,7 @@ flags and refuses to change them (fail closed) until it is back."""
 
 import os
 import signal
+import subprocess
 import threading
 import time
 import unittest
@@ -132,9 +133,10 @@ def start_instance(name, state, directory):
     sock = os.path.join(directory, "%s.sock" % name)
     dbs = [{"name": DB, "old": pg_conninfo(OLD, user="postgres"),
             "new": pg_conninfo(NEW, user="postgres")}]
-    # lockstep: rows written through different instances at once, in transactions, are
-    # ordered on the mirror by the authoritative side's row locks (the mirror commits
-    # first). async, and autocommit writes, are ordered within one instance only.
+    # lockstep: rows written through different instances at once are ordered on the
+    # mirror by the authoritative side's row locks (the mirror commits first; autocommit
+    # batches are wrapped in a transaction of pgdual's own). async orders them within one
+    # instance only.
     rule = {"name": RULE, "database": DB, "kind": "tables", "writes": "dual", "reads": "old",
             "mirror": {"commit": "lockstep", "on_failure": "record"}}
     proxy = Proxy(databases=dbs, admin={"socket": sock}, state=state, rules=[rule],
@@ -202,6 +204,25 @@ class FleetTest(unittest.TestCase):
             load.finish()
         self.assertEqual(load.errors, [])
         self.assertGreater(load.ops, 100)
+        self.assert_identical()
+
+    def test_0a_autocommit_hot_rows_prepared(self):
+        # The same with the extended protocol (pgbench -M prepared: Bind, Execute, Sync).
+        self.wait_fleet(3)
+        script = os.path.join(self.dir, "hot.sql")
+        with open(script, "w") as f:
+            f.write("\\set id random(1, 2)\n"
+                    "UPDATE accounts SET balance = balance - 1 WHERE id = :id;\n")
+        runs = [subprocess.Popen(pdtest.pgbench_argv(p.port, DB, "postgres", "-n", "-M",
+                                                     "prepared", "-c", "12", "-T", "5",
+                                                     "-f", script),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 env=dict(os.environ, PGCONNECT_TIMEOUT="10"))
+                for p in self.proxies]
+        for r in runs:
+            out = r.communicate(timeout=60)[0]
+            self.assertEqual(r.returncode, 0, out)
+            self.assertNotIn("error", out.lower(), out)
         self.assert_identical()
 
     def test_0b_wrapped_autocommit_errors(self):
