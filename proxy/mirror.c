@@ -1832,11 +1832,17 @@ void pd_mirror_wrap_failed(pd_session_t *s, int rule, const char *stmt, const ui
     op->rule = rule;
     pd_be_error_t e;
     const char *err = NULL;
-    if (pd_be_error_decode(body, n, &e, &err) == PD_DECODE_OK)
+    if (body == NULL)
+        copy_state(op->auth_tag, sizeof op->auth_tag, "ROLLBACK");
+    else if (pd_be_error_decode(body, n, &e, &err) == PD_DECODE_OK)
         copy_state(op->auth_sqlstate, sizeof op->auth_sqlstate, e.sqlstate);
     copy_state(op->mirror_tag, sizeof op->mirror_tag, "COMMIT");
-    pd_log_warning(s->tag, "the authoritative side refused pgdual's COMMIT of an autocommit "
-                           "write the mirror had committed; recorded as divergence");
+    pd_log_warning(s->tag, body == NULL
+                               ? "the session ended before pgdual's COMMIT of an autocommit "
+                                 "write the mirror was given; recorded as divergence"
+                               : "the authoritative side refused pgdual's COMMIT of an "
+                                 "autocommit write the mirror had committed; recorded as "
+                                 "divergence");
     record(s->srv, op, "write_outcome");
     op_free(op);
 }

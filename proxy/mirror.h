@@ -134,7 +134,8 @@ int pd_mirror_commit_first(pd_session_t *s, const pd_sql_result_t *r, const char
  */
 bool pd_mirror_wraps(const pd_session_t *s, const pd_sql_result_t *r);
 /* pgdual's COMMIT of a wrapped batch (rule, the client's text) failed on the
-   authoritative side with ErrorResponse body: the mirror has the writes, which is recorded. */
+   authoritative side with ErrorResponse body, or (body NULL) the session ended before it
+   was answered: the mirror has the writes, which is recorded. */
 void pd_mirror_wrap_failed(pd_session_t *s, int rule, const char *stmt, const uint8_t *body,
                            size_t n);
 /* Must a mirrored write be refused (on_failure: fail, the mirror failed)? */

@@ -268,6 +268,9 @@ static void session_close(pd_session_t *s)
         pd_transport_close(&s->server);
     s->server_open = false;
     pd_backend_close(&s->backend);
+    /* The mirror was given a wrapped batch that the authoritative side now rolls back. */
+    if (s->wrap_released)
+        pd_mirror_wrap_failed(s, s->wrap_rule, s->wrap_sql, NULL, 0);
     pd_mirror_session_end(s);
     pd_server_session_removed(s->srv, s);
     uv_close((uv_handle_t *)&s->timer, free_session);
@@ -876,6 +879,7 @@ static bool wrap_ready(pd_session_t *s, uint8_t wrap, uint8_t status)
         return true;
     }
     /* 'C': the transaction is over; the client hears this ReadyForQuery and goes on. */
+    s->wrap_released = false;
     free(s->wrap_sql);
     s->wrap_sql = NULL;
     s->hold_client = false;
@@ -1607,6 +1611,8 @@ static int scan_server(pd_session_t *s)
             /* A wrapped batch is an implicit transaction to the mirror: whether it
                failed is in its statements' outcomes. */
             bool wrapped = b != NULL && b->wrap == 'W';
+            if (mirrored && h.type == PD_BE_READY && wrapped && body[0] != 'E')
+                s->wrap_released = true;
             if (mirrored && h.type == PD_BE_READY &&
                 (s->mirror_wait || pd_mirror_before_ready(s, seq, wrapped ? 'I' : s->txn_status,
                                                           wrapped ? 'I' : body[0]))) {

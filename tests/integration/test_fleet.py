@@ -214,7 +214,7 @@ class FleetTest(unittest.TestCase):
             f.write("\\set id random(1, 2)\n"
                     "UPDATE accounts SET balance = balance - 1 WHERE id = :id;\n")
         runs = [subprocess.Popen(pdtest.pgbench_argv(p.port, DB, "postgres", "-n", "-M",
-                                                     "prepared", "-c", "12", "-T", "5",
+                                                     "prepared", "-c", "16", "-T", "5",
                                                      "-f", script),
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                  env=dict(os.environ, PGCONNECT_TIMEOUT="10"))
@@ -261,6 +261,26 @@ class FleetTest(unittest.TestCase):
         finally:
             old("DROP TRIGGER no_big ON accounts; DROP FUNCTION no_big()")
             conn.close()
+        # The client leaves while pgdual's transaction waits for new (a lock held on new
+        # behind pgdual's back): its write still commits on both once new applied it.
+        import psycopg2
+        locker = psycopg2.connect(pg_conninfo(NEW, user="postgres"))
+        try:
+            locker.cursor().execute("SELECT 1 FROM accounts WHERE id = 9 FOR UPDATE")
+            c = pdtest.RawClient(self.a.proxy.port)
+            c.startup("postgres", DB)
+            c.send(pdtest.query_msg("UPDATE accounts SET balance = 99 WHERE id = 9"))
+            pdtest.wait_for(lambda: direct_query(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type "
+                "= 'Lock'", (NEW,))[0][0] > 0, 10, interval=0.05, what="new waits on the lock")
+            c.close()
+            time.sleep(0.2)
+        finally:
+            locker.rollback()
+            locker.close()
+        pdtest.wait_for(lambda: old("SELECT balance FROM accounts WHERE id = 9")[0][0] == 99,
+                        10, interval=0.1, what="old committed it")
+        self.assertEqual(new("SELECT balance FROM accounts WHERE id = 9")[0][0], 99)
         time.sleep(1.1)  # the verify must be later than the divergence (seconds)
         self.assertTrue(self.a.ctl_json("verify", RULE, "--repair")["result"]["ok"])
         self.assert_identical()
