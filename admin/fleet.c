@@ -1362,11 +1362,11 @@ pd_fleet_t *pd_fleet_start(pd_server_t *srv, const char *conninfo)
                            "rows, --repair fixes them)",
                            srv->cfg->rules[i].name,
                            srv->cfg->rules[i].commit == PD_COMMIT_LOCKSTEP
-                               ? "under lockstep, writes in explicit transactions are ordered "
-                                 "by the authoritative side's row locks, autocommit writes are "
-                                 "not"
-                               : "use mirror.commit lockstep, and explicit transactions for "
-                                 "such writes");
+                               ? "under lockstep they are ordered by the authoritative side's "
+                                 "row locks, in explicit transactions and in autocommit batches "
+                                 "(pgdual wraps those in a transaction of its own), but not in "
+                                 "an autocommit batch pipelined behind another, nor COPY"
+                               : "use mirror.commit lockstep for such writes");
     return f;
 }
 

@@ -1814,6 +1814,39 @@ int pd_mirror_commit_first(pd_session_t *s, const pd_sql_result_t *r, const char
     return 1;
 }
 
+bool pd_mirror_wraps(const pd_session_t *s, const pd_sql_result_t *r)
+{
+    /* COPY is not wrapped: its data follows the Query while the client is held. */
+    return s->srv->fleet != NULL && s->txn_status == 'I' && r != NULL &&
+           r->action != PD_SQL_REFUSE &&
+           (r->mirror == PD_MIRROR_WRITE || r->mirror == PD_MIRROR_IMAGE) &&
+           rule_lockstep(s->srv, r->mirror_rule);
+}
+
+void pd_mirror_wrap_failed(pd_session_t *s, int rule, const char *stmt, const uint8_t *body,
+                           size_t n)
+{
+    pd_mirror_op_t *op = op_new(NULL, "COMMIT", stmt != NULL ? stmt : "COMMIT", 0);
+    if (op == NULL)
+        return;
+    op->rule = rule;
+    pd_be_error_t e;
+    const char *err = NULL;
+    if (body == NULL)
+        copy_state(op->auth_tag, sizeof op->auth_tag, "ROLLBACK");
+    else if (pd_be_error_decode(body, n, &e, &err) == PD_DECODE_OK)
+        copy_state(op->auth_sqlstate, sizeof op->auth_sqlstate, e.sqlstate);
+    copy_state(op->mirror_tag, sizeof op->mirror_tag, "COMMIT");
+    pd_log_warning(s->tag, body == NULL
+                               ? "the session ended before pgdual's COMMIT of an autocommit "
+                                 "write the mirror was given; recorded as divergence"
+                               : "the authoritative side refused pgdual's COMMIT of an "
+                                 "autocommit write the mirror had committed; recorded as "
+                                 "divergence");
+    record(s->srv, op, "write_outcome");
+    op_free(op);
+}
+
 bool pd_mirror_refuses(pd_session_t *s, const pd_sql_result_t *r)
 {
     pd_session_mirror_t *sm = &s->mir;

@@ -121,6 +121,23 @@ bool pd_mirror_before_ready(pd_session_t *s, uint32_t seq, uint8_t status_before
  * of memory.
  */
 int pd_mirror_commit_first(pd_session_t *s, const pd_sql_result_t *r, const char *sql);
+/*
+ * Fleet wrap (commit: lockstep, `state: postgres`): must the autocommit batch whose first
+ * statement has plan r (a Query, or the Parse or Bind that starts an extended-protocol
+ * batch, at transaction status 'I') run on the authoritative side inside a transaction of
+ * pgdual's own? Its row locks are then held until the mirror has applied and committed
+ * the batch, so that the mirror applies writes of one row made through several instances
+ * in the authoritative side's order (within one instance the keys table already does).
+ * The session sends BEGIN before the batch and, once the mirror is done, COMMIT (ROLLBACK
+ * when the batch failed); it passes ReadyForQuery 'I' to pd_mirror_before_ready for the
+ * wrapped batch, which is an implicit transaction to the mirror.
+ */
+bool pd_mirror_wraps(const pd_session_t *s, const pd_sql_result_t *r);
+/* pgdual's COMMIT of a wrapped batch (rule, the client's text) failed on the
+   authoritative side with ErrorResponse body, or (body NULL) the session ended before it
+   was answered: the mirror has the writes, which is recorded. */
+void pd_mirror_wrap_failed(pd_session_t *s, int rule, const char *stmt, const uint8_t *body,
+                           size_t n);
 /* Must a mirrored write be refused (on_failure: fail, the mirror failed)? */
 bool pd_mirror_refuses(pd_session_t *s, const pd_sql_result_t *r);
 /* The refusal for those two cases. */

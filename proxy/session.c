@@ -226,6 +226,7 @@ static void free_session(uv_handle_t *h)
     pd_buf_free(&s->out);
     pd_buf_free(&s->to_server);
     free(s->batches);
+    free(s->wrap_sql);
     pd_sql_result_release(s->shadow);
     free(s->shadow_text);
     prepared_free(s->shadow_ext);
@@ -267,6 +268,9 @@ static void session_close(pd_session_t *s)
         pd_transport_close(&s->server);
     s->server_open = false;
     pd_backend_close(&s->backend);
+    /* The mirror was given a wrapped batch that the authoritative side now rolls back. */
+    if (s->wrap_released)
+        pd_mirror_wrap_failed(s, s->wrap_rule, s->wrap_sql, NULL, 0);
     pd_mirror_session_end(s);
     pd_server_session_removed(s->srv, s);
     uv_close((uv_handle_t *)&s->timer, free_session);
@@ -647,7 +651,12 @@ static void batch_pop(pd_session_t *s)
 /* Ends the batch being sent (at Sync, Query or FunctionCall). */
 static bool batch_close(pd_session_t *s, bool shadow)
 {
-    pd_batch_t b = {.seq = s->batch_seq++, .shadow = shadow};
+    pd_batch_t b = {.seq = s->batch_seq++, .shadow = shadow, .wrap = s->wrap_open ? 'W' : 0};
+    if (s->wrap_open) {
+        /* What the client sends next waits until pgdual's COMMIT is answered. */
+        s->wrap_open = false;
+        s->hold_client = true;
+    }
     s->batch_msgs = s->batch_exec = 0;
     s->sent[0] = s->sent[1] = s->sent[2] = 0;
     s->batch_refused = false;
@@ -768,7 +777,8 @@ static bool start_shadow(pd_session_t *s, pd_sql_result_t *r, const char *sql)
 static bool shadow_extended(pd_session_t *s)
 {
     pd_prepared_t *c = s->cand;
-    if (c == NULL || s->batch_exec != 1 || s->batch_refused || !sample_shadow(s, c->r))
+    if (c == NULL || s->batch_exec != 1 || s->batch_refused || s->wrap_open ||
+        !sample_shadow(s, c->r))
         return false;
     if (!start_shadow(s, c->r, c->sql))
         return false;
@@ -817,6 +827,65 @@ static bool refusal_extended(pd_session_t *s, pd_buf_t *msg, const pd_sql_result
     pd_buf_free(&sql);
     return ok;
 }
+/*
+ * Fleet wrap (pd_mirror_wraps, mirror.h): the client's autocommit Query runs on the
+ * authoritative side inside pgdual's own BEGIN ... COMMIT, so that its row locks are held
+ * until the mirror has applied and committed it (lockstep holds the batch's ReadyForQuery
+ * until then); writes of one row made through several instances then reach the mirror
+ * in the authoritative side's order. BEGIN goes ahead of the Query, as the proxy's own
+ * batch whose answers are dropped; the client's input waits until pgdual's COMMIT (or
+ * ROLLBACK, when the batch failed) is answered, and the client hears that ReadyForQuery,
+ * 'I', and the COMMIT's error if it failed.
+ *
+ * The decision is taken at the batch's first message (a Query; a Parse or a Bind of an
+ * extended-protocol batch, by its statement), which must be the first of the client's
+ * still unsent: BEGIN goes out before it. The batch is the client's up to its Sync (or
+ * Query); only then is the client held (batch_close).
+ */
+static bool maybe_wrap(pd_session_t *s, const pd_pipe_t *p, const pd_sql_result_t *r,
+                       const char *sql)
+{
+    if (!s->mir.on || s->wrap_open || s->batch_count > 0 || s->batch_msgs > 0 || pipe_pending(p) ||
+        s->to_server.len > 0 || s->shadow != NULL || !pd_mirror_wraps(s, r))
+        return true;
+    free(s->wrap_sql);
+    s->wrap_sql = strdup(sql);
+    s->wrap_rule = r->mirror_rule;
+    pd_fe_query(&s->to_server, "BEGIN");
+    pd_batch_t b = {.seq = s->batch_seq, .internal = true, .wrap = 'B'};
+    if (s->wrap_sql == NULL || !pd_buf_ok(&s->to_server) || !batch_push(s, b)) {
+        pd_buf_reset(&s->to_server);
+        return false;
+    }
+    s->wrap_open = true;
+    return true;
+}
+
+/* ReadyForQuery (status) ending a part of a fleet wrap: true when it is dropped. */
+static bool wrap_ready(pd_session_t *s, uint8_t wrap, uint8_t status)
+{
+    if (wrap == 'B')
+        return true; /* the client's batch follows */
+    if (wrap == 'W') {
+        /* The mirror applied and committed the batch (lockstep held this until then). */
+        s->wrap_commit = status != 'E';
+        pd_fe_query(&s->to_server, s->wrap_commit ? "COMMIT" : "ROLLBACK");
+        pd_batch_t b = {.seq = s->batch_seq, .internal = true, .wrap = 'C'};
+        if (!pd_buf_ok(&s->to_server) || !batch_push(s, b)) {
+            pd_session_terminate(s, "53200", "out of memory", NULL);
+            return true;
+        }
+        s->busy = true;
+        return true;
+    }
+    /* 'C': the transaction is over; the client hears this ReadyForQuery and goes on. */
+    s->wrap_released = false;
+    free(s->wrap_sql);
+    s->wrap_sql = NULL;
+    s->hold_client = false;
+    return false;
+}
+
 typedef enum { ROUTE_OK, ROUTE_WAIT, ROUTE_CLOSED } route_rc_t;
 
 /* A whole Query at [scan, scan + total). */
@@ -864,7 +933,12 @@ static route_rc_t route_query(pd_session_t *s, pd_pipe_t *p, size_t total)
         pd_session_terminate(s, "53200", "out of memory", NULL);
         return ROUTE_CLOSED;
     }
-    bool shadow = r->action == PD_SQL_PASS && sample_shadow(s, r);
+    if (!maybe_wrap(s, p, r, q.sql)) {
+        pd_sql_result_release(r);
+        pd_session_terminate(s, "53200", "out of memory", NULL);
+        return ROUTE_CLOSED;
+    }
+    bool shadow = !s->wrap_open && r->action == PD_SQL_PASS && sample_shadow(s, r);
     if (shadow && !start_shadow(s, r, q.sql))
         shadow = false;
     size_t msg_end = p->scan + total;
@@ -942,7 +1016,7 @@ static route_rc_t route_parse(pd_session_t *s, pd_pipe_t *p, size_t total)
     if (p->has_hole && p->hole_end != p->scan)
         return ROUTE_WAIT;
     pd_stmt_t *e = stmt_put(s, &m);
-    if (e == NULL || !stmt_decide(s, e)) {
+    if (e == NULL || !stmt_decide(s, e) || !maybe_wrap(s, p, e->r, e->sql)) {
         pd_session_terminate(s, "53200", "out of memory", NULL);
         return ROUTE_CLOSED;
     }
@@ -1060,7 +1134,7 @@ static route_rc_t route_bind_close(pd_session_t *s, pd_pipe_t *p, uint8_t type, 
     pd_buf_init(&prefix);
     uint8_t *bind = NULL;
     size_t bind_len = 0;
-    bool ok = bind_prefix(s, e, &prefix) &&
+    bool ok = bind_prefix(s, e, &prefix) && maybe_wrap(s, p, e->r, e->sql) &&
               (!s->mir.on || mirror_bind(s, e, body, total - PD_MSG_HEADER_LEN, &bind, &bind_len));
     if (ok && bind != NULL) {
         /* The Bind itself changes too: it and what goes ahead of it, in one replacement. */
@@ -1418,6 +1492,8 @@ static bool must_see_whole(const pd_session_t *s, uint8_t type)
         return true;
     if (s->mir.on && pd_mirror_wants(s, type))
         return true;
+    if (type == PD_BE_ERROR && s->batch_count > 0 && s->batches[s->batch_head].wrap == 'C')
+        return true;
     return s->shadow != NULL && (type == PD_BE_COMMAND_COMPLETE || type == PD_BE_ERROR);
 }
 
@@ -1451,9 +1527,13 @@ static bool server_message(pd_session_t *s, uint8_t type, const uint8_t *body, s
         /* Idle again unless the client has already sent more (pipelining). */
         s->busy = pipe_pending(&s->c2b) || s->c2b.end > s->c2b.scan || s->batch_count > 1;
         bool shadow_done = b != NULL && b->shadow && s->shadow != NULL;
-        if (b != NULL)
+        uint8_t wrap = b != NULL ? b->wrap : 0;
+        /* pgdual's BEGIN and COMMIT share the seq of a client's batch: not theirs. */
+        if (b != NULL && !(internal && wrap != 0))
             drop_forget_batch(s, b->seq);
         batch_pop(s);
+        if (wrap != 0)
+            return wrap_ready(s, wrap, body[0]);
         if (internal) {
             finish_shadow(s);
             s->hold_client = false;
@@ -1461,6 +1541,14 @@ static bool server_message(pd_session_t *s, uint8_t type, const uint8_t *body, s
         }
         if (shadow_done)
             begin_shadow_query(s);
+        return false;
+    }
+    if (b != NULL && b->wrap == 'C' && type == PD_BE_ERROR) {
+        /* pgdual's COMMIT failed: the client hears why its write did not commit. */
+        if (s->traffic != NULL)
+            s->traffic->errors++;
+        if (s->wrap_commit)
+            pd_mirror_wrap_failed(s, s->wrap_rule, s->wrap_sql, body, n);
         return false;
     }
     if (b != NULL && !internal &&
@@ -1520,12 +1608,20 @@ static int scan_server(pd_session_t *s)
             bool mirrored = s->mir.on && b != NULL && !b->internal;
             /* commit: lockstep: the client hears ReadyForQuery once the mirror applied the
                batch (what came before it goes on). */
+            /* A wrapped batch is an implicit transaction to the mirror: whether it
+               failed is in its statements' outcomes. */
+            bool wrapped = b != NULL && b->wrap == 'W';
+            if (mirrored && h.type == PD_BE_READY && wrapped && body[0] != 'E')
+                s->wrap_released = true;
             if (mirrored && h.type == PD_BE_READY &&
-                (s->mirror_wait || pd_mirror_before_ready(s, seq, s->txn_status, body[0]))) {
+                (s->mirror_wait || pd_mirror_before_ready(s, seq, wrapped ? 'I' : s->txn_status,
+                                                          wrapped ? 'I' : body[0]))) {
                 s->mirror_wait = true;
                 break;
             }
             if (server_message(s, h.type, body, h.len - 4)) {
+                if (s->closed || s->state != PD_SESSION_ACTIVE)
+                    return -1;
                 pipe_replace(p, p->scan + (size_t)total, NULL, 0);
                 continue;
             }

@@ -86,6 +86,9 @@ typedef struct {
     uint32_t seen[3]; /* ParseComplete, BindComplete, CloseComplete seen so far */
     bool shadow;      /* the client's query; its result is summed for a shadow comparison */
     bool internal;    /* the proxy's own query (shadow read): nothing of it reaches the client */
+    uint8_t wrap;     /* fleet wrap (pd_mirror_wraps): 'B' the proxy's BEGIN, 'W' the client's
+                         batch inside, 'C' the proxy's COMMIT or ROLLBACK (its error and
+                         ReadyForQuery reach the client), 0 none */
 } pd_batch_t;
 
 struct pd_session {
@@ -135,12 +138,17 @@ struct pd_session {
     unsigned stmt_buckets, stmt_count;
     pd_buf_t to_server; /* the proxy's own messages for the server (shadow queries) */
     size_t to_server_sent;
-    bool hold_client; /* client input waits while the proxy's own query runs */
-    bool gate_held;   /* client input waits at a transaction boundary: the database is
-                         paused, or the session changes sides once its mirror is ready */
-    bool auth_new;    /* the backend is the database's new side (tables rules at dual-new|new) */
-    bool want_new;    /* ... which the rules in force ask for (sides change when idle) */
-    bool mirror_wait; /* b2c waits at a ReadyForQuery for the mirror (lockstep) */
+    bool hold_client;   /* client input waits while the proxy's own query runs */
+    bool gate_held;     /* client input waits at a transaction boundary: the database is
+                           paused, or the session changes sides once its mirror is ready */
+    bool auth_new;      /* the backend is the database's new side (tables rules at dual-new|new) */
+    bool want_new;      /* ... which the rules in force ask for (sides change when idle) */
+    bool mirror_wait;   /* b2c waits at a ReadyForQuery for the mirror (lockstep) */
+    char *wrap_sql;     /* the client's Query in a fleet wrap, for the divergence log; owned */
+    int wrap_rule;      /* ... and its rule */
+    bool wrap_commit;   /* the wrap ends with COMMIT (not ROLLBACK) */
+    bool wrap_open;     /* the batch being sent is wrapped (pgdual's BEGIN is ahead of it) */
+    bool wrap_released; /* ... its writes went to the mirror; pgdual's COMMIT is unanswered */
 
     pd_prepared_t *cand; /* this batch binds a shadowed read: an owned copy */
 

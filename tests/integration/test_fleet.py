@@ -9,6 +9,7 @@ flags and refuses to change them (fail closed) until it is back."""
 
 import os
 import signal
+import subprocess
 import threading
 import time
 import unittest
@@ -46,9 +47,11 @@ def accounts_md5(run):
 
 class Load:
     """n clients per port writing and reading through pgdual, each in one session for the
-    whole run; counts operations and errors."""
+    whole run; counts operations and errors. hot_rows: every client only decrements one of
+    that many rows, in autocommit."""
 
-    def __init__(self, ports, n):
+    def __init__(self, ports, n, hot_rows=0):
+        self.hot_rows = hot_rows
         self.stop = threading.Event()
         self.errors, self.ops = [], 0
         self.lock = threading.Lock()
@@ -73,7 +76,10 @@ class Load:
         while not self.stop.is_set():
             k += 1
             try:
-                if k % 3 == 0:
+                if self.hot_rows:  # autocommit, through every instance at once
+                    cur.execute("UPDATE accounts SET balance = balance - 1 WHERE id = %s",
+                                ((i + k) % self.hot_rows + 1,))
+                elif k % 3 == 0:
                     cur.execute("BEGIN")
                     cur.execute("UPDATE accounts SET balance = balance + 1 WHERE id = %s",
                                 ((i * 7 + k) % ACCOUNTS + 1,))
@@ -96,7 +102,7 @@ class Load:
                     pass
             with self.lock:
                 self.ops += 1
-            time.sleep(0.005)
+            time.sleep(0 if self.hot_rows else 0.005)
         conn.close()
 
     def finish(self):
@@ -127,9 +133,10 @@ def start_instance(name, state, directory):
     sock = os.path.join(directory, "%s.sock" % name)
     dbs = [{"name": DB, "old": pg_conninfo(OLD, user="postgres"),
             "new": pg_conninfo(NEW, user="postgres")}]
-    # lockstep: rows written through different instances at once, in transactions, are
-    # ordered on the mirror by the authoritative side's row locks (the mirror commits
-    # first). async, and autocommit writes, are ordered within one instance only.
+    # lockstep: rows written through different instances at once are ordered on the
+    # mirror by the authoritative side's row locks (the mirror commits first; autocommit
+    # batches are wrapped in a transaction of pgdual's own). async orders them within one
+    # instance only.
     rule = {"name": RULE, "database": DB, "kind": "tables", "writes": "dual", "reads": "old",
             "mirror": {"commit": "lockstep", "on_failure": "record"}}
     proxy = Proxy(databases=dbs, admin={"socket": sock}, state=state, rules=[rule],
@@ -171,7 +178,112 @@ class FleetTest(unittest.TestCase):
                                      if i["live"]]) == n, 10, interval=0.1,
                         what="%d live instances" % n)
 
+    def assert_identical(self):
+        try:
+            pdtest.wait_for(lambda: accounts_md5(old) == accounts_md5(new), 20, interval=0.2,
+                            what="old and new identical")
+        except AssertionError:
+            rows = lambda run: set(run("SELECT id, owner, balance::text FROM accounts"))
+            o, n = rows(old), rows(new)
+            raise AssertionError("old and new differ: only on old %r; only on new %r; "
+                                 "divergence seen by the instances: %r"
+                                 % (sorted(o - n)[:10], sorted(n - o)[:10],
+                                    [m.ctl_json("divergence") for m in self.members]))
+
     # -----------------------------------------------------------------------------------
+
+    def test_0_autocommit_hot_rows_through_every_instance(self):
+        # Autocommit writes of the same rows through all three instances at once: under
+        # lockstep each is wrapped in a transaction of pgdual's own on old, committed
+        # there only after new applied it, so new applies them in old's order.
+        self.wait_fleet(3)
+        load = Load([p.port for p in self.proxies], 12, hot_rows=2).start()
+        try:
+            time.sleep(5.0)
+        finally:
+            load.finish()
+        self.assertEqual(load.errors, [])
+        self.assertGreater(load.ops, 100)
+        self.assert_identical()
+
+    def test_0a_autocommit_hot_rows_prepared(self):
+        # The same with the extended protocol (pgbench -M prepared: Bind, Execute, Sync).
+        self.wait_fleet(3)
+        script = os.path.join(self.dir, "hot.sql")
+        with open(script, "w") as f:
+            f.write("\\set id random(1, 2)\n"
+                    "UPDATE accounts SET balance = balance - 1 WHERE id = :id;\n")
+        runs = [subprocess.Popen(pdtest.pgbench_argv(p.port, DB, "postgres", "-n", "-M",
+                                                     "prepared", "-c", "16", "-T", "5",
+                                                     "-f", script),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 env=dict(os.environ, PGCONNECT_TIMEOUT="10"))
+                for p in self.proxies]
+        for r in runs:
+            out = r.communicate(timeout=60)[0]
+            self.assertEqual(r.returncode, 0, out)
+            self.assertNotIn("error", out.lower(), out)
+        self.assert_identical()
+
+    def test_0b_wrapped_autocommit_errors(self):
+        # A statement that fails inside pgdual's wrap: the client sees its error and an idle
+        # session, and new applies nothing.
+        conn = pdtest.connect(self.a.proxy.port, dbname=DB)
+        conn.autocommit = True
+        cur = conn.cursor()
+        before = accounts_md5(new)
+        with self.assertRaises(Exception) as cm:
+            cur.execute("UPDATE accounts SET balance = balance / 0 WHERE id = 7")
+        self.assertEqual(cm.exception.pgcode, "22012")
+        self.assertEqual(conn.info.transaction_status, 0)  # idle
+        cur.execute("UPDATE accounts SET balance = balance + 5 WHERE id = 7")
+        self.assertEqual(cur.rowcount, 1)
+        self.assertEqual(conn.info.transaction_status, 0)
+        self.assert_identical()
+        self.assertNotEqual(accounts_md5(new), before)
+        # pgdual's COMMIT fails on old (a deferred check there only) after new committed:
+        # the client gets that error before its idle ReadyForQuery, and it is recorded.
+        old("""CREATE FUNCTION no_big() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN IF NEW.balance > 1000000 THEN RAISE EXCEPTION 'too big'; END IF;
+               RETURN NEW; END $$;
+               CREATE CONSTRAINT TRIGGER no_big AFTER UPDATE ON accounts
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION no_big()""")
+        try:
+            with self.assertRaises(Exception) as cm:
+                cur.execute("UPDATE accounts SET balance = 2000000 WHERE id = 8")
+            self.assertIn("too big", str(cm.exception))
+            self.assertEqual(conn.info.transaction_status, 0)
+            cur.execute("SELECT balance FROM accounts WHERE id = 8")
+            self.assertNotEqual(float(cur.fetchone()[0]), 2000000)
+            pdtest.wait_for(lambda: any(c["mirror_diverged"] > 0 for c in
+                                        self.a.ctl_json("divergence")["counters"]), 10,
+                            interval=0.1, what="the failed COMMIT recorded")
+        finally:
+            old("DROP TRIGGER no_big ON accounts; DROP FUNCTION no_big()")
+            conn.close()
+        # The client leaves while pgdual's transaction waits for new (a lock held on new
+        # behind pgdual's back): its write still commits on both once new applied it.
+        import psycopg2
+        locker = psycopg2.connect(pg_conninfo(NEW, user="postgres"))
+        try:
+            locker.cursor().execute("SELECT 1 FROM accounts WHERE id = 9 FOR UPDATE")
+            c = pdtest.RawClient(self.a.proxy.port)
+            c.startup("postgres", DB)
+            c.send(pdtest.query_msg("UPDATE accounts SET balance = 99 WHERE id = 9"))
+            pdtest.wait_for(lambda: direct_query(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type "
+                "= 'Lock'", (NEW,))[0][0] > 0, 10, interval=0.05, what="new waits on the lock")
+            c.close()
+            time.sleep(0.2)
+        finally:
+            locker.rollback()
+            locker.close()
+        pdtest.wait_for(lambda: old("SELECT balance FROM accounts WHERE id = 9")[0][0] == 99,
+                        10, interval=0.1, what="old committed it")
+        self.assertEqual(new("SELECT balance FROM accounts WHERE id = 9")[0][0], 99)
+        time.sleep(1.1)  # the verify must be later than the divergence (seconds)
+        self.assertTrue(self.a.ctl_json("verify", RULE, "--repair")["result"]["ok"])
+        self.assert_identical()
 
     def test_1_schema_and_fleet(self):
         rows = old("SELECT version, description FROM pgdual.migrations ORDER BY version")
@@ -244,16 +356,7 @@ class FleetTest(unittest.TestCase):
             load.finish()
         self.assertEqual(load.errors, [])
         self.assertGreater(load.ops, 100)
-        try:
-            pdtest.wait_for(lambda: accounts_md5(old) == accounts_md5(new), 20, interval=0.2,
-                            what="old and new identical")
-        except AssertionError:
-            rows = lambda run: set(run("SELECT id, owner, balance::text FROM accounts"))
-            o, n = rows(old), rows(new)
-            raise AssertionError("old and new differ: only on old %r; only on new %r; "
-                                 "divergence seen by the instances: %r"
-                                 % (sorted(o - n)[:10], sorted(n - o)[:10],
-                                    [m.ctl_json("divergence") for m in self.members]))
+        self.assert_identical()
         ops = old("SELECT operation, phase, cardinality(participants) FROM pgdual.operations "
                   "ORDER BY id")
         self.assertEqual(ops[-2:], [("switchover", "flip", 3), ("rollback", "flip", 3)])
