@@ -224,6 +224,18 @@ static bool db_has_rules(const pd_server_t *srv, const char *database, bool *tab
     return any;
 }
 
+int pd_cutover_seq_sides(const pd_server_t *srv, const char *database, bool rollback, char **from,
+                         char **to)
+{
+    bool tables;
+    const pd_database_cfg_t *db = pd_config_database(srv->cfg, database);
+    if (!db_has_rules(srv, database, &tables) || !tables || db == NULL || db->new == NULL)
+        return 0;
+    *from = strdup(rollback ? db->new : db->old);
+    *to = strdup(rollback ? db->old : db->new);
+    return *from != NULL && *to != NULL ? 1 : -1;
+}
+
 /* Options: --timeout MS, --force, --dry-run, --max-verify-age S, and switchover's watch
  * (watch.h). NULL or an error reply. */
 typedef struct {
@@ -455,6 +467,19 @@ static void add_check(json_t *checks, const char *name, bool ok, json_t *value, 
     json_array_append_new(checks, c);
 }
 
+/* When a verify result was recorded (unix seconds; 0: never, or unreadable). */
+static time_t verify_time(json_t *v)
+{
+    int64_t at_ms = pd_report_parse_time(json_string_value(json_object_get(v, "time")));
+    return at_ms > 0 ? (time_t)(at_ms / 1000) : 0;
+}
+
+/* Did the rule record divergence at or after a verify at `at` (0: there was none)? */
+static bool diverged_since(const pd_rule_stats_t *st, time_t at)
+{
+    return st->divergence_at != 0 && (at <= 0 || st->divergence_at >= at);
+}
+
 /* Every guardrail, passing or not, into a new array; *failed: how many failed. */
 static json_t *guardrails(pd_server_t *srv, const char *database, op_kind_t kind, long max_age_s,
                           bool tables, int *failed)
@@ -498,8 +523,7 @@ static json_t *guardrails(pd_server_t *srv, const char *database, op_kind_t kind
         /* divergence since the last passing verify, and that verify's age */
         json_t *v = pd_state_verify(srv->state, r->name);
         bool v_ok = json_is_true(json_object_get(v, "ok"));
-        int64_t at_ms = pd_report_parse_time(json_string_value(json_object_get(v, "time")));
-        time_t at = at_ms > 0 ? (time_t)(at_ms / 1000) : 0;
+        time_t at = verify_time(v);
         snprintf(name, sizeof name, "%s: verify passed within %ld s", r->name, max_age_s);
         ok = v != NULL && v_ok && at > 0 && now - at <= max_age_s;
         snprintf(hint, sizeof hint,
@@ -513,7 +537,7 @@ static json_t *guardrails(pd_server_t *srv, const char *database, op_kind_t kind
         *failed += !ok;
         const pd_rule_stats_t *st = &srv->stats[i];
         snprintf(name, sizeof name, "%s: no divergence since that verify", r->name);
-        ok = v != NULL && v_ok && at > 0 && (st->divergence_at == 0 || st->divergence_at < at);
+        ok = v != NULL && v_ok && at > 0 && !diverged_since(st, at);
         snprintf(hint, sizeof hint,
                  "pgdualctl divergence %s shows what differed; then run "
                  "pgdualctl verify %s --repair.",
@@ -559,10 +583,9 @@ bool pd_cutover_local_ok(pd_server_t *srv, const char *database, bool rollback, 
         if (rollback)
             continue;
         json_t *v = pd_state_verify(srv->state, r->name);
-        int64_t at_ms = pd_report_parse_time(json_string_value(json_object_get(v, "time")));
+        time_t at = verify_time(v);
         json_decref(v);
-        int64_t last = srv->stats[i].divergence_at;
-        if (last != 0 && (at_ms <= 0 || last >= at_ms / 1000)) {
+        if (diverged_since(&srv->stats[i], at)) {
             snprintf(why, size,
                      "rule \"%s\" saw divergence here since its last verify (pgdualctl "
                      "divergence %s on this instance; then verify %s --repair)",
@@ -708,22 +731,16 @@ static void switch_tick(uv_timer_t *t)
     struct pd_cutover *op = t->data;
     pd_server_t *srv = op->srv;
     uint64_t now = uv_now(srv->loop);
-    pd_mirror_totals_t mt = {0};
-    if (op->tables)
-        pd_mirror_db_totals(srv, op->database, &mt);
-    if (db_quiet(srv, op->database) && mt.busy == 0 && mt.queued == 0) {
+    if (pd_cutover_drained(srv, op->database)) {
         uv_timer_stop(&op->timer);
         op->quiet_ms = now - op->started_ms;
-        const pd_database_cfg_t *db = pd_config_database(srv->cfg, op->database);
-        if (!op->tables || db == NULL || db->new == NULL) {
+        int sides =
+            pd_cutover_seq_sides(srv, op->database, op->kind == OP_ROLLBACK, &op->from, &op->to);
+        if (sides == 0) {
             flip_done(op, 0);
             return;
         }
-        bool sw = op->kind == OP_SWITCHOVER;
-        op->from = strdup(sw ? db->old : db->new);
-        op->to = strdup(sw ? db->new : db->old);
-        if (op->from == NULL || op->to == NULL ||
-            uv_queue_work(srv->loop, &op->work, seq_work, seq_done) != 0) {
+        if (sides < 0 || uv_queue_work(srv->loop, &op->work, seq_work, seq_done) != 0) {
             abandon(op, "out of memory", NULL, NULL);
             return;
         }

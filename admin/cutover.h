@@ -63,6 +63,12 @@ bool pd_cutover_local_ok(pd_server_t *srv, const char *database, bool rollback, 
 /* Are the database's sessions between transactions and its mirrors idle (nothing queued)? */
 bool pd_cutover_drained(pd_server_t *srv, const char *database);
 
+/* The sequence step of a switchover (rollback false) or rollback of the database: 1 with
+ * *from and *to (malloc'd conninfos: to's sequences are brought up to from's), 0 when it
+ * has none (no tables rule, or no new side), -1 when out of memory. */
+int pd_cutover_seq_sides(const pd_server_t *srv, const char *database, bool rollback, char **from,
+                         char **to);
+
 /* Server shutdown: pauses end, operations in progress are abandoned (their clients told),
  * watches end (pd_watch_stop_all). */
 void pd_cutover_stop_all(pd_server_t *srv);

@@ -314,7 +314,40 @@ static void heartbeat(member_t *m)
     }
 }
 
-static void read_op(member_t *m, int64_t op);
+/* An operation's event, from a row of OP_SELECT ($1: this instance's id). */
+#define OP_SELECT                                                                                  \
+    "SELECT id, database, operation, phase, $1 = ANY (participants), "                             \
+    "(extract(epoch FROM deadline_at - now()) * 1000)::bigint, coalesce(reason, ''), force "       \
+    "FROM pgdual.operations "
+#define OPS_PAUSING "WHERE phase = 'pause' AND now() < deadline_at"
+
+static void op_event(const PGresult *res, int row, ev_t *e)
+{
+    *e = (ev_t){.kind = EV_OP, .op = strtoll(PQgetvalue(res, row, 0), NULL, 10)};
+    snprintf(e->database, sizeof e->database, "%s", PQgetvalue(res, row, 1));
+    snprintf(e->operation, sizeof e->operation, "%s", PQgetvalue(res, row, 2));
+    snprintf(e->phase, sizeof e->phase, "%s", PQgetvalue(res, row, 3));
+    e->participant = strcmp(PQgetvalue(res, row, 4), "t") == 0;
+    e->deadline_in_ms = strtoll(PQgetvalue(res, row, 5), NULL, 10);
+    snprintf(e->text, sizeof e->text, "%s", PQgetvalue(res, row, 6));
+    e->force = strcmp(PQgetvalue(res, row, 7), "t") == 0;
+}
+
+/* Tells the loop about the operations of res (taken; NULL: none), after the state for a
+   flip: the flags come with it, and must be in memory before the loop acts on it. */
+static void post_ops(member_t *m, PGresult *res)
+{
+    for (int i = 0; res != NULL && i < PQntuples(res); i++) {
+        ev_t *e = malloc(sizeof *e);
+        if (e == NULL)
+            break;
+        op_event(res, i, e);
+        if (strcmp(e->phase, "flip") == 0)
+            state_changed(m);
+        post_ev(m->f, e);
+    }
+    PQclear(res);
+}
 
 static bool connect_member(member_t *m)
 {
@@ -352,12 +385,8 @@ static bool connect_member(member_t *m)
         pd_log_info(NULL, "fleet: the control connection is back");
     state_changed(m); /* whatever changed while we were away */
     /* An operation in progress: paused with the others (fleet.h). */
-    res = query(m, "could not read the fleet operations",
-                "SELECT id FROM pgdual.operations WHERE phase = 'pause' AND now() < deadline_at", 0,
-                NULL);
-    for (int i = 0; res != NULL && i < PQntuples(res); i++)
-        read_op(m, strtoll(PQgetvalue(res, i, 0), NULL, 10));
-    PQclear(res);
+    const char *p[] = {f->id};
+    post_ops(m, query(m, "could not read the fleet operations", OP_SELECT OPS_PAUSING, 1, p));
     m->next_beat = 0;
     return true;
 }
@@ -365,35 +394,11 @@ static bool connect_member(member_t *m)
 /* Reads an operation and tells the loop about it (after the state, for a flip). */
 static void read_op(member_t *m, int64_t op)
 {
-    pd_fleet_t *f = m->f;
     char num[32];
     snprintf(num, sizeof num, "%" PRId64, op);
-    const char *p[] = {num, f->id};
-    PGresult *res = query(m, "could not read a fleet operation",
-                          "SELECT database, operation, phase, $2 = ANY (participants), "
-                          "(extract(epoch FROM deadline_at - now()) * 1000)::bigint, "
-                          "coalesce(reason, ''), force FROM pgdual.operations "
-                          "WHERE id = $1::bigint",
-                          2, p);
-    if (res == NULL || PQntuples(res) != 1) {
-        PQclear(res);
-        return;
-    }
-    ev_t *e = ev_new(EV_OP, op);
-    if (e != NULL) {
-        snprintf(e->database, sizeof e->database, "%s", PQgetvalue(res, 0, 0));
-        snprintf(e->operation, sizeof e->operation, "%s", PQgetvalue(res, 0, 1));
-        snprintf(e->phase, sizeof e->phase, "%s", PQgetvalue(res, 0, 2));
-        e->participant = strcmp(PQgetvalue(res, 0, 3), "t") == 0;
-        e->deadline_in_ms = strtoll(PQgetvalue(res, 0, 4), NULL, 10);
-        snprintf(e->text, sizeof e->text, "%s", PQgetvalue(res, 0, 5));
-        e->force = strcmp(PQgetvalue(res, 0, 6), "t") == 0;
-    }
-    PQclear(res);
-    if (e != NULL && strcmp(e->phase, "flip") == 0)
-        state_changed(m); /* the flags come with the flip: read them before acting on it */
-    if (e != NULL)
-        post_ev(f, e);
+    const char *p[] = {m->f->id, num};
+    post_ops(m,
+             query(m, "could not read a fleet operation", OP_SELECT "WHERE id = $2::bigint", 2, p));
 }
 
 /* The coordinator's view of the acknowledgements of one phase. */
@@ -1044,22 +1049,15 @@ static void coord_drained(pd_fleet_t *f)
     pd_server_t *srv = f->srv;
     c->drained_ms = uv_now(srv->loop) - c->started_ms;
     c->step = C_SEQ;
-    const pd_database_cfg_t *db = pd_config_database(srv->cfg, c->database);
-    bool tables = false;
-    for (unsigned i = 0; i < srv->cfg->rule_count; i++)
-        tables |= strcmp(srv->cfg->rules[i].database, c->database) == 0 &&
-                  srv->cfg->rules[i].kind == PD_RULE_TABLES;
     c->seq_error[0] = '\0';
     c->seq_set = 0;
-    if (!tables || db == NULL || db->new == NULL) {
+    c->work.data = c;
+    int sides = pd_cutover_seq_sides(srv, c->database, c->rollback, &c->from, &c->to);
+    if (sides == 0) {
         seq_done(&c->work, 0);
         return;
     }
-    c->from = strdup(c->rollback ? db->new : db->old);
-    c->to = strdup(c->rollback ? db->old : db->new);
-    c->work.data = c;
-    if (c->from == NULL || c->to == NULL ||
-        uv_queue_work(srv->loop, &c->work, seq_work, seq_done) != 0) {
+    if (sides < 0 || uv_queue_work(srv->loop, &c->work, seq_work, seq_done) != 0) {
         coord_fail(f, "out of memory", NULL, true);
         return;
     }
@@ -1298,17 +1296,11 @@ static void hold_for_operations(pd_fleet_t *f)
     free(err);
     if (c == NULL)
         return;
-    PGresult *res =
-        PQexec(c, "SELECT id, database, operation, "
-                  "(extract(epoch FROM deadline_at - now()) * 1000)::bigint, force "
-                  "FROM pgdual.operations WHERE phase = 'pause' AND now() < deadline_at");
+    const char *p[] = {f->id};
+    PGresult *res = PQexecParams(c, OP_SELECT OPS_PAUSING, 1, NULL, p, NULL, NULL, 0);
     for (int i = 0; PQresultStatus(res) == PGRES_TUPLES_OK && i < PQntuples(res); i++) {
-        ev_t e = {.kind = EV_OP, .op = strtoll(PQgetvalue(res, i, 0), NULL, 10)};
-        snprintf(e.database, sizeof e.database, "%s", PQgetvalue(res, i, 1));
-        snprintf(e.operation, sizeof e.operation, "%s", PQgetvalue(res, i, 2));
-        snprintf(e.phase, sizeof e.phase, "pause");
-        e.deadline_in_ms = strtoll(PQgetvalue(res, i, 3), NULL, 10);
-        e.force = strcmp(PQgetvalue(res, i, 4), "t") == 0;
+        ev_t e;
+        op_event(res, i, &e);
         on_op(f, &e);
     }
     PQclear(res);
@@ -1434,6 +1426,12 @@ void pd_fleet_stop(pd_fleet_t *f)
     uv_close((uv_handle_t *)&f->async, fleet_closed);
 }
 
+/* A row of the listing whose heartbeat is recent enough. */
+static bool instance_live(json_t *inst)
+{
+    return json_integer_value(json_object_get(inst, "heartbeat_age_ms")) < PD_FLEET_LIVE_MS;
+}
+
 bool pd_fleet_coordinating(const pd_fleet_t *f)
 {
     return f->coord.active;
@@ -1469,7 +1467,7 @@ void pd_fleet_numbers(pd_fleet_t *f, int *connected, long long *version, int *li
     json_t *inst;
     json_array_foreach(f->instances, i, inst)
     {
-        *live += json_integer_value(json_object_get(inst, "heartbeat_age_ms")) < PD_FLEET_LIVE_MS;
+        *live += instance_live(inst);
     }
     pthread_mutex_unlock(&f->lock);
     *version = (long long)pd_state_version(f->srv->state);
@@ -1484,7 +1482,7 @@ bool pd_fleet_check(pd_fleet_t *f, json_t *checks)
     json_t *inst;
     json_array_foreach(f->instances, i, inst)
     {
-        if (json_integer_value(json_object_get(inst, "heartbeat_age_ms")) >= PD_FLEET_LIVE_MS)
+        if (!instance_live(inst))
             json_array_append(stale, json_object_get(inst, "instance"));
     }
     size_t n = json_array_size(f->instances);
@@ -1515,15 +1513,13 @@ void pd_cmd_fleet(pd_server_t *srv, pd_admin_req_t *req, int argc, char **argv)
     }
     if (argc == 1) {
         pthread_mutex_lock(&f->lock);
-        json_t *list = json_deep_copy(f->instances ? f->instances : json_array());
+        json_t *list = f->instances != NULL ? json_deep_copy(f->instances) : json_array();
         pthread_mutex_unlock(&f->lock);
         size_t i;
         json_t *inst;
         json_array_foreach(list, i, inst)
         {
-            bool live =
-                json_integer_value(json_object_get(inst, "heartbeat_age_ms")) < PD_FLEET_LIVE_MS;
-            json_object_set_new(inst, "live", json_boolean(live));
+            json_object_set_new(inst, "live", json_boolean(instance_live(inst)));
             json_object_set_new(
                 inst, "this",
                 json_boolean(strcmp(json_string_value(json_object_get(inst, "instance")) ?: "",

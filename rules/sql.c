@@ -1269,38 +1269,14 @@ static pd_sql_result_t *instantiate(tmpl_t *t, const char *sql, const pd__lits_t
 
 /* The template path after an exact-text miss. Sets *done when it answered (with a result,
    or NULL when out of memory); leaves it false when the statement takes the exact path. */
-/* A template hit found from plain text without the lexer (pd__lits_take_plain), or NULL
-   with *done false: the caller takes the lexer's path (which also makes the template). */
-static pd_sql_result_t *plain_hit(job_t *job, bool *done)
-{
-    pd_sql_t *rw = job->rw;
-    pd__lits_t lits;
-    if (pd__lits_take_plain(job->sql, &lits) != PD__LITS_OK)
-        return NULL;
-    pd_sql_result_t *res = NULL;
-    size_t len = 0;
-    char *key = lits.tmpl.len <= CACHE_MAX_SQL
-                    ? cache_key(job, 'T', lits.tmpl.buf, lits.tmpl.len, lits.kinds, &len)
-                    : NULL;
-    tmpl_t *t = key != NULL ? pd__cache_get(&rw->cache, key, len, pd__cache_hash(key, len)) : NULL;
-    if (t != NULL && usable(t, &lits)) {
-        rw->stats.template_hits++;
-        res = instantiate(t, job->sql, &lits);
-        *done = true;
-    }
-    free(key);
-    pd__lits_free(&lits);
-    return res;
-}
-
 static pd_sql_result_t *rewrite_templated(job_t *job, bool *done)
 {
     pd_sql_t *rw = job->rw;
-    pd_sql_result_t *hit = plain_hit(job, done);
-    if (*done)
-        return hit;
     pd__lits_t lits;
-    pd__lits_status_t st = pd__lits_take(job->sql, &lits);
+    /* Plain text has its literals found without the lexer, to look the template up; a
+       template is only ever made from the lexer's reading (pd__lits_take_plain). */
+    bool plain = pd__lits_take_plain(job->sql, &lits) == PD__LITS_OK;
+    pd__lits_status_t st = plain ? PD__LITS_OK : pd__lits_take(job->sql, &lits);
     if (st != PD__LITS_OK) {
         *done = st == PD__LITS_OOM;
         return NULL;
@@ -1316,6 +1292,15 @@ static pd_sql_result_t *rewrite_templated(job_t *job, bool *done)
     }
     uint64_t hash = pd__cache_hash(key, len);
     tmpl_t *t = pd__cache_get(&rw->cache, key, len, hash);
+    if (t == NULL && plain) {
+        /* The lexer's reading is the same (same key), with what making a template needs. */
+        pd__lits_free(&lits);
+        if ((st = pd__lits_take(job->sql, &lits)) != PD__LITS_OK) {
+            free(key);
+            *done = st == PD__LITS_OOM;
+            return NULL;
+        }
+    }
     if (t != NULL) {
         free(key);
         if (usable(t, &lits)) {

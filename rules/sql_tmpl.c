@@ -438,6 +438,30 @@ typedef struct {
     char kind;
 } plain_lit_t;
 
+/*
+ * The index just after the quoted text that starts at sql[i] with its quote (' or "; the
+ * quote doubled stands for itself), or 0 when the text ends first or the quoted part holds
+ * what plain text may not: a non-ASCII byte, a backslash, and (unless controls_ok, as in a
+ * string) a control character.
+ */
+static size_t quoted_end(const char *sql, size_t len, size_t i, bool controls_ok)
+{
+    char q = sql[i];
+    for (i++; i < len; i++) {
+        unsigned char c = (unsigned char)sql[i];
+        if (c == (unsigned char)q) {
+            if (i + 1 < len && sql[i + 1] == q) {
+                i++;
+                continue;
+            }
+            return i + 1;
+        }
+        if (c >= 0x80 || c == '\\' || (c < 0x20 && !controls_ok))
+            return 0;
+    }
+    return 0;
+}
+
 /* The literals of plain text, into lits (at most max); -1 when the text is not plain. */
 static long plain_literals(const char *sql, size_t len, plain_lit_t *lits, size_t max)
 {
@@ -453,21 +477,7 @@ static long plain_literals(const char *sql, size_t len, plain_lit_t *lits, size_
         if (c == '"') { /* a quoted identifier: "" doubles a quote */
             if (i + 1 < len && sql[i + 1] == '"')
                 return -1; /* "" (empty: an error) or a quote-led name: the lexer's call */
-            for (i++;; i++) {
-                if (i >= len)
-                    return -1;
-                if (sql[i] == '"') {
-                    if (i + 1 < len && sql[i + 1] == '"') {
-                        i++;
-                        continue;
-                    }
-                    break;
-                }
-                if ((unsigned char)sql[i] >= 0x80 || sql[i] == '\\' || (unsigned char)sql[i] < 0x20)
-                    return -1;
-            }
-            i++;
-            if (i < len && sql[i] == '"')
+            if ((i = quoted_end(sql, len, i, false)) == 0)
                 return -1;
             continue;
         }
@@ -476,20 +486,8 @@ static long plain_literals(const char *sql, size_t len, plain_lit_t *lits, size_
                 (ident_char((unsigned char)sql[i - 1]) || sql[i - 1] == '&' || sql[i - 1] == '\''))
                 return -1; /* E'', B'', X'', N'', U&'' and the like */
             size_t start = i;
-            for (i++;; i++) {
-                if (i >= len)
-                    return -1;
-                if (sql[i] == '\'') {
-                    if (i + 1 < len && sql[i + 1] == '\'') {
-                        i++;
-                        continue;
-                    }
-                    break;
-                }
-                if ((unsigned char)sql[i] >= 0x80 || sql[i] == '\\')
-                    return -1;
-            }
-            i++;
+            if ((i = quoted_end(sql, len, i, true)) == 0)
+                return -1;
             /* 'a' 'b' across a newline is one literal to the lexer: not plain. */
             size_t j = i;
             while (j < len && (sql[j] == ' ' || sql[j] == '\t' || sql[j] == '\n' ||

@@ -419,8 +419,7 @@ class FleetTest(unittest.TestCase):
         d_proxy, d_sock = start_instance("d", "postgres", self.dir)
         self.proxies.append(d_proxy)
         d = Instance(self, d_proxy, d_sock)
-        pdtest.wait_for(lambda: len([i for i in self.a.ctl_json("fleet")["instances"]
-                                     if i["live"]]) == 3, 10, interval=0.1, what="a, b, d live")
+        self.wait_fleet(3)  # a, b, d
         res = d.ctl_json("verify", RULE)["result"]
         self.assertTrue(res["ok"], res)
         held = pdtest.connect(self.b.proxy.port, dbname=DB)  # b cannot drain: d waits
@@ -459,8 +458,7 @@ class FleetTest(unittest.TestCase):
 
     def test_6_watch_rolls_the_fleet_back(self):
         # switchover --watch through a: a divergence a sees rolls every instance back.
-        pdtest.wait_for(lambda: len([i for i in self.a.ctl_json("fleet")["instances"]
-                                     if i["live"]]) == 2, 10, interval=0.1, what="a, b live")
+        self.wait_fleet(2)  # a, b
         self.assertTrue(self.a.ctl_json("verify", RULE)["result"]["ok"])
         r = self.a.ctl_json("switchover", DB, "--watch", "30s", "--max-divergence", "0")
         self.assertEqual(r["watch"]["max_divergence"], 0)
