@@ -1131,7 +1131,9 @@ bool pd_mirror_on_query(pd_session_t *s, const pd_sql_result_t *r, const char *s
     if (committed)
         sm->skip_end = false; /* the mirror committed first (lockstep) */
     if (r->mirror != PD_MIRROR_NONE && r->action != PD_SQL_REFUSE && !committed && sample(s, r)) {
-        const char *sql = r->mirror == PD_MIRROR_IMAGE ? r->image_sql : sent;
+        const char *sql = r->mirror == PD_MIRROR_IMAGE ? r->image_sql
+                          : r->mirror_original         ? original
+                                                       : sent;
         pd_mirror_op_t *op = op_new(r, sql, original, seq);
         if (op == NULL)
             return false;
@@ -1306,7 +1308,11 @@ bool pd_mirror_on_bind(pd_session_t *s, const pd_sql_result_t *r, const char *st
         !extend_formats(&b, body, r->image_cols, rewritten, rewritten_len))
         return false;
     bool image = r->mirror == PD_MIRROR_IMAGE;
-    pd_mirror_op_t *op = op_new(r, image ? r->image_sql : sent, stmt_sql, 0);
+    pd_mirror_op_t *op = op_new(r,
+                                image                ? r->image_sql
+                                : r->mirror_original ? stmt_sql
+                                                     : sent,
+                                stmt_sql, 0);
     if (op == NULL)
         return false;
     op->nparams = image ? r->image_cols : b.nparams;

@@ -38,10 +38,6 @@ static const char *tables_rule_refusal(const pd_rule_cfg_t *r, pd_writes_t write
         return "writes=dual-new and writes=new make new authoritative for the whole database "
                "(sessions then talk to new only), so the rule must cover every table: omit "
                "`tables` from the rule";
-    if (to_new && r->column_count > 0)
-        return "writes=dual-new and writes=new of a kind: tables rule with renamed or "
-               "transformed `columns` are not built yet (the application's statements would "
-               "need rewriting for new's schema)";
     *key = PD_FLAG_READS;
     if (reads->mode == PD_READS_SHADOW && writes != PD_WRITES_DUAL && writes != PD_WRITES_DUAL_NEW)
         return "reads=shadow of a kind: tables rule needs both sides written (writes=dual or "
@@ -91,11 +87,37 @@ const char *pd_flags_refusal(const pd_rule_cfg_t *r, pd_writes_t writes, const p
  * session's second connection goes either to the other database (writes mirrored) or to
  * the same one (reads=aa), so the two cannot mix within a database.
  */
+/* A tables rule translating its columns for new (new authoritative): the mirror then
+   replays the client's own text on old, which a columns rule's rewrite would not reach. */
+static bool translating(const pd_rule_cfg_t *r, pd_writes_t writes)
+{
+    return r->kind == PD_RULE_TABLES && r->column_count > 0 && new_authoritative(writes);
+}
+
+static bool columns_active(const pd_rule_cfg_t *r, pd_writes_t writes, const pd_reads_t *reads)
+{
+    return r->kind == PD_RULE_COLUMNS && (writes != PD_WRITES_OLD || reads->mode != PD_READS_OLD);
+}
+
 const char *pd_flags_database_refusal(const pd_config_t *cfg, const pd_rule_flags_t *flags,
                                       unsigned rule, pd_writes_t writes, const pd_reads_t *reads,
                                       pd_flag_key_t *key)
 {
     const pd_rule_cfg_t *r = &cfg->rules[rule];
+    for (unsigned i = 0; i < cfg->rule_count; i++) {
+        const pd_rule_cfg_t *o = &cfg->rules[i];
+        if (i == rule || strcmp(o->database, r->database) != 0)
+            continue;
+        if ((translating(r, writes) && columns_active(o, flags[i].writes, &flags[i].reads)) ||
+            (columns_active(r, writes, reads) && translating(o, flags[i].writes))) {
+            if (key != NULL)
+                *key = PD_FLAG_WRITES;
+            return "a kind: tables rule that maps columns, with new authoritative, cannot run "
+                   "beside an active kind: columns rule of the same database (old would get "
+                   "the application's statements without the columns rule's rewrite): set the "
+                   "columns rule to writes=old reads=old first";
+        }
+    }
     if (r->kind != PD_RULE_TABLES)
         return NULL;
     for (unsigned i = 0; i < cfg->rule_count; i++) {

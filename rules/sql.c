@@ -28,6 +28,8 @@ struct pd_sql {
     const pd_config_t *cfg;
     pd__rule_t *rules;
     unsigned nrules;
+    pd__rule_t *xrules; /* translators (see pd__rule_t) */
+    unsigned nxrules;
     pd__node_t *null_const;
     pd_sql_result_t *pass; /* shared by every statement skipped without parsing */
     pd__cache_t cache;
@@ -99,8 +101,26 @@ bool pd__stopped(const pd__ctx_t *ctx)
     return ctx->refused || ctx->oom;
 }
 
+const pd__rule_t *pd__col_rule(const pd__ctx_t *ctx, unsigned i)
+{
+    return i < ctx->nrules ? &ctx->rules[i] : &ctx->xrules[i - ctx->nrules];
+}
+
+unsigned pd__col_rules(const pd__ctx_t *ctx)
+{
+    return ctx->nrules + ctx->nxrules;
+}
+
+static bool translating(const pd__ctx_t *ctx, const pd__rule_t *r)
+{
+    pd_writes_t w = ctx->views[r->index].writes;
+    return ctx->in_db[r->index] && (w == PD_WRITES_DUAL_NEW || w == PD_WRITES_NEW);
+}
+
 bool pd__rule_writes_dual(const pd__ctx_t *ctx, const pd__rule_t *r)
 {
+    if (r->xlate)
+        return translating(ctx, r);
     pd_writes_t w = ctx->views[r->index].writes;
     return r->columns_kind && ctx->in_db[r->index] &&
            (w == PD_WRITES_DUAL || w == PD_WRITES_DUAL_NEW);
@@ -108,11 +128,15 @@ bool pd__rule_writes_dual(const pd__ctx_t *ctx, const pd__rule_t *r)
 
 bool pd__rule_reads_new(const pd__ctx_t *ctx, const pd__rule_t *r)
 {
+    if (r->xlate)
+        return translating(ctx, r);
     return r->columns_kind && ctx->in_db[r->index] && ctx->views[r->index].reads == PD_READS_NEW;
 }
 
 const char *pd__rule_table(const pd__rule_t *r)
 {
+    if (r->label != NULL)
+        return r->label;
     return r->cfg->table != NULL ? r->cfg->table : "?";
 }
 
@@ -268,6 +292,75 @@ static bool compile_rule(pd__rule_t *r, int index, const pd_rule_cfg_t *cfg,
     return compile_facts(&r->facts, facts);
 }
 
+/* The mapped columns of one table of a tables rule: a translator (see pd__rule_t), or
+   nothing (r->npairs == 0) when the table has none of the rule's old columns. */
+static bool compile_translator(pd__rule_t *r, int index, const pd_rule_cfg_t *cfg,
+                               const pd_table_facts_t *t)
+{
+    r->index = index;
+    r->cfg = cfg;
+    r->columns_kind = true;
+    r->xlate = true;
+    r->tables = calloc(2, sizeof *r->tables);
+    r->pairs = calloc(cfg->column_count + 1, sizeof *r->pairs);
+    if (r->tables == NULL || r->pairs == NULL)
+        return false;
+    r->ntables = 1;
+    r->tables[0].schema = strdup(t->schema);
+    r->tables[0].rel = strdup(t->name);
+    if (r->tables[0].schema == NULL || r->tables[0].rel == NULL ||
+        asprintf(&r->label, "%s.%s", t->schema, t->name) < 0) {
+        r->label = NULL;
+        return false;
+    }
+    for (unsigned i = 0; i < cfg->column_count; i++) {
+        const pd_column_map_t *m = &cfg->columns[i];
+        bool has = false;
+        for (unsigned c = 0; c < t->ncolumns && !has; c++)
+            has = strcmp(t->columns[c], m->old) == 0;
+        if (!has)
+            continue;
+        pd__pair_t *p = &r->pairs[r->npairs++];
+        p->old = m->old;
+        p->new = m->new;
+        p->up = compile_template(m->up, m->old);
+        p->down = compile_template(m->down, m->new);
+    }
+    return compile_facts(&r->facts, t);
+}
+
+static void free_rule(pd__rule_t *r);
+
+/* Every translator of the config's tables rules that map columns, for the tables whose
+   facts are known (a table whose facts are not is refused by the mirror pass). */
+static bool compile_translators(pd_sql_t *rw)
+{
+    unsigned n = 0;
+    for (unsigned i = 0; i < rw->nrules; i++)
+        for (unsigned t = 0; !rw->rules[i].columns_kind && t < rw->rules[i].ntables; t++)
+            n += rw->rules[i].cfg->column_count > 0 && rw->rules[i].tfacts[t] != NULL;
+    rw->xrules = calloc(n + 1, sizeof *rw->xrules);
+    if (rw->xrules == NULL)
+        return false;
+    for (unsigned i = 0; i < rw->nrules; i++) {
+        const pd__rule_t *r = &rw->rules[i];
+        for (unsigned t = 0; !r->columns_kind && r->cfg->column_count > 0 && t < r->ntables; t++) {
+            if (r->tfacts[t] == NULL)
+                continue;
+            pd__rule_t *x = &rw->xrules[rw->nxrules];
+            if (!compile_translator(x, (int)i, r->cfg, r->tfacts[t])) {
+                free_rule(x);
+                return false;
+            }
+            if (x->npairs == 0)
+                free_rule(x);
+            else
+                rw->nxrules++;
+        }
+    }
+    return true;
+}
+
 static void free_rule(pd__rule_t *r)
 {
     for (unsigned i = 0; i < r->ntables; i++) {
@@ -288,6 +381,8 @@ static void free_rule(pd__rule_t *r)
     free(r->facts.columns);
     free(r->facts.defaults);
     free(r->facts.default_bad);
+    free(r->label);
+    memset(r, 0, sizeof *r);
 }
 
 static pd__node_t *make_null_const(void)
@@ -322,8 +417,8 @@ static bool has_param(const pd__node_t *n)
 
 static bool rules_have_params(const pd_sql_t *rw)
 {
-    for (unsigned i = 0; i < rw->nrules; i++) {
-        const pd__rule_t *r = &rw->rules[i];
+    for (unsigned i = 0; i < rw->nrules + rw->nxrules; i++) {
+        const pd__rule_t *r = i < rw->nrules ? &rw->rules[i] : &rw->xrules[i - rw->nrules];
         for (unsigned p = 0; p < r->npairs; p++)
             if (has_param(r->pairs[p].up) || has_param(r->pairs[p].down))
                 return true;
@@ -369,6 +464,10 @@ pd_sql_t *pd_sql_new(const pd_config_t *cfg, const pd_table_facts_t *const *fact
             return NULL;
         }
     }
+    if (!compile_translators(rw)) {
+        pd_sql_free(rw);
+        return NULL;
+    }
     rw->templating = rw->caching && !rules_have_params(rw);
     return rw;
 }
@@ -380,6 +479,9 @@ void pd_sql_free(pd_sql_t *rw)
     for (unsigned i = 0; i < rw->nrules; i++)
         free_rule(&rw->rules[i]);
     free(rw->rules);
+    for (unsigned i = 0; i < rw->nxrules; i++)
+        free_rule(&rw->xrules[i]);
+    free(rw->xrules);
     pd__node_free(rw->null_const);
     if (rw->caching)
         pd__cache_destroy(&rw->cache);
@@ -724,6 +826,8 @@ static void ctx_init(pd__ctx_t *ctx, const job_t *job, const pd_rule_view_t *vie
     memset(ctx, 0, sizeof *ctx);
     ctx->rules = job->rw->rules;
     ctx->nrules = job->rw->nrules;
+    ctx->xrules = job->rw->xrules;
+    ctx->nxrules = job->rw->nxrules;
     ctx->in_db = job->in_db;
     ctx->views = views;
     ctx->given = job->views;
@@ -752,6 +856,8 @@ static void run_passes(pd__ctx_t *ctx, pd__node_t *stmt, bool writes)
         pd__plan_mirror(ctx, stmt);
     if (!pd__stopped(ctx))
         pd__rewrite_reads(ctx, stmt);
+    if (writes && !pd__stopped(ctx))
+        pd__settle_mirror(ctx, stmt);
 }
 
 static PgQuery__ParseResult *unpack(const job_t *job)
@@ -841,6 +947,8 @@ static void note_mirror(pd_sql_result_t *res, pd__ctx_t *ctx, size_t nstmts)
 {
     if (ctx->mirror == PD_MIRROR_NONE || ctx->refused)
         return;
+    for (unsigned i = 0; i < ctx->nxrules; i++)
+        res->mirror_original = res->mirror_original || pd__rule_writes_dual(ctx, &ctx->xrules[i]);
     if (nstmts == 1) {
         res->mirror = ctx->mirror;
         res->mirror_rule = ctx->mirror_rule;
@@ -1213,6 +1321,7 @@ static bool copy_mirror(pd_sql_result_t *r, const pd_sql_result_t *tr)
 {
     r->mirror = tr->mirror;
     r->mirror_rule = tr->mirror_rule;
+    r->mirror_original = tr->mirror_original;
     r->txn = tr->txn;
     r->txn_commit = tr->txn_commit;
     r->set_local = tr->set_local;

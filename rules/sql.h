@@ -111,6 +111,8 @@ typedef struct {
     /* Mirroring (tables rules in dual): */
     pd_mirror_kind_t mirror;
     int mirror_rule;       /* the tables rule concerned, or -1 */
+    bool mirror_original;  /* replay the client's text on the mirror, not `sql`: the rule's
+                              columns were translated for new (new authoritative) */
     pd_txn_kind_t txn;     /* PD_MIRROR_TXN */
     bool txn_commit;       /* PD_TXN_END: COMMIT/END (not ROLLBACK/ABORT) */
     bool set_local;        /* PD_MIRROR_SET: SET LOCAL / SET TRANSACTION (txn-scoped) */

@@ -62,6 +62,14 @@ typedef struct {
     unsigned npairs;
     pd__facts_t facts;
     const pd_table_facts_t **tfacts; /* tables rules: per table, NULL when unknown; borrowed */
+    /* A translator: the columns of one table of a `tables` rule that new renames or
+       transforms, compiled as a columns rule (columns_kind) of that table. While new is
+       authoritative (writes dual-new|new) it rewrites the application's statements, still
+       written for old's schema, for new's: reads of an old column read `down` of the new
+       one, and assignments of an old column assign the new one `up` of the value instead.
+       `index` is the tables rule's; `label` names the table in messages. */
+    bool xlate;
+    char *label;
 } pd__rule_t;
 
 /* ---------------------------------------------------------------------------------------
@@ -70,6 +78,8 @@ typedef struct {
 typedef struct {
     const pd__rule_t *rules; /* every rule of the config */
     unsigned nrules;
+    const pd__rule_t *xrules; /* the translators of tables rules that map columns */
+    unsigned nxrules;
     const bool *in_db;           /* rules[i] belongs to the statement's database */
     const pd_rule_view_t *views; /* effective: reads shadow already resolved to old or new */
     const pd_rule_view_t *given; /* as the caller gave them (reads shadow unresolved) */
@@ -121,7 +131,12 @@ bool pd__stopped(const pd__ctx_t *ctx);
 bool pd__rule_matches(const pd__rule_t *r, const PgQuery__RangeVar *rv);
 /* Which of the rule's tables it names (index in r->tables), or -1. */
 int pd__rule_table_index(const pd__rule_t *r, const PgQuery__RangeVar *rv);
-/* Rule in force for writes / for reads=new in this pass? */
+/* The rules the column passes look at: the config's (0 .. nrules-1), then the
+   translators; pd__col_rules(ctx) counts them. */
+const pd__rule_t *pd__col_rule(const pd__ctx_t *ctx, unsigned i);
+unsigned pd__col_rules(const pd__ctx_t *ctx);
+/* Rule in force for writes / for reads=new in this pass? A translator is in force, for
+   both, while its tables rule has new authoritative. */
 bool pd__rule_writes_dual(const pd__ctx_t *ctx, const pd__rule_t *r);
 bool pd__rule_reads_new(const pd__ctx_t *ctx, const pd__rule_t *r);
 /* The rule's table as configured, for messages. */
@@ -211,6 +226,8 @@ void pd__rewrite_reads(pd__ctx_t *ctx, pd__node_t *stmt);
 /* tables rules in dual: what the mirror does with the statement (sql_mirror.c); adds the
    RETURNING columns of a row image to the statement, or refuses. */
 void pd__plan_mirror(pd__ctx_t *ctx, pd__node_t *stmt);
+/* After the read pass: the client's share of a row image's RETURNING, recounted. */
+void pd__settle_mirror(pd__ctx_t *ctx, const pd__node_t *stmt);
 /* Is a tables rule of the statement's database mirroring writes in this pass? */
 bool pd__rule_mirrors(const pd__ctx_t *ctx, const pd__rule_t *r);
 

@@ -99,6 +99,11 @@ bool pd__rule_mirrors(const pd__ctx_t *ctx, const pd__rule_t *r)
     return w == PD_WRITES_DUAL || w == PD_WRITES_DUAL_NEW;
 }
 
+static bool new_authoritative(const pd__ctx_t *ctx, const pd__rule_t *r)
+{
+    return ctx->views[r->index].writes == PD_WRITES_DUAL_NEW;
+}
+
 /* reads=aa: the session's second connection goes to the authoritative side itself. */
 static bool rule_aa(const pd__ctx_t *ctx, const pd__rule_t *r)
 {
@@ -495,8 +500,12 @@ static void plan_image(pd__ctx_t *ctx, const pd__rule_t *r, const pd_table_facts
     ctx->client_cols = *nreturning > 0 ? (int)*nreturning : -1;
     ctx->image_types = calloc(t->ncolumns + 1, sizeof *ctx->image_types);
     ctx->image_key = calloc(t->nkey + 1, sizeof *ctx->image_key);
-    ctx->image_sql =
-        table_mapped(r, t) ? mapped_image_statement(r, t, kind) : image_statement(t, kind);
+    /* With new authoritative the statement was translated for new, and the RETURNING
+       added below reads old's columns through `down` (sql_read.c): old takes the image as
+       it is. */
+    ctx->image_sql = table_mapped(r, t) && !new_authoritative(ctx, r)
+                         ? mapped_image_statement(r, t, kind)
+                         : image_statement(t, kind);
     if (ctx->image_types == NULL || ctx->image_key == NULL || ctx->image_sql == NULL ||
         asprintf(&ctx->image_table, "%s.%s", t->schema, t->name) < 0) {
         ctx->image_table = NULL;
@@ -523,16 +532,21 @@ static void plan_image(pd__ctx_t *ctx, const pd__rule_t *r, const pd_table_facts
     ctx->changed = true;
 }
 
-/* An UPDATE that assigns a key column cannot be replayed by its key. */
-static const char *assigned_key(const PgQuery__UpdateStmt *u, const pd_table_facts_t *t)
+/* An UPDATE that assigns a key column cannot be replayed by its key. The SET list may
+   already be translated for new (new authoritative): its name there counts too. */
+static const char *assigned_key(const pd__rule_t *r, const PgQuery__UpdateStmt *u,
+                                const pd_table_facts_t *t)
 {
     for (size_t i = 0; i < u->n_target_list; i++) {
         const pd__node_t *n = u->target_list[i];
         if (n->node_case != PG_QUERY__NODE__NODE_RES_TARGET || n->res_target->name == NULL)
             continue;
-        for (unsigned k = 0; k < t->nkey; k++)
-            if (strcmp(n->res_target->name, t->columns[t->key[k]]) == 0)
-                return t->columns[t->key[k]];
+        for (unsigned k = 0; k < t->nkey; k++) {
+            const char *col = t->columns[t->key[k]];
+            if (strcmp(n->res_target->name, col) == 0 ||
+                strcmp(n->res_target->name, new_name(r, col)) == 0)
+                return col;
+        }
     }
     return NULL;
 }
@@ -589,7 +603,7 @@ static bool plan_write(pd__ctx_t *ctx, const pd__rule_t *r, pd__node_t *stmt)
        exact rows, applied in the order the authoritative side wrote each key (mirror.c),
        come out the same whatever the mirror's data is at that moment. A write that sets
        the key itself can only be replayed verbatim. */
-    bool sets_key = kind == PD_IMAGE_UPDATE && assigned_key(stmt->update_stmt, t) != NULL;
+    bool sets_key = kind == PD_IMAGE_UPDATE && assigned_key(r, stmt->update_stmt, t) != NULL;
     bool mapped = table_mapped(r, t);
     for (unsigned k = 0; mapped && k < t->nkey; k++) {
         const pd_column_map_t *m = mapping(r, t->columns[t->key[k]]);
@@ -615,7 +629,7 @@ static bool plan_write(pd__ctx_t *ctx, const pd__rule_t *r, pd__node_t *stmt)
         refuse_mirror(ctx, r, keep_hint,
                       "an UPDATE of key column \"%s\" of %s.%s with %s can only be replayed by "
                       "its key",
-                      assigned_key(stmt->update_stmt, t), t->schema, t->name, local);
+                      assigned_key(r, stmt->update_stmt, t), t->schema, t->name, local);
         return true;
     }
     plan_image(ctx, r, t, rv, ret, nret, kind);
@@ -626,6 +640,7 @@ static bool plan_write(pd__ctx_t *ctx, const pd__rule_t *r, pd__node_t *stmt)
 typedef struct {
     const pd__rule_t *rule;
     bool found;
+    const pd_table_facts_t *mapped; /* a written table whose columns new maps */
 } dml_t;
 
 static bool find_rule_dml(pd__node_t *n, void *arg)
@@ -641,10 +656,11 @@ static bool find_rule_dml(pd__node_t *n, void *arg)
     else if (n->node_case == PG_QUERY__NODE__NODE_MERGE_STMT)
         rv = n->merge_stmt->relation;
     bool member = false;
-    if (rv != NULL)
-        (void)table_of(d->rule, rv, &member);
+    const pd_table_facts_t *t = rv != NULL ? table_of(d->rule, rv, &member) : NULL;
+    if (member && t != NULL && table_mapped(d->rule, t))
+        d->mapped = t;
     d->found = d->found || member;
-    return !d->found;
+    return d->mapped == NULL;
 }
 
 static bool copy_names(const PgQuery__CopyStmt *c, const char *col)
@@ -671,7 +687,7 @@ static void plan_copy(pd__ctx_t *ctx, const pd__rule_t *r, const PgQuery__CopySt
         why = c->is_program ? "a program run by the server" : "a file on the server";
     else if (t == NULL || !t->loaded)
         why = "a table whose catalog facts are unknown";
-    else if (table_mapped(r, t))
+    else if (table_mapped(r, t) && !new_authoritative(ctx, r))
         why = "a table whose columns are renamed or transformed on the new side";
     else if (local_part(r, c->where_clause != NULL ? &c->where_clause->base : NULL) != NULL)
         why = "a WHERE clause that depends on where it runs";
@@ -729,6 +745,16 @@ static void plan_other(pd__ctx_t *ctx, const pd__rule_t *r, pd__node_t *stmt)
         return;
     ctx->is_write = true;
     ctx->mirror_rule = r->index;
+    if (d.mapped != NULL && !new_authoritative(ctx, r)) {
+        /* New's columns differ: the client's text would not write the same there. */
+        refuse_mirror(ctx, r, keep_hint,
+                      "%s writes %s.%s, whose columns are renamed or transformed on the new side, "
+                      "and only a plain INSERT, UPDATE or DELETE can be replayed there as row "
+                      "images",
+                      stmt->node_case == PG_QUERY__NODE__NODE_MERGE_STMT ? "MERGE" : "a statement",
+                      d.mapped->schema, d.mapped->name);
+        return;
+    }
     const char *local = local_part(r, &stmt->base);
     if (local == NULL)
         ctx->mirror = PD_MIRROR_WRITE;
@@ -842,6 +868,23 @@ static void plan_shadow(pd__ctx_t *ctx, pd__node_t *stmt)
         ctx->mirror_rule = r->index;
         return;
     }
+}
+
+/* The client's own RETURNING columns once every pass has run: a translator's read pass
+   may have expanded a `*` among them (the image's columns, appended last, stay one each). */
+void pd__settle_mirror(pd__ctx_t *ctx, const pd__node_t *stmt)
+{
+    if (ctx->mirror != PD_MIRROR_IMAGE || ctx->client_cols < 0 || stmt == NULL)
+        return;
+    size_t n = 0;
+    if (stmt->node_case == PG_QUERY__NODE__NODE_INSERT_STMT)
+        n = stmt->insert_stmt->n_returning_list;
+    else if (stmt->node_case == PG_QUERY__NODE__NODE_UPDATE_STMT)
+        n = stmt->update_stmt->n_returning_list;
+    else if (stmt->node_case == PG_QUERY__NODE__NODE_DELETE_STMT)
+        n = stmt->delete_stmt->n_returning_list;
+    if (n >= ctx->image_cols)
+        ctx->client_cols = (int)(n - ctx->image_cols);
 }
 
 void pd__plan_mirror(pd__ctx_t *ctx, pd__node_t *stmt)

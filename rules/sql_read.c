@@ -84,9 +84,11 @@ static bool is_cte(const scope_t *s, const PgQuery__RangeVar *rv)
  */
 static const pd__rule_t *reads_rule(const pd__ctx_t *ctx, const PgQuery__RangeVar *rv)
 {
-    for (unsigned i = 0; rv != NULL && i < ctx->nrules; i++)
-        if (pd__rule_reads_new(ctx, &ctx->rules[i]) && pd__rule_matches(&ctx->rules[i], rv))
-            return &ctx->rules[i];
+    for (unsigned i = 0; rv != NULL && i < pd__col_rules(ctx); i++) {
+        const pd__rule_t *r = pd__col_rule(ctx, i);
+        if (pd__rule_reads_new(ctx, r) && pd__rule_matches(r, rv))
+            return r;
+    }
     return NULL;
 }
 
@@ -94,8 +96,8 @@ static const pd__rule_t *reads_rule(const pd__ctx_t *ctx, const PgQuery__RangeVa
 static const pd__pair_t *old_pair(const pd__ctx_t *ctx, const PgQuery__RangeVar *rv,
                                   const char *col, const pd__rule_t **rule)
 {
-    for (unsigned i = 0; rv != NULL && i < ctx->nrules; i++) {
-        const pd__rule_t *r = &ctx->rules[i];
+    for (unsigned i = 0; rv != NULL && i < pd__col_rules(ctx); i++) {
+        const pd__rule_t *r = pd__col_rule(ctx, i);
         if (!pd__rule_reads_new(ctx, r) || !pd__rule_matches(r, rv))
             continue;
         for (unsigned k = 0; k < r->npairs; k++)
@@ -900,8 +902,8 @@ static void rd_stmt(pd__ctx_t *ctx, const scope_t *parent, pd__node_t *n)
 void pd__rewrite_reads(pd__ctx_t *ctx, pd__node_t *stmt)
 {
     bool any = false;
-    for (unsigned i = 0; i < ctx->nrules && !any; i++)
-        any = pd__rule_reads_new(ctx, &ctx->rules[i]);
+    for (unsigned i = 0; i < pd__col_rules(ctx) && !any; i++)
+        any = pd__rule_reads_new(ctx, pd__col_rule(ctx, i));
     if (any)
         rd_stmt(ctx, NULL, stmt);
 }

@@ -218,6 +218,7 @@ typedef enum { COL_ABSENT, COL_DEFAULTED, COL_EXPLICIT } col_status_t;
 typedef struct {
     const char *target;     /* the column to add */
     const pd__node_t *tmpl; /* up or down */
+    long replace;           /* a translator's: the old column's position it takes, else -1 */
 } add_t;
 
 static bool has_name(const char **names, size_t n, const char *col)
@@ -244,6 +245,22 @@ static int plan_adds(pd__ctx_t *ctx, const pd__rule_t *r, const char **names, si
                      add_t *adds)
 {
     int count = 0;
+    if (r->xlate) {
+        /* New has only the new column: an assignment of the old one becomes one of the new
+           one. An old column left out is left to new's own default. */
+        for (unsigned i = 0; i < r->npairs; i++)
+            for (size_t k = 0; k < n; k++) {
+                if (strcmp(names[k], r->pairs[i].old) != 0)
+                    continue;
+                if (r->pairs[i].up == NULL) {
+                    refuse_template(ctx, r, true, r->pairs[i].new);
+                    return -1;
+                }
+                adds[count++] = (add_t){r->pairs[i].new, r->pairs[i].up, (long)k};
+                break;
+            }
+        return count;
+    }
     for (unsigned i = 0; i < r->npairs; i++) {
         const pd__pair_t *p = &r->pairs[i];
         col_status_t o = status(r, names, n, insert, p->old);
@@ -262,7 +279,7 @@ static int plan_adds(pd__ctx_t *ctx, const pd__rule_t *r, const char **names, si
             refuse_template(ctx, r, up, up ? p->new : p->old);
             return -1;
         }
-        adds[count++] = (add_t){up ? p->new : p->old, tmpl};
+        adds[count++] = (add_t){up ? p->new : p->old, tmpl, -1};
     }
     return count;
 }
@@ -324,6 +341,45 @@ static bool add_values(pd__ctx_t *ctx, const pd__assign_t *a, const add_t *adds,
     return true;
 }
 
+/* A translator's row: each old column's value becomes the new column's, through `up`
+   (DEFAULT stays DEFAULT: new's own). slots[k] is where the value of names[k] is. Every
+   value is derived before any is replaced, since a template may read several of them. */
+static bool replace_values(pd__ctx_t *ctx, const pd__assign_t *a, const add_t *adds, int nadds,
+                           pd__node_t *const *slots)
+{
+    pd__node_t *made[nadds > 0 ? nadds : 1];
+    bool ok = true;
+    for (int i = 0; i < nadds; i++) {
+        const pd__node_t *v = slots[adds[i].replace];
+        made[i] = NULL;
+        if (!ok || v == NULL || v->node_case == PG_QUERY__NODE__NODE_SET_TO_DEFAULT)
+            continue;
+        made[i] = substitute(ctx, adds[i].tmpl, a, adds[i].target);
+        ok = made[i] != NULL;
+    }
+    for (int i = 0; i < nadds; i++) {
+        if (ok && made[i] != NULL)
+            pd__node_become(slots[adds[i].replace], made[i]);
+        else
+            pd__node_free(made[i]);
+    }
+    return ok;
+}
+
+/* The translator's renames in a target list (INSERT columns, SET targets). */
+static bool rename_targets(pd__ctx_t *ctx, pd__node_t **list, const add_t *adds, int nadds)
+{
+    for (int i = 0; i < nadds; i++) {
+        PgQuery__ResTarget *rt = list[adds[i].replace]->res_target;
+        char *name = strdup(adds[i].target);
+        if (name == NULL)
+            return pd__oom(ctx);
+        free(rt->name);
+        rt->name = name;
+    }
+    return true;
+}
+
 /* ---------------------------------------------------------------------------------------
  * UPDATE SET lists (UPDATE, ON CONFLICT DO UPDATE, MERGE ... UPDATE).
  */
@@ -340,6 +396,141 @@ static pd__node_t *set_value(const PgQuery__ResTarget *rt)
     if (m->colno < 1 || (size_t)m->colno > row->n_args)
         return NULL;
     return row->args[m->colno - 1];
+}
+
+/* EXCLUDED.col, or NULL. */
+static const char *excluded_ref(const pd__node_t *n)
+{
+    if (n == NULL || n->node_case != PG_QUERY__NODE__NODE_COLUMN_REF ||
+        n->column_ref->n_fields != 2)
+        return NULL;
+    const char *q = pd__str(n->column_ref->fields[0]);
+    return q != NULL && strcmp(q, "excluded") == 0 ? pd__str(n->column_ref->fields[1]) : NULL;
+}
+
+typedef struct {
+    const pd__rule_t *rule;
+    const char *found; /* an old column read through EXCLUDED */
+} excl_t;
+
+static bool find_excluded(pd__node_t *n, void *arg)
+{
+    excl_t *e = arg;
+    const char *col = excluded_ref(n);
+    for (unsigned i = 0; col != NULL && e->found == NULL && i < e->rule->npairs; i++)
+        if (strcmp(col, e->rule->pairs[i].old) == 0)
+            e->found = col;
+    return e->found == NULL;
+}
+
+/*
+ * ON CONFLICT DO UPDATE under a translator: `SET o = EXCLUDED.o` becomes `SET n =
+ * EXCLUDED.n` (the proposed row already holds up() of the value); any other reading of
+ * an old column through EXCLUDED has no counterpart on new and is refused.
+ */
+static void translate_excluded(pd__ctx_t *ctx, const pd__rule_t *r, PgQuery__OnConflictClause *oc)
+{
+    for (size_t i = 0; i < oc->n_target_list; i++) {
+        pd__node_t *t = oc->target_list[i];
+        if (t->node_case != PG_QUERY__NODE__NODE_RES_TARGET || t->res_target->name == NULL)
+            continue;
+        const char *col = excluded_ref(t->res_target->val);
+        for (unsigned k = 0; col != NULL && k < r->npairs; k++) {
+            const pd__pair_t *p = &r->pairs[k];
+            if (strcmp(col, p->old) != 0 || strcmp(t->res_target->name, p->old) != 0)
+                continue;
+            pd__node_t *ref = pd__make_column_ref("excluded", p->new);
+            char *name = strdup(p->new);
+            if (ref == NULL || name == NULL) {
+                pd__node_free(ref);
+                free(name);
+                pd__oom(ctx);
+                return;
+            }
+            pd__node_become(t->res_target->val, ref);
+            free(t->res_target->name);
+            t->res_target->name = name;
+            ctx->changed = true;
+            break;
+        }
+    }
+    excl_t e = {r, NULL};
+    for (size_t i = 0; i < oc->n_target_list && e.found == NULL; i++)
+        if (!pd__walk(&oc->target_list[i]->base, find_excluded, &e))
+            break;
+    if (e.found == NULL && oc->where_clause != NULL)
+        (void)pd__walk(&oc->where_clause->base, find_excluded, &e);
+    if (e.found != NULL) {
+        char hint[200];
+        snprintf(hint, sizeof hint, "Assign it as %s = EXCLUDED.%s, or name the value itself.",
+                 e.found, e.found);
+        refuse_write(ctx, r, hint,
+                     "ON CONFLICT DO UPDATE reading EXCLUDED.%s of \"%s\" cannot be translated "
+                     "for new, where the column is renamed or transformed",
+                     e.found, pd__rule_table(r));
+    }
+}
+
+/* An inference clause naming an old column: renamed for new; one transformed by `up` has
+   no unique index to match on new. */
+static void translate_conflict_target(pd__ctx_t *ctx, const pd__rule_t *r,
+                                      PgQuery__InferClause *inf)
+{
+    for (size_t i = 0; inf != NULL && i < inf->n_index_elems; i++) {
+        pd__node_t *n = inf->index_elems[i];
+        if (n->node_case != PG_QUERY__NODE__NODE_INDEX_ELEM || n->index_elem->name == NULL)
+            continue;
+        for (unsigned k = 0; k < r->npairs; k++) {
+            const pd__pair_t *p = &r->pairs[k];
+            if (strcmp(n->index_elem->name, p->old) != 0)
+                continue;
+            const char *plain = pd__plain_ref(p->up);
+            if (plain == NULL || strcmp(plain, p->old) != 0) {
+                refuse_write(ctx, r, "Name a conflict target of columns new only renames.",
+                             "ON CONFLICT (%s) on \"%s\" cannot be translated for new, where "
+                             "the column is transformed",
+                             p->old, pd__rule_table(r));
+                return;
+            }
+            char *name = strdup(p->new);
+            if (name == NULL) {
+                pd__oom(ctx);
+                return;
+            }
+            free(n->index_elem->name);
+            n->index_elem->name = name;
+            ctx->changed = true;
+        }
+    }
+}
+
+static void translate_set_list(pd__ctx_t *ctx, const pd__assign_t *a, const add_t *adds, int nadds,
+                               pd__node_t **list)
+{
+    pd__node_t **slots = calloc(a->n + 1, sizeof *slots);
+    if (slots == NULL) {
+        pd__oom(ctx);
+        return;
+    }
+    for (size_t i = 0; i < a->n; i++)
+        if (list[i]->node_case == PG_QUERY__NODE__NODE_RES_TARGET)
+            slots[i] = set_value(list[i]->res_target);
+    for (int i = 0; i < nadds; i++)
+        if (slots[adds[i].replace] == NULL) {
+            char hint[200];
+            snprintf(hint, sizeof hint, "Assign %s on its own (SET %s = (SELECT ...)).",
+                     a->names[adds[i].replace], a->names[adds[i].replace]);
+            refuse_write(ctx, a->rule, hint,
+                         "UPDATE \"%s\" SET (%s, ...) = (SELECT ...) cannot be translated for "
+                         "new, where the column is renamed or transformed",
+                         pd__rule_table(a->rule), a->names[adds[i].replace]);
+            free(slots);
+            return;
+        }
+    if (replace_values(ctx, a, adds, nadds, slots))
+        rename_targets(ctx, list, adds, nadds);
+    ctx->changed = true;
+    free(slots);
 }
 
 static void rewrite_set_list(pd__ctx_t *ctx, const pd__rule_t *r, pd__node_t ***list, size_t *n,
@@ -359,6 +550,10 @@ static void rewrite_set_list(pd__ctx_t *ctx, const pd__rule_t *r, pd__node_t ***
         int nadds = plan_adds(ctx, r, names, *n, false, adds);
         pd__assign_t a = {r, names, values, *n, false, qual};
         size_t orig = *n;
+        if (r->xlate && nadds > 0) {
+            translate_set_list(ctx, &a, adds, nadds, *list);
+            nadds = 0;
+        }
         for (int i = 0; i < nadds && !pd__stopped(ctx); i++) {
             pd__node_t *e = substitute(ctx, adds[i].tmpl, &a, adds[i].target);
             if (e != NULL && !pd__append(list, n, pd__make_res_target(adds[i].target, e)))
@@ -433,7 +628,10 @@ static void fill_values(pd__ctx_t *ctx, const fill_t *f, PgQuery__SelectStmt *s)
         if (n > 0)
             memcpy(vals, row->list->items, n * sizeof *vals);
         a.values = vals;
-        add_values(ctx, &a, f->adds, f->nadds, &row->list->items, &row->list->n_items, false);
+        if (f->r->xlate)
+            (void)replace_values(ctx, &a, f->adds, f->nadds, vals);
+        else
+            add_values(ctx, &a, f->adds, f->nadds, &row->list->items, &row->list->n_items, false);
         free(vals);
     }
 }
@@ -457,7 +655,10 @@ static void fill_targets(pd__ctx_t *ctx, const fill_t *f, PgQuery__SelectStmt *s
         if (s->target_list[i]->node_case == PG_QUERY__NODE__NODE_RES_TARGET)
             vals[i] = s->target_list[i]->res_target->val;
     pd__assign_t a = {f->r, f->names, vals, n, true, NULL};
-    add_values(ctx, &a, f->adds, f->nadds, &s->target_list, &s->n_target_list, true);
+    if (f->r->xlate)
+        (void)replace_values(ctx, &a, f->adds, f->nadds, vals);
+    else
+        add_values(ctx, &a, f->adds, f->nadds, &s->target_list, &s->n_target_list, true);
     free(vals);
 }
 
@@ -567,7 +768,10 @@ static void fill_insert(pd__ctx_t *ctx, const fill_t *f, const insert_form_t *fo
             memcpy(vals, *form->merge_values, *form->nmerge_values * sizeof *vals);
         size_t n = *form->nmerge_values < f->n ? *form->nmerge_values : f->n;
         pd__assign_t a = {f->r, f->names, vals, n, true, NULL};
-        add_values(ctx, &a, f->adds, f->nadds, form->merge_values, form->nmerge_values, false);
+        if (f->r->xlate)
+            (void)replace_values(ctx, &a, f->adds, f->nadds, vals);
+        else
+            add_values(ctx, &a, f->adds, f->nadds, form->merge_values, form->nmerge_values, false);
         free(vals);
         return;
     }
@@ -603,7 +807,9 @@ static void rewrite_insert_form(pd__ctx_t *ctx, const pd__rule_t *r, const inser
         fill_insert(ctx, &f, form);
         if (!pd__stopped(ctx) && implicit)
             materialize_columns(ctx, form->cols, form->ncols, names, n);
-        if (!pd__stopped(ctx))
+        if (!pd__stopped(ctx) && r->xlate)
+            rename_targets(ctx, *form->cols, adds, nadds);
+        else if (!pd__stopped(ctx))
             add_targets(ctx, form->cols, form->ncols, adds, nadds);
         ctx->changed = true;
     }
@@ -616,8 +822,14 @@ static void rewrite_insert(pd__ctx_t *ctx, const pd__rule_t *r, PgQuery__InsertS
     insert_form_t form = {&ins->cols, &ins->n_cols, &ins->select_stmt, NULL, NULL};
     rewrite_insert_form(ctx, r, &form);
     PgQuery__OnConflictClause *oc = ins->on_conflict_clause;
+    if (!pd__stopped(ctx) && oc != NULL && r->xlate)
+        translate_conflict_target(ctx, r, oc->infer);
     if (pd__stopped(ctx) || oc == NULL ||
         oc->action != PG_QUERY__ON_CONFLICT_ACTION__ONCONFLICT_UPDATE)
+        return;
+    if (r->xlate)
+        translate_excluded(ctx, r, oc);
+    if (pd__stopped(ctx))
         return;
     /* EXCLUDED is in scope too: references to the existing row are qualified. */
     rewrite_set_list(ctx, r, &oc->target_list, &oc->n_target_list, pd__refname(ins->relation));
@@ -660,17 +872,23 @@ static void check_copy(pd__ctx_t *ctx, const pd__rule_t *r, const PgQuery__CopyS
         const char *col = pd__str(c->attlist[i]);
         touches = col != NULL && is_rule_column(r, col);
     }
-    for (unsigned i = 0; i < r->npairs && !touches; i++)
+    /* A translator leaves the old column to new's default when the COPY omits it. */
+    for (unsigned i = 0; i < r->npairs && !touches && !r->xlate; i++)
         touches =
             pd__rule_has_default(r, r->pairs[i].old) || pd__rule_has_default(r, r->pairs[i].new);
     if (!touches)
         return;
     char hint[256];
-    snprintf(hint, sizeof hint,
-             "Use INSERT, or set writes=old for the duration of the load and run pgdualctl "
-             "backfill %s afterwards.",
-             r->cfg->name);
-    refuse_write(ctx, r, hint, "COPY into \"%s\" is not supported", pd__rule_table(r));
+    if (r->xlate)
+        snprintf(hint, sizeof hint, "Use INSERT, or list only columns that new keeps as they are.");
+    else
+        snprintf(hint, sizeof hint,
+                 "Use INSERT, or set writes=old for the duration of the load and run pgdualctl "
+                 "backfill %s afterwards.",
+                 r->cfg->name);
+    refuse_write(ctx, r, hint, "COPY into \"%s\" %s", pd__rule_table(r),
+                 r->xlate ? "naming a column new renames or transforms cannot be translated"
+                          : "is not supported");
 }
 
 /* A DO block's statements are plain text to the parser: if one mentions a rule table it
@@ -682,8 +900,8 @@ static void check_do(pd__ctx_t *ctx, const PgQuery__DoStmt *d)
         if (a->node_case != PG_QUERY__NODE__NODE_DEF_ELEM || a->def_elem->arg == NULL)
             continue;
         const char *body = pd__str(a->def_elem->arg);
-        for (unsigned k = 0; body != NULL && k < ctx->nrules; k++) {
-            const pd__rule_t *r = &ctx->rules[k];
+        for (unsigned k = 0; body != NULL && k < pd__col_rules(ctx); k++) {
+            const pd__rule_t *r = pd__col_rule(ctx, k);
             for (unsigned t = 0; pd__rule_writes_dual(ctx, r) && t < r->ntables; t++) {
                 if (strcasestr(body, r->tables[t].rel) == NULL)
                     continue;
@@ -706,8 +924,8 @@ typedef void (*apply_fn)(pd__ctx_t *ctx, const pd__rule_t *r, void *stmt);
 
 static void for_dual_rules(pd__ctx_t *ctx, const PgQuery__RangeVar *rel, apply_fn fn, void *stmt)
 {
-    for (unsigned i = 0; rel != NULL && i < ctx->nrules && !pd__stopped(ctx); i++) {
-        const pd__rule_t *r = &ctx->rules[i];
+    for (unsigned i = 0; rel != NULL && i < pd__col_rules(ctx) && !pd__stopped(ctx); i++) {
+        const pd__rule_t *r = pd__col_rule(ctx, i);
         if (pd__rule_writes_dual(ctx, r) && pd__rule_matches(r, rel))
             fn(ctx, r, stmt);
     }

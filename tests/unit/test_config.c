@@ -677,6 +677,37 @@ static void test_initial_flags_checked(void **state)
     pd_config_errors_free(&errs);
     pd_config_free(cfg);
 
+    /* A tables rule mapping columns may have new authoritative (its statements are then
+       translated for new), but not beside an active columns rule of the same database. */
+    static const char mapped[] = "databases:\n"
+                                 "  - { name: app, old: \"dbname=app\", new: \"dbname=app2\" }\n"
+                                 "rules:\n"
+                                 "  - name: green\n"
+                                 "    database: app\n"
+                                 "    kind: tables\n"
+                                 "    columns: [{ old: email, new: email_address }]\n"
+                                 "    writes: dual-new\n"
+                                 "    reads: new\n"
+                                 "  - name: users-email\n"
+                                 "    database: app\n"
+                                 "    kind: columns\n"
+                                 "    table: users\n"
+                                 "    key: [id]\n"
+                                 "    columns: [{ old: name, new: full_name }]\n"
+                                 "    writes: %s\n";
+    static const char *const second[] = {"old", "dual"};
+    for (int i = 0; i < 2; i++) {
+        char buf[sizeof mapped + 8];
+        snprintf(buf, sizeof buf, mapped, second[i]);
+        cfg = load_text(buf, &errs);
+        assert_non_null(cfg);
+        assert_int_equal(pd_flags_check_config(cfg, &errs), (size_t)(2 * i)); /* both rules */
+        if (i == 1)
+            assert_non_null(strstr(errs.msgs[0], "cannot run beside an active kind: columns rule"));
+        pd_config_errors_free(&errs);
+        pd_config_free(cfg);
+    }
+
     /* Every valid file's flags are served. */
     char *dir = source_path("tests/config/valid");
     struct dirent **list;

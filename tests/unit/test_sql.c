@@ -47,6 +47,7 @@ static const char *config_yaml =
     "  - { name: app, old: \"host=localhost dbname=app\" }\n"
     "  - { name: shop, old: \"host=localhost dbname=shop\", new: \"host=localhost "
     "dbname=shop2\" }\n"
+    "  - { name: bg, old: \"host=localhost dbname=bg\", new: \"host=localhost dbname=bg2\" }\n"
     "rules:\n"
     "  - name: users-email\n"
     "    database: app\n"
@@ -72,9 +73,17 @@ static const char *config_yaml =
     "    kind: tables\n"
     "    tables: [public.orders]\n"
     "    writes: dual\n"
+    "    reads: old\n"
+    "  - name: bg-people\n"
+    "    database: bg\n"
+    "    kind: tables\n"
+    "    columns:\n"
+    "      - { old: email, new: email_address, up: \"lower(email)\", down: \"email_address\" }\n"
+    "      - { old: name, new: full_name }\n"
+    "    writes: dual\n"
     "    reads: old\n";
 
-enum { R_USERS, R_ACCOUNTS, R_ORDERS, NRULES };
+enum { R_USERS, R_ACCOUNTS, R_ORDERS, R_BG, NRULES };
 
 static char *users_cols[] = {"id", "email", "email_address", "created_at"};
 static char *users_defaults[] = {"nextval('users_id_seq'::regclass)", NULL, NULL, "now()"};
@@ -104,6 +113,34 @@ static const pd_table_facts_t orders_facts = {.loaded = true,
                                               .nkey = 1,
                                               .key = orders_key};
 
+/* The blue/green rule without a table list (database bg): people maps email (lower-cased
+   on new as email_address) and name (renamed full_name); tags maps nothing. */
+static char *tags_cols[] = {"id", "label"};
+static uint32_t tags_types[] = {23, 25};
+static unsigned tags_key[] = {0};
+static const pd_table_facts_t tags_facts = {.loaded = true,
+                                            .ncolumns = 2,
+                                            .columns = tags_cols,
+                                            .schema = "public",
+                                            .name = "tags",
+                                            .types = tags_types,
+                                            .nkey = 1,
+                                            .key = tags_key};
+static char *people_cols[] = {"id", "email", "name", "created"};
+static char *people_defaults[] = {"nextval('people_id_seq'::regclass)", NULL, NULL, "now()"};
+static uint32_t people_types[] = {23, 25, 25, 1184};
+static unsigned people_key[] = {0};
+static const pd_table_facts_t people_facts = {.loaded = true,
+                                              .ncolumns = 4,
+                                              .columns = people_cols,
+                                              .defaults = people_defaults,
+                                              .schema = "public",
+                                              .name = "people",
+                                              .types = people_types,
+                                              .nkey = 1,
+                                              .key = people_key,
+                                              .next = &tags_facts};
+
 static pd_config_t *load_config(void)
 {
     pd_config_errors_t errs = {0};
@@ -118,11 +155,12 @@ static pd_config_t *load_config(void)
 
 static pd_sql_t *new_rewriter(const pd_config_t *cfg, bool with_facts, size_t cache)
 {
-    const pd_table_facts_t *facts[NRULES] = {NULL, NULL, NULL};
+    const pd_table_facts_t *facts[NRULES] = {NULL, NULL, NULL, NULL};
     if (with_facts) {
         facts[R_USERS] = &users_facts;
         facts[R_ACCOUNTS] = &accounts_facts;
         facts[R_ORDERS] = &orders_facts;
+        facts[R_BG] = &people_facts;
     }
     pd_sql_t *rw = pd_sql_new(cfg, facts, cache);
     assert_non_null(rw);
@@ -855,6 +893,57 @@ static void test_template_keeps_mirror_plan(void **state)
     pd_config_free(cfg);
 }
 
+/* A tables rule that maps columns, with new authoritative: the translated statement goes
+   to new, the mirror (old) replays the client's own text or row images read back through
+   `down`, and the client's RETURNING columns are counted after a `*` was expanded. Under
+   writes=dual nothing is translated and images carry old's values to `up` on new. */
+static void test_translate_plan(void **state)
+{
+    (void)state;
+    pd_config_t *cfg = load_config();
+    pd_sql_t *rw = new_rewriter(cfg, true, 64);
+    pd_rule_view_t v[NRULES];
+    set_views(v, PD_WRITES_DUAL_NEW, PD_READS_NEW);
+    pd_sql_result_t *r =
+        pd_sql_rewrite(rw, "bg", "DELETE FROM people WHERE email = $1 RETURNING *", v);
+    assert_int_equal(r->action, PD_SQL_REWRITE);
+    assert_int_equal(r->mirror, PD_MIRROR_IMAGE);
+    assert_true(r->mirror_original);
+    assert_int_equal(r->client_cols, 4);
+    assert_int_equal(r->image_cols, 1);
+    pd_sql_result_release(r);
+    r = pd_sql_rewrite(rw, "bg", "TRUNCATE tags", v);
+    assert_int_equal(r->mirror, PD_MIRROR_WRITE);
+    assert_true(r->mirror_original);
+    pd_sql_result_release(r);
+    /* writes=new: translated, nothing mirrored. */
+    set_views(v, PD_WRITES_NEW, PD_READS_NEW);
+    r = pd_sql_rewrite(rw, "bg", "UPDATE people SET name = 'x' WHERE email = 'a'", v);
+    assert_int_equal(r->action, PD_SQL_REWRITE);
+    assert_string_equal(r->sql, "UPDATE people SET full_name = 'x' WHERE email_address = 'a'");
+    assert_int_equal(r->mirror, PD_MIRROR_NONE);
+    pd_sql_result_release(r);
+    /* writes=dual: old authoritative, nothing translated; the image applies `up` on new. */
+    set_views(v, PD_WRITES_DUAL, PD_READS_OLD);
+    r = pd_sql_rewrite(rw, "bg", "UPDATE people SET name = 'x' WHERE email = 'a'", v);
+    assert_string_equal(r->sql, "UPDATE people SET name = 'x' WHERE email = 'a' RETURNING "
+                                "people.id, people.email, people.name, people.created");
+    assert_false(r->mirror_original);
+    assert_non_null(strstr(r->image_sql, "(lower(email))"));
+    pd_sql_result_release(r);
+    /* A MERGE into a mapped table cannot be replayed on new as the client wrote it. */
+    r = pd_sql_rewrite(rw, "bg",
+                       "MERGE INTO people p USING tags t ON p.id = t.id WHEN MATCHED THEN "
+                       "UPDATE SET name = t.label",
+                       v);
+    assert_int_equal(r->action, PD_SQL_REFUSE);
+    assert_string_equal(r->sqlstate, "0A000");
+    assert_non_null(strstr(r->message, "public.people"));
+    pd_sql_result_release(r);
+    pd_sql_free(rw);
+    pd_config_free(cfg);
+}
+
 /* reads=aa (writes=old): reads of the rule's tables get a shadow plan (run again on old),
    transaction control and settings are kept in step, and writes are not replayed at all,
    nor is two-phase commit refused (nothing is written on the second connection). */
@@ -1453,6 +1542,7 @@ int main(void)
         cmocka_unit_test(test_template_hit_skips_parsing),
         cmocka_unit_test(test_template_keeps_mirror_plan),
         cmocka_unit_test(test_aa_plans_reads_only),
+        cmocka_unit_test(test_translate_plan),
         cmocka_unit_test(test_template_forms),
         cmocka_unit_test(test_template_off_for_params_in_rules),
         cmocka_unit_test(test_cache_hits_and_skips),
