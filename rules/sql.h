@@ -30,6 +30,13 @@
  *  refused: what cannot be rewritten faithfully (e.g. COPY T FROM while writes is dual or
  *    dual-new; UPDATE SET (o, ...) = (SELECT ...)), with an error naming the rule.
  *
+ * A `tables` rule with `columns` (new renames or transforms them) is translated while new
+ * is authoritative (writes dual-new / new): its sessions talk to new in old's schema, so
+ * each of its tables with mapped columns is served like a columns rule at reads=new, and
+ * an assignment of o assigns n = up(...) in its place (o does not exist on new). The
+ * mirror (old) then gets the client's own text (`mirror_original`) or row images read
+ * back through `down`.
+ *
  * Statements that cannot concern any rule pass untouched, without being parsed when a
  * cheap scan shows none of the rule tables' names in the text. In a multi-statement
  * string, statements that need no change keep their original bytes.
