@@ -350,7 +350,8 @@ static bool replace_values(pd__ctx_t *ctx, const pd__assign_t *a, const add_t *a
     pd__node_t *made[nadds > 0 ? nadds : 1];
     bool ok = true;
     for (int i = 0; i < nadds; i++) {
-        const pd__node_t *v = slots[adds[i].replace];
+        /* A row shorter than the column list is the server's error to report. */
+        const pd__node_t *v = (size_t)adds[i].replace < a->n ? slots[adds[i].replace] : NULL;
         made[i] = NULL;
         if (!ok || v == NULL || v->node_case == PG_QUERY__NODE__NODE_SET_TO_DEFAULT)
             continue;

@@ -1,6 +1,7 @@
 /*
  * fuzz_sql.c — libFuzzer target for the SQL rewriter: any text, under several views of
- * two column rules (with and without catalog facts, cache on), gives a result that is
+ * two column rules (with and without catalog facts, cache on) and of a tables rule that
+ * maps columns (translated for new while new is authoritative), gives a result that is
  * consistent with its action and can be released; normalizing it never leaves a quote;
  * where the plain-text path finds a template's literals, PostgreSQL's lexer finds the same.
  */
@@ -15,6 +16,7 @@
 static const char config_yaml[] =
     "databases:\n"
     "  - { name: app, old: \"dbname=app\" }\n"
+    "  - { name: bg, old: \"dbname=bg\", new: \"dbname=bg2\" }\n"
     "rules:\n"
     "  - name: users-email\n"
     "    database: app\n"
@@ -30,7 +32,13 @@ static const char config_yaml[] =
     "    key: [id]\n"
     "    columns:\n"
     "      - { old: name, new: full_name, up: \"trim(name)\", down: \"full_name\" }\n"
-    "      - { old: phone, new: phone_e164 }\n";
+    "      - { old: phone, new: phone_e164 }\n"
+    "  - name: bg-people\n"
+    "    database: bg\n"
+    "    kind: tables\n"
+    "    columns:\n"
+    "      - { old: email, new: email_address, up: \"lower(email)\", down: \"email_address\" }\n"
+    "      - { old: name, new: full_name }\n";
 
 static char *users_cols[] = {"id", "email", "email_address", "created_at"};
 static char *users_defaults[] = {"nextval('users_id_seq'::regclass)", NULL, NULL, "now()"};
@@ -41,13 +49,48 @@ static const pd_table_facts_t users_facts = {
 static const pd_table_facts_t accounts_facts = {
     .loaded = true, .ncolumns = 5, .columns = accounts_cols, .defaults = accounts_defaults};
 
-/* Every input runs under each of these (writes, reads) pairs, for both rules. */
-static const pd_rule_view_t views[][2] = {
-    {{PD_WRITES_DUAL, PD_READS_OLD}, {PD_WRITES_DUAL, PD_READS_OLD}},
-    {{PD_WRITES_OLD, PD_READS_NEW}, {PD_WRITES_DUAL_NEW, PD_READS_NEW}},
-    {{PD_WRITES_DUAL_NEW, PD_READS_SHADOW}, {PD_WRITES_OLD, PD_READS_NEW}},
-    {{PD_WRITES_NEW, PD_READS_OLD}, {PD_WRITES_OLD, PD_READS_OLD}},
-    {{PD_WRITES_OLD, PD_READS_AA}, {PD_WRITES_OLD, PD_READS_AA}},
+/* The tables rule's tables: people maps email and name, tags maps nothing. */
+static char *tags_cols[] = {"id", "label"};
+static uint32_t tags_types[] = {23, 25};
+static unsigned key0[] = {0};
+static const pd_table_facts_t tags_facts = {.loaded = true,
+                                            .ncolumns = 2,
+                                            .columns = tags_cols,
+                                            .schema = "public",
+                                            .name = "tags",
+                                            .types = tags_types,
+                                            .nkey = 1,
+                                            .key = key0};
+static char *people_cols[] = {"id", "email", "name", "created"};
+static char *people_defaults[] = {"nextval('people_id_seq'::regclass)", NULL, NULL, "now()"};
+static uint32_t people_types[] = {23, 25, 25, 1184};
+static const pd_table_facts_t people_facts = {.loaded = true,
+                                              .ncolumns = 4,
+                                              .columns = people_cols,
+                                              .defaults = people_defaults,
+                                              .schema = "public",
+                                              .name = "people",
+                                              .types = people_types,
+                                              .nkey = 1,
+                                              .key = key0,
+                                              .next = &tags_facts};
+
+/* Every input runs under each of these (writes, reads) pairs, for every rule: in database
+   app (the column rules) and in database bg (the tables rule). */
+static const pd_rule_view_t views[][3] = {
+    {{PD_WRITES_DUAL, PD_READS_OLD},
+     {PD_WRITES_DUAL, PD_READS_OLD},
+     {PD_WRITES_DUAL_NEW, PD_READS_NEW}},
+    {{PD_WRITES_OLD, PD_READS_NEW},
+     {PD_WRITES_DUAL_NEW, PD_READS_NEW},
+     {PD_WRITES_DUAL, PD_READS_SHADOW}},
+    {{PD_WRITES_DUAL_NEW, PD_READS_SHADOW},
+     {PD_WRITES_OLD, PD_READS_NEW},
+     {PD_WRITES_NEW, PD_READS_NEW}},
+    {{PD_WRITES_NEW, PD_READS_OLD},
+     {PD_WRITES_OLD, PD_READS_OLD},
+     {PD_WRITES_DUAL_NEW, PD_READS_SHADOW}},
+    {{PD_WRITES_OLD, PD_READS_AA}, {PD_WRITES_OLD, PD_READS_AA}, {PD_WRITES_OLD, PD_READS_AA}},
 };
 
 static pd_config_t *cfg;
@@ -60,7 +103,7 @@ static void setup(void)
     pd_config_errors_free(&errs);
     if (cfg == NULL)
         abort();
-    const pd_table_facts_t *facts[2] = {&users_facts, &accounts_facts};
+    const pd_table_facts_t *facts[3] = {&users_facts, &accounts_facts, &people_facts};
     with_facts = pd_sql_new(cfg, facts, 64);
     without_facts = pd_sql_new(cfg, NULL, 0);
     if (with_facts == NULL || without_facts == NULL)
@@ -102,6 +145,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     for (size_t i = 0; i < sizeof views / sizeof *views; i++) {
         pd_sql_t *rw = i % 2 == 0 ? with_facts : without_facts;
         pd_sql_result_t *r = pd_sql_rewrite(rw, "app", sql, views[i]);
+        check(r);
+        pd_sql_result_release(r);
+        r = pd_sql_rewrite(rw, "bg", sql, views[i]);
         check(r);
         pd_sql_result_release(r);
     }
