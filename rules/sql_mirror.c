@@ -745,6 +745,16 @@ static void plan_other(pd__ctx_t *ctx, const pd__rule_t *r, pd__node_t *stmt)
         return;
     ctx->is_write = true;
     ctx->mirror_rule = r->index;
+    if (stmt->node_case == PG_QUERY__NODE__NODE_PREPARE_STMT && pd__rule_mirrors(ctx, r)) {
+        /* Its EXECUTE names no table: the mirror would get the PREPARE and never the
+           write. */
+        refuse_mirror(ctx, r,
+                      "Use the protocol's prepared statements (Parse/Bind, most drivers' "
+                      "default), which pgdual keeps in step, or send the statement itself.",
+                      "PREPARE of a write to a table of the rule cannot be mirrored (its "
+                      "EXECUTE would write one side only)");
+        return;
+    }
     if (d.mapped != NULL && !new_authoritative(ctx, r)) {
         /* New's columns differ: the client's text would not write the same there. */
         refuse_mirror(ctx, r, keep_hint,
