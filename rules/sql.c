@@ -857,7 +857,7 @@ static void run_passes(pd__ctx_t *ctx, pd__node_t *stmt, bool writes)
     if (!pd__stopped(ctx))
         pd__rewrite_reads(ctx, stmt);
     if (writes && !pd__stopped(ctx))
-        pd__settle_mirror(ctx, stmt);
+        pd__settle_mirror(ctx);
 }
 
 static PgQuery__ParseResult *unpack(const job_t *job)

@@ -108,7 +108,9 @@ typedef struct {
     unsigned image_cols;
     uint32_t *image_types; /* malloc'd */
     int client_cols;
-    char *image_table; /* malloc'd */
+    const size_t *image_returning; /* the length of the RETURNING list the image extends
+                                      (in the tree; the read pass may expand a `*` in it) */
+    char *image_table;             /* malloc'd */
     unsigned image_nkey;
     unsigned *image_key; /* malloc'd */
 } pd__ctx_t;
@@ -227,7 +229,7 @@ void pd__rewrite_reads(pd__ctx_t *ctx, pd__node_t *stmt);
    RETURNING columns of a row image to the statement, or refuses. */
 void pd__plan_mirror(pd__ctx_t *ctx, pd__node_t *stmt);
 /* After the read pass: the client's share of a row image's RETURNING, recounted. */
-void pd__settle_mirror(pd__ctx_t *ctx, const pd__node_t *stmt);
+void pd__settle_mirror(pd__ctx_t *ctx);
 /* Is a tables rule of the statement's database mirroring writes in this pass? */
 bool pd__rule_mirrors(const pd__ctx_t *ctx, const pd__rule_t *r);
 

@@ -498,6 +498,7 @@ static void plan_image(pd__ctx_t *ctx, const pd__rule_t *r, const pd_table_facts
         return;
     }
     ctx->client_cols = *nreturning > 0 ? (int)*nreturning : -1;
+    ctx->image_returning = nreturning;
     ctx->image_types = calloc(t->ncolumns + 1, sizeof *ctx->image_types);
     ctx->image_key = calloc(t->nkey + 1, sizeof *ctx->image_key);
     /* With new authoritative the statement was translated for new, and the RETURNING
@@ -882,17 +883,11 @@ static void plan_shadow(pd__ctx_t *ctx, pd__node_t *stmt)
 
 /* The client's own RETURNING columns once every pass has run: a translator's read pass
    may have expanded a `*` among them (the image's columns, appended last, stay one each). */
-void pd__settle_mirror(pd__ctx_t *ctx, const pd__node_t *stmt)
+void pd__settle_mirror(pd__ctx_t *ctx)
 {
-    if (ctx->mirror != PD_MIRROR_IMAGE || ctx->client_cols < 0 || stmt == NULL)
+    if (ctx->mirror != PD_MIRROR_IMAGE || ctx->client_cols < 0 || ctx->image_returning == NULL)
         return;
-    size_t n = 0;
-    if (stmt->node_case == PG_QUERY__NODE__NODE_INSERT_STMT)
-        n = stmt->insert_stmt->n_returning_list;
-    else if (stmt->node_case == PG_QUERY__NODE__NODE_UPDATE_STMT)
-        n = stmt->update_stmt->n_returning_list;
-    else if (stmt->node_case == PG_QUERY__NODE__NODE_DELETE_STMT)
-        n = stmt->delete_stmt->n_returning_list;
+    size_t n = *ctx->image_returning;
     if (n >= ctx->image_cols)
         ctx->client_cols = (int)(n - ctx->image_cols);
 }

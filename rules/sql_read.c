@@ -268,36 +268,39 @@ static const char *level_qualifier(const match_t *m)
 
 /* A bare name that is not one of the table's columns but the name of a translated table
    in scope (`row_to_json(u)`): a whole row of new, with new's column names, where the
-   client expects old's. Refused (true). */
-static bool whole_row_translated(pd__ctx_t *ctx, const scope_t *s, const PgQuery__ColumnRef *ref)
+   client expects old's: refused. */
+static void whole_row_translated(pd__ctx_t *ctx, const scope_t *s, const PgQuery__ColumnRef *ref)
 {
     const char *name = pd__str(ref->fields[0]);
     for (; name != NULL && s != NULL; s = s->parent)
         for (size_t i = 0; i < s->nitems; i++) {
             const item_t *it = &s->items[i];
-            const pd__rule_t *r = it->rv != NULL ? reads_rule(ctx, it->rv) : NULL;
-            if (r == NULL || !r->xlate || it->hidden || it->name == NULL ||
-                strcmp(it->name, name) != 0)
+            if (it->hidden || it->name == NULL || it->rv == NULL || strcmp(it->name, name) != 0)
+                continue;
+            const pd__rule_t *r = reads_rule(ctx, it->rv);
+            if (r == NULL || !r->xlate)
                 continue;
             for (unsigned c = 0; c < r->facts.ncolumns; c++)
                 if (strcmp(r->facts.columns[c], name) == 0)
-                    return false; /* a column of that name wins */
+                    return; /* a column of that name wins */
             refuse_read(ctx, r, "Name the columns (or use \"alias.*\", which pgdual expands).",
                         "a whole-row reference to a table whose columns new renames or "
                         "transforms would show new's columns");
-            return true;
+            return;
         }
-    return false;
 }
 
 static void rd_column_ref(pd__ctx_t *ctx, const scope_t *scope, pd__node_t *n)
 {
     const PgQuery__ColumnRef *ref = n->column_ref;
     match_t m;
-    if (!pd__is_star(ref) && ref->n_fields == 1 && whole_row_translated(ctx, scope, ref))
+    if (pd__is_star(ref))
         return;
-    if (pd__is_star(ref) || !resolve(ctx, scope, ref, &m))
+    if (!resolve(ctx, scope, ref, &m)) {
+        if (ref->n_fields == 1 && ctx->nxrules > 0)
+            whole_row_translated(ctx, scope, ref);
         return;
+    }
     pd__node_t *rep = served_from_new(ctx, m.rule, m.pair, ref, level_qualifier(&m));
     if (rep == NULL)
         return;

@@ -341,12 +341,12 @@ static bool add_values(pd__ctx_t *ctx, const pd__assign_t *a, const add_t *adds,
     return true;
 }
 
-/* A translator's row: each old column's value becomes the new column's, through `up`
-   (DEFAULT stays DEFAULT: new's own). slots[k] is where the value of names[k] is. Every
-   value is derived before any is replaced, since a template may read several of them. */
-static bool replace_values(pd__ctx_t *ctx, const pd__assign_t *a, const add_t *adds, int nadds,
-                           pd__node_t *const *slots)
+/* A translator's row: each old column's value (a->values, in place) becomes the new
+   column's, through `up` (DEFAULT stays DEFAULT: new's own). Every value is derived before
+   any is replaced, since a template may read several of them. */
+static bool replace_values(pd__ctx_t *ctx, const pd__assign_t *a, const add_t *adds, int nadds)
 {
+    pd__node_t *const *slots = a->values;
     pd__node_t *made[nadds > 0 ? nadds : 1];
     bool ok = true;
     for (int i = 0; i < nadds; i++) {
@@ -365,6 +365,17 @@ static bool replace_values(pd__ctx_t *ctx, const pd__assign_t *a, const add_t *a
             pd__node_free(made[i]);
     }
     return ok;
+}
+
+/* The derived values of one row: appended after it, or (a translator) put in place of the
+   old columns' values. */
+static void derive_values(pd__ctx_t *ctx, const pd__assign_t *a, const add_t *adds, int nadds,
+                          pd__node_t ***list, size_t *n, bool as_targets)
+{
+    if (a->rule->xlate)
+        (void)replace_values(ctx, a, adds, nadds);
+    else
+        add_values(ctx, a, adds, nadds, list, n, as_targets);
 }
 
 /* The translator's renames in a target list (INSERT columns, SET targets). */
@@ -508,16 +519,8 @@ static void translate_conflict_target(pd__ctx_t *ctx, const pd__rule_t *r,
 static void translate_set_list(pd__ctx_t *ctx, const pd__assign_t *a, const add_t *adds, int nadds,
                                pd__node_t **list)
 {
-    pd__node_t **slots = calloc(a->n + 1, sizeof *slots);
-    if (slots == NULL) {
-        pd__oom(ctx);
-        return;
-    }
-    for (size_t i = 0; i < a->n; i++)
-        if (list[i]->node_case == PG_QUERY__NODE__NODE_RES_TARGET)
-            slots[i] = set_value(list[i]->res_target);
     for (int i = 0; i < nadds; i++)
-        if (slots[adds[i].replace] == NULL) {
+        if (a->values[adds[i].replace] == NULL) {
             char hint[200];
             snprintf(hint, sizeof hint, "Assign %s on its own (SET %s = (SELECT ...)).",
                      a->names[adds[i].replace], a->names[adds[i].replace]);
@@ -525,13 +528,10 @@ static void translate_set_list(pd__ctx_t *ctx, const pd__assign_t *a, const add_
                          "UPDATE \"%s\" SET (%s, ...) = (SELECT ...) cannot be translated for "
                          "new, where the column is renamed or transformed",
                          pd__rule_table(a->rule), a->names[adds[i].replace]);
-            free(slots);
             return;
         }
-    if (replace_values(ctx, a, adds, nadds, slots))
+    if (replace_values(ctx, a, adds, nadds))
         rename_targets(ctx, list, adds, nadds);
-    ctx->changed = true;
-    free(slots);
 }
 
 static void rewrite_set_list(pd__ctx_t *ctx, const pd__rule_t *r, pd__node_t ***list, size_t *n,
@@ -551,11 +551,9 @@ static void rewrite_set_list(pd__ctx_t *ctx, const pd__rule_t *r, pd__node_t ***
         int nadds = plan_adds(ctx, r, names, *n, false, adds);
         pd__assign_t a = {r, names, values, *n, false, qual};
         size_t orig = *n;
-        if (r->xlate && nadds > 0) {
+        if (r->xlate && nadds > 0)
             translate_set_list(ctx, &a, adds, nadds, *list);
-            nadds = 0;
-        }
-        for (int i = 0; i < nadds && !pd__stopped(ctx); i++) {
+        for (int i = 0; !r->xlate && i < nadds && !pd__stopped(ctx); i++) {
             pd__node_t *e = substitute(ctx, adds[i].tmpl, &a, adds[i].target);
             if (e != NULL && !pd__append(list, n, pd__make_res_target(adds[i].target, e)))
                 pd__oom(ctx);
@@ -629,10 +627,7 @@ static void fill_values(pd__ctx_t *ctx, const fill_t *f, PgQuery__SelectStmt *s)
         if (n > 0)
             memcpy(vals, row->list->items, n * sizeof *vals);
         a.values = vals;
-        if (f->r->xlate)
-            (void)replace_values(ctx, &a, f->adds, f->nadds, vals);
-        else
-            add_values(ctx, &a, f->adds, f->nadds, &row->list->items, &row->list->n_items, false);
+        derive_values(ctx, &a, f->adds, f->nadds, &row->list->items, &row->list->n_items, false);
         free(vals);
     }
 }
@@ -656,10 +651,7 @@ static void fill_targets(pd__ctx_t *ctx, const fill_t *f, PgQuery__SelectStmt *s
         if (s->target_list[i]->node_case == PG_QUERY__NODE__NODE_RES_TARGET)
             vals[i] = s->target_list[i]->res_target->val;
     pd__assign_t a = {f->r, f->names, vals, n, true, NULL};
-    if (f->r->xlate)
-        (void)replace_values(ctx, &a, f->adds, f->nadds, vals);
-    else
-        add_values(ctx, &a, f->adds, f->nadds, &s->target_list, &s->n_target_list, true);
+    derive_values(ctx, &a, f->adds, f->nadds, &s->target_list, &s->n_target_list, true);
     free(vals);
 }
 
@@ -769,10 +761,7 @@ static void fill_insert(pd__ctx_t *ctx, const fill_t *f, const insert_form_t *fo
             memcpy(vals, *form->merge_values, *form->nmerge_values * sizeof *vals);
         size_t n = *form->nmerge_values < f->n ? *form->nmerge_values : f->n;
         pd__assign_t a = {f->r, f->names, vals, n, true, NULL};
-        if (f->r->xlate)
-            (void)replace_values(ctx, &a, f->adds, f->nadds, vals);
-        else
-            add_values(ctx, &a, f->adds, f->nadds, form->merge_values, form->nmerge_values, false);
+        derive_values(ctx, &a, f->adds, f->nadds, form->merge_values, form->nmerge_values, false);
         free(vals);
         return;
     }

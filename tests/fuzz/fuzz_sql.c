@@ -12,6 +12,7 @@
 #include "rules/config.h"
 #include "rules/sql.h"
 #include "rules/sql_internal.h"
+#include "tests/sql_facts.h"
 
 static const char config_yaml[] =
     "databases:\n"
@@ -39,41 +40,6 @@ static const char config_yaml[] =
     "    columns:\n"
     "      - { old: email, new: email_address, up: \"lower(email)\", down: \"email_address\" }\n"
     "      - { old: name, new: full_name }\n";
-
-static char *users_cols[] = {"id", "email", "email_address", "created_at"};
-static char *users_defaults[] = {"nextval('users_id_seq'::regclass)", NULL, NULL, "now()"};
-static char *accounts_cols[] = {"id", "name", "full_name", "phone", "phone_e164"};
-static char *accounts_defaults[] = {NULL, NULL, NULL, "''::text", NULL};
-static const pd_table_facts_t users_facts = {
-    .loaded = true, .ncolumns = 4, .columns = users_cols, .defaults = users_defaults};
-static const pd_table_facts_t accounts_facts = {
-    .loaded = true, .ncolumns = 5, .columns = accounts_cols, .defaults = accounts_defaults};
-
-/* The tables rule's tables: people maps email and name, tags maps nothing. */
-static char *tags_cols[] = {"id", "label"};
-static uint32_t tags_types[] = {23, 25};
-static unsigned key0[] = {0};
-static const pd_table_facts_t tags_facts = {.loaded = true,
-                                            .ncolumns = 2,
-                                            .columns = tags_cols,
-                                            .schema = "public",
-                                            .name = "tags",
-                                            .types = tags_types,
-                                            .nkey = 1,
-                                            .key = key0};
-static char *people_cols[] = {"id", "email", "name", "created"};
-static char *people_defaults[] = {"nextval('people_id_seq'::regclass)", NULL, NULL, "now()"};
-static uint32_t people_types[] = {23, 25, 25, 1184};
-static const pd_table_facts_t people_facts = {.loaded = true,
-                                              .ncolumns = 4,
-                                              .columns = people_cols,
-                                              .defaults = people_defaults,
-                                              .schema = "public",
-                                              .name = "people",
-                                              .types = people_types,
-                                              .nkey = 1,
-                                              .key = key0,
-                                              .next = &tags_facts};
 
 /* Every input runs under each of these (writes, reads) pairs, for every rule: in database
    app (the column rules) and in database bg (the tables rule). */

@@ -38,6 +38,7 @@
 
 #include "rules/config.h"
 #include "rules/sql.h"
+#include "tests/sql_facts.h"
 
 /* ---------------------------------------------------------------------------------------
  * The test configuration: two column rules in database app and a tables rule in shop.
@@ -85,16 +86,6 @@ static const char *config_yaml =
 
 enum { R_USERS, R_ACCOUNTS, R_ORDERS, R_BG, NRULES };
 
-static char *users_cols[] = {"id", "email", "email_address", "created_at"};
-static char *users_defaults[] = {"nextval('users_id_seq'::regclass)", NULL, NULL, "now()"};
-static char *accounts_cols[] = {"id", "name", "full_name", "phone", "phone_e164"};
-static char *accounts_defaults[] = {NULL, NULL, NULL, "''::text", NULL};
-
-static const pd_table_facts_t users_facts = {
-    .loaded = true, .ncolumns = 4, .columns = users_cols, .defaults = users_defaults};
-static const pd_table_facts_t accounts_facts = {
-    .loaded = true, .ncolumns = 5, .columns = accounts_cols, .defaults = accounts_defaults};
-
 /* The tables rule's table: a serial key, a plain column, a now() default, a generated one. */
 static char *orders_cols[] = {"id", "total", "created_at", "note", "total_cents"};
 static char *orders_defaults[] = {"nextval('orders_id_seq'::regclass)", NULL, "now()",
@@ -112,34 +103,6 @@ static const pd_table_facts_t orders_facts = {.loaded = true,
                                               .generated = orders_generated,
                                               .nkey = 1,
                                               .key = orders_key};
-
-/* The blue/green rule without a table list (database bg): people maps email (lower-cased
-   on new as email_address) and name (renamed full_name); tags maps nothing. */
-static char *tags_cols[] = {"id", "label"};
-static uint32_t tags_types[] = {23, 25};
-static unsigned tags_key[] = {0};
-static const pd_table_facts_t tags_facts = {.loaded = true,
-                                            .ncolumns = 2,
-                                            .columns = tags_cols,
-                                            .schema = "public",
-                                            .name = "tags",
-                                            .types = tags_types,
-                                            .nkey = 1,
-                                            .key = tags_key};
-static char *people_cols[] = {"id", "email", "name", "created"};
-static char *people_defaults[] = {"nextval('people_id_seq'::regclass)", NULL, NULL, "now()"};
-static uint32_t people_types[] = {23, 25, 25, 1184};
-static unsigned people_key[] = {0};
-static const pd_table_facts_t people_facts = {.loaded = true,
-                                              .ncolumns = 4,
-                                              .columns = people_cols,
-                                              .defaults = people_defaults,
-                                              .schema = "public",
-                                              .name = "people",
-                                              .types = people_types,
-                                              .nkey = 1,
-                                              .key = people_key,
-                                              .next = &tags_facts};
 
 static pd_config_t *load_config(void)
 {
