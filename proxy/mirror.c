@@ -13,6 +13,7 @@
 #include "proxy/mirror.h"
 
 #include <libpq-fe.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1823,10 +1824,15 @@ int pd_mirror_commit_first(pd_session_t *s, const pd_sql_result_t *r, const char
 bool pd_mirror_wraps(const pd_session_t *s, const pd_sql_result_t *r)
 {
     /* COPY is not wrapped: its data follows the Query while the client is held. */
-    return s->srv->fleet != NULL && s->txn_status == 'I' && r != NULL &&
-           r->action != PD_SQL_REFUSE &&
-           (r->mirror == PD_MIRROR_WRITE || r->mirror == PD_MIRROR_IMAGE) &&
-           rule_lockstep(s->srv, r->mirror_rule);
+    if (r == NULL || r->action == PD_SQL_REFUSE ||
+        (r->mirror != PD_MIRROR_WRITE && r->mirror != PD_MIRROR_IMAGE))
+        return false;
+    /* Row images with keys: queued on their rows before the authoritative commit. */
+    if (r->mirror == PD_MIRROR_IMAGE && r->image_nkey > 0)
+        return true;
+    /* Lockstep: row locks held until the mirror committed (order across instances, and
+       for writes replayed verbatim, which no row queue orders). */
+    return rule_lockstep(s->srv, r->mirror_rule);
 }
 
 void pd_mirror_wrap_failed(pd_session_t *s, int rule, const char *stmt, const uint8_t *body,
@@ -1862,7 +1868,15 @@ bool pd_mirror_refuses(pd_session_t *s, const pd_sql_result_t *r)
     return sm->poisoned || (sm->mirror != NULL && sm->mirror->state == M_DEAD);
 }
 
-pd_sql_result_t *pd_mirror_refusal(pd_session_t *s, int rule)
+bool pd_mirror_refuses_wrap(pd_session_t *s, int rule)
+{
+    return rule >= 0 && rule_lockstep(s->srv, rule) && rule_fails(s->srv, rule) &&
+           (s->mir.poisoned || (s->mir.mirror != NULL && s->mir.mirror->state == M_DEAD));
+}
+
+/* A refusal of rule's, with hint and a message. */
+__attribute__((format(printf, 5, 6))) static pd_sql_result_t *
+refusal(pd_session_t *s, int rule, const char *sqlstate, const char *hint, const char *fmt, ...)
 {
     pd_sql_result_t *f = calloc(1, sizeof *f);
     if (f == NULL)
@@ -1871,20 +1885,45 @@ pd_sql_result_t *pd_mirror_refusal(pd_session_t *s, int rule)
     f->action = PD_SQL_REFUSE;
     f->rule = rule;
     f->mirror_rule = -1;
-    f->sqlstate = "55000"; /* object_not_in_prerequisite_state */
-    if (asprintf(&f->message,
-                 "pgdual: the new database of rule \"%s\" did not apply this transaction's "
-                 "writes and the rule has mirror.on_failure: fail, so nothing of it is "
-                 "committed",
-                 rule_name(s->srv, rule)) < 0)
+    f->sqlstate = sqlstate;
+    va_list ap;
+    va_start(ap, fmt);
+    if (vasprintf(&f->message, fmt, ap) < 0)
         f->message = NULL;
-    f->hint = strdup("Roll back, check the new database (pgdualctl status, divergence), and "
-                     "retry; or set mirror.on_failure: record to keep writing to old alone.");
+    va_end(ap);
+    f->hint = strdup(hint);
     if (f->message == NULL || f->hint == NULL) {
         pd_sql_result_release(f);
         return NULL;
     }
     return f;
+}
+
+pd_sql_result_t *pd_mirror_refusal(pd_session_t *s, int rule)
+{
+    return refusal(s, rule, "55000", /* object_not_in_prerequisite_state */
+                   "Roll back, check the new database (pgdualctl status, divergence), and "
+                   "retry; or set mirror.on_failure: record to keep writing to old alone.",
+                   "pgdual: the new database of rule \"%s\" did not apply this transaction's "
+                   "writes and the rule has mirror.on_failure: fail, so nothing of it is "
+                   "committed",
+                   rule_name(s->srv, rule));
+}
+
+pd_sql_result_t *pd_mirror_order_refusal(pd_session_t *s, int rule, const pd_sql_result_t *plan)
+{
+    bool commit = plan->mirror == PD_MIRROR_TXN;
+    return refusal(s, rule, "0A000", /* feature_not_supported */
+                   commit ? "Send Sync before the COMMIT."
+                          : "Send Sync before the write, or run the batch in a transaction "
+                            "(BEGIN ... Sync ... COMMIT).",
+                   commit ? "pgdual: a COMMIT in the same pipeline segment (before Sync) as a "
+                            "write to a table of rule \"%s\" would commit it before pgdual "
+                            "could order it for the mirror"
+                          : "pgdual: an autocommit write to a table of rule \"%s\" that is not "
+                            "the first statement before Sync would commit before pgdual could "
+                            "order it for the mirror",
+                   rule_name(s->srv, rule));
 }
 
 /* ---------------------------------------------------------------------------------------

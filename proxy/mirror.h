@@ -122,15 +122,20 @@ bool pd_mirror_before_ready(pd_session_t *s, uint32_t seq, uint8_t status_before
  */
 int pd_mirror_commit_first(pd_session_t *s, const pd_sql_result_t *r, const char *sql);
 /*
- * Fleet wrap (commit: lockstep, `state: postgres`): must the autocommit batch whose first
- * statement has plan r (a Query, or the Parse or Bind that starts an extended-protocol
- * batch, at transaction status 'I') run on the authoritative side inside a transaction of
- * pgdual's own? Its row locks are then held until the mirror has applied and committed
- * the batch, so that the mirror applies writes of one row made through several instances
- * in the authoritative side's order (within one instance the keys table already does).
- * The session sends BEGIN before the batch and, once the mirror is done, COMMIT (ROLLBACK
- * when the batch failed); it passes ReadyForQuery 'I' to pd_mirror_before_ready for the
- * wrapped batch, which is an implicit transaction to the mirror.
+ * Wrap: must an autocommit batch whose first statement has plan r (a Query, or the Parse
+ * or Bind that starts an extended-protocol batch) run on the authoritative side inside a
+ * transaction of pgdual's own, when the session is idle at transaction status 'I'?
+ * The session sends BEGIN before the batch and, after its ReadyForQuery, COMMIT
+ * (ROLLBACK when the batch failed); it passes ReadyForQuery 'I' to pd_mirror_before_ready
+ * for the wrapped batch, which is an implicit transaction to the mirror. Two reasons:
+ *  - row images with keys: an autocommit row is visible to other sessions the moment it
+ *    commits, before pgdual has read its answer, so another session's image of the same
+ *    row could join the row's queue (the order the mirror applies them in) first. Wrapped,
+ *    the images join at the batch's ReadyForQuery, before the commit makes them visible;
+ *  - commit: lockstep: the batch's row locks are held until the mirror has applied and
+ *    committed it, so that writes of one row reach the mirror in the authoritative side's
+ *    order also through several instances and for writes replayed verbatim.
+ * It costs the batch one round trip to the authoritative side (the COMMIT).
  */
 bool pd_mirror_wraps(const pd_session_t *s, const pd_sql_result_t *r);
 /* pgdual's COMMIT of a wrapped batch (rule, the client's text) failed on the
@@ -138,10 +143,16 @@ bool pd_mirror_wraps(const pd_session_t *s, const pd_sql_result_t *r);
    was answered: the mirror has the writes, which is recorded. */
 void pd_mirror_wrap_failed(pd_session_t *s, int rule, const char *stmt, const uint8_t *body,
                            size_t n);
+/* Must the wrapped batch of rule be rolled back rather than committed (commit: lockstep,
+   on_failure: fail, and the mirror did not apply it)? The client hears pd_mirror_refusal. */
+bool pd_mirror_refuses_wrap(pd_session_t *s, int rule);
 /* Must a mirrored write be refused (on_failure: fail, the mirror failed)? */
 bool pd_mirror_refuses(pd_session_t *s, const pd_sql_result_t *r);
 /* The refusal for those two cases. */
 pd_sql_result_t *pd_mirror_refusal(pd_session_t *s, int rule);
+/* The refusal of a write pd_mirror_wraps wants in a transaction (or of a COMMIT, plan
+   PD_MIRROR_TXN, after one) that would commit in a batch before pgdual read its answer. */
+pd_sql_result_t *pd_mirror_order_refusal(pd_session_t *s, int rule, const pd_sql_result_t *plan);
 /* A whole CopyData, CopyDone or CopyFail from the client (kept for a mirrored COPY). */
 void pd_mirror_on_copy(pd_session_t *s, uint8_t type, const uint8_t *body, size_t n);
 /* Is the client's COPY data being kept (CopyData must then be seen whole)? */

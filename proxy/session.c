@@ -227,6 +227,7 @@ static void free_session(uv_handle_t *h)
     pd_buf_free(&s->to_server);
     free(s->batches);
     free(s->wrap_sql);
+    pd_sql_result_release(s->kept_plan);
     pd_sql_result_release(s->shadow);
     free(s->shadow_text);
     prepared_free(s->shadow_ext);
@@ -658,6 +659,8 @@ static bool batch_close(pd_session_t *s, bool shadow)
         s->hold_client = true;
     }
     s->batch_msgs = s->batch_exec = 0;
+    s->batch_txn = 0;
+    s->batch_wrote = false;
     s->sent[0] = s->sent[1] = s->sent[2] = 0;
     s->batch_refused = false;
     prepared_free(s->cand);
@@ -828,14 +831,14 @@ static bool refusal_extended(pd_session_t *s, pd_buf_t *msg, const pd_sql_result
     return ok;
 }
 /*
- * Fleet wrap (pd_mirror_wraps, mirror.h): the client's autocommit Query runs on the
- * authoritative side inside pgdual's own BEGIN ... COMMIT, so that its row locks are held
- * until the mirror has applied and committed it (lockstep holds the batch's ReadyForQuery
- * until then); writes of one row made through several instances then reach the mirror
- * in the authoritative side's order. BEGIN goes ahead of the Query, as the proxy's own
- * batch whose answers are dropped; the client's input waits until pgdual's COMMIT (or
- * ROLLBACK, when the batch failed) is answered, and the client hears that ReadyForQuery,
- * 'I', and the COMMIT's error if it failed.
+ * Wrap (pd_mirror_wraps, mirror.h): the client's autocommit batch runs on the
+ * authoritative side inside pgdual's own BEGIN ... COMMIT, so that its row images join
+ * their rows' queues before the commit makes the rows visible to other sessions and, under
+ * lockstep, its row locks are held until the mirror has applied and committed it (lockstep
+ * holds the batch's ReadyForQuery until then). BEGIN goes ahead of the batch, as the
+ * proxy's own batch whose answers are dropped; the client's input waits until pgdual's
+ * COMMIT (or ROLLBACK, when the batch failed) is answered, and the client hears that
+ * ReadyForQuery, 'I', and the COMMIT's error if it failed.
  *
  * The decision is taken at the batch's first message (a Query; a Parse or a Bind of an
  * extended-protocol batch, by its statement), which must be the first of the client's
@@ -846,7 +849,7 @@ static bool maybe_wrap(pd_session_t *s, const pd_pipe_t *p, const pd_sql_result_
                        const char *sql)
 {
     if (!s->mir.on || s->wrap_open || s->batch_count > 0 || s->batch_msgs > 0 || pipe_pending(p) ||
-        s->to_server.len > 0 || s->shadow != NULL || !pd_mirror_wraps(s, r))
+        s->to_server.len > 0 || s->shadow != NULL || s->txn_status != 'I' || !pd_mirror_wraps(s, r))
         return true;
     free(s->wrap_sql);
     s->wrap_sql = strdup(sql);
@@ -861,15 +864,44 @@ static bool maybe_wrap(pd_session_t *s, const pd_pipe_t *p, const pd_sql_result_
     return true;
 }
 
-/* ReadyForQuery (status) ending a part of a fleet wrap: true when it is dropped. */
+/*
+ * A batch that may be wrapped starts while earlier ones are still unanswered (a pipelining
+ * client, or the proxy's own shadow read): whether it runs in a transaction is known
+ * only from their last ReadyForQuery. True when it waits for that (the client's input is
+ * held until the session is idle; nothing of the message has been acted on yet).
+ */
+static bool wrap_waits(pd_session_t *s, const pd_sql_result_t *r)
+{
+    if (!s->mir.on || s->wrap_open || s->batch_msgs > 0 || s->batch_count == 0 ||
+        !pd_mirror_wraps(s, r))
+        return false;
+    s->hold_client = s->idle_wait = true;
+    return true;
+}
+
+/* ReadyForQuery (status) ending a part of a wrap: true when it is dropped. */
 static bool wrap_ready(pd_session_t *s, uint8_t wrap, uint8_t status)
 {
     if (wrap == 'B')
         return true; /* the client's batch follows */
     if (wrap == 'W') {
-        /* The mirror applied and committed the batch (lockstep held this until then). */
+        /* The batch's images are queued; under lockstep the mirror applied and committed
+           it. Under lockstep with on_failure: fail a batch the mirror did not apply is
+           rolled back, and the client hears the refusal as the COMMIT's error. */
         s->wrap_commit = status != 'E';
-        pd_fe_query(&s->to_server, s->wrap_commit ? "COMMIT" : "ROLLBACK");
+        pd_sql_result_t *refused = NULL;
+        if (s->wrap_commit && pd_mirror_refuses_wrap(s, s->wrap_rule)) {
+            if ((refused = pd_mirror_refusal(s, s->wrap_rule)) == NULL) {
+                pd_session_terminate(s, "53200", "out of memory", NULL);
+                return true;
+            }
+            s->wrap_commit = false;
+        }
+        if (refused != NULL)
+            refusal_query(&s->to_server, refused, true);
+        else
+            pd_fe_query(&s->to_server, s->wrap_commit ? "COMMIT" : "ROLLBACK");
+        pd_sql_result_release(refused);
         pd_batch_t b = {.seq = s->batch_seq, .internal = true, .wrap = 'C'};
         if (!pd_buf_ok(&s->to_server) || !batch_push(s, b)) {
             pd_session_terminate(s, "53200", "out of memory", NULL);
@@ -886,6 +918,25 @@ static bool wrap_ready(pd_session_t *s, uint8_t wrap, uint8_t status)
     return false;
 }
 
+/* The plan of the statement at the scan point: the one kept when it waited (wrap_waits),
+   unless the rules changed since, else routed now. NULL when out of memory. */
+static pd_sql_result_t *route_sql(pd_session_t *s, const char *sql)
+{
+    pd_sql_result_t *r = s->kept_plan;
+    s->kept_plan = NULL;
+    if (r != NULL && s->kept_gen == s->srv->rules_generation)
+        return r;
+    pd_sql_result_release(r);
+    return pd_route_statement(s->srv, s->database, s->route_key, sql);
+}
+
+static void keep_plan(pd_session_t *s, pd_sql_result_t *r)
+{
+    pd_sql_result_release(s->kept_plan);
+    s->kept_plan = r;
+    s->kept_gen = s->srv->rules_generation;
+}
+
 typedef enum { ROUTE_OK, ROUTE_WAIT, ROUTE_CLOSED } route_rc_t;
 
 /* A whole Query at [scan, scan + total). */
@@ -900,10 +951,14 @@ static route_rc_t route_query(pd_session_t *s, pd_pipe_t *p, size_t total)
     }
     if (p->has_hole && p->hole_end != p->scan)
         return ROUTE_WAIT; /* a rewrite would need a second hole: flush first */
-    pd_sql_result_t *r = pd_route_statement(s->srv, s->database, s->route_key, q.sql);
+    pd_sql_result_t *r = route_sql(s, q.sql);
     if (r == NULL) {
         pd_session_terminate(s, "53200", "out of memory", NULL);
         return ROUTE_CLOSED;
+    }
+    if (wrap_waits(s, r)) {
+        keep_plan(s, r);
+        return ROUTE_WAIT;
     }
     bool end_txn = false;
     if (s->mir.on) {
@@ -986,7 +1041,7 @@ static bool parse_as_decided(pd_session_t *s, pd_buf_t *msg, const pd_stmt_t *e,
 /* Decides statement e under the rules in force; false when out of memory. */
 static bool stmt_decide(pd_session_t *s, pd_stmt_t *e)
 {
-    pd_sql_result_t *r = pd_route_statement(s->srv, s->database, s->route_key, e->sql);
+    pd_sql_result_t *r = route_sql(s, e->sql);
     if (r == NULL)
         return false;
     const char *text = decided_text(r, e->sql);
@@ -1015,6 +1070,17 @@ static route_rc_t route_parse(pd_session_t *s, pd_pipe_t *p, size_t total)
     }
     if (p->has_hole && p->hole_end != p->scan)
         return ROUTE_WAIT;
+    if (s->mir.on && s->batch_count > 0 && s->batch_msgs == 0) {
+        pd_sql_result_t *r = route_sql(s, m.sql);
+        if (r == NULL) {
+            pd_session_terminate(s, "53200", "out of memory", NULL);
+            return ROUTE_CLOSED;
+        }
+        bool wait = wrap_waits(s, r);
+        keep_plan(s, r); /* for stmt_decide, now or when the batch goes on */
+        if (wait)
+            return ROUTE_WAIT;
+    }
     pd_stmt_t *e = stmt_put(s, &m);
     if (e == NULL || !stmt_decide(s, e) || !maybe_wrap(s, p, e->r, e->sql)) {
         pd_session_terminate(s, "53200", "out of memory", NULL);
@@ -1129,6 +1195,8 @@ static route_rc_t route_bind_close(pd_session_t *s, pd_pipe_t *p, uint8_t type, 
         return ROUTE_WAIT;
     if (s->mir.on && total > avail && pd_mirror_bind_needs_whole(e->r))
         return ROUTE_WAIT; /* its parameters are replayed: the relay loop makes room */
+    if (wrap_waits(s, e->r))
+        return ROUTE_WAIT;
     bool first_bind = s->sent[1] == 0;
     pd_buf_t prefix;
     pd_buf_init(&prefix);
@@ -1164,25 +1232,66 @@ static route_rc_t route_bind_close(pd_session_t *s, pd_pipe_t *p, uint8_t type, 
         s->cand = prepared_from(e, body, total - PD_MSG_HEADER_LEN); /* NULL: no shadow */
     return ROUTE_OK;
 }
+/*
+ * Execute of plan further into an extended-protocol batch than its first statement (which
+ * maybe_wrap decided on): a write pd_mirror_wraps wants in a transaction may not commit
+ * before pgdual has read its answer, which it reads only at the batch's end. It goes on
+ * inside the client's explicit transaction, or in a wrapped batch; in a batch that would
+ * commit it as an implicit transaction it is refused, and so is a COMMIT in the same batch
+ * after it. 0 go on, 1 wait until no batch before this one is in flight (then the
+ * transaction status this batch started at is known), 2 refuse.
+ */
+static int batch_order(pd_session_t *s, const pd_sql_result_t *plan)
+{
+    if (plan == NULL)
+        return 0;
+    if (plan->mirror == PD_MIRROR_TXN) {
+        if (plan->txn == PD_TXN_END && plan->txn_commit && s->batch_wrote)
+            return 2;
+        if (plan->txn != PD_TXN_INNER)
+            s->batch_txn = plan->txn == PD_TXN_BEGIN ? 'B' : 'E';
+        if (plan->txn == PD_TXN_END)
+            s->batch_wrote = false; /* rolled back */
+        return 0;
+    }
+    if (plan->action == PD_SQL_REFUSE || !pd_mirror_wraps(s, plan))
+        return 0;
+    if (!s->wrap_open && s->batch_txn == 0 && s->batch_count > 0) {
+        s->hold_client = s->idle_wait = true;
+        return 1;
+    }
+    bool explicit = s->batch_txn == 'B' || (s->batch_txn == 0 && s->txn_status != 'I');
+    if (!s->wrap_open && !explicit)
+        return 2;
+    s->batch_wrote = true;
+    return 0;
+}
+
 /* The mirror's view of an Execute or a Describe (whole at hand). */
 static route_rc_t mirror_execute(pd_session_t *s, pd_pipe_t *p, const uint8_t *body, size_t n)
 {
     if (memchr(body, 0, n) == NULL)
         return ROUTE_OK; /* malformed: the server says so */
     const pd_sql_result_t *plan = pd_mirror_portal_plan(s, (const char *)body);
-    int first = pd_mirror_commit_first(
-        s, plan, plan != NULL && plan->mirror == PD_MIRROR_TXN ? "COMMIT" : "");
+    int order = s->batch_refused ? 0 : batch_order(s, plan);
+    if (order == 1)
+        return ROUTE_WAIT;
+    int first = order == 2
+                    ? 0
+                    : pd_mirror_commit_first(
+                          s, plan, plan != NULL && plan->mirror == PD_MIRROR_TXN ? "COMMIT" : "");
     if (first == 1) {
         s->hold_client = true; /* the mirror commits first; then this Execute */
         return ROUTE_WAIT;
     }
     if (first < 0)
         return ROUTE_CLOSED;
-    if ((first == 2 || pd_mirror_refuses(s, plan)) && !s->batch_refused) {
+    if ((order == 2 || first == 2 || pd_mirror_refuses(s, plan)) && !s->batch_refused) {
         if (p->has_hole && p->hole_end != p->scan)
             return ROUTE_WAIT;
+        int rule = plan->mirror_rule >= 0 ? plan->mirror_rule : plan->rule;
         pd_sql_result_t *r =
-            pd_mirror_refusal(s, plan->mirror_rule >= 0 ? plan->mirror_rule : plan->rule);
+            order == 2 ? pd_mirror_order_refusal(s, rule, plan) : pd_mirror_refusal(s, rule);
         pd_buf_t prefix;
         pd_buf_init(&prefix);
         bool ok = r != NULL && refusal_extended(s, &prefix, r) && pd_buf_ok(&prefix) &&
@@ -1532,6 +1641,10 @@ static bool server_message(pd_session_t *s, uint8_t type, const uint8_t *body, s
         if (b != NULL && !(internal && wrap != 0))
             drop_forget_batch(s, b->seq);
         batch_pop(s);
+        if (s->idle_wait && s->batch_count == 0) {
+            s->idle_wait = false; /* a batch that may be wrapped goes on (wrap_waits) */
+            s->hold_client = false;
+        }
         if (wrap != 0)
             return wrap_ready(s, wrap, body[0]);
         if (internal) {
@@ -1880,7 +1993,10 @@ static void on_wake(uv_timer_t *t)
     }
     if (s->mirror_wait) {
         s->mirror_wait = false;
+        bool held = s->hold_client;
         if (pump_server(s) < 0)
+            return;
+        if (held && !s->hold_client && pump_client(s) < 0)
             return;
         if (s->mirror_wait) { /* the next batch waits too */
             update_interest(s);

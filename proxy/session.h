@@ -138,12 +138,17 @@ struct pd_session {
     unsigned stmt_buckets, stmt_count;
     pd_buf_t to_server; /* the proxy's own messages for the server (shadow queries) */
     size_t to_server_sent;
-    bool hold_client;   /* client input waits while the proxy's own query runs */
-    bool gate_held;     /* client input waits at a transaction boundary: the database is
-                           paused, or the session changes sides once its mirror is ready */
-    bool auth_new;      /* the backend is the database's new side (tables rules at dual-new|new) */
-    bool want_new;      /* ... which the rules in force ask for (sides change when idle) */
-    bool mirror_wait;   /* b2c waits at a ReadyForQuery for the mirror (lockstep) */
+    bool hold_client; /* client input waits while the proxy's own query runs */
+    bool gate_held;   /* client input waits at a transaction boundary: the database is
+                         paused, or the session changes sides once its mirror is ready */
+    bool auth_new;    /* the backend is the database's new side (tables rules at dual-new|new) */
+    bool want_new;    /* ... which the rules in force ask for (sides change when idle) */
+    bool mirror_wait; /* b2c waits at a ReadyForQuery for the mirror (lockstep) */
+    bool idle_wait;   /* client input waits until no batch is in flight (wrap_waits) */
+    pd_sql_result_t *kept_plan; /* ...and the plan of its first statement, owned */
+    unsigned kept_gen;          /* the rules generation it was made under */
+    uint8_t batch_txn;          /* the batch's last BEGIN ('B') or COMMIT/ROLLBACK ('E') */
+    bool batch_wrote;           /* ...and a write pd_mirror_wraps wants went on since */
     char *wrap_sql;     /* the client's Query in a fleet wrap, for the divergence log; owned */
     int wrap_rule;      /* ... and its rule */
     bool wrap_commit;   /* the wrap ends with COMMIT (not ROLLBACK) */

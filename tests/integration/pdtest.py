@@ -156,6 +156,25 @@ def free_port():
         return s.getsockname()[1]
 
 
+def run_clients(worker, n, timeout=300):
+    """Runs worker(seed) for seeds 0..n-1 in threads; returns the repr of each exception
+    they raised (empty when all went well)."""
+    errors = []
+
+    def run(seed):
+        try:
+            worker(seed)
+        except Exception as e:  # noqa: BLE001 - returned to the caller
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return errors
+
+
 def wait_for(pred, timeout, interval=0.05, what="condition"):
     """Polls pred() until it returns something true; returns it, or raises on timeout."""
     deadline = time.monotonic() + timeout

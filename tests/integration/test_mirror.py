@@ -209,6 +209,82 @@ class MirrorTest(unittest.TestCase):
         wait_match(self.proxy, "extended-protocol inserts mirrored")
         self.assertEqual(counters(self.proxy)["mirror_proxy_errors"], 0)
 
+    def test_pipelined_writes_ordered_or_refused(self):
+        """Extended-protocol batches sent ahead of answers: a write that starts a batch
+        waits until the batches before it are answered and is then wrapped (autocommit) or
+        not (in a transaction); an autocommit write further into a batch, or a COMMIT in
+        the batch of a write, would commit before pgdual reads the write's answer and is
+        refused with 0A000; the session goes on."""
+        def batch(c):
+            """(rows, error fields or None, transaction status) up to ReadyForQuery."""
+            rows, err = [], None
+            while True:
+                k, body = c.recv_msg()
+                if k == "E":
+                    err = pdtest.parse_fields(body)
+                elif k == "D":
+                    n = struct.unpack_from("!h", body)[0]
+                    at, row = 2, []
+                    for _ in range(n):
+                        ln = struct.unpack_from("!i", body, at)[0]
+                        at += 4
+                        row.append(None if ln < 0 else body[at:at + ln].decode())
+                        at += max(ln, 0)
+                    rows.append(row)
+                elif k == "Z":
+                    return rows, err, body.decode()
+
+        def run(stmt, params=()):
+            return bind_msg_params(list(params), stmt=stmt) + execute_msg()
+
+        def old_notes():
+            return sorted(r[0] for r in pdtest.direct_query(
+                "SELECT note FROM mt_orders WHERE note LIKE 'pipe%%'", dbname="app"))
+
+        with RawClient(self.proxy.port) as c:
+            c.startup("postgres", "app")
+            c.send(parse_msg("ins", "INSERT INTO mt_orders (total, note) VALUES (1, $1)")
+                   + parse_msg("sel", "SELECT count(*) FROM mt_orders WHERE note = 'none'")
+                   + parse_msg("begin", "BEGIN") + parse_msg("commit", "COMMIT")
+                   + parse_msg("rollback", "ROLLBACK") + sync_msg())
+            self.assertEqual(batch(c), ([], None, "I"))
+            # A read, then an autocommit write, pipelined: both go through.
+            c.send(run("sel") + sync_msg() + run("ins", ["pipe1"]) + sync_msg())
+            self.assertEqual(batch(c), ([["0"]], None, "I"))
+            self.assertEqual(batch(c), ([], None, "I"))
+            # An autocommit write after a read in one batch: refused, nothing written.
+            c.send(run("sel") + run("ins", ["pipe-refused"]) + sync_msg())
+            rows, err, status = batch(c)
+            self.assertEqual((rows, status), ([["0"]], "I"))
+            self.assertEqual(err["C"], "0A000", err)
+            self.assertIn("not the first statement before Sync", err["M"])
+            self.assertIn("Send Sync before the write", err["H"])
+            # Inside a transaction a write may follow anything in its batch; the BEGIN may
+            # be in the same batch, or in one still unanswered.
+            c.send(run("begin") + run("sel") + run("ins", ["pipe2"]) + sync_msg())
+            self.assertEqual(batch(c), ([["0"]], None, "T"))
+            c.send(run("commit") + sync_msg())
+            self.assertEqual(batch(c), ([], None, "I"))
+            c.send(run("begin") + sync_msg() + run("sel") + run("ins", ["pipe3"]) + sync_msg()
+                   + run("commit") + sync_msg())
+            self.assertEqual(batch(c), ([], None, "T"))
+            self.assertEqual(batch(c), ([["0"]], None, "T"))
+            self.assertEqual(batch(c), ([], None, "I"))
+            # A COMMIT in the batch of a write: refused; the transaction is rolled back.
+            c.send(run("begin") + run("ins", ["pipe-uncommitted"]) + run("commit") + sync_msg())
+            rows, err, status = batch(c)
+            self.assertEqual(status, "E")
+            self.assertEqual(err["C"], "0A000", err)
+            self.assertIn("Send Sync before the COMMIT", err["H"])
+            c.send(run("rollback") + sync_msg())
+            self.assertEqual(batch(c), ([], None, "I"))
+            # The session goes on.
+            c.send(run("ins", ["pipe4"]) + sync_msg())
+            self.assertEqual(batch(c), ([], None, "I"))
+        self.assertEqual(old_notes(), ["pipe1", "pipe2", "pipe3", "pipe4"])
+        wait_match(self.proxy, "pipelined writes mirrored")
+        self.assertEqual(counters(self.proxy)["mirror_proxy_errors"], 0)
+
     def test_pgbench_prepared(self):
         """pgbench in each query mode: hot rows updated from 4 sessions (row images
         applied in the order the authoritative side wrote them), inserts with defaults."""
@@ -289,6 +365,46 @@ class MirrorTest(unittest.TestCase):
         st = counters(self.proxy)
         self.assertEqual(st["mirror_proxy_errors"], 0)
         self.assertEqual(st["mirror_unapplied"], 0)
+
+    def test_autocommit_writes_of_the_newest_row(self):
+        """Autocommit clients insert orders and update or delete the newest one, which
+        another client has often only just inserted: an autocommit row is visible to
+        others before its own answer is read, yet each image must reach new after the
+        write it follows on old. Through psycopg2 (simple protocol) and pgbench -M
+        prepared (extended)."""
+        before = dict(counters(self.proxy))
+
+        def worker(seed):
+            rnd = random.Random(seed)
+            conn = self.connect()
+            cur = conn.cursor()
+            for _ in range(250):
+                op = rnd.random()
+                if op < 0.35:
+                    cur.execute("INSERT INTO mt_orders (total) VALUES (0)")
+                elif op < 0.9:
+                    cur.execute("UPDATE mt_orders SET total = total + 1, note = %s WHERE "
+                                "id = (SELECT max(id) FROM mt_orders)", (str(seed),))
+                else:
+                    cur.execute("DELETE FROM mt_orders WHERE id = "
+                                "(SELECT max(id) FROM mt_orders)")
+            conn.close()
+
+        self.assertEqual(pdtest.run_clients(worker, 8, 120), [])
+        script = os.path.join(self.proxy.dir, "newest.sql")
+        with open(script, "w") as f:
+            f.write("INSERT INTO mt_orders (total) VALUES (0);\n"
+                    "UPDATE mt_orders SET total = total + 1 WHERE id = "
+                    "(SELECT max(id) FROM mt_orders);\n"
+                    "UPDATE mt_orders SET total = total * 2 WHERE id = "
+                    "(SELECT max(id) FROM mt_orders);\n")
+        pdtest.run_pgbench(self.proxy.port, ["-n", "-M", "prepared", "-c", "8", "-t", "100",
+                                             "-f", script])
+        self.assertGreater(table_md5("app", "mt_orders")[1], 500)
+        wait_match(self.proxy, "autocommit writes of the newest row mirrored")
+        after = counters(self.proxy)
+        for k in ("mirror_diverged", "mirror_unapplied", "mirror_proxy_errors"):
+            self.assertEqual(after[k], before[k], (k, self.proxy.divergence()[-5:]))
 
 
 class MirrorLockstepTest(MirrorTest):
@@ -374,13 +490,26 @@ class MirrorKilledTest(unittest.TestCase):
             + list(args)))
         self.assertEqual(r.returncode, 0, r.stdout)
 
+    def kill_under_load(self, worker, n, before):
+        """Runs worker(seed, stop) in n threads, kills the new server after `before`
+        seconds, lets them run 1.5 s more, then stops them."""
+        stop = threading.Event()
+        threads = [threading.Thread(target=worker, args=(i, stop)) for i in range(n)]
+        for t in threads:
+            t.start()
+        time.sleep(before)
+        self.pg_ctl("stop", "-m", "immediate")
+        time.sleep(1.5)
+        stop.set()
+        for t in threads:
+            t.join(60)
+
     def test_record_keeps_clients_whole(self):
         new = "host=%s port=%d dbname=app2" % (self.green["host"], self.green["port"])
         with RulesProxy(rules=[tables_rule()], databases=databases(new)) as p:
             errors, committed = [], []
-            stop = threading.Event()
 
-            def worker(seed):
+            def worker(seed, stop):
                 rnd = random.Random(seed)
                 try:
                     conn = pdtest.connect(p.port)
@@ -397,15 +526,7 @@ class MirrorKilledTest(unittest.TestCase):
                 except Exception as e:  # noqa: BLE001 - reported below
                     errors.append(repr(e))
 
-            threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-            for t in threads:
-                t.start()
-            time.sleep(1.5)
-            self.pg_ctl("stop", "-m", "immediate")
-            time.sleep(1.5)
-            stop.set()
-            for t in threads:
-                t.join(60)
+            self.kill_under_load(worker, 8, 1.5)
             self.assertEqual(errors, [])
             self.assertGreater(len(committed), 50)
             # Old holds every write a client was told committed.
@@ -506,6 +627,51 @@ class MirrorFailTest(MirrorKilledTest):
             self.assertTrue(set(committed) <= on_old)
             self.assertEqual(set(failed) & on_old, set(), "old kept writes clients were "
                              "told failed")
+
+    def test_fail_autocommit_writes(self):
+        """The same for autocommit writes: the one new did not apply is rolled back on old
+        and its client hears 55000 (pgdual runs it in a transaction of its own)."""
+        new = "host=%s port=%d dbname=app2" % (self.green["host"], self.green["port"])
+        rule = tables_rule(mirror={"commit": "lockstep", "on_failure": "fail"})
+        # What new acknowledged survives the kill (the test clusters run without it).
+        self.green_query("ALTER DATABASE app2 SET synchronous_commit = on")
+        with RulesProxy(rules=[rule], databases=databases(new)) as p:
+            committed, failed, other = [], [], []
+
+            def worker(seed, stop):
+                conn = pdtest.connect(p.port)
+                conn.autocommit = True
+                cur = conn.cursor()
+                i = 0
+                while not stop.is_set():
+                    note = "a%d-%d" % (seed, i)
+                    i += 1
+                    try:
+                        cur.execute("INSERT INTO mt_orders (total, note) VALUES (1, %s)",
+                                    (note,))
+                        committed.append(note)
+                    except psycopg2.Error as e:
+                        if e.pgcode == "55000" and "on_failure: fail" in e.pgerror:
+                            failed.append(note)
+                        else:
+                            other.append(repr(e))
+                conn.close()
+
+            self.kill_under_load(worker, 4, 1.0)
+            self.assertEqual(other[:3], [], "\n".join(other[:3]))
+            self.assertGreater(len(committed), 10)
+            self.assertGreater(len(failed), 0, "no write was refused")
+            on_old = {r[0] for r in pdtest.direct_query(
+                "SELECT note FROM mt_orders WHERE note LIKE 'a%%'", dbname="app")}
+            self.assertTrue(set(committed) <= on_old)
+            self.assertEqual(set(failed) & on_old, set(), "old kept writes clients were "
+                             "told failed")
+            # ... and new has every write a client was told committed (none was committed
+            # on old alone and reported as done).
+            self.pg_ctl("start", "-w", "-t", "60", "-l", self.green["logfile"])
+            on_new = {r[0] for r in self.green_query(
+                "SELECT note FROM mt_orders WHERE note LIKE 'a%'")}
+            self.assertEqual(sorted(set(committed) - on_new), [])
 
 
 class MirrorMappingTest(unittest.TestCase):

@@ -7,6 +7,7 @@ writes through `up`), old follows as the mirror with row images converted back t
 `down`, and both keep holding the same rows under the mapping, with one client or eight,
 async or lockstep. What cannot be translated faithfully is refused with 0A000 and the
 session carries on; rollback returns to writes=dual with new following through `up`.
+Concurrent clients' writes to one row reach old in the order new applied them.
 
 Each class uses its own pair of databases, so that the all-tables rule covers only the
 tables made here."""
@@ -132,22 +133,25 @@ class TranslateBase(pdtest.CtlMixin, unittest.TestCase):
                          ["public.xl_orders", "public.xl_users"], res)
         return res
 
-    def wait_mapped(self, what, old_users=OLD_USERS, timeout=20):
-        """Waits until old and new hold the same users (old_users on old against new's
-        mapped columns) and the same orders."""
+    def mapped_diff(self, old_users=OLD_USERS):
+        """None when old and new hold the same users (old_users on old against new's mapped
+        columns) and the same orders; else what differs."""
         p = self.pair
+        ou, nu, oo, no = p.old(old_users), p.new(NEW_USERS), p.old(ORDERS), p.new(ORDERS)
+        if ou == nu and oo == no:
+            return None
+        return ("users only on old %r, only on new %r; orders only on old %r, only on new %r"
+                % (sorted(set(ou) - set(nu))[:5], sorted(set(nu) - set(ou))[:5],
+                   sorted(set(oo) - set(no))[:5], sorted(set(no) - set(oo))[:5]))
 
-        def same():
-            return p.old(old_users) == p.new(NEW_USERS) and p.old(ORDERS) == p.new(ORDERS)
+    def wait_mapped(self, what, old_users=OLD_USERS, timeout=20):
+        """Waits until mapped_diff() finds nothing."""
         try:
-            pdtest.wait_for(same, timeout, interval=0.1, what=what)
+            pdtest.wait_for(lambda: self.mapped_diff(old_users) is None, timeout,
+                            interval=0.1, what=what)
         except AssertionError:
-            o, n = p.old(old_users), p.new(NEW_USERS)
-            raise AssertionError("%s: users only on old %r, only on new %r; orders equal %s;"
-                                 " divergence %r" % (what, sorted(set(o) - set(n))[:5],
-                                                     sorted(set(n) - set(o))[:5],
-                                                     p.old(ORDERS) == p.new(ORDERS),
-                                                     p.divergence()[-5:]))
+            raise AssertionError("%s: %s; divergence log %r" % (
+                what, self.mapped_diff(old_users), self.pair.divergence()[-3:]))
 
     def switchover(self):
         """verify, then switchover of the database; returns switchover's reply."""
@@ -164,6 +168,14 @@ class TranslateBase(pdtest.CtlMixin, unittest.TestCase):
 class TranslateTest(TranslateBase):
     """One application session's statements, in order: dual, switchover, translated
     statements, refusals, rollback."""
+
+    early = None  # a session opened at writes=dual (test_1), used after the switchover
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls.early is not None and not cls.early.closed:
+            cls.early.close()
+        super().tearDownClass()
 
     def run1(self, cur, sql, args=None):
         cur.execute(sql, args)
@@ -239,9 +251,9 @@ class TranslateTest(TranslateBase):
                     "ON CONFLICT (id) DO NOTHING", (ann,))
         self.assertEqual(cur.rowcount, 0)
         # A named prepared read (SQL PREPARE/EXECUTE): translated at PREPARE.
+        # (the upsert above set Ann's email to up@sert.com)
         cur.execute("PREPARE xl_sel (text) AS SELECT id, email, name FROM xl_users "
                     "WHERE email = $1")
-        # (the upsert above set Ann's email to up@sert.com)
         self.assertEqual(self.run1(cur, "EXECUTE xl_sel ('up@sert.com')"),
                          [(ann, "up@sert.com", "Ann")])
         self.assertEqual([d.name for d in cur.description], ["id", "email", "name"])
@@ -393,7 +405,6 @@ class TranslateTest(TranslateBase):
         self.assertEqual([d.name for d in cur.description], ["id", "email", "name", "created"])
         self.assertEqual(len(cur.fetchall()), 2)
         conn.close()
-        self.early.close()
         self.assert_no_divergence()
         self.verify_ok()
 
@@ -405,6 +416,20 @@ class TranslateLoadTest(TranslateBase):
 
     NAME = "xlc"
     HOT = 10
+
+    # A pair of databases per test: one test's divergence does not spill into the next.
+    @classmethod
+    def setUpClass(cls):
+        pass
+
+    @classmethod
+    def tearDownClass(cls):
+        pass
+
+    def setUp(self):
+        self.pair = Pair(self.NAME, self.COMMIT)
+        self.sock, self.state = self.pair.sock, self.pair.state
+        self.addCleanup(self.pair.close)
 
     def test_concurrent_clients(self):
         p = self.pair
@@ -443,10 +468,8 @@ class TranslateLoadTest(TranslateBase):
                         cur.execute("UPDATE xl_users SET email = %s, name = %s WHERE id = %s",
                                     ("Hot%d@X.com" % rnd.randint(1, 1000), "n%d" % seed, hot))
                     elif op < 0.6:
-                        # Not `UPDATE ... WHERE id = (SELECT max(id))` in autocommit: that
-                        # races the INSERT's answer and shows the open mirror-ordering bug
-                        # (see the skip below), which is not the translation's.
-                        cur.execute("SELECT sum(amount) FROM xl_orders")
+                        cur.execute("UPDATE xl_orders SET amount = amount + 1 WHERE id = "
+                                    "(SELECT max(id) FROM xl_orders)")
                     elif op < 0.7 and mine:
                         cur.execute("DELETE FROM xl_users WHERE id = %s", (mine.pop(0),))
                     elif op < 0.8:
@@ -481,19 +504,43 @@ class TranslateLoadTest(TranslateBase):
         self.assertEqual(wrong, [])
         self.assertEqual(p.new("SELECT count(*) FROM xl_users WHERE full_name = 'rolled'"),
                          [(0,)])
+        if self.COMMIT == "lockstep":
+            # The client heard each answer after old had applied it.
+            self.assertIsNone(self.mapped_diff())
         self.wait_mapped("old to hold new's rows after the load")
         self.assertGreater(len(p.new(ORDERS)), 100)
         self.assert_no_divergence()
         self.verify_ok()
         print("\n%s: 8 clients x 150 operations in %.1f s" % (self.COMMIT, elapsed))
 
+    def test_update_of_the_newest_row(self):
+        """8 autocommit clients insert orders and increment the newest one: each UPDATE's
+        image must reach old after the INSERT (or UPDATE) it follows on new."""
+        p = self.pair
+        self.switchover()
+        before = len(p.new(ORDERS))
 
-@unittest.skip("known bug, open (not the translation's): autocommit UPDATE ... WHERE id = "
-               "(SELECT max(id)) racing autocommit INSERTs from other sessions can reach the "
-               "mirror before the INSERT's image (images are queued in the order the answers "
-               "arrive, and an autocommit row is visible before its answer is read); seen "
-               "under dual and dual-new, async and lockstep, often unrecorded. Repro: "
-               "test_update_of_the_newest_row on branch xlatetest")
+        def worker(seed):
+            rnd = random.Random(seed)
+            conn = pdtest.connect(p.proxy.port, dbname=self.NAME)
+            conn.autocommit = True
+            cur = conn.cursor()
+            for _ in range(200):
+                if rnd.random() < 0.3:
+                    cur.execute("INSERT INTO xl_orders (user_id, amount) VALUES (0, 0)")
+                else:
+                    cur.execute("UPDATE xl_orders SET amount = amount + 1 WHERE id = "
+                                "(SELECT max(id) FROM xl_orders)")
+            conn.close()
+
+        self.assertEqual(pdtest.run_clients(worker, 8, 120), [])
+        self.assertGreater(len(p.new(ORDERS)), before + 300)
+        if self.COMMIT == "lockstep":
+            self.assertIsNone(self.mapped_diff())
+        self.wait_mapped("old to hold new's orders after inserts and updates of the newest")
+        self.assert_no_divergence()
+
+
 class TranslateLoadLockstepTest(TranslateLoadTest):
     COMMIT = "lockstep"
     NAME = "xll"
