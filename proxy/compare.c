@@ -117,10 +117,12 @@ static json_t *outcome_json(const pd_result_sum_t *r)
 
 void pd_divergence_record(pd_divergence_log_t *log, const char *rule, const char *kind,
                           const char *sql, const pd_result_sum_t *old_side,
-                          const pd_result_sum_t *new_side)
+                          const pd_result_sum_t *new_side, json_t *key)
 {
-    if (log == NULL || log->fd < 0)
+    if (log == NULL || log->fd < 0) {
+        json_decref(key);
         return;
+    }
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     struct tm tm;
@@ -130,9 +132,9 @@ void pd_divergence_record(pd_divergence_log_t *log, const char *rule, const char
     snprintf(when + n, sizeof when - n, ".%03ldZ", ts.tv_nsec / 1000000);
 
     char *normalized = pd_sql_normalize(sql);
-    json_t *ev = json_pack("{s:s, s:s, s:s, s:s?, s:o, s:o, s:n}", "time", when, "rule", rule,
+    json_t *ev = json_pack("{s:s, s:s, s:s, s:s?, s:o, s:o, s:o}", "time", when, "rule", rule,
                            "kind", kind, "statement", normalized, "old", outcome_json(old_side),
-                           "new", outcome_json(new_side), "key");
+                           "new", outcome_json(new_side), "key", key ? key : json_null());
     free(normalized);
     char *line = ev ? json_dumps(ev, JSON_COMPACT) : NULL;
     json_decref(ev);

@@ -49,11 +49,12 @@ void pd_divergence_close(pd_divergence_log_t *log);
 
 /*
  * Appends one event. `sql` is the statement as the client sent it: it is normalized
- * here, so that no literal reaches the file. old/new describe the two outcomes.
+ * here, so that no literal reaches the file. old/new describe the two outcomes; key (a
+ * reference taken, may be NULL) the row concerned, {column: text value}, when known.
  */
 void pd_divergence_record(pd_divergence_log_t *log, const char *rule, const char *kind,
                           const char *sql, const pd_result_sum_t *old_side,
-                          const pd_result_sum_t *new_side);
+                          const pd_result_sum_t *new_side, json_t *key);
 
 /*
  * Reads the log's events, oldest first, from at most the last `window` bytes of the file

@@ -80,6 +80,7 @@ struct pd_mirror_op {
     size_t set_at; /* offset of the next set in `sets` */
     unsigned sets_sent;
     uint64_t mirror_rows;
+    int miss_set; /* row images: the first set that did not touch exactly one row, or -1 */
     char mirror_tag[64];
     char mirror_sqlstate[6];
 };
@@ -310,6 +311,7 @@ static pd_mirror_op_t *op_new(const pd_sql_result_t *r, const char *sql, const c
         return NULL;
     pd_buf_init(&op->sets);
     op->seq = seq;
+    op->miss_set = -1;
     op->rule = r != NULL ? r->mirror_rule : -1;
     op->sql = strdup(sql);
     op->stmt = strdup(stmt);
@@ -350,6 +352,44 @@ static pd_rule_stats_t *rule_stats(pd_server_t *srv, int rule)
     return rule >= 0 && (unsigned)rule < srv->stats_count ? &srv->stats[rule] : NULL;
 }
 
+/* The key of row image `set` of op as {column: text}, or NULL when it is not known (values
+   in binary form, catalog facts gone). */
+static json_t *image_key(const pd_server_t *srv, const pd_mirror_op_t *op, unsigned set)
+{
+    const pd_sql_result_t *r = op->r;
+    if (r == NULL || r->mirror != PD_MIRROR_IMAGE || r->image_nkey == 0 || set >= op->nsets ||
+        (op->nparams > 0 && op->formats[0] != 0) || srv->facts == NULL || op->rule < 0 ||
+        (unsigned)op->rule >= srv->cfg->rule_count)
+        return NULL;
+    const pd_table_facts_t *f = &srv->facts[op->rule].table;
+    char name[256];
+    for (; f != NULL; f = f->next)
+        if (f->schema != NULL && f->name != NULL && f->nkey == r->image_nkey &&
+            snprintf(name, sizeof name, "%s.%s", f->schema, f->name) < (int)sizeof name &&
+            strcmp(name, r->image_table) == 0)
+            break;
+    if (f == NULL)
+        return NULL;
+    const uint8_t *p = op->sets.data;
+    const char *col[op->nparams + 1];
+    for (unsigned i = 0; i <= set; i++)
+        for (unsigned c = 0; c < op->nparams; c++) {
+            int32_t len = wire_len(p);
+            col[c] = len < 0 ? NULL : (const char *)p + 4; /* NUL-terminated: set_add */
+            p += 4 + (len < 0 ? 0 : (size_t)len + 1);
+        }
+    json_t *key = json_object();
+    for (unsigned k = 0; key != NULL && k < r->image_nkey; k++) {
+        const char *v = col[r->image_key[k]];
+        if (json_object_set_new(key, f->columns[f->key[k]],
+                                v != NULL ? json_string(v) : json_null()) != 0) {
+            json_decref(key);
+            key = NULL;
+        }
+    }
+    return key;
+}
+
 /* A divergence event for op: `kind` says which. */
 static void record(pd_server_t *srv, const pd_mirror_op_t *op, const char *kind)
 {
@@ -367,8 +407,11 @@ static void record(pd_server_t *srv, const pd_mirror_op_t *op, const char *kind)
     snprintf(m.sqlstate, sizeof m.sqlstate, "%s", op->mirror_sqlstate);
     bool new_auth = op->rule >= 0 && (unsigned)op->rule < srv->cfg->rule_count &&
                     srv->flags[op->rule].writes == PD_WRITES_DUAL_NEW;
+    /* The row concerned, when one is: the image that missed, or a single one unapplied. */
+    int set = op->miss_set >= 0 ? op->miss_set : op->nsets == 1 ? 0 : -1;
     pd_divergence_record(srv->divergence, rule_name(srv, op->rule), kind, op->stmt,
-                         new_auth ? &m : &a, new_auth ? &a : &m);
+                         new_auth ? &m : &a, new_auth ? &a : &m,
+                         set >= 0 ? image_key(srv, op, (unsigned)set) : NULL);
     pd_rule_stats_t *st = rule_stats(srv, op->rule);
     if (st == NULL)
         return;
@@ -518,7 +561,7 @@ static void finish_shadow(pd_mirror_t *m, pd_mirror_op_t *op, pd_rule_stats_t *s
     pd_log_info(m->tag, "%s read differs for rule \"%s\"", m->aa ? "A/A" : "shadow",
                 rule_name(m->srv, op->rule));
     pd_divergence_record(m->srv->divergence, rule_name(m->srv, op->rule),
-                         m->aa ? "aa_read" : "shadow_read", op->stmt, a, b);
+                         m->aa ? "aa_read" : "shadow_read", op->stmt, a, b, NULL);
 }
 
 static bool finish_head(pd_mirror_t *m)
@@ -752,6 +795,8 @@ static void read_results(pd_mirror_t *m)
             if (op->mirror_sqlstate[0] == '\0')
                 copy_state(op->mirror_sqlstate, sizeof op->mirror_sqlstate,
                            PQresultErrorField(res, PG_DIAG_SQLSTATE));
+            if (op->miss_set < 0 && op->nsets > 0)
+                op->miss_set = (int)op->sets_sent - 1;
         } else if (st == PGRES_COPY_IN && op->r != NULL && op->r->mirror == PD_MIRROR_COPY) {
             PQclear(res);
             m->copying = true;
@@ -766,8 +811,11 @@ static void read_results(pd_mirror_t *m)
                 sum_rows(op, res);
             copy_state(op->mirror_tag, sizeof op->mirror_tag, PQcmdStatus(res));
             const char *tuples = PQcmdTuples(res);
-            if (tuples != NULL && tuples[0] != '\0')
-                op->mirror_rows += strtoull(tuples, NULL, 10);
+            uint64_t n = tuples != NULL && tuples[0] != '\0' ? strtoull(tuples, NULL, 10) : 0;
+            op->mirror_rows += n;
+            if (n != 1 && op->miss_set < 0 && op->nsets > 0 && op->r != NULL &&
+                op->r->mirror == PD_MIRROR_IMAGE)
+                op->miss_set = (int)op->sets_sent - 1;
         }
         PQclear(res);
     }

@@ -1543,7 +1543,7 @@ static void finish_shadow(pd_session_t *s)
         pd_log_info(s->tag, "shadow read differs for rule \"%s\"",
                     s->srv->cfg->rules[r->rule].name);
         pd_divergence_record(s->srv->divergence, s->srv->cfg->rules[r->rule].name, "shadow_read",
-                             s->shadow_text, &s->sum_old, &s->sum_new);
+                             s->shadow_text, &s->sum_old, &s->sum_new, NULL);
     }
     drop_shadow(s);
 }

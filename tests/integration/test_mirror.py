@@ -433,6 +433,35 @@ class MirrorLockstepTest(MirrorTest):
         conn.close()
 
 
+class MirrorDivergenceKeyTest(unittest.TestCase):
+    def test_divergence_names_the_row(self):
+        """A row image new could not apply is logged with the row's key (and no value of
+        the statement). Its own proxy: the other tests expect an empty divergence log."""
+        reset_schema()
+        self.proxy = RulesProxy(rules=[tables_rule()], databases=databases()).start()
+        self.addCleanup(self.proxy.stop)
+        conn = pdtest.connect(self.proxy.port)
+        conn.autocommit = True
+        cur = conn.cursor()
+        cur.execute("INSERT INTO mt_orders (total, note) VALUES (5, 'keyed') RETURNING id")
+        oid = cur.fetchone()[0]
+        wait_match(self.proxy, "the row on new")
+        pdtest.direct_query("DELETE FROM mt_orders WHERE id = %s", (oid,), dbname="app2")
+        cur.execute("UPDATE mt_orders SET total = 6, note = 'secret-note' WHERE id = %s", (oid,))
+        conn.close()
+
+        def event():
+            for e in self.proxy.divergence():
+                if e["kind"] == "write_outcome" and e["key"] == {"id": str(oid)}:
+                    return e
+            return None
+        pdtest.wait_for(lambda: event() is not None, 10, what="the divergence with its key")
+        e = event()
+        self.assertEqual(e["new"]["tag"], "0 of 1 rows applied", e)
+        self.assertEqual(e["statement"],
+                         "UPDATE mt_orders SET total = $1, note = $2 WHERE id = $3")
+
+
 class MirrorDownTest(unittest.TestCase):
     def test_unreachable_new_never_fails_clients_and_records(self):
         reset_schema()
