@@ -71,9 +71,11 @@ struct pd_mirror_op {
     bool auth_done, auth_error;
     char auth_tag[64];
     char auth_sqlstate[6];
-    /* reads=shadow: both results summed (rows, multiset hash, tag) */
+    /* reads=shadow (`sums`), and the rows a verbatim write returns (`rows`: RETURNING,
+       compared when both sides answer in text): both results summed (rows, multiset
+       hash, tag). */
     pd_result_sum_t auth_sum, mirror_sum;
-    bool sums;
+    bool sums, rows;
     uint32_t *col_types; /* the authoritative result's column types (RowDescription) */
     unsigned ncols;
     /* The mirror's. */
@@ -289,7 +291,7 @@ static void op_free(pd_mirror_op_t *op)
         if (op->nodes[i] != NULL)
             key_leave(op->m->srv->mirror_keys, op->nodes[i]);
     free(op->nodes);
-    if (op->sums) {
+    if (op->sums || op->rows) {
         pd_result_sum_free(&op->auth_sum);
         pd_result_sum_free(&op->mirror_sum);
     }
@@ -319,16 +321,17 @@ static pd_mirror_op_t *op_new(const pd_sql_result_t *r, const char *sql, const c
         op->r = (pd_sql_result_t *)r;
         op->r->refs++;
     }
-    if (r != NULL && r->mirror == PD_MIRROR_SHADOW) {
+    if (r != NULL && (r->mirror == PD_MIRROR_SHADOW || r->mirror == PD_MIRROR_WRITE)) {
         /* Row order is not compared: collations and plans may order differently. */
-        op->sums = pd_result_sum_init(&op->auth_sum, false);
-        if (!op->sums || !pd_result_sum_init(&op->mirror_sum, false)) {
-            if (op->sums)
+        bool ok = pd_result_sum_init(&op->auth_sum, false);
+        if (!ok || !pd_result_sum_init(&op->mirror_sum, false)) {
+            if (ok)
                 pd_result_sum_free(&op->auth_sum);
-            op->sums = false;
             op_free(op);
             return NULL;
         }
+        op->sums = r->mirror == PD_MIRROR_SHADOW;
+        op->rows = !op->sums;
     }
     if (op->sql == NULL || op->stmt == NULL) {
         op_free(op);
@@ -401,6 +404,10 @@ static void record(pd_server_t *srv, const pd_mirror_op_t *op, const char *kind)
         return;
     }
     pd_result_sum_t a = {0}, m = {0};
+    if (op->rows) {
+        a = op->auth_sum; /* rows and hash; the row state stays the op's */
+        m = op->mirror_sum;
+    }
     snprintf(a.tag, sizeof a.tag, "%s", op->auth_tag);
     snprintf(a.sqlstate, sizeof a.sqlstate, "%s", op->auth_sqlstate);
     snprintf(m.tag, sizeof m.tag, "%s", op->mirror_tag);
@@ -599,7 +606,9 @@ static bool finish_head(pd_mirror_t *m)
         }
     } else if (!op->synthetic && op->r != NULL &&
                (op->r->mirror == PD_MIRROR_WRITE || op->r->mirror == PD_MIRROR_COPY) &&
-               strcmp(op->auth_tag, op->mirror_tag) != 0) {
+               (strcmp(op->auth_tag, op->mirror_tag) != 0 ||
+                (op->rows && (op->auth_sum.rows != op->mirror_sum.rows ||
+                              op->auth_sum.hash != op->mirror_sum.hash)))) {
         record(m->srv, op, "write_outcome");
     } else {
         op->applied = true;
@@ -807,7 +816,7 @@ static void read_results(pd_mirror_t *m)
             mirror_die(m, "the mirror started a COPY the proxy cannot feed");
             return;
         } else {
-            if (op->sums && st == PGRES_TUPLES_OK)
+            if ((op->sums || op->rows) && st == PGRES_TUPLES_OK)
                 sum_rows(op, res);
             copy_state(op->mirror_tag, sizeof op->mirror_tag, PQcmdStatus(res));
             const char *tuples = PQcmdTuples(res);
@@ -1198,7 +1207,7 @@ bool pd_mirror_on_query(pd_session_t *s, const pd_sql_result_t *r, const char *s
             memcpy(op->types, r->image_types, op->nparams * sizeof *op->types);
         }
         e.op = op;
-        e.shadow = r->mirror == PD_MIRROR_SHADOW;
+        e.shadow = op->sums || op->rows;
         if (r->mirror == PD_MIRROR_COPY)
             sm->copy_op = op; /* the client's CopyData is kept for it */
         hold(sm, op);
@@ -1364,6 +1373,13 @@ bool pd_mirror_on_bind(pd_session_t *s, const pd_sql_result_t *r, const char *st
                                 stmt_sql, 0);
     if (op == NULL)
         return false;
+    for (unsigned i = 0; op->rows && i < b.nresult_formats; i++)
+        if (get16(b.result_formats + 2 * i) != 0) {
+            /* Rows in binary form are not compared (the mirror's come as text). */
+            pd_result_sum_free(&op->auth_sum);
+            pd_result_sum_free(&op->mirror_sum);
+            op->rows = false;
+        }
     op->nparams = image ? r->image_cols : b.nparams;
     op->formats = calloc(op->nparams + 1, sizeof *op->formats);
     op->types = calloc(op->nparams + 1, sizeof *op->types);
@@ -1407,7 +1423,7 @@ bool pd_mirror_on_execute(pd_session_t *s, const uint8_t *body, size_t n, uint32
     if (portal != NULL && portal->op != NULL) {
         pd_mirror_op_t *op = portal->op;
         portal->op = NULL;
-        e.shadow = op->sums;
+        e.shadow = op->sums || op->rows;
         op->seq = seq;
         e.op = op;
         if (op->r != NULL && op->r->mirror == PD_MIRROR_COPY)

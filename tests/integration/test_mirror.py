@@ -433,13 +433,50 @@ class MirrorLockstepTest(MirrorTest):
         conn.close()
 
 
-class MirrorDivergenceKeyTest(unittest.TestCase):
-    def test_divergence_names_the_row(self):
-        """A row image new could not apply is logged with the row's key (and no value of
-        the statement). Its own proxy: the other tests expect an empty divergence log."""
+class MirrorDivergenceEventTest(unittest.TestCase):
+    """What a divergence event says. A proxy per test: the other classes expect an empty
+    divergence log."""
+
+    def setUp(self):
         reset_schema()
         self.proxy = RulesProxy(rules=[tables_rule()], databases=databases()).start()
         self.addCleanup(self.proxy.stop)
+
+    def event(self, pred):
+        for e in self.proxy.divergence():
+            if pred(e):
+                return e
+        return None
+
+    def test_returning_rows_compared(self):
+        """A write replayed verbatim (mt_log has no key) is compared by the rows its
+        RETURNING gives on each side, not only by its command tag."""
+        for db, at in (("app", "2020-01-01"), ("app2", "2021-01-01")):
+            pdtest.direct_query("INSERT INTO mt_log VALUES (%s, 'r1')", (at,), dbname=db)
+        conn = pdtest.connect(self.proxy.port)
+        conn.autocommit = True
+        cur = conn.cursor()
+        cur.execute("UPDATE mt_log SET msg = 'r2' WHERE msg = 'r1' RETURNING at, msg")
+        self.assertEqual(len(cur.fetchall()), 1)
+        # Rows that agree are no event.
+        cur.execute("UPDATE mt_log SET msg = 'r3' WHERE msg = 'r2' RETURNING msg")
+        conn.close()
+
+        def differs(e):
+            return e["kind"] == "write_outcome" and "RETURNING at, msg" in e["statement"]
+        pdtest.wait_for(lambda: self.event(differs) is not None, 10,
+                        what="the RETURNING difference recorded")
+        e = self.event(differs)
+        self.assertEqual((e["old"]["tag"], e["new"]["tag"]), ("UPDATE 1", "UPDATE 1"), e)
+        self.assertEqual((e["old"]["rows"], e["new"]["rows"]), (1, 1), e)
+        self.assertNotEqual(e["old"]["hash"], e["new"]["hash"], e)
+        pdtest.wait_for(lambda: pdtest.direct_query("SELECT msg FROM mt_log", dbname="app2")
+                        == [("r3",)], 10, what="the second update on new")
+        self.assertEqual(len(self.proxy.divergence()), 1, self.proxy.divergence())
+
+    def test_divergence_names_the_row(self):
+        """A row image new could not apply is logged with the row's key (and no value of
+        the statement)."""
         conn = pdtest.connect(self.proxy.port)
         conn.autocommit = True
         cur = conn.cursor()
@@ -450,13 +487,11 @@ class MirrorDivergenceKeyTest(unittest.TestCase):
         cur.execute("UPDATE mt_orders SET total = 6, note = 'secret-note' WHERE id = %s", (oid,))
         conn.close()
 
-        def event():
-            for e in self.proxy.divergence():
-                if e["kind"] == "write_outcome" and e["key"] == {"id": str(oid)}:
-                    return e
-            return None
-        pdtest.wait_for(lambda: event() is not None, 10, what="the divergence with its key")
-        e = event()
+        def keyed(e):
+            return e["kind"] == "write_outcome" and e["key"] == {"id": str(oid)}
+        pdtest.wait_for(lambda: self.event(keyed) is not None, 10,
+                        what="the divergence with its key")
+        e = self.event(keyed)
         self.assertEqual(e["new"]["tag"], "0 of 1 rows applied", e)
         self.assertEqual(e["statement"],
                          "UPDATE mt_orders SET total = $1, note = $2 WHERE id = $3")
