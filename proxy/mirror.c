@@ -76,6 +76,8 @@ struct pd_mirror_op {
        hash, tag). */
     pd_result_sum_t auth_sum, mirror_sum;
     bool sums, rows;
+    uint64_t deadline;   /* a shadow read: the loop time (ms) it is cancelled at, 0: none */
+    bool timed_out;      /* ...and it was cancelled */
     uint32_t *col_types; /* the authoritative result's column types (RowDescription) */
     unsigned ncols;
     /* The mirror's. */
@@ -107,6 +109,8 @@ struct pd_mirror {
     bool txn_failed; /* ...and a statement in it failed on the mirror */
     bool closing;    /* the session ended: close when the queue is empty */
     bool copying;    /* the head op's COPY data is being sent */
+    bool cancelling; /* a cancel of its shadow read is on its way: nothing is sent meanwhile */
+    bool orphan;     /* freed while cancelling: the cancel's end frees it */
     bool aa;         /* reads=aa: connected to the authoritative side itself, for A/A reads only */
     key_node_t **held_nodes; /* rows written in the open transaction: released at its end */
     unsigned nheld, held_cap;
@@ -445,14 +449,103 @@ static void poll_closed(uv_handle_t *h)
 
 static void mirror_free(pd_mirror_t *m)
 {
-    free(m->held_nodes);
     if (m->prev != NULL)
         m->prev->next = m->next;
     else if (m->srv->mirrors == m)
         m->srv->mirrors = m->next;
     if (m->next != NULL)
         m->next->prev = m->prev;
+    if (m->cancelling) {
+        m->orphan = true;
+        return;
+    }
+    free(m->held_nodes);
     free(m);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * The time budget of shadow reads: one longer than divergence.shadow_budget_ms is
+ * cancelled (PQcancel, blocking, on a worker thread) and counted as skipped, so that it
+ * does not hold up the writes queued behind it. Nothing is sent on that connection until
+ * the cancel request has been delivered: then the signal reaches the backend before any
+ * later statement could, and a read that ended meanwhile leaves the cancel to hit an idle
+ * backend, which ignores it. Only reads outside a transaction get a budget (a cancel
+ * would abort the transaction).
+ */
+typedef struct {
+    uv_work_t work;
+    PGcancel *cancel;
+    pd_mirror_t *m;
+} shadow_cancel_t;
+
+static void cancel_work(uv_work_t *w)
+{
+    shadow_cancel_t *c = w->data;
+    char err[256];
+    (void)PQcancel(c->cancel, err, sizeof err); /* failing, the read just runs its course */
+}
+
+static void cancel_done(uv_work_t *w, int status)
+{
+    (void)status;
+    shadow_cancel_t *c = w->data;
+    pd_mirror_t *m = c->m;
+    PQfreeCancel(c->cancel);
+    free(c);
+    m->cancelling = false;
+    if (m->orphan) {
+        free(m->held_nodes);
+        free(m);
+        return;
+    }
+    mirror_pump(m);
+}
+
+static void on_shadow_tick(uv_timer_t *t)
+{
+    pd_server_t *srv = t->data;
+    uint64_t now = uv_now(srv->loop);
+    bool pending = false;
+    for (pd_mirror_t *m = srv->mirrors; m != NULL; m = m->next) {
+        pd_mirror_op_t *op = m->head;
+        if (!m->busy || op == NULL || op->deadline == 0 || op->timed_out)
+            continue;
+        if (now < op->deadline || m->cancelling) {
+            pending = true;
+            continue;
+        }
+        shadow_cancel_t *c = calloc(1, sizeof *c);
+        if (c == NULL || (c->cancel = PQgetCancel(m->backend.conn)) == NULL) {
+            free(c);
+            pending = true; /* tried again at the next tick */
+            continue;
+        }
+        c->m = m;
+        c->work.data = c;
+        if (uv_queue_work(srv->loop, &c->work, cancel_work, cancel_done) != 0) {
+            PQfreeCancel(c->cancel);
+            free(c);
+            pending = true;
+            continue;
+        }
+        op->timed_out = true;
+        m->cancelling = true;
+    }
+    if (!pending)
+        uv_timer_stop(t);
+}
+
+/* The head op, a shadow read, is sent: its budget starts. */
+static void shadow_budget(pd_mirror_t *m, pd_mirror_op_t *op)
+{
+    if (!op->sums || m->in_txn || m->srv->cfg->shadow_budget_ms == 0)
+        return;
+    op->deadline = uv_now(m->srv->loop) + m->srv->cfg->shadow_budget_ms;
+    uv_timer_t *t = &m->srv->shadow_timer;
+    if (!uv_is_active((uv_handle_t *)t)) {
+        uint64_t tick = m->srv->cfg->shadow_budget_ms < 100 ? m->srv->cfg->shadow_budget_ms : 100;
+        uv_timer_start(t, on_shadow_tick, tick, tick);
+    }
 }
 
 /* Ends the connection; every op not applied is recorded. Frees m when the session is gone. */
@@ -523,6 +616,8 @@ static bool send_head(pd_mirror_t *m)
     if (!ok)
         return false;
     m->busy = true;
+    if (op->sets_sent == 1)
+        shadow_budget(m, op);
     int f = PQflush(m->backend.conn);
     if (f < 0)
         return false;
@@ -553,6 +648,11 @@ static void finish_shadow(pd_mirror_t *m, pd_mirror_op_t *op, pd_rule_stats_t *s
     copy_state(a->sqlstate, sizeof a->sqlstate, op->auth_sqlstate);
     copy_state(b->tag, sizeof b->tag, op->mirror_tag);
     copy_state(b->sqlstate, sizeof b->sqlstate, op->mirror_sqlstate);
+    if (op->timed_out && strcmp(op->mirror_sqlstate, "57014") == 0) {
+        if (st != NULL)
+            st->shadow_skipped++; /* past its time budget: cancelled, not compared */
+        return;
+    }
     if (st != NULL)
         (*(m->aa ? &st->aa_compared : &st->shadow_compared))++;
     if (pd_result_equal(a, b))
@@ -879,7 +979,7 @@ static void pump_blocked(pd_server_t *srv)
 /* Sends the next op when nothing is in flight; closes a drained mirror of a gone session. */
 static void mirror_pump(pd_mirror_t *m)
 {
-    if (m->state != M_READY || m->busy)
+    if (m->state != M_READY || m->busy || m->cancelling)
         return;
     while (m->head != NULL) {
         pd_mirror_op_t *op = m->head;

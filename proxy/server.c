@@ -455,10 +455,10 @@ static void finish(pd_server_t *srv)
     srv->admin = NULL;
     pd_metrics_stop(srv->metrics);
     srv->metrics = NULL;
-    uv_handle_t *handles[] = {
-        (uv_handle_t *)&srv->sig_int,      (uv_handle_t *)&srv->sig_term,
-        (uv_handle_t *)&srv->sig_hup,      (uv_handle_t *)&srv->drain_timer,
-        (uv_handle_t *)&srv->mirror_timer, (uv_handle_t *)&srv->recheck_timer};
+    uv_handle_t *handles[] = {(uv_handle_t *)&srv->sig_int,      (uv_handle_t *)&srv->sig_term,
+                              (uv_handle_t *)&srv->sig_hup,      (uv_handle_t *)&srv->drain_timer,
+                              (uv_handle_t *)&srv->mirror_timer, (uv_handle_t *)&srv->recheck_timer,
+                              (uv_handle_t *)&srv->shadow_timer};
     for (size_t i = 0; i < sizeof handles / sizeof handles[0]; i++)
         if (!uv_is_closing(handles[i]))
             uv_close(handles[i], NULL);
@@ -1006,11 +1006,13 @@ int pd_server_init(pd_server_t *srv, uv_loop_t *loop, pd_config_t *cfg)
     uv_signal_init(loop, &srv->sig_hup);
     uv_timer_init(loop, &srv->drain_timer);
     uv_timer_init(loop, &srv->mirror_timer);
+    uv_timer_init(loop, &srv->shadow_timer);
     uv_timer_init(loop, &srv->recheck_timer);
     srv->recheck_timer.data = srv;
     uv_timer_start(&srv->recheck_timer, on_recheck, PD_CATALOG_RECHECK_MS, PD_CATALOG_RECHECK_MS);
     srv->sig_int.data = srv->sig_term.data = srv->sig_hup.data = srv->drain_timer.data = srv;
     srv->mirror_timer.data = srv;
+    srv->shadow_timer.data = srv;
     uv_signal_start(&srv->sig_int, on_signal, SIGINT);
     uv_signal_start(&srv->sig_term, on_signal, SIGTERM);
     uv_signal_start(&srv->sig_hup, on_signal, SIGHUP);

@@ -90,6 +90,7 @@ typedef struct pd_server {
     uv_signal_t sig_int, sig_term, sig_hup;
     uv_timer_t drain_timer;   /* SIGTERM: limits.shutdown_grace_ms */
     uv_timer_t mirror_timer;  /* stopping: polls the mirrors still applying their queue */
+    uv_timer_t shadow_timer;  /* while shadow reads run on mirrors: their time budget */
     uv_timer_t recheck_timer; /* catalog checks of rules whose database was unreachable */
     bool rechecking;          /* such a check is on a worker thread */
     /* The keys (static names) whose change the last reload could not apply, NULL-ended. */

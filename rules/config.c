@@ -28,18 +28,19 @@
 
 #include "protocol/wire.h"
 
-#define CFG_STR_MAX       65535u              /* longest string value accepted */
-#define CFG_FILE_MAX      (16u * 1024 * 1024) /* a config file larger than this is a mistake */
-#define CFG_MAX_FIELDS    32u                 /* no mapping of the schema has more keys */
-#define DEFAULT_HOST      "127.0.0.1"
-#define DEFAULT_PORT      6432u
-#define DEFAULT_SAMPLE    0.1
-#define DEFAULT_CLIENTS   1000u
-#define DEFAULT_STARTUP   60000u
-#define DEFAULT_GRACE     30000u
-#define MIN_MESSAGE_SIZE  1024u
-#define MAX_CLIENTS_LIMIT 1000000u
-#define MAX_REPORTED      100u /* errors listed before "N more" */
+#define CFG_STR_MAX              65535u              /* longest string value accepted */
+#define CFG_FILE_MAX             (16u * 1024 * 1024) /* a config file larger than this is a mistake */
+#define CFG_MAX_FIELDS           32u                 /* no mapping of the schema has more keys */
+#define DEFAULT_HOST             "127.0.0.1"
+#define DEFAULT_PORT             6432u
+#define DEFAULT_SAMPLE           0.1
+#define DEFAULT_SHADOW_BUDGET_MS 1000
+#define DEFAULT_CLIENTS          1000u
+#define DEFAULT_STARTUP          60000u
+#define DEFAULT_GRACE            30000u
+#define MIN_MESSAGE_SIZE         1024u
+#define MAX_CLIENTS_LIMIT        1000000u
+#define MAX_REPORTED             100u /* errors listed before "N more" */
 
 /* ---------------------------------------------------------------------------------------
  * The file's shape, as libcyaml fills it. Optional values whose default is not zero are
@@ -74,6 +75,7 @@ typedef struct {
 typedef struct {
     char *log;
     double *shadow_sample;
+    uint32_t *shadow_budget_ms;
 } raw_divergence_t;
 
 typedef struct {
@@ -219,6 +221,7 @@ static const cyaml_schema_field_t divergence_fields[] = {
     STR("log", OPT, raw_divergence_t, log),
     CYAML_FIELD_FLOAT_PTR("shadow_sample", OPT | CYAML_FLAG_STRICT, raw_divergence_t,
                           shadow_sample),
+    CYAML_FIELD_UINT_PTR("shadow_budget_ms", OPT, raw_divergence_t, shadow_budget_ms),
     CYAML_FIELD_END,
 };
 
@@ -449,6 +452,8 @@ static const constraint_t constraints[] = {
     {listen_fields, "port", port_ok, "a port number from 1 to 65535"},
     {admin_fields, "metrics", host_port_ok, "HOST:PORT, such as 127.0.0.1:9187"},
     {divergence_fields, "shadow_sample", sample_ok, "a number from 0 to 1"},
+    {divergence_fields, "shadow_budget_ms", timeout_ok,
+     "a whole number of milliseconds from 1 to 4294967295"},
     {limits_fields, "max_clients", clients_ok, "a whole number from 1 to 1000000"},
     {limits_fields, "max_message_size", message_size_ok, "a size in bytes from 1024 to 1073741823"},
     {limits_fields, "startup_timeout_ms", timeout_ok,
@@ -1258,10 +1263,13 @@ static bool convert_misc(pd_config_t *cfg, raw_config_t *raw)
     }
 
     cfg->shadow_sample = DEFAULT_SAMPLE;
+    cfg->shadow_budget_ms = DEFAULT_SHADOW_BUDGET_MS;
     if (raw->divergence != NULL) {
         cfg->divergence_log = take(&raw->divergence->log);
         if (raw->divergence->shadow_sample != NULL)
             cfg->shadow_sample = *raw->divergence->shadow_sample;
+        if (raw->divergence->shadow_budget_ms != NULL)
+            cfg->shadow_budget_ms = *raw->divergence->shadow_budget_ms;
     }
 
     raw_limits_t *lim = raw->limits;

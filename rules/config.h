@@ -96,8 +96,10 @@ typedef struct {
     char *state;          /* file path, or "postgres", or NULL (flags live in memory only) */
     char *state_conninfo; /* for `state: { postgres: CONNINFO }`, else NULL */
 
-    char *divergence_log; /* NULL = none */
-    double shadow_sample; /* 0..1, default 0.1 */
+    char *divergence_log;      /* NULL = none */
+    double shadow_sample;      /* 0..1, default 0.1 */
+    uint32_t shadow_budget_ms; /* a shadow read on new longer than this is cancelled and
+                                  counted skipped; default 1000 (pgdual's addition) */
 
     /* limits: { max_clients, max_message_size, startup_timeout_ms, shutdown_grace_ms }
        (pgdual's own addition to the DESIGN.md schema) */

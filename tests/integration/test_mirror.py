@@ -933,6 +933,38 @@ class MirrorShadowTest(unittest.TestCase):
             conn.close()
 
 
+class MirrorShadowBudgetTest(unittest.TestCase):
+    def test_slow_shadow_read_cancelled_and_skipped(self):
+        """A shadow read that runs past divergence.shadow_budget_ms on new is cancelled and
+        counted as skipped, neither compared nor a divergence, and the writes queued
+        behind it are mirrored."""
+        reset_schema()
+        with RulesProxy(rules=[tables_rule(reads="shadow")], databases=databases(),
+                        sample=1.0, shadow_budget_ms=100) as p:
+            for db in ("app", "app2"):
+                pdtest.direct_query("INSERT INTO mt_orders (id, total, created_at, token) "
+                                    "SELECT g, g, '2020-01-01', md5(g::text)::uuid FROM "
+                                    "generate_series(1001, 1200) g", dbname=db)
+            conn = pdtest.connect(p.port)
+            conn.autocommit = True
+            cur = conn.cursor()
+            before = counters(p)
+            # 8 million joined rows: a second or more on either side.
+            cur.execute("SELECT count(*) FROM mt_orders a, mt_orders b, mt_orders c "
+                        "WHERE a.total + b.total > c.total")
+            self.assertEqual(len(cur.fetchall()), 1)
+            cur.execute("INSERT INTO mt_orders (total, note) VALUES (1, 'after')")
+            conn.close()
+            pdtest.wait_for(lambda: counters(p)["shadow_skipped"] > before["shadow_skipped"],
+                            20, what="the slow shadow read skipped")
+            wait_match(p, "the write after the slow read mirrored")
+            after = counters(p)
+            self.assertEqual(after["shadow_compared"], before["shadow_compared"], after)
+            self.assertEqual(after["shadow_mismatched"], 0, p.divergence())
+            self.assertEqual(after["mirror_diverged"], 0, p.divergence())
+            self.assertEqual(p.divergence(), [])
+
+
 class MirrorClientGoneTest(unittest.TestCase):
     """A client that sends a write and vanishes: whatever old committed is on new, or
     recorded as not applied (never silently missing)."""

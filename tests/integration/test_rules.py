@@ -51,7 +51,7 @@ class RulesProxy(Proxy):
     """A proxy with the users-email rule, a state file, an admin socket and a divergence
     log; the state directory may be reused to test restarts."""
 
-    def __init__(self, state_dir=None, sample=1.0, rules=None, **kw):
+    def __init__(self, state_dir=None, sample=1.0, rules=None, shadow_budget_ms=None, **kw):
         self.state_dir = state_dir or pdtest.tmpdir("pdtest-state-")
         self.admin_socket = os.path.join(self.state_dir, "admin.sock")
         self.divergence_path = os.path.join(self.state_dir, "divergence.jsonl")
@@ -61,7 +61,9 @@ class RulesProxy(Proxy):
             state=os.path.join(self.state_dir, "state.json"),
             admin={"socket": self.admin_socket,
                    "metrics": "127.0.0.1:%d" % self.metrics_port},
-            divergence={"log": self.divergence_path, "shadow_sample": sample},
+            divergence=dict({"log": self.divergence_path, "shadow_sample": sample},
+                            **({"shadow_budget_ms": shadow_budget_ms}
+                               if shadow_budget_ms is not None else {})),
             # pgdual's own connections (catalog checks) use libpq's defaults when the
             # conninfo names no user, as documented.
             env={"PGUSER": "postgres"}, **kw)

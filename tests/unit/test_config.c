@@ -214,6 +214,7 @@ static void test_full_example_values(void **state)
     assert_null(cfg->state_conninfo);
     assert_string_equal(cfg->divergence_log, "/var/lib/pgdual/divergence.jsonl");
     assert_true(cfg->shadow_sample > 0.0999 && cfg->shadow_sample < 0.1001);
+    assert_int_equal(cfg->shadow_budget_ms, 1000);
 
     assert_int_equal(cfg->database_count, 1);
     assert_string_equal(cfg->databases[0].name, "app");
@@ -347,6 +348,7 @@ static void test_state_limits_log_and_flags(void **state)
     assert_int_equal(cfg->shutdown_grace_ms, 0);
     assert_int_equal(cfg->log_level, PD_LOG_WARNING);
     assert_true(cfg->shadow_sample == 1.0);
+    assert_int_equal(cfg->shadow_budget_ms, 250);
     assert_int_equal(cfg->rule_count, 1);
     assert_int_equal(cfg->rules[0].writes, PD_WRITES_DUAL_NEW);
     assert_int_equal(cfg->rules[0].reads.mode, PD_READS_NEW);
@@ -403,7 +405,7 @@ static const char several_faults[] = "lisen: { port: 6432 }\n"
                                      "listen: { port: 0 }\n"
                                      "tls: { mode: require }\n"
                                      "auth: { mode: scram }\n"
-                                     "divergence: { shadow_sample: 2 }\n"
+                                     "divergence: { shadow_sample: 2, shadow_budget_ms: 0 }\n"
                                      "limits: { max_message_size: 10 }\n"
                                      "databases:\n"
                                      "  - { name: app, old: \"host=x password=hunter2\" }\n"
@@ -427,6 +429,8 @@ static void test_several_faults_all_reported_in_file_order(void **state)
         "t.yaml:3:14: tls mode require needs \"cert\" and \"key\"",
         "t.yaml:4:15: auth mode scram needs \"users_file\"",
         "t.yaml:5:30: invalid value \"2\" for \"shadow_sample\" (expected a number from 0 to 1)",
+        "t.yaml:5:51: invalid value \"0\" for \"shadow_budget_ms\" (expected a whole number of "
+        "milliseconds from 1 to 4294967295)",
         "t.yaml:6:29: invalid value \"10\" for \"max_message_size\"",
         "t.yaml:9:13: duplicate database name \"app\" (first defined on line 8)",
         "t.yaml:11:5: rule \"a\" is kind columns and needs \"table\"",
