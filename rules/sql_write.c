@@ -421,24 +421,43 @@ static const char *excluded_ref(const pd__node_t *n)
 }
 
 typedef struct {
+    pd__ctx_t *ctx;
     const pd__rule_t *rule;
-    const char *found; /* an old column read through EXCLUDED */
+    const char *found; /* an old column read through EXCLUDED, transformed on new */
 } excl_t;
 
-static bool find_excluded(pd__node_t *n, void *arg)
+/* EXCLUDED.o of a column new only renames becomes EXCLUDED.n (the proposed row holds the
+   value itself); of a transformed one, it is found. */
+static bool translate_excluded_ref(pd__node_t *n, void *arg)
 {
     excl_t *e = arg;
     const char *col = excluded_ref(n);
-    for (unsigned i = 0; col != NULL && e->found == NULL && i < e->rule->npairs; i++)
-        if (strcmp(col, e->rule->pairs[i].old) == 0)
+    for (unsigned i = 0; col != NULL && i < e->rule->npairs; i++) {
+        const pd__pair_t *p = &e->rule->pairs[i];
+        if (strcmp(col, p->old) != 0)
+            continue;
+        const char *plain = pd__plain_ref(p->up);
+        if (plain == NULL || strcmp(plain, p->old) != 0) {
             e->found = col;
-    return e->found == NULL;
+            return false;
+        }
+        pd__node_t *ref = pd__make_column_ref("excluded", p->new);
+        if (ref == NULL) {
+            pd__oom(e->ctx);
+            return false;
+        }
+        pd__node_become(n, ref);
+        e->ctx->changed = true;
+        break;
+    }
+    return true;
 }
 
 /*
  * ON CONFLICT DO UPDATE under a translator: `SET o = EXCLUDED.o` becomes `SET n =
- * EXCLUDED.n` (the proposed row already holds up() of the value); any other reading of
- * an old column through EXCLUDED has no counterpart on new and is refused.
+ * EXCLUDED.n` (the proposed row already holds up() of the value), and so does any other
+ * reading of a column new only renames; reading a transformed column through EXCLUDED
+ * has no counterpart on new and is refused.
  */
 static void translate_excluded(pd__ctx_t *ctx, const pd__rule_t *r, PgQuery__OnConflictClause *oc)
 {
@@ -466,12 +485,14 @@ static void translate_excluded(pd__ctx_t *ctx, const pd__rule_t *r, PgQuery__OnC
             break;
         }
     }
-    excl_t e = {r, NULL};
-    for (size_t i = 0; i < oc->n_target_list && e.found == NULL; i++)
-        if (!pd__walk(&oc->target_list[i]->base, find_excluded, &e))
+    excl_t e = {ctx, r, NULL};
+    for (size_t i = 0; i < oc->n_target_list && e.found == NULL && !pd__stopped(ctx); i++)
+        if (!pd__walk(&oc->target_list[i]->base, translate_excluded_ref, &e))
             break;
-    if (e.found == NULL && oc->where_clause != NULL)
-        (void)pd__walk(&oc->where_clause->base, find_excluded, &e);
+    if (e.found == NULL && !pd__stopped(ctx) && oc->where_clause != NULL)
+        (void)pd__walk(&oc->where_clause->base, translate_excluded_ref, &e);
+    if (pd__stopped(ctx))
+        return;
     if (e.found != NULL) {
         char hint[200];
         snprintf(hint, sizeof hint, "Assign it as %s = EXCLUDED.%s, or name the value itself.",
