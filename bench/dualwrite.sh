@@ -46,6 +46,9 @@
 #   CLIENTS    pgbench clients (default 16); THREADS pgbench threads (default 2)
 #   SCALE      pgbench scale (default 10)
 #   MODE       pgbench -M: prepared (default), extended or simple
+#   WORKLOAD   tpcb (default: pgbench's tpcb-like, one transaction of five statements) or
+#              autocommit (the same five statements without BEGIN/END, each its own
+#              transaction: what pgdual's wrap of autocommit writes costs)
 #   SETTLE     seconds to wait after a mirrored run for new to catch up before the data
 #              check (default 60)
 #   PGPOOL     the pgpool-II binary (default /usr/sbin/pgpool)
@@ -62,6 +65,7 @@ CLIENTS=${CLIENTS:-16}
 THREADS=${THREADS:-2}
 SCALE=${SCALE:-10}
 MODE=${MODE:-prepared}
+WORKLOAD=${WORKLOAD:-tpcb}
 SETTLE=${SETTLE:-60}
 PGPOOL=${PGPOOL:-/usr/sbin/pgpool}
 PY=/usr/bin/python3
@@ -79,7 +83,27 @@ require_executables "$BUILD_DIR/pgdual" "$BUILD_DIR/pgdualctl" "$PGBENCH" "$PSQL
 require_positive ROUNDS DURATION CLIENTS THREADS SCALE SETTLE
 [[ $MODE =~ ^(prepared|extended|simple)$ ]] || die "MODE must be prepared, extended or simple, not '$MODE'"
 
+[[ $WORKLOAD =~ ^(tpcb|autocommit)$ ]] || die "WORKLOAD must be tpcb or autocommit, not '$WORKLOAD'"
+
 WORK=$(mktemp -d /tmp/pgdual-bench-XXXXXX)
+if [ "$WORKLOAD" = tpcb ]; then
+	WL_LABEL=tpcb-like
+	SCRIPT_ARGS=(-b tpcb-like)
+else
+	WL_LABEL="tpcb statements in autocommit"
+	cat >"$WORK/autocommit.sql" <<'EOF'
+\set aid random(1, 100000 * :scale)
+\set bid random(1, 1 * :scale)
+\set tid random(1, 10 * :scale)
+\set delta random(-5000, 5000)
+UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
+SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
+UPDATE pgbench_tellers SET tbalance = tbalance + :delta WHERE tid = :tid;
+UPDATE pgbench_branches SET bbalance = bbalance + :delta WHERE bid = :bid;
+INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (:tid, :bid, :aid, :delta, CURRENT_TIMESTAMP);
+EOF
+	SCRIPT_ARGS=(-f "$WORK/autocommit.sql" -D "scale=$SCALE")
+fi
 declare -A PGDUAL_PID=()
 PGPOOL_PID=
 PGPOOL_PIDFILE=$WORK/pgpool/pgpool.pid
@@ -350,7 +374,7 @@ run_one() { # target round
 		events=$(wc -l <"$WORK/pgdual-${INSTANCE[$t]}/divergence.jsonl" 2>/dev/null || echo 0)
 	fi
 	init_tables -I gv
-	if ! out=$(pgbench_on "${TPORT[$t]}" -n -M "$MODE" -c "$CLIENTS" -j "$THREADS" -T "$DURATION" 2>&1); then
+	if ! out=$(pgbench_on "${TPORT[$t]}" -n -M "$MODE" "${SCRIPT_ARGS[@]}" -c "$CLIENTS" -j "$THREADS" -T "$DURATION" 2>&1); then
 		echo "$out" >&2
 		case $t in
 		pgdual-*) pgdual_tail "${INSTANCE[$t]}" ;;
@@ -389,7 +413,7 @@ run_one() { # target round
 	return 0
 }
 
-echo "== $ROUNDS rounds of ${DURATION}s tpcb-like runs (-M $MODE), $CLIENTS clients, $THREADS threads, scale $SCALE" >&2
+echo "== $ROUNDS rounds of ${DURATION}s $WL_LABEL runs (-M $MODE), $CLIENTS clients, $THREADS threads, scale $SCALE" >&2
 for r in $(seq "$ROUNDS"); do
 	# Rotate the order each round so that no configuration always runs first (or last).
 	for i in $(seq 0 $((${#TARGETS[@]} - 1))); do
@@ -444,14 +468,14 @@ echo "pgbench dual-write benchmark, $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) C
 	"commit $(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown)," \
 	"scale $SCALE, -M $MODE, $CLIENTS clients, $THREADS threads, ${DURATION}s per run, $ROUNDS rounds"
 echo
-echo "tpcb-like (-M $MODE), TPS:"
+echo "$WL_LABEL (-M $MODE), TPS:"
 echo
 header target
 for t in "${TARGETS[@]}"; do
 	if [ -n "${SKIP[$t]:-}" ]; then skipped_row "$t"; else tps_row "$W" "${LABEL[$t]}" tpcb "$t"; fi
 done
 echo
-echo "tpcb-like (-M $MODE), average latency (ms):"
+echo "$WL_LABEL (-M $MODE), average latency (ms):"
 echo
 header target
 for t in "${TARGETS[@]}"; do
