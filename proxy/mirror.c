@@ -1912,6 +1912,17 @@ static void release_batch(pd_session_t *s, uint32_t seq, uint8_t status_before, 
             op_free(op);
             continue;
         }
+        /* A shadow read in a transaction has no time budget (its cancel would abort the
+           mirror's transaction): under lockstep the session's next write would wait
+           behind it, so it is skipped. */
+        if (op->sums && !(status_before == 'I' && status == 'I') &&
+            rule_lockstep(s->srv, op->rule)) {
+            pd_rule_stats_t *st = rule_stats(s->srv, op->rule);
+            if (st != NULL)
+                st->shadow_skipped++;
+            op_free(op);
+            continue;
+        }
         push_release(s, m, op);
     }
     if (wrap && last != NULL) {

@@ -964,6 +964,33 @@ class MirrorShadowBudgetTest(unittest.TestCase):
             self.assertEqual(after["mirror_diverged"], 0, p.divergence())
             self.assertEqual(p.divergence(), [])
 
+    def test_lockstep_skips_shadow_reads_in_transactions(self):
+        """Under lockstep a shadow read inside a transaction (which could not be cancelled)
+        is skipped; outside one it is compared; under async both are compared."""
+        for commit in ("lockstep", "async"):
+            reset_schema()
+            rule = tables_rule(reads="shadow", mirror={"commit": commit,
+                                                       "on_failure": "record"})
+            with RulesProxy(rules=[rule], databases=databases(), sample=1.0) as p:
+                conn = pdtest.connect(p.port)
+                cur = conn.cursor()
+                before = counters(p)
+                cur.execute("SELECT count(*) FROM mt_orders")  # in psycopg2's transaction
+                cur.execute("INSERT INTO mt_orders (total) VALUES (1)")
+                conn.commit()
+                conn.autocommit = True
+                cur.execute("SELECT count(*) FROM mt_orders")
+                conn.close()
+                in_txn = 0 if commit == "lockstep" else 1
+                pdtest.wait_for(lambda: counters(p)["shadow_compared"]
+                                == before["shadow_compared"] + 1 + in_txn, 10,
+                                what="the shadow comparisons (%s)" % commit)
+                after = counters(p)
+                self.assertEqual(after["shadow_skipped"] - before["shadow_skipped"],
+                                 1 - in_txn, (commit, after))
+                self.assertEqual(after["shadow_mismatched"], 0, p.divergence())
+                wait_match(p, "the insert mirrored (%s)" % commit)
+
 
 class MirrorClientGoneTest(unittest.TestCase):
     """A client that sends a write and vanishes: whatever old committed is on new, or
