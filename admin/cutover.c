@@ -480,9 +480,10 @@ static bool diverged_since(const pd_rule_stats_t *st, time_t at)
     return st->divergence_at != 0 && (at <= 0 || st->divergence_at >= at);
 }
 
-/* Every guardrail, passing or not, into a new array; *failed: how many failed. */
+/* Every guardrail, passing or not, into a new array; *failed: how many failed, *hard: how
+   many of those --force cannot override (flags this version cannot serve). */
 static json_t *guardrails(pd_server_t *srv, const char *database, op_kind_t kind, long max_age_s,
-                          bool tables, int *failed)
+                          bool tables, int *failed, int *hard)
 {
     json_t *checks = json_array();
     pd_writes_t from = kind == OP_SWITCHOVER ? PD_WRITES_DUAL : PD_WRITES_DUAL_NEW;
@@ -516,8 +517,10 @@ static json_t *guardrails(pd_server_t *srv, const char *database, op_kind_t kind
         const char *why = pd_server_check_flags(srv, i, to, &reads);
         snprintf(name, sizeof name, "%s: can be served at writes=%s", r->name, pd_writes_name(to));
         add_check(checks, name, why == NULL, why ? json_string(why) : json_true(),
-                  "Change the rule as the value says and reload.");
+                  "Change the rule as the value says and reload (--force does not override "
+                  "this).");
         *failed += why != NULL;
+        *hard += why != NULL;
         if (kind == OP_ROLLBACK)
             continue; /* rollback is the way back: it needs the flags and the mirror only */
         /* divergence since the last passing verify, and that verify's age */
@@ -795,7 +798,7 @@ static struct pd_cutover *switch_start(pd_server_t *srv, pd_admin_req_t *req, op
 }
 
 static json_t *dry_run(const char *database, op_kind_t kind, const opts_t *o, json_t *checks,
-                       int failed)
+                       int failed, int hard)
 {
     bool sw = kind == OP_SWITCHOVER;
     json_t *plan =
@@ -812,8 +815,8 @@ static json_t *dry_run(const char *database, op_kind_t kind, const opts_t *o, js
         json_array_append_new(plan, json_string(step));
     }
     return json_pack("{s:b, s:b, s:s, s:s, s:b, s:o, s:o}", "ok", 1, "dry_run", 1, "database",
-                     database, "operation", op_name(kind), "would_refuse", failed > 0 && !o->force,
-                     "plan", plan, "checks", checks);
+                     database, "operation", op_name(kind), "would_refuse",
+                     hard > 0 || (failed > 0 && !o->force), "plan", plan, "checks", checks);
 }
 
 void pd_cmd_switchover(pd_server_t *srv, pd_admin_req_t *req, int argc, char **argv)
@@ -828,13 +831,13 @@ void pd_cmd_switchover(pd_server_t *srv, pd_admin_req_t *req, int argc, char **a
         pd_admin_reply(req, err);
         return;
     }
-    int failed = 0;
-    json_t *checks = guardrails(srv, argv[1], kind, o.max_age_s, tables, &failed);
+    int failed = 0, hard = 0;
+    json_t *checks = guardrails(srv, argv[1], kind, o.max_age_s, tables, &failed, &hard);
     if (o.dry_run) {
-        pd_admin_reply(req, dry_run(argv[1], kind, &o, checks, failed));
+        pd_admin_reply(req, dry_run(argv[1], kind, &o, checks, failed, hard));
         return;
     }
-    if (failed > 0 && !o.force) {
+    if (hard > 0 || (failed > 0 && !o.force)) {
         pd_admin_reply(req, refusal(kind, argv[1], checks, failed));
         return;
     }
@@ -864,11 +867,12 @@ int pd_cutover_auto_rollback(pd_server_t *srv, pd_watch_t *w, const char *databa
                              uint64_t timeout_ms, char *msg, size_t size)
 {
     bool tables = false;
-    int failed = 0;
+    int failed = 0, hard = 0;
     json_t *checks = NULL;
     json_t *err = check_database(srv, database, &tables);
     if (err == NULL) {
-        checks = guardrails(srv, database, OP_ROLLBACK, VERIFY_AGE_DEFAULT_S, tables, &failed);
+        checks =
+            guardrails(srv, database, OP_ROLLBACK, VERIFY_AGE_DEFAULT_S, tables, &failed, &hard);
         if (failed > 0)
             err = refusal(OP_ROLLBACK, database, checks, failed); /* takes checks */
     }

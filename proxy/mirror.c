@@ -1125,7 +1125,9 @@ static pd_mirror_t *mirror_open(pd_session_t *s)
     char err[512];
     /* The mirror is the side the session does not talk to; for A/A reads, the same side. */
     m->aa = wants_aa(s->srv, s->database);
-    const char *target = db == NULL ? NULL : (s->auth_new != m->aa) ? db->old : db->new;
+    const char *target = db == NULL                               ? NULL
+                         : ((s->auth_new || s->reading) != m->aa) ? db->old
+                                                                  : db->new;
     if (target == NULL || pd_backend_connect(&m->backend, s->srv->loop, target, &params,
                                              on_connected, m, err, sizeof err) != 0) {
         m->state = M_DEAD;
@@ -2085,6 +2087,15 @@ pd_sql_result_t *pd_mirror_refusal(pd_session_t *s, int rule)
                    rule_name(s->srv, rule));
 }
 
+pd_sql_result_t *pd_mirror_read_refusal(pd_session_t *s, int rule)
+{
+    return refusal(s, rule, "0A000", /* feature_not_supported */
+                   "Send Sync after the reads, before the write or call.",
+                   "pgdual: this batch started with a read that rule \"%s\" serves from the "
+                   "new database (reads=new), and the statement is not one: it would run there",
+                   rule_name(s->srv, rule));
+}
+
 pd_sql_result_t *pd_mirror_order_refusal(pd_session_t *s, int rule, const pd_sql_result_t *plan)
 {
     bool commit = plan->mirror == PD_MIRROR_TXN;
@@ -2152,8 +2163,8 @@ void pd_mirror_swap(pd_session_t *s, PGconn **conn)
     }
     m->poll->data = m;
     restart_poll(m, UV_READABLE);
-    pd_log_info(m->tag, "now on the %s side (backend pid %d)", s->auth_new ? "new" : "old",
-                PQbackendPID(m->backend.conn));
+    pd_log_debug(m->tag, "now on the %s side (backend pid %d)",
+                 s->auth_new || s->reading ? "new" : "old", PQbackendPID(m->backend.conn));
 }
 
 bool pd_mirror_follow_flags(pd_session_t *s)

@@ -733,7 +733,10 @@ static void drop_forget_batch(pd_session_t *s, uint32_t seq)
 static void refresh_rules(pd_session_t *s)
 {
     unsigned gen = s->srv->rules_generation + 1;
-    if (s->rules_generation == gen || s->busy || s->batch_count > 0 || !pd_mirror_follow_flags(s))
+    /* Reading new (read_side), the mirror connection is old's: the next batch goes back
+       first. */
+    if (s->rules_generation == gen || s->busy || s->batch_count > 0 || s->reading ||
+        !pd_mirror_follow_flags(s))
         return;
     s->rules_on = pd_route_db_has_rules(s->srv->cfg, s->database);
     s->mir.on = s->rules_on &&
@@ -879,6 +882,8 @@ static bool wrap_waits(pd_session_t *s, const pd_sql_result_t *r)
     return true;
 }
 
+static int read_side(pd_session_t *s, const pd_sql_result_t *r);
+
 /* ReadyForQuery (status) ending a part of a wrap: true when it is dropped. */
 static bool wrap_ready(pd_session_t *s, uint8_t wrap, uint8_t status)
 {
@@ -937,6 +942,17 @@ static void keep_plan(pd_session_t *s, pd_sql_result_t *r)
     s->kept_gen = s->srv->rules_generation;
 }
 
+/* read_side's answer as a route_* result; the plan r is kept when the batch waits. */
+static int side_route(pd_session_t *s, pd_sql_result_t *r, bool keep)
+{
+    int side = read_side(s, r);
+    if (side > 0 && keep)
+        keep_plan(s, r);
+    else if (side != 0 && keep)
+        pd_sql_result_release(r);
+    return side;
+}
+
 typedef enum { ROUTE_OK, ROUTE_WAIT, ROUTE_CLOSED } route_rc_t;
 
 /* A whole Query at [scan, scan + total). */
@@ -960,6 +976,9 @@ static route_rc_t route_query(pd_session_t *s, pd_pipe_t *p, size_t total)
         keep_plan(s, r);
         return ROUTE_WAIT;
     }
+    int side = side_route(s, r, true);
+    if (side != 0)
+        return side > 0 ? ROUTE_WAIT : ROUTE_CLOSED;
     bool end_txn = false;
     if (s->mir.on) {
         int first = pd_mirror_commit_first(s, r, q.sql);
@@ -1070,16 +1089,16 @@ static route_rc_t route_parse(pd_session_t *s, pd_pipe_t *p, size_t total)
     }
     if (p->has_hole && p->hole_end != p->scan)
         return ROUTE_WAIT;
-    if (s->mir.on && s->batch_count > 0 && s->batch_msgs == 0) {
+    if (s->mir.on && s->batch_msgs == 0) {
         pd_sql_result_t *r = route_sql(s, m.sql);
         if (r == NULL) {
             pd_session_terminate(s, "53200", "out of memory", NULL);
             return ROUTE_CLOSED;
         }
-        bool wait = wrap_waits(s, r);
+        int side = wrap_waits(s, r) ? 1 : read_side(s, r);
         keep_plan(s, r); /* for stmt_decide, now or when the batch goes on */
-        if (wait)
-            return ROUTE_WAIT;
+        if (side != 0)
+            return side > 0 ? ROUTE_WAIT : ROUTE_CLOSED;
     }
     pd_stmt_t *e = stmt_put(s, &m);
     if (e == NULL || !stmt_decide(s, e) || !maybe_wrap(s, p, e->r, e->sql)) {
@@ -1197,6 +1216,9 @@ static route_rc_t route_bind_close(pd_session_t *s, pd_pipe_t *p, uint8_t type, 
         return ROUTE_WAIT; /* its parameters are replayed: the relay loop makes room */
     if (wrap_waits(s, e->r))
         return ROUTE_WAIT;
+    int side = read_side(s, e->r);
+    if (side != 0)
+        return side > 0 ? ROUTE_WAIT : ROUTE_CLOSED;
     bool first_bind = s->sent[1] == 0;
     pd_buf_t prefix;
     pd_buf_init(&prefix);
@@ -1273,10 +1295,12 @@ static route_rc_t mirror_execute(pd_session_t *s, pd_pipe_t *p, const uint8_t *b
     if (memchr(body, 0, n) == NULL)
         return ROUTE_OK; /* malformed: the server says so */
     const pd_sql_result_t *plan = pd_mirror_portal_plan(s, (const char *)body);
-    int order = s->batch_refused ? 0 : batch_order(s, plan);
+    int order = s->batch_refused ? 0
+                : s->reading     ? (plan != NULL && !plan->read_new ? 3 : 0)
+                                 : batch_order(s, plan);
     if (order == 1)
         return ROUTE_WAIT;
-    int first = order == 2
+    int first = order >= 2
                     ? 0
                     : pd_mirror_commit_first(
                           s, plan, plan != NULL && plan->mirror == PD_MIRROR_TXN ? "COMMIT" : "");
@@ -1286,12 +1310,13 @@ static route_rc_t mirror_execute(pd_session_t *s, pd_pipe_t *p, const uint8_t *b
     }
     if (first < 0)
         return ROUTE_CLOSED;
-    if ((order == 2 || first == 2 || pd_mirror_refuses(s, plan)) && !s->batch_refused) {
+    if ((order >= 2 || first == 2 || pd_mirror_refuses(s, plan)) && !s->batch_refused) {
         if (p->has_hole && p->hole_end != p->scan)
             return ROUTE_WAIT;
         int rule = plan->mirror_rule >= 0 ? plan->mirror_rule : plan->rule;
-        pd_sql_result_t *r =
-            order == 2 ? pd_mirror_order_refusal(s, rule, plan) : pd_mirror_refusal(s, rule);
+        pd_sql_result_t *r = order == 3   ? pd_mirror_read_refusal(s, s->read_rule)
+                             : order == 2 ? pd_mirror_order_refusal(s, rule, plan)
+                                          : pd_mirror_refusal(s, rule);
         pd_buf_t prefix;
         pd_buf_init(&prefix);
         bool ok = r != NULL && refusal_extended(s, &prefix, r) && pd_buf_ok(&prefix) &&
@@ -1334,19 +1359,20 @@ bool pd_session_quiet(const pd_session_t *s)
 static bool server_attach(pd_session_t *s);
 
 /*
- * Switchover or rollback moved the database's authoritative side: at a transaction
- * boundary the session's backend and its mirror connection change places, so that the
- * session goes on, connected, on the other side (its settings were kept in step on both).
- * Statements it prepared are prepared again there at their next Bind. 0 changed, 1 wait
- * (woken when the mirror is ready), -1 failed (the session ended).
+ * At a transaction boundary the session's backend and its mirror connection change
+ * places (their settings were kept in step on both); statements the session prepared are
+ * prepared again on the other side at their next Bind. 0 done, 1 wait (the mirror is
+ * being opened or applies what it has queued; the session is woken when it is ready), -1
+ * failed (the session ended; `why` names what the other side was wanted for).
  */
-static int change_sides(pd_session_t *s)
+static int swap_sides(pd_session_t *s, const char *why)
 {
     int rc = pd_mirror_swap_ready(s);
     if (rc < 0) {
-        pd_session_terminate(s, "08006",
-                             "pgdual could not connect to the database's other side to follow "
-                             "the switchover",
+        char msg[160];
+        snprintf(msg, sizeof msg, "pgdual could not connect to the database's other side to %s",
+                 why);
+        pd_session_terminate(s, "08006", msg,
                              "Reconnect; check that both servers of the database are up.");
         return -1;
     }
@@ -1355,7 +1381,6 @@ static int change_sides(pd_session_t *s)
     pd_transport_close(&s->server);
     s->server_open = false;
     pd_mirror_swap(s, &s->backend.conn);
-    s->auth_new = !s->auth_new;
     for (unsigned i = 0; i < s->stmt_buckets; i++)
         for (pd_stmt_t *e = s->stmts[i]; e != NULL; e = e->next)
             e->lost = true;
@@ -1363,8 +1388,47 @@ static int change_sides(pd_session_t *s)
         server_lost(s, "could not watch the server socket");
         return -1;
     }
+    return 0;
+}
+
+/* Switchover or rollback moved the database's authoritative side: the session follows. */
+static int change_sides(pd_session_t *s)
+{
+    int rc = swap_sides(s, "follow the switchover");
+    if (rc != 0)
+        return rc;
+    s->auth_new = !s->auth_new;
     pd_log_info(s->tag, "now on the %s side (backend pid %d)", s->auth_new ? "new" : "old",
                 PQbackendPID(s->backend.conn));
+    return 0;
+}
+
+/*
+ * reads=new (or new@N) of a tables rule while old is authoritative (writes=dual): a batch
+ * that starts with a read the rule serves from new (r->read_new, outside a transaction)
+ * runs on new, any other on old; the session swaps sides at the boundary before such a
+ * batch, once the mirror has applied what the session wrote (so the read sees the
+ * session's own writes). 0 go on, 1 wait (the plan is the caller's to keep), -1 the
+ * session ended.
+ */
+static int read_side(pd_session_t *s, const pd_sql_result_t *r)
+{
+    if (!s->mir.on || s->auth_new || s->batch_msgs > 0 || s->wrap_open)
+        return 0;
+    bool want = r != NULL && r->read_new && r->action != PD_SQL_REFUSE && s->txn_status == 'I';
+    if (want == s->reading)
+        return 0;
+    if (s->batch_count > 0 || s->to_server.len > 0) {
+        s->hold_client = s->idle_wait = true; /* the side is chosen between batches */
+        return 1;
+    }
+    int rc = swap_sides(s, "serve reads=new");
+    if (rc > 0)
+        s->gate_held = true; /* woken when the mirror has caught up */
+    if (rc != 0)
+        return rc;
+    s->reading = want;
+    s->read_rule = want ? r->mirror_rule : -1;
     return 0;
 }
 
@@ -1382,6 +1446,12 @@ static bool gate_closed(pd_session_t *s)
     if (pd_server_paused(s->srv, s->database)) {
         s->gate_held = true;
         return true;
+    }
+    if (s->reading && s->want_new) {
+        /* Switchover while reading new: the backend is on new already. */
+        s->reading = false;
+        s->auth_new = true;
+        return false;
     }
     if (s->auth_new != s->want_new) {
         int rc = change_sides(s);
@@ -1465,9 +1535,15 @@ static int scan_client(pd_session_t *s)
                 if (h.type == PD_FE_EXECUTE && r == ROUTE_OK)
                     s->batch_exec++;
             } else if (h.type == PD_FE_SYNC || h.type == PD_FE_FUNCTION_CALL) {
-                bool shadow = h.type == PD_FE_SYNC && shadow_extended(s);
-                if (!batch_close(s, shadow))
-                    r = ROUTE_CLOSED;
+                /* A function call runs on old (read_side). */
+                int side = h.type == PD_FE_FUNCTION_CALL ? read_side(s, NULL) : 0;
+                if (side != 0) {
+                    r = side > 0 ? ROUTE_WAIT : ROUTE_CLOSED;
+                } else {
+                    bool shadow = h.type == PD_FE_SYNC && shadow_extended(s);
+                    if (!batch_close(s, shadow))
+                        r = ROUTE_CLOSED;
+                }
             }
             if (r == ROUTE_CLOSED) {
                 if (!s->closed && s->state != PD_SESSION_CLOSING)

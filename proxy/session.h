@@ -142,6 +142,9 @@ struct pd_session {
     bool gate_held;   /* client input waits at a transaction boundary: the database is
                          paused, or the session changes sides once its mirror is ready */
     bool auth_new;    /* the backend is the database's new side (tables rules at dual-new|new) */
+    bool reading;     /* ...or it is new while old is authoritative: a batch of reads=new of
+                         a tables rule at writes=dual (read_side, session.c) */
+    int read_rule;    /* ...of this rule */
     bool want_new;    /* ... which the rules in force ask for (sides change when idle) */
     bool mirror_wait; /* b2c waits at a ReadyForQuery for the mirror (lockstep) */
     bool idle_wait;   /* client input waits until no batch is in flight (wrap_waits) */

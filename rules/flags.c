@@ -17,8 +17,9 @@ static bool new_authoritative(pd_writes_t w)
  * Blue/green (kind: tables): a tables rule's flags say which database is authoritative
  * for the whole session: under old|dual sessions talk to old and new is the mirror; under
  * dual-new|new they talk to new (old the mirror under dual-new). Reads come from the
- * authoritative side (or both, shadow): a read served from the trailing mirror would not
- * see the session's own writes.
+ * authoritative side, or both (shadow), or, under writes=dual, from new (reads=new or
+ * new@N): the session then reads on new outside transactions once its own writes are
+ * applied there.
  */
 static const char *tables_rule_refusal(const pd_rule_cfg_t *r, pd_writes_t writes,
                                        const pd_reads_t *reads, pd_flag_key_t *key)
@@ -42,12 +43,16 @@ static const char *tables_rule_refusal(const pd_rule_cfg_t *r, pd_writes_t write
     if (reads->mode == PD_READS_SHADOW && writes != PD_WRITES_DUAL && writes != PD_WRITES_DUAL_NEW)
         return "reads=shadow of a kind: tables rule needs both sides written (writes=dual or "
                "dual-new) to be compared";
-    if (reads->mode == PD_READS_NEW && reads->percent < 100)
-        return "gradual reads (new@N) are for kind: columns rules; a kind: tables rule reads "
-               "from the authoritative database";
-    if (reads->mode == PD_READS_NEW && !to_new)
-        return "reads=new of a kind: tables rule needs new authoritative (writes=dual-new or "
-               "new): pgdualctl switchover flips both";
+    if (reads->mode == PD_READS_NEW && reads->percent < 100 && to_new)
+        return "gradual reads (new@N) of a kind: tables rule are for before the switchover "
+               "(writes=dual): with new authoritative every session reads new";
+    if (reads->mode == PD_READS_NEW && reads->percent > 0 && writes != PD_WRITES_DUAL && !to_new)
+        return "reads=new of a kind: tables rule needs new written: set writes=dual first (or "
+               "pgdualctl switchover, which flips reads and writes together)";
+    if (reads->mode == PD_READS_NEW && reads->percent > 0 && !to_new && r->column_count > 0)
+        return "reads=new of a kind: tables rule that maps columns is served by new only after "
+               "the switchover (reads are translated for new's schema then): use reads=shadow "
+               "to compare, then pgdualctl switchover";
     if (reads->mode == PD_READS_OLD && to_new)
         return "reads=old of a kind: tables rule needs old authoritative (writes=old or dual): "
                "pgdualctl rollback flips both";

@@ -998,6 +998,10 @@ static pd_sql_result_t *one_statement(job_t *job, PgQuery__ParseResult *tree, si
     run_passes(&ctx, raw->stmt, true);
     note_rule(res, &ctx);
     note_mirror(res, &ctx, tree->n_stmts);
+    if (ctx.read_new && tree->n_stmts == 1) {
+        res->read_new = true;
+        res->mirror_rule = ctx.mirror_rule;
+    }
     pd_sql_result_t *final = NULL;
     if (ctx.oom) {
         *oom = true;
@@ -1321,6 +1325,7 @@ static bool copy_mirror(pd_sql_result_t *r, const pd_sql_result_t *tr)
 {
     r->mirror = tr->mirror;
     r->mirror_rule = tr->mirror_rule;
+    r->read_new = tr->read_new;
     r->mirror_original = tr->mirror_original;
     r->txn = tr->txn;
     r->txn_commit = tr->txn_commit;

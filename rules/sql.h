@@ -118,6 +118,8 @@ typedef struct {
     /* Mirroring (tables rules in dual): */
     pd_mirror_kind_t mirror;
     int mirror_rule;       /* the tables rule concerned, or -1 */
+    bool read_new;         /* reads=new of a tables rule while old is authoritative: a read
+                              of the rule's tables only, served by new */
     bool mirror_original;  /* replay the client's text on the mirror, not `sql`: the rule's
                               columns were translated for new (new authoritative) */
     pd_txn_kind_t txn;     /* PD_MIRROR_TXN */

@@ -100,6 +100,7 @@ typedef struct {
     /* The mirror pass (tables rules in dual): */
     pd_mirror_kind_t mirror;
     int mirror_rule;
+    bool read_new; /* see pd_sql_result_t */
     pd_txn_kind_t txn;
     bool txn_commit;
     bool set_local;

@@ -866,15 +866,25 @@ static void plan_shadow(pd__ctx_t *ctx, pd__node_t *stmt)
         return;
     for (unsigned i = 0; i < ctx->nrules; i++) {
         const pd__rule_t *r = &ctx->rules[i];
+        bool read_new =
+            ctx->given[i].reads == PD_READS_NEW && ctx->given[i].writes == PD_WRITES_DUAL;
         if (r->columns_kind || !ctx->in_db[i] ||
-            (ctx->given[i].reads != PD_READS_SHADOW && ctx->given[i].reads != PD_READS_AA))
+            (ctx->given[i].reads != PD_READS_SHADOW && ctx->given[i].reads != PD_READS_AA &&
+             !read_new))
             continue;
         read_t d = {.rule = r, .ok = true};
         if (!pd__walk(&stmt->base, find_foreign, &d) || !d.ok || !d.any)
             continue;
-        for (unsigned t = 0; ctx->given[i].reads == PD_READS_SHADOW && t < r->ntables; t++)
+        for (unsigned t = 0; ctx->given[i].reads != PD_READS_AA && t < r->ntables; t++)
             if (r->tfacts != NULL && r->tfacts[t] != NULL && table_mapped(r, r->tfacts[t]))
                 return; /* new's columns differ: the same text would not read the same */
+        if (read_new) {
+            /* Served by new outside transactions (the session's side changes); anything
+               else stays on old, the authoritative side. */
+            ctx->read_new = true;
+            ctx->mirror_rule = r->index;
+            return;
+        }
         ctx->mirror = PD_MIRROR_SHADOW;
         ctx->mirror_rule = r->index;
         return;

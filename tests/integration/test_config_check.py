@@ -99,7 +99,7 @@ class ConfigCheckTest(unittest.TestCase):
         cases = [
             ([dict(name="orders", database="app", kind="tables", writes="old", reads="new")],
              [("orders", "reads", "new", "writes: old",
-               "reads=new of a kind: tables rule needs new authoritative")]),
+               "reads=new of a kind: tables rule needs new written")]),
             ([dict(name="orders", database="app", kind="tables", tables=["public.orders"],
                    writes="dual-new", reads="new")],
              [("orders", "writes", "dual-new", "reads: new",

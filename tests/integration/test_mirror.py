@@ -20,7 +20,7 @@ import psycopg2
 import pdtest
 import pgcluster
 from pdtest import RawClient
-from test_rules import (RulesProxy, bind_msg_params, execute_msg, parse_msg, read_batch,
+from test_rules import (RulesProxy, bind_msg, bind_msg_params, execute_msg, parse_msg, read_batch,
                         sync_msg)
 
 RULE = "orders-to-green"
@@ -992,6 +992,131 @@ class MirrorShadowBudgetTest(unittest.TestCase):
                 wait_match(p, "the insert mirrored (%s)" % commit)
 
 
+class MirrorReadsNewTest(unittest.TestCase):
+    """reads=new of a tables rule at writes=dual: reads of the rule's tables outside
+    transactions are served by new, after the session's own writes are applied there;
+    everything else runs on old, the authoritative side."""
+
+    def test_reads_served_by_new(self):
+        reset_schema()
+        with RulesProxy(rules=[tables_rule()], databases=databases()) as p:
+            p.ctl("flag", RULE, "reads=new@50")  # a share of sessions: accepted at dual
+            rules = {x["name"]: x for x in p.ctl_json("rules")["rules"]}
+            self.assertEqual((rules[RULE]["writes"], rules[RULE]["reads"]), ("dual", "new@50"))
+            p.ctl("flag", RULE, "reads=new")
+            conn = pdtest.connect(p.port)
+            conn.autocommit = True
+            cur = conn.cursor()
+            # Read-your-writes: each read follows the session's own write on new.
+            for i in range(20):
+                cur.execute("INSERT INTO mt_orders (total, note) VALUES (%s, 'rn') "
+                            "RETURNING id", (i,))
+                oid = cur.fetchone()[0]
+                cur.execute("SELECT total FROM mt_orders WHERE id = %s", (oid,))
+                self.assertEqual(cur.fetchall(), [(i,)])
+            # Served by new: a value only new has shows.
+            pdtest.direct_query("UPDATE mt_orders SET note = 'only-new' WHERE id = %s",
+                                (oid,), dbname="app2")
+            cur.execute("SELECT note FROM mt_orders WHERE id = %s", (oid,))
+            self.assertEqual(cur.fetchall(), [("only-new",)])
+            # A read that touches another table stays on old; so does one in a transaction.
+            cur.execute("SELECT o.note FROM mt_orders o JOIN pg_namespace n "
+                        "ON n.nspname = 'public' WHERE o.id = %s", (oid,))
+            self.assertEqual(cur.fetchall(), [("rn",)])
+            conn.autocommit = False
+            cur.execute("SELECT note FROM mt_orders WHERE id = %s", (oid,))
+            self.assertEqual(cur.fetchall(), [("rn",)])
+            conn.commit()
+            conn.autocommit = True
+            # Writes go to old (and are mirrored), between reads on new.
+            cur.execute("UPDATE mt_orders SET note = 'both' WHERE id = %s", (oid,))
+            cur.execute("SELECT note FROM mt_orders WHERE id = %s", (oid,))
+            self.assertEqual(cur.fetchall(), [("both",)])
+            self.assertEqual(pdtest.direct_query("SELECT note FROM mt_orders WHERE id = %s",
+                                                 (oid,), dbname="app"), [("both",)])
+            # Extended protocol: a read-only batch runs on new; a write in a batch that
+            # started with such a read is refused, and the session goes on.
+            with RawClient(p.port) as c:
+                c.startup("postgres", "app")
+                c.send(parse_msg("r", "SELECT count(*) FROM mt_orders WHERE note = $1")
+                       + bind_msg_params(["both"], stmt="r") + execute_msg() + sync_msg())
+                self.assertEqual(read_batch(c), [["1"]])
+                c.send(bind_msg_params(["both"], stmt="r") + execute_msg()
+                       + parse_msg("", "INSERT INTO mt_orders (total) VALUES (1)")
+                       + bind_msg() + execute_msg() + sync_msg())
+                err = None
+                while True:
+                    k, body = c.recv_msg()
+                    if k == "E":
+                        err = pdtest.parse_fields(body)
+                    if k == "Z":
+                        break
+                self.assertEqual(err["C"], "0A000", err)
+                self.assertIn("Send Sync after the reads", err["H"])
+                c.send(bind_msg_params(["both"], stmt="r") + execute_msg() + sync_msg())
+                self.assertEqual(read_batch(c), [["1"]])
+            # pgbench, prepared statements, reads and writes from several sessions.
+            script = os.path.join(p.dir, "rn.sql")
+            with open(script, "w") as f:
+                f.write("\\set t random(1, 100)\n"
+                        "INSERT INTO mt_orders (total, note) VALUES (:t, 'pgb');\n"
+                        "SELECT count(*) FROM mt_orders WHERE total = :t;\n")
+            pdtest.run_pgbench(p.port, ["-n", "-M", "prepared", "-c", "4", "-t", "50",
+                                        "-f", script])
+            # reads=old: old again.
+            p.ctl("flag", RULE, "reads=old")
+            cur.execute("SELECT note FROM mt_orders WHERE id = %s", (oid,))
+            self.assertEqual(cur.fetchall(), [("both",)])
+            pdtest.direct_query("UPDATE mt_orders SET note = 'old-only' WHERE id = %s", (oid,),
+                                dbname="app")
+            cur.execute("SELECT note FROM mt_orders WHERE id = %s", (oid,))
+            self.assertEqual(cur.fetchall(), [("old-only",)])
+            pdtest.direct_query("UPDATE mt_orders SET note = 'both' WHERE id = %s", (oid,),
+                                dbname="app")
+            conn.close()
+            self.assertEqual(counters(p)["mirror_proxy_errors"], 0)
+            self.assertEqual(counters(p)["mirror_unapplied"], 0)
+
+
+class MirrorReadsNewSwitchoverTest(unittest.TestCase):
+    def test_reading_session_goes_on_at_switchover(self):
+        """A session reading new (reads=new at writes=dual) when the database switches
+        over goes on there with new authoritative; and --force cannot switch over a rule
+        whose flags after the flip this version does not serve."""
+        pdtest.fresh_databases("rn_old", "rn_new")
+        for db in ("rn_old", "rn_new"):
+            pdtest.direct_query("CREATE TABLE rn_t (id int PRIMARY KEY, note text); "
+                                "INSERT INTO rn_t VALUES (1, 'start')", dbname=db)
+        rule = {"name": "rn", "database": "rn", "kind": "tables", "writes": "dual",
+                "reads": "old", "mirror": {"commit": "async", "on_failure": "record"}}
+        listed = dict(rule, name="rn-listed", database="app", tables=["public.mt_orders"])
+        dbs = [{"name": "rn", "old": pdtest.pg_conninfo("rn_old"),
+                "new": pdtest.pg_conninfo("rn_new")}] + databases()
+        p = RulesProxy(rules=[rule, listed], databases=dbs).start()
+        self.addCleanup(pdtest.stop_and_drop, p, "rn_old", "rn_new")
+        r = p.ctl("switchover", "app", "--force", check=False)
+        self.assertEqual(r.returncode, 1, r.stdout)
+        self.assertIn("so the rule must cover every table", r.stdout + r.stderr)
+        p.ctl("flag", "rn", "reads=new")
+        conn = pdtest.connect(p.port, dbname="rn")
+        conn.autocommit = True
+        cur = conn.cursor()
+        pdtest.direct_query("UPDATE rn_t SET note = 'new' WHERE id = 1", dbname="rn_new")
+        cur.execute("SELECT note FROM rn_t WHERE id = 1")
+        self.assertEqual(cur.fetchall(), [("new",)])  # reading new now
+        r = p.ctl("switchover", "rn", "--force", check=False)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        cur.execute("UPDATE rn_t SET note = 'after' WHERE id = 1")
+        self.assertEqual(pdtest.direct_query("SELECT note FROM rn_t", dbname="rn_new"),
+                         [("after",)])
+        cur.execute("SELECT note FROM rn_t WHERE id = 1")
+        self.assertEqual(cur.fetchall(), [("after",)])
+        pdtest.wait_for(lambda: pdtest.direct_query("SELECT note FROM rn_t", dbname="rn_old")
+                        == [("after",)], 10, what="old to follow as the mirror")
+        conn.close()
+        self.assertEqual(p.ctl_json("status")["rule_counters"]["rn"]["mirror_proxy_errors"], 0)
+
+
 class MirrorClientGoneTest(unittest.TestCase):
     """A client that sends a write and vanishes: whatever old committed is on new, or
     recorded as not applied (never silently missing)."""
@@ -1109,7 +1234,7 @@ class MirrorRefusalTest(unittest.TestCase):
                           r.stderr)
             r = p.ctl("flag", RULE, "reads=new", check=False)
             self.assertEqual(r.returncode, 1)
-            self.assertIn("reads=new of a kind: tables rule needs new authoritative", r.stderr)
+            self.assertIn("reads=new of a kind: tables rule needs new written", r.stderr)
         mapped = tables_rule(writes="old", tables=None,
                              columns=[{"old": "note", "new": "remark"}])
         del mapped["tables"]

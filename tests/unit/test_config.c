@@ -672,8 +672,9 @@ static void test_initial_flags_checked(void **state)
     assert_int_equal(errs.count, 2);
     assert_string_equal(errs.msgs[0],
                         "t.yaml:8:12: rule \"orders\": reads: new cannot be served with writes: "
-                        "old: reads=new of a kind: tables rule needs new authoritative "
-                        "(writes=dual-new or new): pgdualctl switchover flips both");
+                        "old: reads=new of a kind: tables rule needs new written: set "
+                        "writes=dual first (or pgdualctl switchover, which flips reads and "
+                        "writes together)");
     assert_string_equal(errs.msgs[1],
                         "t.yaml:15:13: rule \"users-email\": writes: new cannot be served with "
                         "reads: old: writes=new leaves the old columns unwritten: reads must be "

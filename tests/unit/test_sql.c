@@ -245,7 +245,7 @@ static const char *mirror_text(const pd_sql_result_t *r)
     case PD_MIRROR_COPY:
         return "copy";
     default:
-        return NULL;
+        return r->read_new ? "read-new" : NULL;
     }
 }
 
