@@ -598,8 +598,9 @@ class ControlLostTest(pdtest.CtlMixin, unittest.TestCase):
         self.assertEqual(direct_query("SELECT count(*) FROM pgdual.state", dbname=CTL)[0][0], 1)
         self.assertEqual(old_x("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgdual'"),
                          [(0,)])
-        st = self.ctl_json("status")["state"]
-        self.assertTrue(st["connected"], st)
+        # The fleet thread connects (and LISTENs) after the start: wait for it.
+        pdtest.wait_for(lambda: self.ctl_json("status")["state"]["connected"], 10,
+                        interval=0.1, what="the control connection")
         self.assertEqual(self.metric("pgdual_state_connected"), 1)
         self.ctl_json("flag", RULE, "reads=shadow")
         # The control database goes away.
