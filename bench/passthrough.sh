@@ -6,7 +6,9 @@
 # scale 10, then runs ROUNDS rounds; each round runs select-only (-S -M prepared) and
 # tpcb-like (-M prepared) for DURATION seconds against each target in turn, 16 clients,
 # 2 threads. Prints per-round TPS, the median per target and the ratios pgdual/direct
-# and pgdual/pgbouncer. Exits non-zero only when something fails to run.
+# and pgdual/pgbouncer, and for each proxy the CPU time and the context switches of its
+# process per transaction (from /proc, which does not depend on how busy the machine is).
+# Exits non-zero only when something fails to run.
 #
 # Environment:
 #   BUILD_DIR  where pgdual was built (default: build/ in the repository)
@@ -127,10 +129,29 @@ declare -A PORT=([direct]=$PGPORT [pgbouncer]=$BPORT [pgdual]=$DPORT)
 TARGETS=(direct pgbouncer pgdual)
 WORKLOADS=(select tpcb)
 declare -A ARGS=([select]="-S -M prepared" [tpcb]="-M prepared")
-declare -A TPS
+declare -A TPS CPU CSW
+CLK_TCK=$(getconf CLK_TCK)
+
+proxy_pid() { # target: the proxy's PID, nothing for direct
+	case $1 in
+	pgdual) echo "$PGDUAL_PID" ;;
+	pgbouncer) cat "$BOUNCER_PIDFILE" ;;
+	esac
+}
+
+# "utime+stime in clock ticks, voluntary+involuntary context switches" of a process (its
+# main thread's switches: both proxies relay on one thread).
+proc_usage() { # pid
+	local ticks csw
+	ticks=$(awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat")
+	csw=$(awk '/ctxt_switches/ { n += $2 } END { print n }' "/proc/$1/status")
+	echo "$ticks $csw"
+}
 
 run_one() { # workload target round
-	local out tps
+	local out tps pid="" before="" after xacts t0 c0 t1 c1
+	pid=$(proxy_pid "$2")
+	[ -n "$pid" ] && before=$(proc_usage "$pid")
 	# shellcheck disable=SC2086
 	if ! out=$(pgbench_on "${PORT[$2]}" -n ${ARGS[$1]} -c "$CLIENTS" -j "$THREADS" -T "$DURATION" 2>&1); then
 		echo "$out" >&2
@@ -140,6 +161,17 @@ run_one() { # workload target round
 	tps=$(pgbench_tps "$out" "$1 against $2 (round $3)")
 	TPS[$1,$2,$3]=$tps
 	printf "   round %d  %-7s %-10s %10.0f tps\n" "$3" "$1" "$2" "$tps" >&2
+	if [ -n "$pid" ]; then
+		after=$(proc_usage "$pid")
+		xacts=$(echo "$out" | sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p')
+		if [ -z "$xacts" ] || [ "$xacts" -eq 0 ]; then
+			die "no transaction count in pgbench $1 against $2"
+		fi
+		read -r t0 c0 <<<"$before"
+		read -r t1 c1 <<<"$after"
+		CPU[$1,$2,$3]=$(awk -v t="$((t1 - t0))" -v hz="$CLK_TCK" -v n="$xacts" 'BEGIN { printf "%.1f", t * 1e6 / hz / n }')
+		CSW[$1,$2,$3]=$(awk -v c="$((c1 - c0))" -v n="$xacts" 'BEGIN { printf "%.2f", c / n }')
+	fi
 }
 
 echo "== $ROUNDS rounds of ${DURATION}s runs, $CLIENTS clients, $THREADS threads" >&2
@@ -186,4 +218,25 @@ echo "|-------------|---------------|------------------|------------------|"
 for w in "${WORKLOADS[@]}"; do
 	awk -v w="$w" -v d="${MED[$w,direct]}" -v b="${MED[$w,pgbouncer]}" -v p="${MED[$w,pgdual]}" \
 		'BEGIN { printf "| %-11s | %13.2f | %16.2f | %16.2f |\n", w, p/d, p/b, b/d }'
+done
+
+echo
+echo "Each proxy's own cost per transaction (median of the rounds; CPU is user + system"
+echo "time of its process, switches are its relay thread's context switches):"
+echo
+echo "| workload    | pgbouncer CPU µs | pgdual CPU µs | pgdual/pgbouncer | pgbouncer switches | pgdual switches |"
+echo "|-------------|------------------|---------------|------------------|--------------------|-----------------|"
+for w in "${WORKLOADS[@]}"; do
+	declare -A M=()
+	for t in pgbouncer pgdual; do
+		cv="" sv=""
+		for r in $(seq "$ROUNDS"); do
+			cv+="${CPU[$w,$t,$r]} "
+			sv+="${CSW[$w,$t,$r]} "
+		done
+		M[cpu,$t]=$(echo "$cv" | xargs | median)
+		M[csw,$t]=$(echo "$sv" | xargs | median)
+	done
+	awk -v w="$w" -v bc="${M[cpu,pgbouncer]}" -v pc="${M[cpu,pgdual]}" -v bs="${M[csw,pgbouncer]}" -v ps="${M[csw,pgdual]}" \
+		'BEGIN { printf "| %-11s | %16.1f | %13.1f | %16.2f | %18.2f | %15.2f |\n", w, bc, pc, pc/bc, bs, ps }'
 done
