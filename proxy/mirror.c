@@ -112,6 +112,7 @@ struct pd_mirror {
     bool cancelling; /* a cancel of its shadow read is on its way: nothing is sent meanwhile */
     bool orphan;     /* freed while cancelling: the cancel's end frees it */
     bool aa;         /* reads=aa: connected to the authoritative side itself, for A/A reads only */
+    unsigned serial; /* which of the server's mirrors this is (pd_mirror_serial) */
     key_node_t **held_nodes; /* rows written in the open transaction: released at its end */
     unsigned nheld, held_cap;
 };
@@ -1103,9 +1104,11 @@ static bool wants_aa(const pd_server_t *srv, const char *database)
 static pd_mirror_t *mirror_open(pd_session_t *s)
 {
     const pd_database_cfg_t *db = pd_config_database(s->srv->cfg, s->database);
+    static unsigned serials;
     pd_mirror_t *m = calloc(1, sizeof *m);
     if (m == NULL)
         return NULL;
+    m->serial = ++serials;
     m->srv = s->srv;
     m->session = s;
     snprintf(m->tag, sizeof m->tag, "%.180s mirror", s->tag);
@@ -2134,6 +2137,12 @@ int pd_mirror_swap_ready(pd_session_t *s)
     if (m->state != M_READY || m->busy || m->head != NULL || m->in_txn || m->nheld > 0)
         return 1;
     return 0;
+}
+
+unsigned pd_mirror_serial(const pd_session_t *s)
+{
+    const pd_mirror_t *m = s->mir.mirror;
+    return m != NULL && m->state != M_DEAD ? m->serial : 0;
 }
 
 void pd_mirror_swap(pd_session_t *s, PGconn **conn)

@@ -174,6 +174,10 @@ const pd_sql_result_t *pd_mirror_portal_plan(pd_session_t *s, const char *name);
  */
 int pd_mirror_swap_ready(pd_session_t *s);
 void pd_mirror_swap(pd_session_t *s, struct pg_conn **conn);
+/* Names the session's mirror connection while it lives (a swap keeps it; a new
+   connection gets a new one), 0 when there is none: what a swap makes the session's
+   backend is the connection it left at the last swap only if this did not change. */
+unsigned pd_mirror_serial(const pd_session_t *s);
 
 /* The session ends: its mirror drains what is queued and closes on its own. */
 void pd_mirror_session_end(pd_session_t *s);

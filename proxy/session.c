@@ -8,6 +8,7 @@
  */
 #include "proxy/session.h"
 
+#include <ctype.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 #include <stdio.h>
@@ -107,6 +108,7 @@ static void stmt_free(pd_stmt_t *e)
     free(e->name);
     free(e->sql);
     free(e->sent);
+    free(e->other_sent);
     free(e->types);
     pd_sql_result_release(e->r);
     free(e);
@@ -136,15 +138,50 @@ static pd_stmt_t *stmt_find(pd_session_t *s, const char *name)
     return pp != NULL ? *pp : NULL;
 }
 
-static void stmt_forget(pd_session_t *s, const char *name)
+/*
+ * The client freed e's name on this side: when the other connection holds a statement
+ * under it, it is freed there too at the next swap (swap_sides), or the client could not
+ * prepare the name again there. False when out of memory.
+ */
+static bool stmt_note_freed(pd_session_t *s, pd_stmt_t *e)
+{
+    if (!e->other_held || e->other_sent == NULL)
+        return true;
+    if (s->nstale == s->stale_cap) {
+        unsigned cap = s->stale_cap ? s->stale_cap * 2 : 8;
+        char **bigger = realloc(s->stale, cap * sizeof *bigger);
+        if (bigger == NULL)
+            return false;
+        s->stale = bigger;
+        s->stale_cap = cap;
+    }
+    if ((s->stale[s->nstale] = strdup(e->name)) == NULL)
+        return false;
+    s->nstale++;
+    e->other_held = false;
+    return true;
+}
+
+static void stale_clear(pd_session_t *s)
+{
+    for (unsigned i = 0; i < s->nstale; i++)
+        free(s->stale[i]);
+    s->nstale = 0;
+}
+
+/* Forgets a statement; `freed`: the client freed it (Close), not replaced it. */
+static bool stmt_forget(pd_session_t *s, const char *name, bool freed)
 {
     pd_stmt_t **pp = stmt_slot(s, name);
     if (pp == NULL || *pp == NULL)
-        return;
+        return true;
     pd_stmt_t *e = *pp;
+    if (freed && !stmt_note_freed(s, e))
+        return false;
     *pp = e->next;
     stmt_free(e);
     s->stmt_count--;
+    return true;
 }
 
 static void stmt_forget_all(pd_session_t *s)
@@ -184,7 +221,7 @@ static bool stmt_grow(pd_session_t *s)
 /* Records a statement the client prepares (replacing one of the same name). */
 static pd_stmt_t *stmt_put(pd_session_t *s, const pd_fe_parse_t *m)
 {
-    stmt_forget(s, m->name);
+    stmt_forget(s, m->name, false);
     if (!stmt_grow(s))
         return NULL;
     pd_stmt_t *e = calloc(1, sizeof *e);
@@ -207,13 +244,50 @@ static pd_stmt_t *stmt_put(pd_session_t *s, const pd_fe_parse_t *m)
     return e;
 }
 
-/* DEALLOCATE and DISCARD drop prepared statements by SQL: all are forgotten then (a
- * statement forgotten too early only misses its shadow comparisons). */
-static bool forgets_prepared(const char *sql)
+static const char *skip_blanks(const char *p)
 {
-    while (*sql == ' ' || *sql == '\t' || *sql == '\n' || *sql == '\r' || *sql == '(')
-        sql++;
-    return strncasecmp(sql, "DEALLOCATE", 10) == 0 || strncasecmp(sql, "DISCARD", 7) == 0;
+    while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r' || *p == '(')
+        p++;
+    return p;
+}
+
+/* Is the word at p `w` (case-insensitive), whole? Then the text after it. */
+static const char *word_is(const char *p, const char *w)
+{
+    size_t n = strlen(w);
+    if (strncasecmp(p, w, n) != 0 || isalnum((unsigned char)p[n]) || p[n] == '_')
+        return NULL;
+    return skip_blanks(p + n);
+}
+
+/*
+ * DEALLOCATE and DISCARD drop prepared statements by SQL; which ones only the server
+ * knows. DEALLOCATE [PREPARE] ALL and DISCARD ALL: all, and they are forgotten. Otherwise
+ * every statement may be prepared again at its next Bind (a Close and a Parse: harmless
+ * for one the server still holds). Either way, what the other connection holds under
+ * their names is freed there at the next swap. False when out of memory.
+ */
+static bool statements_dropped(pd_session_t *s, const char *sql)
+{
+    const char *p = skip_blanks(sql), *rest;
+    bool all = false;
+    if ((rest = word_is(p, "DEALLOCATE")) != NULL) {
+        const char *after = word_is(rest, "PREPARE");
+        all = word_is(after ? after : rest, "ALL") != NULL;
+    } else if ((rest = word_is(p, "DISCARD")) != NULL) {
+        all = word_is(rest, "ALL") != NULL;
+    } else if (strcasestr(sql, "DEALLOCATE") == NULL && strcasestr(sql, "DISCARD") == NULL) {
+        return true;
+    }
+    for (unsigned i = 0; i < s->stmt_buckets; i++)
+        for (pd_stmt_t *e = s->stmts[i]; e != NULL; e = e->next) {
+            if (!stmt_note_freed(s, e))
+                return false;
+            e->lost = true;
+        }
+    if (all)
+        stmt_forget_all(s);
+    return true;
 }
 
 static void free_session(uv_handle_t *h)
@@ -234,6 +308,8 @@ static void free_session(uv_handle_t *h)
     prepared_free(s->cand);
     stmt_forget_all(s);
     free(s->stmts);
+    stale_clear(s);
+    free(s->stale);
     free(s->drops);
     if (s->sums_ready) {
         pd_result_sum_free(&s->sum_old);
@@ -999,8 +1075,11 @@ static route_rc_t route_query(pd_session_t *s, pd_pipe_t *p, size_t total)
             return ROUTE_CLOSED;
         }
     }
-    if (s->stmt_count > 0 && forgets_prepared(q.sql))
-        stmt_forget_all(s);
+    if (s->stmt_count > 0 && !statements_dropped(s, q.sql)) {
+        pd_sql_result_release(r);
+        pd_session_terminate(s, "53200", "out of memory", NULL);
+        return ROUTE_CLOSED;
+    }
     if (s->mir.on && !pd_mirror_on_query(s, r, r->action == PD_SQL_REWRITE ? r->sql : q.sql, q.sql,
                                          s->batch_seq)) {
         pd_sql_result_release(r);
@@ -1154,6 +1233,40 @@ static bool bind_prefix(pd_session_t *s, pd_stmt_t *e, pd_buf_t *prefix)
     return true;
 }
 
+/*
+ * A whole Describe: one that starts a batch runs where its statement's plan says
+ * (read_side; a portal's, on old); a statement the server may not hold as now decided
+ * (the session changed sides, or the rules changed) is prepared again ahead of it, as for
+ * a Bind.
+ */
+static route_rc_t route_describe(pd_session_t *s, pd_pipe_t *p, const uint8_t *body, size_t n)
+{
+    pd_fe_target_t t;
+    const char *err = NULL;
+    if (pd_fe_target_decode(body, n, &t, &err) != PD_DECODE_OK)
+        return ROUTE_OK; /* the server reports it */
+    pd_stmt_t *e = t.kind == 'S' ? stmt_find(s, t.name) : NULL;
+    if (s->mir.on && s->batch_msgs == 0) {
+        int side = read_side(s, e != NULL ? e->r : NULL);
+        if (side != 0)
+            return side > 0 ? ROUTE_WAIT : ROUTE_CLOSED;
+    }
+    if (e == NULL || (!e->lost && e->gen == s->srv->rules_generation))
+        return ROUTE_OK;
+    if (p->has_hole && p->hole_end != p->scan)
+        return ROUTE_WAIT;
+    pd_buf_t prefix;
+    pd_buf_init(&prefix);
+    bool ok = bind_prefix(s, e, &prefix) && pd_buf_ok(&prefix) &&
+              (prefix.len == 0 || pipe_replace(p, p->scan, prefix.data, prefix.len));
+    pd_buf_free(&prefix);
+    if (!ok) {
+        pd_session_terminate(s, "53200", "out of memory", NULL);
+        return ROUTE_CLOSED;
+    }
+    return ROUTE_OK;
+}
+
 /* The statement name of a Bind, when its start is at hand; NULL otherwise. */
 static const char *bind_statement(const uint8_t *body, size_t n)
 {
@@ -1195,8 +1308,15 @@ static route_rc_t route_bind_close(pd_session_t *s, pd_pipe_t *p, uint8_t type, 
             client_violation(s, err ? err : "invalid Close message");
             return ROUTE_CLOSED;
         }
-        if (t.kind == 'S')
-            stmt_forget(s, t.name);
+        if (s->mir.on && s->batch_msgs == 0) {
+            int side = read_side(s, NULL); /* a batch that starts so runs on old */
+            if (side != 0)
+                return side > 0 ? ROUTE_WAIT : ROUTE_CLOSED;
+        }
+        if (t.kind == 'S' && !stmt_forget(s, t.name, true)) {
+            pd_session_terminate(s, "53200", "out of memory", NULL);
+            return ROUTE_CLOSED;
+        }
         s->sent[2]++;
         return ROUTE_OK;
     }
@@ -1359,11 +1479,37 @@ bool pd_session_quiet(const pd_session_t *s)
 static bool server_attach(pd_session_t *s);
 
 /*
+ * After a swap: statements the client freed while the connection now its backend held
+ * them are freed there first, in a batch of pgdual's own ahead of the client's (answers
+ * dropped; the client's input waits until it is answered). 1 when one was sent, 0 when
+ * there was nothing to free, -1 when out of memory (the session ended).
+ */
+static int close_stale(pd_session_t *s)
+{
+    if (s->nstale == 0)
+        return 0;
+    for (unsigned i = 0; i < s->nstale; i++)
+        pd_fe_close(&s->to_server, 'S', s->stale[i]);
+    pd_fe_sync(&s->to_server);
+    stale_clear(s);
+    pd_batch_t b = {.seq = s->batch_seq, .internal = true, .wrap = 'B'};
+    if (!pd_buf_ok(&s->to_server) || !batch_push(s, b)) {
+        pd_session_terminate(s, "53200", "out of memory", NULL);
+        return -1;
+    }
+    s->hold_client = s->idle_wait = true;
+    return 1;
+}
+
+/*
  * At a transaction boundary the session's backend and its mirror connection change
- * places (their settings were kept in step on both); statements the session prepared are
- * prepared again on the other side at their next Bind. 0 done, 1 wait (the mirror is
- * being opened or applies what it has queued; the session is woken when it is ready), -1
- * failed (the session ended; `why` names what the other side was wanted for).
+ * places (their settings were kept in step on both). What each connection holds under
+ * the client's statement names is known: a statement is prepared again at its next Bind
+ * only where it is not held as now decided (or on a connection opened since). 0 done,
+ * 1 wait (the mirror is being opened or applies what it has queued; the session is woken
+ * when it is ready), 2 done, and pgdual's own batch goes first (close_stale: the caller
+ * waits for it as for any batch), -1 failed (the session ended; `why` names what the
+ * other side was wanted for).
  */
 static int swap_sides(pd_session_t *s, const char *why)
 {
@@ -1378,29 +1524,45 @@ static int swap_sides(pd_session_t *s, const char *why)
     }
     if (rc > 0)
         return 1;
+    /* The connection the session takes is the one it left last time, unless that one
+       was lost and the mirror opened another. */
+    bool known = s->other_serial != 0 && s->other_serial == pd_mirror_serial(s);
     pd_transport_close(&s->server);
     s->server_open = false;
     pd_mirror_swap(s, &s->backend.conn);
+    s->other_serial = pd_mirror_serial(s);
+    if (!known)
+        stale_clear(s);
     for (unsigned i = 0; i < s->stmt_buckets; i++)
-        for (pd_stmt_t *e = s->stmts[i]; e != NULL; e = e->next)
-            e->lost = true;
+        for (pd_stmt_t *e = s->stmts[i]; e != NULL; e = e->next) {
+            char *here = e->sent;
+            bool held = !e->lost;
+            const char *want = decided_text(e->r, e->sql);
+            e->sent = e->other_sent;
+            e->lost =
+                !known || !e->other_held ||
+                (want == NULL ? e->sent != NULL : e->sent == NULL || strcmp(want, e->sent) != 0);
+            e->other_sent = here;
+            e->other_held = held;
+        }
     if (!server_attach(s)) {
         server_lost(s, "could not watch the server socket");
         return -1;
     }
-    return 0;
+    rc = close_stale(s);
+    return rc > 0 ? 2 : rc;
 }
 
 /* Switchover or rollback moved the database's authoritative side: the session follows. */
 static int change_sides(pd_session_t *s)
 {
     int rc = swap_sides(s, "follow the switchover");
-    if (rc != 0)
+    if (rc == 1 || rc < 0)
         return rc;
     s->auth_new = !s->auth_new;
     pd_log_info(s->tag, "now on the %s side (backend pid %d)", s->auth_new ? "new" : "old",
                 PQbackendPID(s->backend.conn));
-    return 0;
+    return rc;
 }
 
 /*
@@ -1423,13 +1585,13 @@ static int read_side(pd_session_t *s, const pd_sql_result_t *r)
         return 1;
     }
     int rc = swap_sides(s, "serve reads=new");
-    if (rc > 0)
+    if (rc == 1)
         s->gate_held = true; /* woken when the mirror has caught up */
-    if (rc != 0)
+    if (rc == 1 || rc < 0)
         return rc;
     s->reading = want;
     s->read_rule = want ? r->mirror_rule : -1;
-    return 0;
+    return rc == 2 ? 1 : 0; /* 2: pgdual's batch first; the message waits for it */
 }
 
 /*
@@ -1455,7 +1617,7 @@ static bool gate_closed(pd_session_t *s)
     }
     if (s->auth_new != s->want_new) {
         int rc = change_sides(s);
-        s->gate_held = rc > 0;
+        s->gate_held = rc == 1; /* 2: pgdual's batch goes first (hold_client) */
         return rc != 0;
     }
     return false;
@@ -1524,13 +1686,16 @@ static int scan_client(pd_session_t *s)
                 pd_mirror_on_copy(s, h.type, p->buf + p->scan + PD_MSG_HEADER_LEN,
                                   (size_t)total - PD_MSG_HEADER_LEN);
             } else if (h.type == PD_FE_EXECUTE || h.type == PD_FE_DESCRIBE) {
-                if (s->mir.on && total > avail)
+                if ((s->mir.on || h.type == PD_FE_DESCRIBE) && total > avail)
                     break; /* small: looked at whole */
                 const uint8_t *mbody = p->buf + p->scan + PD_MSG_HEADER_LEN;
                 size_t mlen = (size_t)total - PD_MSG_HEADER_LEN;
-                if (s->mir.on && h.type == PD_FE_EXECUTE)
+                if (h.type == PD_FE_DESCRIBE)
+                    r = route_describe(s, p, mbody, mlen);
+                if (r == ROUTE_OK && s->mir.on && h.type == PD_FE_EXECUTE)
                     r = mirror_execute(s, p, mbody, mlen);
-                else if (s->mir.on && !mirror_execute_describe(s, h.type, mbody, mlen))
+                else if (r == ROUTE_OK && s->mir.on &&
+                         !mirror_execute_describe(s, h.type, mbody, mlen))
                     r = ROUTE_CLOSED;
                 if (h.type == PD_FE_EXECUTE && r == ROUTE_OK)
                     s->batch_exec++;

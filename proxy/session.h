@@ -44,7 +44,10 @@ typedef struct {
 /*
  * A statement the client prepared, on a database with rules: what the server holds under
  * its name, decided under which rules, so that a flag flip reaches statements prepared
- * before it (they are prepared again, transparently, at their next Bind).
+ * before it (they are prepared again, transparently, at their next Bind). A session that
+ * changes sides (switchover, reads=new) also knows what its other connection holds under
+ * the name, so that going back costs no Parse and a name the client freed meanwhile is
+ * freed there too (pd_session_t.stale).
  */
 typedef struct pd_stmt {
     struct pd_stmt *next; /* hash chain */
@@ -54,7 +57,9 @@ typedef struct pd_stmt {
     uint16_t ntypes;
     uint32_t *types;    /* the parameter types the client declared */
     unsigned gen;       /* srv->rules_generation of the decision */
-    bool lost;          /* the session changed sides: the server does not hold it */
+    bool lost;          /* the server may not hold `sent` under the name: prepare it again */
+    char *other_sent;   /* what the session's other connection holds, when other_held */
+    bool other_held;    /* ...known to hold other_sent (NULL: nothing) under the name */
     pd_sql_result_t *r; /* the decision (rewrite, refusal, shadow form), referenced */
 } pd_stmt_t;
 
@@ -136,7 +141,10 @@ struct pd_session {
     unsigned drop_cap, drop_head, drop_count;
     pd_stmt_t **stmts; /* prepared statements by name (hash table), owned */
     unsigned stmt_buckets, stmt_count;
-    pd_buf_t to_server; /* the proxy's own messages for the server (shadow queries) */
+    char **stale; /* names the other connection holds that the client freed */
+    unsigned nstale, stale_cap;
+    unsigned other_serial; /* pd_mirror_serial of the connection left at the last swap */
+    pd_buf_t to_server;    /* the proxy's own messages for the server (shadow queries) */
     size_t to_server_sent;
     bool hold_client; /* client input waits while the proxy's own query runs */
     bool gate_held;   /* client input waits at a transaction boundary: the database is

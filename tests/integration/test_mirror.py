@@ -83,6 +83,17 @@ def counters(proxy):
     return proxy.ctl_json("status")["rule_counters"][RULE]
 
 
+def read_kinds(c):
+    """The kinds of the messages up to ReadyForQuery; fails on an ErrorResponse."""
+    kinds = []
+    while not kinds or kinds[-1] != "Z":
+        k, body = c.recv_msg()
+        if k == "E":
+            raise AssertionError(pdtest.parse_fields(body))
+        kinds.append(k)
+    return kinds
+
+
 class MirrorTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -1078,6 +1089,79 @@ class MirrorReadsNewTest(unittest.TestCase):
             self.assertEqual(counters(p)["mirror_unapplied"], 0)
 
 
+    def test_statements_follow_the_swaps(self):
+        """A statement prepared on one side, then closed, prepared again or used while
+        the session reads new: each swap leaves the client's statements as it left them
+        (a Close sent on one side reaches the other; a name the client freed can be
+        used again)."""
+        reset_schema()
+        close = lambda name: pdtest.msg("C", b"S" + pdtest.cstr(name))
+        read_new = pdtest.query_msg("SELECT count(*) FROM mt_orders")
+        with RulesProxy(rules=[tables_rule()], databases=databases()) as p:
+            p.ctl("flag", RULE, "reads=new")
+            with RawClient(p.port) as c:
+                c.startup("postgres", "app")
+                c.send(parse_msg("s", "SELECT 1") + sync_msg())  # on old
+                self.assertEqual(read_batch(c), [])
+                c.send(read_new)  # on new
+                self.assertEqual(read_batch(c), [["0"]])
+                c.send(close("s") + sync_msg())  # freed while on new
+                self.assertEqual(read_batch(c), [])
+                c.send(parse_msg("s", "SELECT 2") + bind_msg(stmt="s") + execute_msg()
+                       + sync_msg())  # the name again, on old
+                self.assertEqual(read_batch(c), [["2"]])
+                c.send(read_new)
+                self.assertEqual(read_batch(c), [["0"]])
+                c.send(bind_msg(stmt="s") + execute_msg() + sync_msg())
+                self.assertEqual(read_batch(c), [["2"]])
+                # A rule read prepared on new, used after a write on old, and again.
+                c.send(parse_msg("r", "SELECT count(*) FROM mt_orders WHERE total > $1")
+                       + bind_msg_params(["0"], stmt="r") + execute_msg() + sync_msg())
+                self.assertEqual(read_batch(c), [["0"]])
+                c.send(pdtest.query_msg("INSERT INTO mt_orders (total) VALUES (5)"))
+                self.assertEqual(read_batch(c), [])
+                for _ in range(3):
+                    c.send(bind_msg_params(["0"], stmt="r") + execute_msg() + sync_msg())
+                    self.assertEqual(read_batch(c), [["1"]])
+                    c.send(pdtest.query_msg("SELECT 1"))
+                    self.assertEqual(read_batch(c), [["1"]])
+                # Held on both sides (bound in a transaction on old), freed by SQL on old:
+                # prepared again by name on new.
+                for drop in ("DEALLOCATE r", "DEALLOCATE ALL", "DISCARD ALL"):
+                    c.send(pdtest.query_msg("BEGIN"))
+                    read_batch(c)
+                    c.send(bind_msg_params(["0"], stmt="r") + execute_msg() + sync_msg())
+                    self.assertEqual(read_batch(c), [["1"]])
+                    c.send(pdtest.query_msg("COMMIT"))
+                    read_batch(c)
+                    c.send(pdtest.query_msg(drop))
+                    self.assertEqual(read_batch(c), [], drop)
+                    c.send(parse_msg("r", "SELECT count(*) FROM mt_orders WHERE total > $1")
+                           + bind_msg_params(["0"], stmt="r") + execute_msg() + sync_msg())
+                    self.assertEqual(read_batch(c), [["1"]], drop)
+                # Described on a side that never prepared it, first in its batch.
+                c.send(parse_msg("w", "SELECT note FROM mt_orders WHERE total = $1")
+                       + sync_msg())
+                read_batch(c)
+                c.send(pdtest.query_msg("SELECT 1"))  # on old
+                read_batch(c)
+                for _ in range(2):
+                    c.send(pdtest.msg("D", b"S" + pdtest.cstr("w")) + sync_msg())
+                    self.assertEqual(read_kinds(c), ["t", "T", "Z"])
+                    c.send(read_new)
+                    read_batch(c)
+                # Further into a batch on new, where it was never prepared: prepared there
+                # first.
+                c.send(parse_msg("v", "SELECT 7") + sync_msg())  # on old
+                read_batch(c)
+                c.send(bind_msg_params(["0"], stmt="r") + execute_msg()
+                       + pdtest.msg("D", b"S" + pdtest.cstr("v")) + sync_msg())
+                self.assertEqual(read_kinds(c), ["2", "D", "C", "t", "T", "Z"])
+                c.send(bind_msg(stmt="v") + execute_msg() + sync_msg())
+                self.assertEqual(read_batch(c), [["7"]])
+            self.assertEqual(counters(p)["mirror_proxy_errors"], 0)
+
+
 class MirrorReadsNewSwitchoverTest(unittest.TestCase):
     def test_reading_session_goes_on_at_switchover(self):
         """A session reading new (reads=new at writes=dual) when the database switches
@@ -1115,6 +1199,43 @@ class MirrorReadsNewSwitchoverTest(unittest.TestCase):
                         == [("after",)], 10, what="old to follow as the mirror")
         conn.close()
         self.assertEqual(p.ctl_json("status")["rule_counters"]["rn"]["mirror_proxy_errors"], 0)
+
+
+    def test_statement_freed_between_switchover_and_rollback(self):
+        """A statement prepared on old, freed by the client after the switchover (on new),
+        can be prepared again by its name after the rollback (on old, which held it all
+        along), and one the client kept needs no new Parse from the client."""
+        pdtest.fresh_databases("rs_old", "rs_new")
+        for db in ("rs_old", "rs_new"):
+            pdtest.direct_query("CREATE TABLE rs_t (id int PRIMARY KEY, note text); "
+                                "INSERT INTO rs_t VALUES (1, 'start')", dbname=db)
+        rule = {"name": "rs", "database": "rs", "kind": "tables", "writes": "dual",
+                "reads": "old", "mirror": {"commit": "async", "on_failure": "record"}}
+        dbs = [{"name": "rs", "old": pdtest.pg_conninfo("rs_old"),
+                "new": pdtest.pg_conninfo("rs_new")}] + databases()
+        p = RulesProxy(rules=[rule], databases=dbs).start()
+        self.addCleanup(pdtest.stop_and_drop, p, "rs_old", "rs_new")
+        close = lambda name: pdtest.msg("C", b"S" + pdtest.cstr(name))
+        with RawClient(p.port) as c:
+            c.startup("postgres", "rs")
+            c.send(parse_msg("s", "SELECT note FROM rs_t WHERE id = 1")
+                   + parse_msg("k", "SELECT count(*) FROM rs_t") + sync_msg())
+            read_batch(c)
+            c.send(pdtest.query_msg("UPDATE rs_t SET note = 'mirrored' WHERE id = 1"))
+            read_batch(c)
+            for step in ("switchover", "rollback"):
+                r = p.ctl(step, "rs", "--force", check=False) if step == "switchover" \
+                    else p.ctl(step, "rs", check=False)
+                self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+                if step == "switchover":
+                    c.send(close("s") + sync_msg())  # on new
+                    self.assertEqual(read_batch(c), [])
+            c.send(parse_msg("s", "SELECT id FROM rs_t") + bind_msg(stmt="s") + execute_msg()
+                   + sync_msg())
+            self.assertEqual(read_batch(c), [["1"]])
+            c.send(bind_msg(stmt="k") + execute_msg() + sync_msg())
+            self.assertEqual(read_batch(c), [["1"]])
+        self.assertEqual(p.ctl_json("status")["rule_counters"]["rs"]["mirror_proxy_errors"], 0)
 
 
 class MirrorClientGoneTest(unittest.TestCase):
