@@ -881,6 +881,12 @@ static void read_results(pd_mirror_t *m)
         mirror_die(m, PQerrorMessage(m->backend.conn));
         return;
     }
+    /* Notifications for a LISTEN the session ran on this connection before it changed
+       sides: it does not hear them here (LISTEN does not cross sides). libpq would keep
+       them until asked, so they are freed as they come. */
+    PGnotify *note;
+    while ((note = PQnotifies(m->backend.conn)) != NULL)
+        PQfreemem(note);
     while (m->busy && !PQisBusy(m->backend.conn)) {
         PGresult *res = PQgetResult(m->backend.conn);
         pd_mirror_op_t *op = m->head;

@@ -1162,22 +1162,75 @@ class MirrorReadsNewTest(unittest.TestCase):
             self.assertEqual(counters(p)["mirror_proxy_errors"], 0)
 
 
+    def test_listening_session_stays_on_old(self):
+        """A session that LISTENs stays on old at reads=new: its notifications come on
+        its connection to old, which would otherwise be the mirror's while it reads."""
+        reset_schema()
+        with RulesProxy(rules=[tables_rule()], databases=databases()) as p:
+            p.ctl("flag", RULE, "reads=new")
+            conn = pdtest.connect(p.port)
+            conn.autocommit = True
+            cur = conn.cursor()
+            cur.execute("LISTEN pd_reads_new")
+            pdtest.direct_query("UPDATE mt_counters SET n = 42 WHERE id = 1", dbname="app2")
+            cur.execute("SELECT n FROM mt_counters WHERE id = 1")
+            self.assertEqual(cur.fetchall(), [(0,)])  # old's row: not served by new
+            pdtest.direct_query("NOTIFY pd_reads_new, 'hello'", dbname="app")
+            cur.execute("SELECT 1")
+            pdtest.wait_for(lambda: conn.poll() or conn.notifies, 5, what="the notification")
+            self.assertEqual([n.payload for n in conn.notifies], ["hello"])
+            conn.close()
+
+
 class MirrorReadsNewSwitchoverTest(unittest.TestCase):
+    def whole_database_proxy(self, name, *more_rules):
+        """A proxy with database `name` (`name`_old, `name`_new, each with table
+        `name`_t) under a tables rule `name` over every table, at writes=dual."""
+        pdtest.fresh_databases(name + "_old", name + "_new")
+        for db in (name + "_old", name + "_new"):
+            pdtest.direct_query("CREATE TABLE %s_t (id int PRIMARY KEY, note text); "
+                                "INSERT INTO %s_t VALUES (1, 'start')" % (name, name), dbname=db)
+        rule = {"name": name, "database": name, "kind": "tables", "writes": "dual",
+                "reads": "old", "mirror": {"commit": "async", "on_failure": "record"}}
+        dbs = [{"name": name, "old": pdtest.pg_conninfo(name + "_old"),
+                "new": pdtest.pg_conninfo(name + "_new")}] + databases()
+        p = RulesProxy(rules=[rule, *more_rules], databases=dbs).start()
+        self.addCleanup(pdtest.stop_and_drop, p, name + "_old", name + "_new")
+        return p
+
+    def test_notifications_left_on_old_are_not_kept(self):
+        """A session that LISTENed on old and switched over to new: notifications that
+        still come on its old connection (now its mirror's) are not heard there (LISTEN
+        does not cross sides) and are not kept either: pgdual's memory stays flat."""
+        p = self.whole_database_proxy("rl")
+        conn = pdtest.connect(p.port, dbname="rl")
+        conn.autocommit = True
+        cur = conn.cursor()
+        cur.execute("LISTEN rl_channel")
+        cur.execute("UPDATE rl_t SET note = 'mirrored' WHERE id = 1")
+        r = p.ctl("switchover", "rl", "--force", check=False)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        cur.execute("SELECT note FROM rl_t")  # the session is on new now
+        self.assertEqual(cur.fetchall(), [("mirrored",)])
+        before = pdtest.rss_kb(p.proc.pid)
+        for _ in range(4):  # 40 MB of notifications on old
+            pdtest.direct_query("SELECT pg_notify('rl_channel', g || repeat('x', 1000)) "
+                                "FROM generate_series(1, 10000) g", dbname="rl_old")
+        time.sleep(1)
+        cur.execute("SELECT 1")
+        self.assertEqual(cur.fetchall(), [(1,)])
+        grown = pdtest.rss_kb(p.proc.pid) - before
+        self.assertLess(grown, 16 * 1024, "pgdual kept the notifications: +%d kB" % grown)
+        conn.close()
+
     def test_reading_session_goes_on_at_switchover(self):
         """A session reading new (reads=new at writes=dual) when the database switches
         over goes on there with new authoritative; and --force cannot switch over a rule
         whose flags after the flip this version does not serve."""
-        pdtest.fresh_databases("rn_old", "rn_new")
-        for db in ("rn_old", "rn_new"):
-            pdtest.direct_query("CREATE TABLE rn_t (id int PRIMARY KEY, note text); "
-                                "INSERT INTO rn_t VALUES (1, 'start')", dbname=db)
-        rule = {"name": "rn", "database": "rn", "kind": "tables", "writes": "dual",
-                "reads": "old", "mirror": {"commit": "async", "on_failure": "record"}}
-        listed = dict(rule, name="rn-listed", database="app", tables=["public.mt_orders"])
-        dbs = [{"name": "rn", "old": pdtest.pg_conninfo("rn_old"),
-                "new": pdtest.pg_conninfo("rn_new")}] + databases()
-        p = RulesProxy(rules=[rule, listed], databases=dbs).start()
-        self.addCleanup(pdtest.stop_and_drop, p, "rn_old", "rn_new")
+        listed = {"name": "rn-listed", "database": "app", "kind": "tables", "writes": "dual",
+                  "reads": "old", "tables": ["public.mt_orders"],
+                  "mirror": {"commit": "async", "on_failure": "record"}}
+        p = self.whole_database_proxy("rn", listed)
         r = p.ctl("switchover", "app", "--force", check=False)
         self.assertEqual(r.returncode, 1, r.stdout)
         self.assertIn("so the rule must cover every table", r.stdout + r.stderr)
@@ -1205,16 +1258,7 @@ class MirrorReadsNewSwitchoverTest(unittest.TestCase):
         """A statement prepared on old, freed by the client after the switchover (on new),
         can be prepared again by its name after the rollback (on old, which held it all
         along), and one the client kept needs no new Parse from the client."""
-        pdtest.fresh_databases("rs_old", "rs_new")
-        for db in ("rs_old", "rs_new"):
-            pdtest.direct_query("CREATE TABLE rs_t (id int PRIMARY KEY, note text); "
-                                "INSERT INTO rs_t VALUES (1, 'start')", dbname=db)
-        rule = {"name": "rs", "database": "rs", "kind": "tables", "writes": "dual",
-                "reads": "old", "mirror": {"commit": "async", "on_failure": "record"}}
-        dbs = [{"name": "rs", "old": pdtest.pg_conninfo("rs_old"),
-                "new": pdtest.pg_conninfo("rs_new")}] + databases()
-        p = RulesProxy(rules=[rule], databases=dbs).start()
-        self.addCleanup(pdtest.stop_and_drop, p, "rs_old", "rs_new")
+        p = self.whole_database_proxy("rs")
         close = lambda name: pdtest.msg("C", b"S" + pdtest.cstr(name))
         with RawClient(p.port) as c:
             c.startup("postgres", "rs")
