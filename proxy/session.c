@@ -999,8 +999,6 @@ static bool wrap_ready(pd_session_t *s, uint8_t wrap, uint8_t status)
     return false;
 }
 
-/* The plan of the statement at the scan point: the one kept when it waited (wrap_waits),
-   unless the rules changed since, else routed now. NULL when out of memory. */
 /* A session that LISTENs gets its notifications on its connection to old: it reads
    there from then on (read_side), never from the mirror's side. */
 static void note_listen(pd_session_t *s, const char *sql)
@@ -1009,6 +1007,8 @@ static void note_listen(pd_session_t *s, const char *sql)
         s->listening = true;
 }
 
+/* The plan of the statement at the scan point: the one kept when it waited (wrap_waits),
+   unless the rules changed since, else routed now. NULL when out of memory. */
 static pd_sql_result_t *route_sql(pd_session_t *s, const char *sql)
 {
     pd_sql_result_t *r = s->kept_plan;
