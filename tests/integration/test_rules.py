@@ -51,7 +51,8 @@ class RulesProxy(Proxy):
     """A proxy with the users-email rule, a state file, an admin socket and a divergence
     log; the state directory may be reused to test restarts."""
 
-    def __init__(self, state_dir=None, sample=1.0, rules=None, shadow_budget_ms=None, **kw):
+    def __init__(self, state_dir=None, sample=1.0, rules=None, shadow_budget_ms=None, env=None,
+                 **kw):
         self.state_dir = state_dir or pdtest.tmpdir("pdtest-state-")
         self.admin_socket = os.path.join(self.state_dir, "admin.sock")
         self.divergence_path = os.path.join(self.state_dir, "divergence.jsonl")
@@ -66,7 +67,7 @@ class RulesProxy(Proxy):
                                if shadow_budget_ms is not None else {})),
             # pgdual's own connections (catalog checks) use libpq's defaults when the
             # conninfo names no user, as documented.
-            env={"PGUSER": "postgres"}, **kw)
+            env=dict({"PGUSER": "postgres"}, **(env or {})), **kw)
 
     def ctl(self, *args, check=True):
         p = subprocess.run([os.path.join(pdtest.build_dir(), "pgdualctl"), "-s",
