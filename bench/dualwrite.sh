@@ -49,6 +49,9 @@
 #   WORKLOAD   tpcb (default: pgbench's tpcb-like, one transaction of five statements) or
 #              autocommit (the same five statements without BEGIN/END, each its own
 #              transaction: what pgdual's wrap of autocommit writes costs)
+#   READS      old (default) or new: the mirrored pgdual runs also set reads=new, so the
+#              workload's SELECT runs on new and each session changes sides around it
+#              (what serving reads from green before the switchover costs)
 #   SETTLE     seconds to wait after a mirrored run for new to catch up before the data
 #              check (default 60)
 #   PGPOOL     the pgpool-II binary (default /usr/sbin/pgpool)
@@ -66,6 +69,7 @@ THREADS=${THREADS:-2}
 SCALE=${SCALE:-10}
 MODE=${MODE:-prepared}
 WORKLOAD=${WORKLOAD:-tpcb}
+READS=${READS:-old}
 SETTLE=${SETTLE:-60}
 PGPOOL=${PGPOOL:-/usr/sbin/pgpool}
 PY=/usr/bin/python3
@@ -84,6 +88,7 @@ require_positive ROUNDS DURATION CLIENTS THREADS SCALE SETTLE
 [[ $MODE =~ ^(prepared|extended|simple)$ ]] || die "MODE must be prepared, extended or simple, not '$MODE'"
 
 [[ $WORKLOAD =~ ^(tpcb|autocommit)$ ]] || die "WORKLOAD must be tpcb or autocommit, not '$WORKLOAD'"
+[[ $READS =~ ^(old|new)$ ]] || die "READS must be old or new, not '$READS'"
 
 WORK=$(mktemp -d /tmp/pgdual-bench-XXXXXX)
 if [ "$WORKLOAD" = tpcb ]; then
@@ -371,6 +376,7 @@ run_one() { # target round
 			printf "   round %d  %-17s skipped: %s\n" "$r" "${LABEL[$t]}" "${SKIP[$t]}" >&2
 			return 0
 		fi
+		[ "$READS" = old ] || ctl_ok "${INSTANCE[$t]}" flag "$RULE" reads=new
 		events=$(wc -l <"$WORK/pgdual-${INSTANCE[$t]}/divergence.jsonl" 2>/dev/null || echo 0)
 	fi
 	init_tables -I gv
@@ -408,12 +414,13 @@ run_one() { # target round
 		local now
 		now=$(wc -l <"$WORK/pgdual-${INSTANCE[$t]}/divergence.jsonl" 2>/dev/null || echo 0)
 		[ "$now" = "$events" ] || echo "   pgdual recorded $((now - events)) divergence events" >&2
+		[ "$READS" = old ] || ctl_ok "${INSTANCE[$t]}" flag "$RULE" reads=old
 		ctl_ok "${INSTANCE[$t]}" flag "$RULE" writes=old
 	fi
 	return 0
 }
 
-echo "== $ROUNDS rounds of ${DURATION}s $WL_LABEL runs (-M $MODE), $CLIENTS clients, $THREADS threads, scale $SCALE" >&2
+echo "== $ROUNDS rounds of ${DURATION}s $WL_LABEL runs (-M $MODE, mirrored runs at reads=$READS), $CLIENTS clients, $THREADS threads, scale $SCALE" >&2
 for r in $(seq "$ROUNDS"); do
 	# Rotate the order each round so that no configuration always runs first (or last).
 	for i in $(seq 0 $((${#TARGETS[@]} - 1))); do
