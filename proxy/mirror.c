@@ -881,12 +881,15 @@ static void read_results(pd_mirror_t *m)
         mirror_die(m, PQerrorMessage(m->backend.conn));
         return;
     }
-    /* Notifications for a LISTEN the session ran on this connection before it changed
-       sides: it does not hear them here (LISTEN does not cross sides). libpq would keep
-       them until asked, so they are freed as they come. */
+    /* The session's LISTENs are kept in step here: what NOTIFY sends on this side (after
+       a switchover, the other sessions' statements run here) goes to the client. An A/A
+       connection is on the session's own side, which notifies the session itself. */
     PGnotify *note;
-    while ((note = PQnotifies(m->backend.conn)) != NULL)
+    while ((note = PQnotifies(m->backend.conn)) != NULL) {
+        if (m->session != NULL && !m->aa)
+            pd_session_notify(m->session, (uint32_t)note->be_pid, note->relname, note->extra);
         PQfreemem(note);
+    }
     while (m->busy && !PQisBusy(m->backend.conn)) {
         PGresult *res = PQgetResult(m->backend.conn);
         pd_mirror_op_t *op = m->head;

@@ -298,6 +298,7 @@ static void free_session(uv_handle_t *h)
     pd_buf_free(&s->c2b.repl);
     pd_buf_free(&s->b2c.repl);
     pd_buf_free(&s->out);
+    pd_buf_free(&s->notes);
     pd_buf_free(&s->to_server);
     free(s->batches);
     free(s->wrap_sql);
@@ -1925,6 +1926,42 @@ static bool server_message(pd_session_t *s, uint8_t type, const uint8_t *body, s
     return internal && type != PD_BE_NOTIFICATION && type != PD_BE_PARAMETER_STATUS;
 }
 
+/* Notifications a client is not reading are dropped past this much (waiting here and
+   put into b2c), with a warning. */
+#define PD_NOTES_MAX (4u << 20)
+
+void pd_session_notify(pd_session_t *s, uint32_t pid, const char *channel, const char *payload)
+{
+    if (s->closed || s->state != PD_SESSION_ACTIVE)
+        return;
+    if (s->notes.len + s->b2c.repl.len > PD_NOTES_MAX) {
+        if (!s->notes_dropped)
+            pd_log_warning(s->tag, "notifications dropped: the client does not read them");
+        s->notes_dropped = true; /* warned once until they flow again */
+        return;
+    }
+    pd_be_notification(&s->notes, pid, channel, payload);
+    pd_session_wake(s);
+}
+
+/* Puts pending notifications into b2c at its scan point, when that is a message boundary
+   a replacement can join. */
+static void splice_notes(pd_session_t *s)
+{
+    pd_pipe_t *p = &s->b2c;
+    if (!pd_buf_ok(&s->notes)) {
+        pd_log_warning(s->tag, "notifications dropped: out of memory");
+        pd_buf_reset(&s->notes);
+        return;
+    }
+    if (s->notes.len == 0 || p->skip > 0)
+        return;
+    if (pipe_replace(p, p->scan, s->notes.data, s->notes.len)) {
+        pd_buf_reset(&s->notes);
+        s->notes_dropped = false;
+    }
+}
+
 static int scan_server(pd_session_t *s)
 {
     pd_pipe_t *p = &s->b2c;
@@ -2118,6 +2155,7 @@ static int pump_server(pd_session_t *s)
     for (;;) {
         if (scan_server(s) < 0 || end_if_draining(s))
             return -1;
+        splice_notes(s);
         /* A shadow query decided while scanning goes out at once. */
         if (s->to_server.len > 0 && to_server_flush(s) < 0) {
             server_lost(s, s->server.error);
@@ -2238,6 +2276,7 @@ static void on_wake(uv_timer_t *t)
     pd_session_t *s = t->data;
     if (s->closed || s->state != PD_SESSION_ACTIVE)
         return;
+    splice_notes(s);
     if (s->gate_held) {
         s->gate_held = false; /* the gate is tried again at the next message */
         if (pump_client(s) < 0)
@@ -2855,6 +2894,7 @@ void pd_session_accept(pd_server_t *srv, int fd, const char *peer)
     snprintf(s->peer, sizeof s->peer, "%s", peer);
     snprintf(s->tag, sizeof s->tag, "[S-%u @%s]", s->id, peer);
     pd_buf_init(&s->out);
+    pd_buf_init(&s->notes);
     uv_timer_init(srv->loop, &s->timer);
     s->timer.data = s;
     s->state = PD_SESSION_STARTUP;

@@ -112,7 +112,9 @@ struct pd_session {
     bool server_open;
 
     pd_pipe_t c2b, b2c;
-    pd_buf_t out; /* what the proxy itself says to the client */
+    pd_buf_t out;       /* what the proxy itself says to the client */
+    pd_buf_t notes;     /* notifications from the mirror's connection, for b2c's next boundary */
+    bool notes_dropped; /* ...some were dropped (the client does not read): warned */
     size_t out_sent;
     uv_timer_t timer; /* startup deadline, then linger on close; its close cb frees us */
 
@@ -204,6 +206,11 @@ void pd_session_terminate(pd_session_t *s, const char *sqlstate, const char *mes
  * has running cancelled. Either way a session still starting gets 57P03.
  */
 void pd_session_shutdown(pd_session_t *s, bool fast);
+
+/* A notification that came on the session's mirror connection (a LISTEN kept in step
+   there: NOTIFY runs where the session's statements ran, which after a switchover is the
+   other side): the client hears it at the next message boundary of what it is sent. */
+void pd_session_notify(pd_session_t *s, uint32_t pid, const char *channel, const char *payload);
 
 /* What the session waited for happened (the mirror applied a batch under commit:
  * lockstep, a pause ended, the mirror is ready to change sides): the relay goes on, from

@@ -544,9 +544,9 @@ static size_t leading_trivia(const char *s, size_t len);
    a tables rule's mirror keeps in step whatever tables they mention (none)? */
 static bool starts_with_keeping_word(const char *sql)
 {
-    static const char *const words[] = {"begin",    "start", "commit",    "end",
-                                        "rollback", "abort", "savepoint", "release",
-                                        "set",      "reset", "discard",   "prepare"};
+    static const char *const words[] = {"begin",   "start",     "commit",  "end",     "rollback",
+                                        "abort",   "savepoint", "release", "set",     "reset",
+                                        "discard", "prepare",   "listen",  "unlisten"};
     const char *p = sql + leading_trivia(sql, strlen(sql));
     size_t n = 0;
     while ((p[n] >= 'a' && p[n] <= 'z') || (p[n] >= 'A' && p[n] <= 'Z'))

@@ -923,6 +923,8 @@ void pd__plan_mirror(pd__ctx_t *ctx, pd__node_t *stmt)
             stmt->variable_set_stmt->kind == PG_QUERY__VARIABLE_SET_KIND__VAR_SET_MULTI;
         return;
     case PG_QUERY__NODE__NODE_DISCARD_STMT:
+    case PG_QUERY__NODE__NODE_LISTEN_STMT:   /* the mirror forwards what it is notified of */
+    case PG_QUERY__NODE__NODE_UNLISTEN_STMT: /* (pd_mirror, read_results) */
         ctx->mirror = PD_MIRROR_SET;
         ctx->mirror_rule = r->index;
         return;
