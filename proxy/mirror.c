@@ -881,12 +881,13 @@ static void read_results(pd_mirror_t *m)
         mirror_die(m, PQerrorMessage(m->backend.conn));
         return;
     }
-    /* The session's LISTENs are kept in step here: what NOTIFY sends on this side (after
-       a switchover, the other sessions' statements run here) goes to the client. An A/A
-       connection is on the session's own side, which notifies the session itself. */
+    /* The session's LISTENs are kept in step here: what NOTIFY sends on this side while
+       it is the authoritative one (after a switchover the session may still be on the
+       other) goes to the client. An A/A connection is on the session's own side, which
+       notifies the session itself. */
     PGnotify *note;
     while ((note = PQnotifies(m->backend.conn)) != NULL) {
-        if (m->session != NULL && !m->aa)
+        if (m->session != NULL && !m->aa && pd_session_hears_mirror(m->session))
             pd_session_notify(m->session, (uint32_t)note->be_pid, note->relname, note->extra);
         PQfreemem(note);
     }

@@ -1844,12 +1844,30 @@ static void sum_message(pd_result_sum_t *sum, uint8_t type, const uint8_t *body,
  * The server's side of the relay
  */
 
+/*
+ * A session whose LISTENs are kept in step on both sides (mirroring rules) hears the
+ * notifications of the database's authoritative side only, on whichever connection they
+ * come: a write replayed on the other side fires its triggers there too.
+ */
+static bool side_notifies(const pd_session_t *s, bool on_new)
+{
+    return on_new == pd_server_new_authoritative(s->srv, s->database);
+}
+
+bool pd_session_hears_mirror(const pd_session_t *s)
+{
+    return !s->closed && s->state == PD_SESSION_ACTIVE &&
+           side_notifies(s, !(s->auth_new || s->reading));
+}
+
 static bool must_see_whole(const pd_session_t *s, uint8_t type)
 {
     if (type == PD_BE_READY)
         return true;
     if (!s->rules_on)
         return false;
+    if (type == PD_BE_NOTIFICATION && s->mir.on)
+        return true;
     if (type == PD_BE_PARSE_COMPLETE || type == PD_BE_BIND_COMPLETE || type == PD_BE_CLOSE_COMPLETE)
         return true;
     if (s->mir.on && pd_mirror_wants(s, type))
@@ -1873,6 +1891,8 @@ static pd_result_sum_t *current_sum(pd_session_t *s)
 /* Whether a whole message at [scan, scan+total) is dropped, and what it updates. */
 static bool server_message(pd_session_t *s, uint8_t type, const uint8_t *body, size_t n)
 {
+    if (type == PD_BE_NOTIFICATION)
+        return s->mir.on && !side_notifies(s, s->auth_new || s->reading);
     pd_batch_t *b = batch_front(s);
     bool internal = b != NULL && b->internal;
     pd_result_sum_t *sum = current_sum(s);
@@ -2029,7 +2049,7 @@ static int scan_server(pd_session_t *s)
             }
             uint8_t *repl = NULL;
             size_t repl_len = 0;
-            int act = mirrored && h.type != PD_BE_READY
+            int act = mirrored && h.type != PD_BE_READY && h.type != PD_BE_NOTIFICATION
                           ? pd_mirror_on_server(s, seq, h.type, body, h.len - 4, &repl, &repl_len)
                           : 0;
             if (act < 0) {

@@ -211,6 +211,10 @@ void pd_session_shutdown(pd_session_t *s, bool fast);
    there: NOTIFY runs where the session's statements ran, which after a switchover is the
    other side): the client hears it at the next message boundary of what it is sent. */
 void pd_session_notify(pd_session_t *s, uint32_t pid, const char *channel, const char *payload);
+/* ...which it hears only while the mirror's side is the database's authoritative one (a
+   write replayed on the other side fires its triggers there too); nor, for the same
+   reason, does it hear its own connection's while that one is not. */
+bool pd_session_hears_mirror(const pd_session_t *s);
 
 /* What the session waited for happened (the mirror applied a batch under commit:
  * lockstep, a pause ended, the mirror is ready to change sides): the relay goes on, from

@@ -1199,11 +1199,18 @@ class MirrorReadsNewSwitchoverTest(unittest.TestCase):
         return p
 
     def test_listen_follows_the_switchover(self):
-        """LISTEN is kept in step on the mirror's connection, whose notifications pgdual
-        passes on: a session that only waits for notifications (it never changes sides)
-        hears a NOTIFY sent through pgdual after the switchover (on new), and once it has
-        changed sides, one sent to old; each notification once."""
+        """LISTEN is kept in step on the mirror's connection, and a session hears the
+        notifications of the authoritative side on whichever connection they come: one
+        that only waits for notifications (it never changes sides) hears a NOTIFY sent
+        through pgdual after the switchover (on new); a trigger's notification is heard
+        once, though the write runs on both sides; old's are not heard after the flip."""
         p = self.whole_database_proxy("rq")
+        for db in ("rq_old", "rq_new"):
+            pdtest.direct_query(
+                "CREATE FUNCTION rq_notify() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "PERFORM pg_notify('rq_channel', 'trigger ' || NEW.note); RETURN NEW; END $$; "
+                "CREATE TRIGGER rq_notify AFTER UPDATE ON rq_t FOR EACH ROW "
+                "EXECUTE FUNCTION rq_notify()", dbname=db)
         listener = pdtest.connect(p.port, dbname="rq")
         listener.autocommit = True
         listener.cursor().execute("LISTEN rq_channel")
@@ -1211,37 +1218,49 @@ class MirrorReadsNewSwitchoverTest(unittest.TestCase):
         notifier.autocommit = True
         ncur = notifier.cursor()
 
-        def heard(n):
-            pdtest.wait_for(lambda: listener.poll() or len(listener.notifies) >= n, 10,
-                            what="%d notifications" % n)
-            time.sleep(0.2)  # a duplicate would come as quickly
+        def heard(expected, on_new=None):
+            """Waits for the expected payloads; then (after the mirror applied the
+            update `on_new`, when given) for a duplicate that does not come."""
+            pdtest.wait_for(lambda: listener.poll() or len(listener.notifies) >= len(expected),
+                            10, what="notifications %r" % (expected,))
+            if on_new is not None:
+                pdtest.wait_for(lambda: pdtest.direct_query("SELECT note FROM rq_t",
+                                                            dbname="rq_new") == [(on_new,)],
+                                10, what="new to apply the update")
+            time.sleep(0.3)
             listener.poll()
-            return [x.payload for x in listener.notifies]
+            self.assertEqual([x.payload for x in listener.notifies], expected)
 
         ncur.execute("NOTIFY rq_channel, 'before'")
-        self.assertEqual(heard(1), ["before"])
+        heard(["before"])
+        ncur.execute("UPDATE rq_t SET note = 't1' WHERE id = 1")  # the trigger fires on both
+        heard(["before", "trigger t1"], on_new="t1")
         r = p.ctl("switchover", "rq", "--force", check=False)
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
         ncur.execute("NOTIFY rq_channel, 'after'")  # the notifier is on new now
-        self.assertEqual(heard(2), ["before", "after"])
+        heard(["before", "trigger t1", "after"])
+        ncur.execute("UPDATE rq_t SET note = 't2' WHERE id = 1")
+        pdtest.wait_for(lambda: pdtest.direct_query("SELECT note FROM rq_t", dbname="rq_old")
+                        == [("t2",)], 10, what="old to apply the update as the mirror")
+        heard(["before", "trigger t1", "after", "trigger t2"])
         listener.cursor().execute("SELECT 1")  # the listener changes sides too
-        ncur.execute("NOTIFY rq_channel, 'on new'")
         pdtest.direct_query("NOTIFY rq_channel, 'sent to old'", dbname="rq_old")
-        self.assertEqual(sorted(heard(4)), sorted(["before", "after", "on new", "sent to old"]))
+        ncur.execute("NOTIFY rq_channel, 'on new'")
+        heard(["before", "trigger t1", "after", "trigger t2", "on new"])
         listener.cursor().execute("UNLISTEN rq_channel")
         ncur.execute("NOTIFY rq_channel, 'unheard'")
-        pdtest.direct_query("NOTIFY rq_channel, 'unheard on old'", dbname="rq_old")
-        time.sleep(0.5)
+        time.sleep(0.3)
         listener.cursor().execute("SELECT 1")
-        self.assertEqual(len(listener.notifies), 4)
+        self.assertEqual(len(listener.notifies), 5)
         listener.close()
         notifier.close()
         self.assertEqual(p.ctl_json("status")["rule_counters"]["rq"]["mirror_proxy_errors"], 0)
 
     def test_notifications_a_client_does_not_read_are_bounded(self):
         """A client that LISTENs and does not read: what comes on its mirror connection
-        (here 40 MB sent to old after the switchover) is passed on up to a bound, past
-        which it is dropped, not kept: pgdual's memory stays flat."""
+        (here 40 MB sent to new after the switchover, the session still on old) is passed
+        on up to a bound, past which it is dropped, not kept: pgdual's memory stays
+        flat."""
         # Under AddressSanitizer freed memory stays resident in its quarantine: none here.
         p = self.whole_database_proxy(
             "rl", env={"ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:quarantine_size_mb=0"})
@@ -1250,18 +1269,19 @@ class MirrorReadsNewSwitchoverTest(unittest.TestCase):
         cur = conn.cursor()
         cur.execute("LISTEN rl_channel")
         cur.execute("UPDATE rl_t SET note = 'mirrored' WHERE id = 1")
+        pdtest.wait_for(lambda: pdtest.direct_query("SELECT note FROM rl_t", dbname="rl_new")
+                        == [("mirrored",)], 10, what="the mirror to apply the update")
         r = p.ctl("switchover", "rl", "--force", check=False)
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
-        cur.execute("SELECT note FROM rl_t")  # the session is on new now
-        self.assertEqual(cur.fetchall(), [("mirrored",)])
         before = pdtest.rss_kb(p.proc.pid)
-        for _ in range(4):  # 40 MB of notifications on old
+        for _ in range(4):  # 40 MB of notifications on new, the authoritative side now
             pdtest.direct_query("SELECT pg_notify('rl_channel', g || repeat('x', 1000)) "
-                                "FROM generate_series(1, 10000) g", dbname="rl_old")
+                                "FROM generate_series(1, 10000) g", dbname="rl_new")
         time.sleep(1)
         grown = pdtest.rss_kb(p.proc.pid) - before
         cur.execute("SELECT 1")
         self.assertEqual(cur.fetchall(), [(1,)])
+        conn.poll()
         self.assertLess(grown, 24 * 1024, "pgdual kept the notifications: +%d kB" % grown)
         self.assertGreater(len(conn.notifies), 0)
         self.assertTrue(conn.notifies[0].payload.startswith("1x"), conn.notifies[0].payload)
