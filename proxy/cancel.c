@@ -15,6 +15,8 @@ typedef struct {
     char tag[128];
     char err[256];
     int ok;
+    void (*done)(void *arg);
+    void *arg;
 } cancel_job_t;
 
 static void cancel_work(uv_work_t *w)
@@ -33,10 +35,18 @@ static void cancel_done(uv_work_t *w, int status)
     else
         pd_log_info(job->tag, "cancel request forwarded to the server");
     PQfreeCancel(job->cancel);
+    if (job->done != NULL)
+        job->done(job->arg);
     free(job);
 }
 
 int pd_cancel_dispatch(uv_loop_t *loop, PGconn *conn, const char *tag)
+{
+    return pd_cancel_dispatch_then(loop, conn, tag, NULL, NULL);
+}
+
+int pd_cancel_dispatch_then(uv_loop_t *loop, PGconn *conn, const char *tag, void (*done)(void *arg),
+                            void *arg)
 {
     cancel_job_t *job = calloc(1, sizeof *job);
     if (job == NULL)
@@ -47,6 +57,8 @@ int pd_cancel_dispatch(uv_loop_t *loop, PGconn *conn, const char *tag)
         return -1;
     }
     snprintf(job->tag, sizeof job->tag, "%s", tag ? tag : "");
+    job->done = done;
+    job->arg = arg;
     job->work.data = job;
     if (uv_queue_work(loop, &job->work, cancel_work, cancel_done) != 0) {
         PQfreeCancel(job->cancel);

@@ -21,6 +21,7 @@
 
 #include "admin/jobs.h"
 #include "proxy/backend.h"
+#include "proxy/cancel.h"
 #include "proxy/compare.h"
 #include "proxy/log.h"
 #include "proxy/route.h"
@@ -448,6 +449,12 @@ static void poll_closed(uv_handle_t *h)
     free(h);
 }
 
+static void mirror_dealloc(pd_mirror_t *m)
+{
+    free(m->held_nodes);
+    free(m);
+}
+
 static void mirror_free(pd_mirror_t *m)
 {
     if (m->prev != NULL)
@@ -457,11 +464,10 @@ static void mirror_free(pd_mirror_t *m)
     if (m->next != NULL)
         m->next->prev = m->prev;
     if (m->cancelling) {
-        m->orphan = true;
+        m->orphan = true; /* freed when the cancel is done (shadow_cancel_done) */
         return;
     }
-    free(m->held_nodes);
-    free(m);
+    mirror_dealloc(m);
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -473,30 +479,12 @@ static void mirror_free(pd_mirror_t *m)
  * backend, which ignores it. Only reads outside a transaction get a budget (a cancel
  * would abort the transaction).
  */
-typedef struct {
-    uv_work_t work;
-    PGcancel *cancel;
-    pd_mirror_t *m;
-} shadow_cancel_t;
-
-static void cancel_work(uv_work_t *w)
+static void shadow_cancel_done(void *arg)
 {
-    shadow_cancel_t *c = w->data;
-    char err[256];
-    (void)PQcancel(c->cancel, err, sizeof err); /* failing, the read just runs its course */
-}
-
-static void cancel_done(uv_work_t *w, int status)
-{
-    (void)status;
-    shadow_cancel_t *c = w->data;
-    pd_mirror_t *m = c->m;
-    PQfreeCancel(c->cancel);
-    free(c);
-    m->cancelling = false;
+    pd_mirror_t *m = arg;
+    m->cancelling = false; /* failed, the read just ran its course */
     if (m->orphan) {
-        free(m->held_nodes);
-        free(m);
+        mirror_dealloc(m);
         return;
     }
     mirror_pump(m);
@@ -515,18 +503,9 @@ static void on_shadow_tick(uv_timer_t *t)
             pending = true;
             continue;
         }
-        shadow_cancel_t *c = calloc(1, sizeof *c);
-        if (c == NULL || (c->cancel = PQgetCancel(m->backend.conn)) == NULL) {
-            free(c);
+        if (pd_cancel_dispatch_then(srv->loop, m->backend.conn, m->tag, shadow_cancel_done, m) !=
+            0) {
             pending = true; /* tried again at the next tick */
-            continue;
-        }
-        c->m = m;
-        c->work.data = c;
-        if (uv_queue_work(srv->loop, &c->work, cancel_work, cancel_done) != 0) {
-            PQfreeCancel(c->cancel);
-            free(c);
-            pending = true;
             continue;
         }
         op->timed_out = true;
@@ -1138,9 +1117,7 @@ static pd_mirror_t *mirror_open(pd_session_t *s)
     char err[512];
     /* The mirror is the side the session does not talk to; for A/A reads, the same side. */
     m->aa = wants_aa(s->srv, s->database);
-    const char *target = db == NULL                               ? NULL
-                         : ((s->auth_new || s->reading) != m->aa) ? db->old
-                                                                  : db->new;
+    const char *target = db == NULL ? NULL : (pd_session_on_new(s) != m->aa) ? db->old : db->new;
     if (target == NULL || pd_backend_connect(&m->backend, s->srv->loop, target, &params,
                                              on_connected, m, err, sizeof err) != 0) {
         m->state = M_DEAD;
@@ -2049,19 +2026,23 @@ void pd_mirror_wrap_failed(pd_session_t *s, int rule, const char *stmt, const ui
     op_free(op);
 }
 
+/* The session's mirror failed a write of this transaction, or is gone. */
+static bool mirror_failed(const pd_session_t *s)
+{
+    return s->mir.poisoned || (s->mir.mirror != NULL && s->mir.mirror->state == M_DEAD);
+}
+
 bool pd_mirror_refuses(pd_session_t *s, const pd_sql_result_t *r)
 {
-    pd_session_mirror_t *sm = &s->mir;
     if (r == NULL || (r->mirror != PD_MIRROR_WRITE && r->mirror != PD_MIRROR_IMAGE) ||
         !rule_fails(s->srv, r->mirror_rule))
         return false;
-    return sm->poisoned || (sm->mirror != NULL && sm->mirror->state == M_DEAD);
+    return mirror_failed(s);
 }
 
 bool pd_mirror_refuses_wrap(pd_session_t *s, int rule)
 {
-    return rule >= 0 && rule_lockstep(s->srv, rule) && rule_fails(s->srv, rule) &&
-           (s->mir.poisoned || (s->mir.mirror != NULL && s->mir.mirror->state == M_DEAD));
+    return rule >= 0 && rule_lockstep(s->srv, rule) && rule_fails(s->srv, rule) && mirror_failed(s);
 }
 
 /* A refusal of rule's, with hint and a message. */
@@ -2183,7 +2164,7 @@ void pd_mirror_swap(pd_session_t *s, PGconn **conn)
     m->poll->data = m;
     restart_poll(m, UV_READABLE);
     pd_log_debug(m->tag, "now on the %s side (backend pid %d)",
-                 s->auth_new || s->reading ? "new" : "old", PQbackendPID(m->backend.conn));
+                 pd_session_on_new(s) ? "new" : "old", PQbackendPID(m->backend.conn));
 }
 
 bool pd_mirror_follow_flags(pd_session_t *s)

@@ -150,11 +150,11 @@ bool pd_mirror_refuses_wrap(pd_session_t *s, int rule);
 bool pd_mirror_refuses(pd_session_t *s, const pd_sql_result_t *r);
 /* The refusal for those two cases. */
 pd_sql_result_t *pd_mirror_refusal(pd_session_t *s, int rule);
-/* The refusal of a write pd_mirror_wraps wants in a transaction (or of a COMMIT, plan
-   PD_MIRROR_TXN, after one) that would commit in a batch before pgdual read its answer. */
 /* The refusal of a statement other than a reads=new read in a batch that runs on new
    (session.c, read_side). */
 pd_sql_result_t *pd_mirror_read_refusal(pd_session_t *s, int rule);
+/* The refusal of a write pd_mirror_wraps wants in a transaction (or of a COMMIT, plan
+   PD_MIRROR_TXN, after one) that would commit in a batch before pgdual read its answer. */
 pd_sql_result_t *pd_mirror_order_refusal(pd_session_t *s, int rule, const pd_sql_result_t *plan);
 /* A whole CopyData, CopyDone or CopyFail from the client (kept for a mirrored COPY). */
 void pd_mirror_on_copy(pd_session_t *s, uint8_t type, const uint8_t *body, size_t n);

@@ -1027,15 +1027,11 @@ static void keep_plan(pd_session_t *s, pd_sql_result_t *r)
     s->kept_gen = s->srv->rules_generation;
 }
 
-/* read_side's answer as a route_* result; the plan r is kept when the batch waits. */
-static int side_route(pd_session_t *s, pd_sql_result_t *r, bool keep)
+/* The first statement of a batch, plan r: 0 the batch goes on, 1 it waits (wrap_waits,
+   read_side), -1 the session ended. */
+static int batch_side(pd_session_t *s, const pd_sql_result_t *r)
 {
-    int side = read_side(s, r);
-    if (side > 0 && keep)
-        keep_plan(s, r);
-    else if (side != 0 && keep)
-        pd_sql_result_release(r);
-    return side;
+    return wrap_waits(s, r) ? 1 : read_side(s, r);
 }
 
 typedef enum { ROUTE_OK, ROUTE_WAIT, ROUTE_CLOSED } route_rc_t;
@@ -1058,11 +1054,11 @@ static route_rc_t route_query(pd_session_t *s, pd_pipe_t *p, size_t total)
         pd_session_terminate(s, "53200", "out of memory", NULL);
         return ROUTE_CLOSED;
     }
-    if (wrap_waits(s, r)) {
-        keep_plan(s, r);
-        return ROUTE_WAIT;
-    }
-    int side = side_route(s, r, true);
+    int side = batch_side(s, r);
+    if (side > 0)
+        keep_plan(s, r); /* taken up again when the batch goes on */
+    else if (side < 0)
+        pd_sql_result_release(r);
     if (side != 0)
         return side > 0 ? ROUTE_WAIT : ROUTE_CLOSED;
     bool end_txn = false;
@@ -1185,7 +1181,7 @@ static route_rc_t route_parse(pd_session_t *s, pd_pipe_t *p, size_t total)
             pd_session_terminate(s, "53200", "out of memory", NULL);
             return ROUTE_CLOSED;
         }
-        int side = wrap_waits(s, r) ? 1 : read_side(s, r);
+        int side = batch_side(s, r);
         keep_plan(s, r); /* for stmt_decide, now or when the batch goes on */
         if (side != 0)
             return side > 0 ? ROUTE_WAIT : ROUTE_CLOSED;
@@ -1345,9 +1341,7 @@ static route_rc_t route_bind_close(pd_session_t *s, pd_pipe_t *p, uint8_t type, 
         return ROUTE_WAIT;
     if (s->mir.on && total > avail && pd_mirror_bind_needs_whole(e->r))
         return ROUTE_WAIT; /* its parameters are replayed: the relay loop makes room */
-    if (wrap_waits(s, e->r))
-        return ROUTE_WAIT;
-    int side = read_side(s, e->r);
+    int side = batch_side(s, e->r);
     if (side != 0)
         return side > 0 ? ROUTE_WAIT : ROUTE_CLOSED;
     bool first_bind = s->sent[1] == 0;
@@ -1856,8 +1850,7 @@ static bool side_notifies(const pd_session_t *s, bool on_new)
 
 bool pd_session_hears_mirror(const pd_session_t *s)
 {
-    return !s->closed && s->state == PD_SESSION_ACTIVE &&
-           side_notifies(s, !(s->auth_new || s->reading));
+    return !s->closed && s->state == PD_SESSION_ACTIVE && side_notifies(s, !pd_session_on_new(s));
 }
 
 static bool must_see_whole(const pd_session_t *s, uint8_t type)
@@ -1892,7 +1885,7 @@ static pd_result_sum_t *current_sum(pd_session_t *s)
 static bool server_message(pd_session_t *s, uint8_t type, const uint8_t *body, size_t n)
 {
     if (type == PD_BE_NOTIFICATION)
-        return s->mir.on && !side_notifies(s, s->auth_new || s->reading);
+        return s->mir.on && !side_notifies(s, pd_session_on_new(s));
     pd_batch_t *b = batch_front(s);
     bool internal = b != NULL && b->internal;
     pd_result_sum_t *sum = current_sum(s);

@@ -207,6 +207,13 @@ void pd_session_terminate(pd_session_t *s, const char *sqlstate, const char *mes
  */
 void pd_session_shutdown(pd_session_t *s, bool fast);
 
+/* Is the session's backend the database's new side (new authoritative, or reading new)?
+   Its mirror connection is then on old. */
+static inline bool pd_session_on_new(const pd_session_t *s)
+{
+    return s->auth_new || s->reading;
+}
+
 /* A notification that came on the session's mirror connection (a LISTEN kept in step
    there: NOTIFY runs where the session's statements ran, which after a switchover is the
    other side): the client hears it at the next message boundary of what it is sent. */
