@@ -1000,14 +1000,6 @@ static bool wrap_ready(pd_session_t *s, uint8_t wrap, uint8_t status)
     return false;
 }
 
-/* A session that LISTENs gets its notifications on its connection to old: it reads
-   there from then on (read_side), never from the mirror's side. */
-static void note_listen(pd_session_t *s, const char *sql)
-{
-    if (s->mir.on && !s->listening && strcasestr(sql, "LISTEN") != NULL)
-        s->listening = true;
-}
-
 /* The plan of the statement at the scan point: the one kept when it waited (wrap_waits),
    unless the rules changed since, else routed now. NULL when out of memory. */
 static pd_sql_result_t *route_sql(pd_session_t *s, const char *sql)
@@ -1048,7 +1040,6 @@ static route_rc_t route_query(pd_session_t *s, pd_pipe_t *p, size_t total)
     }
     if (p->has_hole && p->hole_end != p->scan)
         return ROUTE_WAIT; /* a rewrite would need a second hole: flush first */
-    note_listen(s, q.sql);
     pd_sql_result_t *r = route_sql(s, q.sql);
     if (r == NULL) {
         pd_session_terminate(s, "53200", "out of memory", NULL);
@@ -1174,7 +1165,6 @@ static route_rc_t route_parse(pd_session_t *s, pd_pipe_t *p, size_t total)
     }
     if (p->has_hole && p->hole_end != p->scan)
         return ROUTE_WAIT;
-    note_listen(s, m.sql);
     if (s->mir.on && s->batch_msgs == 0) {
         pd_sql_result_t *r = route_sql(s, m.sql);
         if (r == NULL) {
@@ -1582,8 +1572,7 @@ static int read_side(pd_session_t *s, const pd_sql_result_t *r)
 {
     if (!s->mir.on || s->auth_new || s->batch_msgs > 0 || s->wrap_open)
         return 0;
-    bool want = r != NULL && r->read_new && r->action != PD_SQL_REFUSE && s->txn_status == 'I' &&
-                !s->listening;
+    bool want = r != NULL && r->read_new && r->action != PD_SQL_REFUSE && s->txn_status == 'I';
     if (want == s->reading)
         return 0;
     if (s->batch_count > 0 || s->to_server.len > 0) {

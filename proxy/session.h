@@ -155,8 +155,6 @@ struct pd_session {
     bool reading;     /* ...or it is new while old is authoritative: a batch of reads=new of
                          a tables rule at writes=dual (read_side, session.c) */
     int read_rule;    /* ...of this rule */
-    bool listening;   /* it ran LISTEN (or a text naming it): it reads on old, where its
-                         notifications come */
     bool want_new;    /* ... which the rules in force ask for (sides change when idle) */
     bool mirror_wait; /* b2c waits at a ReadyForQuery for the mirror (lockstep) */
     bool idle_wait;   /* client input waits until no batch is in flight (wrap_waits) */

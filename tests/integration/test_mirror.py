@@ -1162,9 +1162,11 @@ class MirrorReadsNewTest(unittest.TestCase):
             self.assertEqual(counters(p)["mirror_proxy_errors"], 0)
 
 
-    def test_listening_session_stays_on_old(self):
-        """A session that LISTENs stays on old at reads=new: its notifications come on
-        its connection to old, which would otherwise be the mirror's while it reads."""
+    def test_listening_session_reads_new_and_hears_old_once(self):
+        """A session that LISTENs reads from new at reads=new like any other. While it is
+        on new, old's notifications come on its connection to old, the mirror's for the
+        time being: they are heard, once each; a NOTIFY sent to new (not
+        authoritative) is not heard."""
         reset_schema()
         with RulesProxy(rules=[tables_rule()], databases=databases()) as p:
             p.ctl("flag", RULE, "reads=new")
@@ -1173,12 +1175,28 @@ class MirrorReadsNewTest(unittest.TestCase):
             cur = conn.cursor()
             cur.execute("LISTEN pd_reads_new")
             pdtest.direct_query("UPDATE mt_counters SET n = 42 WHERE id = 1", dbname="app2")
-            cur.execute("SELECT n FROM mt_counters WHERE id = 1")
-            self.assertEqual(cur.fetchall(), [(0,)])  # old's row: not served by new
-            pdtest.direct_query("NOTIFY pd_reads_new, 'hello'", dbname="app")
-            cur.execute("SELECT 1")
+
+            def read_on_new():
+                cur.execute("SELECT n FROM mt_counters WHERE id = 1")
+                self.assertEqual(cur.fetchall(), [(42,)])  # new's row: served by new
+
+            read_on_new()
+            # Idle on new: old's notification comes through the mirror's connection.
+            pdtest.direct_query("NOTIFY pd_reads_new, 'old idle'", dbname="app")
             pdtest.wait_for(lambda: conn.poll() or conn.notifies, 5, what="the notification")
-            self.assertEqual([n.payload for n in conn.notifies], ["hello"])
+            pdtest.direct_query("NOTIFY pd_reads_new, 'new'", dbname="app2")
+            read_on_new()  # new delivered its own before this answer: it was dropped
+            pdtest.direct_query("NOTIFY pd_reads_new, 'old again'", dbname="app")
+            read_on_new()
+            pdtest.wait_for(lambda: conn.poll() or len(conn.notifies) >= 2, 5,
+                            what="the second notification")
+            # A round trip on old (the session swaps back), then on new again: a duplicate
+            # from either connection would have come by now.
+            cur.execute("SELECT 1")
+            read_on_new()
+            conn.poll()
+            self.assertEqual([n.payload for n in conn.notifies], ["old idle", "old again"])
+            self.assertEqual(counters(p)["mirror_proxy_errors"], 0)
             conn.close()
 
 
