@@ -237,6 +237,7 @@ static pd_stmt_t *stmt_put(pd_session_t *s, const pd_fe_parse_t *m)
         return NULL;
     }
     e->ntypes = m->nparams;
+    e->serial = ++s->stmt_serial;
     pd_stmt_t **pp = &s->stmts[name_hash(e->name) % s->stmt_buckets];
     e->next = *pp;
     *pp = e;
@@ -261,11 +262,13 @@ static const char *word_is(const char *p, const char *w)
 }
 
 /*
- * DEALLOCATE and DISCARD drop prepared statements by SQL; which ones only the server
- * knows. DEALLOCATE [PREPARE] ALL and DISCARD ALL: all, and they are forgotten. Otherwise
- * every statement may be prepared again at its next Bind (a Close and a Parse: harmless
- * for one the server still holds). Either way, what the other connection holds under
- * their names is freed there at the next swap. False when out of memory.
+ * DEALLOCATE and DISCARD drop prepared statements by SQL. `DEALLOCATE name` alone (read
+ * by PostgreSQL's parser): that statement is forgotten once the server has done it
+ * (dealloc_done). DEALLOCATE [PREPARE] ALL and DISCARD ALL: all, and they are forgotten.
+ * Any other text that names them may drop any: what the other connection holds under
+ * every name is freed there at the next swap. On this side the server knows what it
+ * holds: a Bind of a dropped name fails there as PostgreSQL says. False when out of
+ * memory.
  */
 static bool statements_dropped(pd_session_t *s, const char *sql)
 {
@@ -274,20 +277,42 @@ static bool statements_dropped(pd_session_t *s, const char *sql)
     if ((rest = word_is(p, "DEALLOCATE")) != NULL) {
         const char *after = word_is(rest, "PREPARE");
         all = word_is(after ? after : rest, "ALL") != NULL;
+        char *name = all || s->dealloc_name != NULL ? NULL : pd_sql_deallocated_name(sql);
+        if (name != NULL) {
+            const pd_stmt_t *e = stmt_find(s, name);
+            if (e == NULL) { /* not one of the client's protocol statements */
+                free(name);
+                return true;
+            }
+            s->dealloc_name = name;
+            s->dealloc_serial = e->serial;
+            s->dealloc_seq = s->batch_seq;
+            return true;
+        }
     } else if ((rest = word_is(p, "DISCARD")) != NULL) {
         all = word_is(rest, "ALL") != NULL;
     } else if (strcasestr(sql, "DEALLOCATE") == NULL && strcasestr(sql, "DISCARD") == NULL) {
         return true;
     }
     for (unsigned i = 0; i < s->stmt_buckets; i++)
-        for (pd_stmt_t *e = s->stmts[i]; e != NULL; e = e->next) {
+        for (pd_stmt_t *e = s->stmts[i]; e != NULL; e = e->next)
             if (!stmt_note_freed(s, e))
                 return false;
-            e->lost = true;
-        }
     if (all)
         stmt_forget_all(s);
     return true;
+}
+
+/* The answer to a `DEALLOCATE name` (statements_dropped) came: the record it dropped is
+   forgotten, unless the client prepared the name again meanwhile. False when out of
+   memory. */
+static bool dealloc_done(pd_session_t *s, const uint8_t *body, size_t n)
+{
+    static const char tag[] = "DEALLOCATE";
+    if (n < sizeof tag || memcmp(body, tag, sizeof tag) != 0)
+        return true;
+    const pd_stmt_t *e = stmt_find(s, s->dealloc_name);
+    return e == NULL || e->serial != s->dealloc_serial || stmt_forget(s, s->dealloc_name, true);
 }
 
 static void free_session(uv_handle_t *h)
@@ -298,6 +323,7 @@ static void free_session(uv_handle_t *h)
     pd_buf_free(&s->c2b.repl);
     pd_buf_free(&s->b2c.repl);
     pd_buf_free(&s->out);
+    free(s->dealloc_name);
     pd_buf_free(&s->notes);
     pd_buf_free(&s->to_server);
     free(s->batches);
@@ -1026,6 +1052,38 @@ static int batch_side(pd_session_t *s, const pd_sql_result_t *r)
     return wrap_waits(s, r) ? 1 : read_side(s, r);
 }
 
+static bool stmt_decide(pd_session_t *s, pd_stmt_t *e);
+
+/*
+ * `DEALLOCATE name` of a statement this side may not hold (the session prepared it while
+ * on its other side): it is prepared here first, in a batch of pgdual's own whose answers
+ * are dropped, so that the DEALLOCATE finds it as on PostgreSQL. 0 go on, 1 wait for
+ * that batch, -1 out of memory.
+ */
+static int dealloc_here(pd_session_t *s, const char *sql)
+{
+    if (s->stmt_count == 0 || word_is(skip_blanks(sql), "DEALLOCATE") == NULL)
+        return 0;
+    char *name = pd_sql_deallocated_name(sql);
+    pd_stmt_t *e = name != NULL ? stmt_find(s, name) : NULL;
+    free(name);
+    if (e == NULL || !e->lost)
+        return 0;
+    if (!stmt_decide(s, e)) /* what this side is to hold: e->sent */
+        return -1;
+    e->lost = false;
+    if (e->sent == NULL)
+        return 0; /* refused: PostgreSQL never held it */
+    pd_fe_close(&s->to_server, 'S', e->name);
+    pd_fe_parse(&s->to_server, e->name, e->sent, e->ntypes, e->types);
+    pd_fe_sync(&s->to_server);
+    pd_batch_t b = {.seq = s->batch_seq, .internal = true, .wrap = 'B'};
+    if (!pd_buf_ok(&s->to_server) || !batch_push(s, b))
+        return -1;
+    s->hold_client = s->idle_wait = true;
+    return 1;
+}
+
 typedef enum { ROUTE_OK, ROUTE_WAIT, ROUTE_CLOSED } route_rc_t;
 
 /* A whole Query at [scan, scan + total). */
@@ -1052,6 +1110,16 @@ static route_rc_t route_query(pd_session_t *s, pd_pipe_t *p, size_t total)
         pd_sql_result_release(r);
     if (side != 0)
         return side > 0 ? ROUTE_WAIT : ROUTE_CLOSED;
+    int here = dealloc_here(s, q.sql);
+    if (here > 0) {
+        keep_plan(s, r);
+        return ROUTE_WAIT;
+    }
+    if (here < 0) {
+        pd_sql_result_release(r);
+        pd_session_terminate(s, "53200", "out of memory", NULL);
+        return ROUTE_CLOSED;
+    }
     bool end_txn = false;
     if (s->mir.on) {
         int first = pd_mirror_commit_first(s, r, q.sql);
@@ -1844,7 +1912,7 @@ bool pd_session_hears_mirror(const pd_session_t *s)
 
 static bool must_see_whole(const pd_session_t *s, uint8_t type)
 {
-    if (type == PD_BE_READY)
+    if (type == PD_BE_READY || (type == PD_BE_COMMAND_COMPLETE && s->dealloc_name != NULL))
         return true;
     if (!s->rules_on)
         return false;
@@ -1883,6 +1951,17 @@ static bool server_message(pd_session_t *s, uint8_t type, const uint8_t *body, s
     if (!internal && s->traffic != NULL) {
         s->traffic->requests += type == PD_BE_READY;
         s->traffic->errors += type == PD_BE_ERROR;
+    }
+    /* A DEALLOCATE's answer, or the end of its batch without one (nothing was dropped). */
+    if (s->dealloc_name != NULL && !internal && (b == NULL || b->seq == s->dealloc_seq) &&
+        (type == PD_BE_COMMAND_COMPLETE || type == PD_BE_READY)) {
+        bool ok = type == PD_BE_READY || b == NULL || dealloc_done(s, body, n);
+        free(s->dealloc_name);
+        s->dealloc_name = NULL;
+        if (!ok) {
+            pd_session_terminate(s, "53200", "out of memory", NULL);
+            return true;
+        }
     }
     if (type == PD_BE_READY) {
         s->txn_status = body[0];

@@ -58,6 +58,7 @@ typedef struct pd_stmt {
     uint32_t *types;    /* the parameter types the client declared */
     unsigned gen;       /* srv->rules_generation of the decision */
     bool lost;          /* the server may not hold `sent` under the name: prepare it again */
+    uint64_t serial;    /* which record of the name this is (a DEALLOCATE's answer) */
     char *other_sent;   /* what the session's other connection holds, when other_held */
     bool other_held;    /* ...known to hold other_sent (NULL: nothing) under the name */
     pd_sql_result_t *r; /* the decision (rewrite, refusal, shadow form), referenced */
@@ -143,7 +144,13 @@ struct pd_session {
     unsigned drop_cap, drop_head, drop_count;
     pd_stmt_t **stmts; /* prepared statements by name (hash table), owned */
     unsigned stmt_buckets, stmt_count;
-    char **stale; /* names the other connection holds that the client freed */
+    /* A `DEALLOCATE name` on its way: the record it drops (stmt serial) is forgotten once
+       the server says DEALLOCATE in batch dealloc_seq (statements_dropped). */
+    char *dealloc_name;
+    uint64_t dealloc_serial;
+    uint32_t dealloc_seq;
+    uint64_t stmt_serial; /* the last pd_stmt_t.serial given */
+    char **stale;         /* names the other connection holds that the client freed */
     unsigned nstale, stale_cap;
     unsigned other_serial; /* pd_mirror_serial of the connection left at the last swap */
     pd_buf_t to_server;    /* the proxy's own messages for the server (shadow queries) */

@@ -1578,3 +1578,17 @@ char *pd_sql_normalize(const char *sql)
     pg_query_free_normalize_result(nr);
     return out;
 }
+
+char *pd_sql_deallocated_name(const char *sql)
+{
+    PgQuery__ParseResult *tree = pd__parse_tree(sql);
+    char *name = NULL;
+    if (tree != NULL && tree->n_stmts == 1 && tree->stmts[0]->stmt != NULL &&
+        tree->stmts[0]->stmt->node_case == PG_QUERY__NODE__NODE_DEALLOCATE_STMT &&
+        tree->stmts[0]->stmt->deallocate_stmt->name != NULL &&
+        tree->stmts[0]->stmt->deallocate_stmt->name[0] != '\0')
+        name = strdup(tree->stmts[0]->stmt->deallocate_stmt->name);
+    if (tree != NULL)
+        pg_query__parse_result__free_unpacked(tree, NULL);
+    return name;
+}

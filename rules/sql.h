@@ -181,4 +181,11 @@ void pd_sql_cache_clear(pd_sql_t *rw);
  */
 char *pd_sql_normalize(const char *sql);
 
+/*
+ * The statement name a text drops when it is exactly one `DEALLOCATE [PREPARE] name`, as
+ * PostgreSQL's parser reads it (quoting, case, comments), malloc'd; NULL for anything
+ * else (DEALLOCATE ALL, several statements, text that does not parse) or out of memory.
+ */
+char *pd_sql_deallocated_name(const char *sql);
+
 #endif /* PD_RULES_SQL_H */

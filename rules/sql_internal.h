@@ -196,6 +196,9 @@ bool pd__calls_volatile(const pd__node_t *n, const char **fname);
 /* Does the tree contain an INSERT, UPDATE, DELETE or MERGE? */
 bool pd__has_dml(const pd__node_t *n);
 
+/* The parse tree of sql, unpacked (pg_query__parse_result__free_unpacked(tree, NULL)); NULL
+   when it does not parse or out of memory. */
+PgQuery__ParseResult *pd__parse_tree(const char *sql);
 /* Parses `SELECT <expr>` and returns the expression, or NULL (bad text or out of memory). */
 pd__node_t *pd__parse_expr(const char *text);
 /* Deparses one statement; malloc'd text, or NULL. */

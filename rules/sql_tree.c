@@ -385,13 +385,9 @@ pd__node_t *pd__parse_expr(const char *text)
         return NULL;
     memcpy(sql, "SELECT ", 7);
     memcpy(sql + 7, text, len + 1);
-    PgQueryProtobufParseResult pr = pg_query_parse_protobuf(sql);
+    PgQuery__ParseResult *tree = pd__parse_tree(sql);
     free(sql);
     pd__node_t *expr = NULL;
-    PgQuery__ParseResult *tree = NULL;
-    if (pr.error == NULL)
-        tree = pg_query__parse_result__unpack(NULL, pr.parse_tree.len,
-                                              (const uint8_t *)pr.parse_tree.data);
     if (tree != NULL && tree->n_stmts == 1 && tree->stmts[0]->stmt != NULL &&
         tree->stmts[0]->stmt->node_case == PG_QUERY__NODE__NODE_SELECT_STMT &&
         is_bare_select(tree->stmts[0]->stmt->select_stmt)) {
@@ -403,8 +399,18 @@ pd__node_t *pd__parse_expr(const char *text)
     }
     if (tree != NULL)
         pg_query__parse_result__free_unpacked(tree, NULL);
-    pg_query_free_protobuf_parse_result(pr);
     return expr;
+}
+
+PgQuery__ParseResult *pd__parse_tree(const char *sql)
+{
+    PgQueryProtobufParseResult pr = pg_query_parse_protobuf(sql);
+    PgQuery__ParseResult *tree = NULL;
+    if (pr.error == NULL)
+        tree = pg_query__parse_result__unpack(NULL, pr.parse_tree.len,
+                                              (const uint8_t *)pr.parse_tree.data);
+    pg_query_free_protobuf_parse_result(pr);
+    return tree;
 }
 
 char *pd__deparse(PgQuery__RawStmt *raw, int32_t version)

@@ -94,6 +94,19 @@ def read_kinds(c):
     return kinds
 
 
+def read_error(c):
+    """The fields of a batch's ErrorResponse, read up to its ReadyForQuery."""
+    err = None
+    while True:
+        k, body = c.recv_msg()
+        if k == "E" and err is None:
+            err = pdtest.parse_fields(body)
+        if k == "Z":
+            if err is None:
+                raise AssertionError("the batch did not fail")
+            return err
+
+
 class MirrorTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -1139,6 +1152,47 @@ class MirrorReadsNewTest(unittest.TestCase):
                     c.send(parse_msg("r", "SELECT count(*) FROM mt_orders WHERE total > $1")
                            + bind_msg_params(["0"], stmt="r") + execute_msg() + sync_msg())
                     self.assertEqual(read_batch(c), [["1"]], drop)
+                # A name deallocated by SQL is gone, as PostgreSQL says (26000), on either
+                # side. The second DEALLOCATE (on old) is of a statement prepared on new
+                # only: pgdual prepares it on old first, so that it is found.
+                c.send(parse_msg("q", "SELECT 3") + sync_msg())
+                read_batch(c)
+                for side in ("old", "new"):
+                    c.send(pdtest.query_msg("DEALLOCATE r"))  # runs on old
+                    self.assertEqual(read_batch(c), [])
+                    if side == "new":
+                        c.send(read_new)
+                        read_batch(c)
+                    c.send(bind_msg_params(["0"], stmt="r") + execute_msg() + sync_msg())
+                    self.assertEqual(read_error(c)["C"], "26000", side)
+                    c.send(bind_msg(stmt="q") + execute_msg() + sync_msg())
+                    self.assertEqual(read_batch(c), [["3"]], side)
+                    c.send(parse_msg("r", "SELECT count(*) FROM mt_orders WHERE total > $1")
+                           + bind_msg_params(["0"], stmt="r") + execute_msg() + sync_msg())
+                    self.assertEqual(read_batch(c), [["1"]], side)
+                # Dropped by a text pgdual does not read (any name may be gone): on the side
+                # that ran it, the server says which.
+                c.send(pdtest.query_msg("BEGIN"))
+                read_batch(c)
+                c.send(bind_msg_params(["0"], stmt="r") + execute_msg() + sync_msg())
+                self.assertEqual(read_batch(c), [["1"]])  # on old: held on both sides now
+                c.send(pdtest.query_msg("COMMIT"))
+                read_batch(c)
+                c.send(pdtest.query_msg("SELECT 4; DEALLOCATE r"))
+                self.assertEqual(read_batch(c), [["4"]])
+                c.send(pdtest.query_msg("BEGIN"))
+                read_batch(c)
+                c.send(bind_msg_params(["0"], stmt="r") + execute_msg() + sync_msg())
+                self.assertEqual(read_error(c)["C"], "26000")
+                c.send(bind_msg(stmt="q") + execute_msg() + sync_msg())
+                self.assertEqual(read_error(c)["C"], "25P02")
+                c.send(pdtest.query_msg("ROLLBACK"))
+                read_batch(c)
+                c.send(bind_msg(stmt="q") + execute_msg() + sync_msg())
+                self.assertEqual(read_batch(c), [["3"]])
+                c.send(parse_msg("r", "SELECT count(*) FROM mt_orders WHERE total > $1")
+                       + bind_msg_params(["0"], stmt="r") + execute_msg() + sync_msg())
+                self.assertEqual(read_batch(c), [["1"]])
                 # Described on a side that never prepared it, first in its batch.
                 c.send(parse_msg("w", "SELECT note FROM mt_orders WHERE total = $1")
                        + sync_msg())

@@ -1443,6 +1443,41 @@ static void test_deep_statement(void **state)
 }
 
 /* ---------------------------------------------------------------------------------------
+ * The name a DEALLOCATE drops, as PostgreSQL reads it.
+ */
+static void expect_deallocated(const char *sql, const char *name)
+{
+    char *got = pd_sql_deallocated_name(sql);
+    if (name == NULL) {
+        if (got != NULL)
+            fail_msg("\"%s\" named \"%s\"", sql, got);
+    } else {
+        if (got == NULL)
+            fail_msg("\"%s\" named nothing, not \"%s\"", sql, name);
+        assert_string_equal(got, name);
+    }
+    free(got);
+}
+
+static void test_deallocated_name(void **state)
+{
+    (void)state;
+    expect_deallocated("DEALLOCATE r", "r");
+    expect_deallocated("  deallocate PREPARE Stmt1 ;", "stmt1");
+    expect_deallocated("DEALLOCATE \"Mixed \"\"Name\"\"\"", "Mixed \"Name\"");
+    expect_deallocated("/* c */ DEALLOCATE -- x\n s_1", "s_1");
+    expect_deallocated("DEALLOCATE ALL", NULL);
+    expect_deallocated("DEALLOCATE PREPARE ALL", NULL);
+    expect_deallocated("DEALLOCATE \"all\"", "all");
+    expect_deallocated("DEALLOCATE a; DEALLOCATE b", NULL);
+    expect_deallocated("SELECT 1; DEALLOCATE b", NULL);
+    expect_deallocated("DISCARD ALL", NULL);
+    expect_deallocated("DEALLOCATE", NULL);
+    expect_deallocated("DEALLOCATE 'r'", NULL);
+    expect_deallocated("SELECT 'DEALLOCATE r'", NULL);
+}
+
+/* ---------------------------------------------------------------------------------------
  * Normalization.
  */
 static void assert_no_literals(const char *sql)
@@ -1516,6 +1551,7 @@ int main(void)
         cmocka_unit_test(test_configured_views_and_databases),
         cmocka_unit_test(test_bad_template),
         cmocka_unit_test(test_deep_statement),
+        cmocka_unit_test(test_deallocated_name),
         cmocka_unit_test(test_normalize),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
