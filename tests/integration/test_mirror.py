@@ -1153,23 +1153,35 @@ class MirrorReadsNewTest(unittest.TestCase):
                            + bind_msg_params(["0"], stmt="r") + execute_msg() + sync_msg())
                     self.assertEqual(read_batch(c), [["1"]], drop)
                 # A name deallocated by SQL is gone, as PostgreSQL says (26000), on either
-                # side. The second DEALLOCATE (on old) is of a statement prepared on new
-                # only: pgdual prepares it on old first, so that it is found.
-                c.send(parse_msg("q", "SELECT 3") + sync_msg())
-                read_batch(c)
-                for side in ("old", "new"):
-                    c.send(pdtest.query_msg("DEALLOCATE r"))  # runs on old
-                    self.assertEqual(read_batch(c), [])
-                    if side == "new":
-                        c.send(read_new)
-                        read_batch(c)
-                    c.send(bind_msg_params(["0"], stmt="r") + execute_msg() + sync_msg())
-                    self.assertEqual(read_error(c)["C"], "26000", side)
-                    c.send(bind_msg(stmt="q") + execute_msg() + sync_msg())
-                    self.assertEqual(read_batch(c), [["3"]], side)
-                    c.send(parse_msg("r", "SELECT count(*) FROM mt_orders WHERE total > $1")
+                # side. First r is held on new only (prepared there last): the DEALLOCATE
+                # (on old) finds it, as pgdual prepares it on old first.
+                r_again = (parse_msg("r", "SELECT count(*) FROM mt_orders WHERE total > $1")
                            + bind_msg_params(["0"], stmt="r") + execute_msg() + sync_msg())
-                    self.assertEqual(read_batch(c), [["1"]], side)
+                c.send(parse_msg("q", "SELECT 3") + parse_msg("n", "SELECT count(*) FROM "
+                       "mt_orders WHERE total > $1") + sync_msg())
+                read_batch(c)
+                c.send(pdtest.query_msg("DEALLOCATE r"))
+                self.assertEqual(read_batch(c), [])
+                c.send(bind_msg_params(["0"], stmt="r") + execute_msg() + sync_msg())  # old
+                self.assertEqual(read_error(c)["C"], "26000")
+                c.send(bind_msg(stmt="q") + execute_msg() + sync_msg())
+                self.assertEqual(read_batch(c), [["3"]])
+                # Then held on both sides; after the DEALLOCATE on old, a Bind on new.
+                c.send(r_again)
+                self.assertEqual(read_batch(c), [["1"]])  # on new
+                c.send(pdtest.query_msg("BEGIN"))
+                read_batch(c)
+                c.send(bind_msg_params(["0"], stmt="r") + execute_msg() + sync_msg())
+                self.assertEqual(read_batch(c), [["1"]])  # on old
+                c.send(pdtest.query_msg("COMMIT"))
+                read_batch(c)
+                c.send(pdtest.query_msg("DEALLOCATE r"))
+                self.assertEqual(read_batch(c), [])
+                c.send(bind_msg_params(["0"], stmt="n") + execute_msg()
+                       + bind_msg_params(["0"], stmt="r") + execute_msg() + sync_msg())
+                self.assertEqual(read_error(c)["C"], "26000")  # the batch ran on new
+                c.send(r_again)
+                self.assertEqual(read_batch(c), [["1"]])
                 # Dropped by a text pgdual does not read (any name may be gone): on the side
                 # that ran it, the server says which.
                 c.send(pdtest.query_msg("BEGIN"))
