@@ -78,6 +78,17 @@ static uint32_t *types_copy(const uint32_t *types, uint16_t n)
     return c;
 }
 
+/* The parameter types a Parse declares, malloc'd; NULL when out of memory. */
+static uint32_t *types_of(const pd_fe_parse_t *m)
+{
+    uint32_t types[m->nparams + 1];
+    for (unsigned i = 0; i < m->nparams; i++) {
+        const uint8_t *t = m->param_types + 4 * i;
+        types[i] = (uint32_t)t[0] << 24 | (uint32_t)t[1] << 16 | (uint32_t)t[2] << 8 | t[3];
+    }
+    return types_copy(types, m->nparams);
+}
+
 /* A shadow candidate: the statement's decision and the client's Bind body, copied. */
 static pd_prepared_t *prepared_from(const pd_stmt_t *e, const uint8_t *bind, size_t len)
 {
@@ -169,18 +180,28 @@ static void stale_clear(pd_session_t *s)
     s->nstale = 0;
 }
 
-/* Forgets a statement; `freed`: the client freed it (Close), not replaced it. */
-static bool stmt_forget(pd_session_t *s, const char *name, bool freed)
+/* Takes a statement out of the table: the caller's now (NULL: none of the name). */
+static pd_stmt_t *stmt_detach(pd_session_t *s, const char *name)
 {
     pd_stmt_t **pp = stmt_slot(s, name);
     if (pp == NULL || *pp == NULL)
-        return true;
+        return NULL;
     pd_stmt_t *e = *pp;
+    *pp = e->next;
+    e->next = NULL;
+    s->stmt_count--;
+    return e;
+}
+
+/* Forgets a statement; `freed`: the client freed it (Close), not replaced it. */
+static bool stmt_forget(pd_session_t *s, const char *name, bool freed)
+{
+    pd_stmt_t *e = stmt_find(s, name);
+    if (e == NULL)
+        return true;
     if (freed && !stmt_note_freed(s, e))
         return false;
-    *pp = e->next;
-    stmt_free(e);
-    s->stmt_count--;
+    stmt_free(stmt_detach(s, name));
     return true;
 }
 
@@ -218,101 +239,292 @@ static bool stmt_grow(pd_session_t *s)
     return true;
 }
 
-/* Records a statement the client prepares (replacing one of the same name). */
-static pd_stmt_t *stmt_put(pd_session_t *s, const pd_fe_parse_t *m)
+/* Puts a record into the table, where its name is not. False when out of memory. */
+static bool stmt_insert(pd_session_t *s, pd_stmt_t *e)
 {
-    stmt_forget(s, m->name, false);
     if (!stmt_grow(s))
-        return NULL;
+        return false;
+    pd_stmt_t **pp = &s->stmts[name_hash(e->name) % s->stmt_buckets];
+    e->next = *pp;
+    *pp = e;
+    s->stmt_count++;
+    return true;
+}
+
+/* Records a statement the client prepares; one of the same name is taken out, into
+ *replaced (the caller's). NULL when out of memory. */
+static pd_stmt_t *stmt_put(pd_session_t *s, const pd_fe_parse_t *m, pd_stmt_t **replaced)
+{
+    *replaced = stmt_detach(s, m->name);
     pd_stmt_t *e = calloc(1, sizeof *e);
-    uint32_t types[m->nparams + 1];
-    for (unsigned i = 0; i < m->nparams; i++) {
-        const uint8_t *t = m->param_types + 4 * i;
-        types[i] = (uint32_t)t[0] << 24 | (uint32_t)t[1] << 16 | (uint32_t)t[2] << 8 | t[3];
-    }
     if (e == NULL || (e->name = strdup(m->name)) == NULL || (e->sql = strdup(m->sql)) == NULL ||
-        (e->types = types_copy(types, m->nparams)) == NULL) {
+        (e->types = types_of(m)) == NULL) {
         if (e != NULL)
             stmt_free(e);
         return NULL;
     }
     e->ntypes = m->nparams;
     e->serial = ++s->stmt_serial;
-    pd_stmt_t **pp = &s->stmts[name_hash(e->name) % s->stmt_buckets];
-    e->next = *pp;
-    *pp = e;
-    s->stmt_count++;
+    if (!stmt_insert(s, e)) {
+        stmt_free(e);
+        return NULL;
+    }
     return e;
 }
 
-static const char *skip_blanks(const char *p)
-{
-    while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r' || *p == '(')
-        p++;
-    return p;
-}
+/* ---------------------------------------------------------------------------------------
+ * Parses on their way (pd_prep_t): what the server holds is known from its answers
+ */
 
-/* Is the word at p `w` (case-insensitive), whole? Then the text after it. */
-static const char *word_is(const char *p, const char *w)
+static void prep_free(pd_prep_t *op)
 {
-    size_t n = strlen(w);
-    if (strncasecmp(p, w, n) != 0 || isalnum((unsigned char)p[n]) || p[n] == '_')
-        return NULL;
-    return skip_blanks(p + n);
+    free(op->name);
+    free(op->sql);
+    free(op->types);
+    if (op->old != NULL)
+        stmt_free(op->old);
 }
 
 /*
- * DEALLOCATE and DISCARD drop prepared statements by SQL. `DEALLOCATE name` alone (read
- * by PostgreSQL's parser): that statement is forgotten once the server has done it
- * (dealloc_done). DEALLOCATE [PREPARE] ALL and DISCARD ALL: all, and they are forgotten.
- * Any other text that names them may drop any: what the other connection holds under
- * every name is freed there at the next swap. On this side the server knows what it
- * holds: a Bind of a dropped name fails there as PostgreSQL says. False when out of
- * memory.
+ * Queues an op (taking what it owns): one of a batch of pgdual's own (internal), which
+ * goes out ahead of what is not yet sent of the client's batch being read, before that
+ * batch's ops; the client's batch's at the end. False when out of memory.
  */
-static bool statements_dropped(pd_session_t *s, const char *sql)
+static bool prep_put(pd_session_t *s, pd_prep_t op, bool internal)
 {
-    const char *p = skip_blanks(sql), *rest;
-    bool all = false;
-    if ((rest = word_is(p, "DEALLOCATE")) != NULL) {
-        const char *after = word_is(rest, "PREPARE");
-        all = word_is(after ? after : rest, "ALL") != NULL;
-        char *name = all || s->dealloc_name != NULL ? NULL : pd_sql_deallocated_name(sql);
-        if (name != NULL) {
-            const pd_stmt_t *e = stmt_find(s, name);
-            if (e == NULL) { /* not one of the client's protocol statements */
-                free(name);
-                return true;
-            }
-            s->dealloc_name = name;
-            s->dealloc_serial = e->serial;
-            s->dealloc_seq = s->batch_seq;
-            return true;
-        }
-    } else if ((rest = word_is(p, "DISCARD")) != NULL) {
-        all = word_is(rest, "ALL") != NULL;
-    } else if (strcasestr(sql, "DEALLOCATE") == NULL && strcasestr(sql, "DISCARD") == NULL) {
-        return true;
+    if (s->nprep == s->prep_cap && s->prep_head > 0) { /* room at the front: compact */
+        memmove(s->preps, s->preps + s->prep_head, (s->nprep - s->prep_head) * sizeof *s->preps);
+        s->nprep -= s->prep_head;
+        s->prep_open -= s->prep_head;
+        s->prep_head = 0;
     }
-    for (unsigned i = 0; i < s->stmt_buckets; i++)
-        for (pd_stmt_t *e = s->stmts[i]; e != NULL; e = e->next)
-            if (!stmt_note_freed(s, e))
-                return false;
-    if (all)
-        stmt_forget_all(s);
+    if (s->nprep == s->prep_cap) {
+        unsigned cap = s->prep_cap ? s->prep_cap * 2 : 8;
+        pd_prep_t *bigger = realloc(s->preps, cap * sizeof *bigger);
+        if (bigger == NULL) {
+            prep_free(&op);
+            return false;
+        }
+        s->preps = bigger;
+        s->prep_cap = cap;
+    }
+    unsigned at = internal ? s->prep_open : s->nprep;
+    memmove(s->preps + at + 1, s->preps + at, (s->nprep - at) * sizeof *s->preps);
+    s->preps[at] = op;
+    s->nprep++;
+    if (internal)
+        s->prep_open++;
+    else if (op.kind == PD_PREP_END)
+        s->prep_open = s->nprep;
     return true;
 }
 
-/* The answer to a `DEALLOCATE name` (statements_dropped) came: the record it dropped is
-   forgotten, unless the client prepared the name again meanwhile. False when out of
-   memory. */
-static bool dealloc_done(pd_session_t *s, const uint8_t *body, size_t n)
+/* An op of the kind given, of the client's statement e (NULL: none), confirmed by
+   `answer`; it takes `old`. */
+static bool prep_op(pd_session_t *s, uint8_t kind, uint8_t answer, const pd_stmt_t *e,
+                    pd_stmt_t *old, bool internal)
 {
-    static const char tag[] = "DEALLOCATE";
-    if (n < sizeof tag || memcmp(body, tag, sizeof tag) != 0)
+    pd_prep_t op = {.kind = kind, .answer = answer, .old = old};
+    if (e != NULL && (op.serial = e->serial, op.name = strdup(e->name)) == NULL) {
+        prep_free(&op);
+        return false;
+    }
+    return prep_put(s, op, internal);
+}
+
+static bool prep_parse(pd_session_t *s, uint8_t kind, const pd_stmt_t *e, bool internal)
+{
+    return prep_op(s, kind, '1', e, NULL, internal);
+}
+
+/* A Close of pgdual's own. */
+static bool prep_close(pd_session_t *s, bool internal)
+{
+    return prep_op(s, PD_PREP_OTHER, '3', NULL, NULL, internal);
+}
+
+/* A record an op took out goes back, unless the client has used the name since. */
+static void prep_put_back(pd_session_t *s, pd_prep_t *op)
+{
+    if (op->old != NULL && stmt_find(s, op->old->name) == NULL && stmt_insert(s, op->old))
+        op->old = NULL;
+}
+
+/* What the other connection holds under a name moves to the record `to` from `from`,
+   which replaces it or is replaced by it. */
+static void other_moves(pd_stmt_t *to, pd_stmt_t *from)
+{
+    free(to->other_sent);
+    to->other_sent = from->other_sent;
+    to->other_held = from->other_held;
+    from->other_sent = NULL;
+    from->other_held = false;
+}
+
+/* The record an op is about, if the client has not replaced or freed it since. */
+static pd_stmt_t *prep_stmt(pd_session_t *s, const pd_prep_t *op)
+{
+    pd_stmt_t *e = op->name != NULL ? stmt_find(s, op->name) : NULL;
+    return e != NULL && e->serial == op->serial ? e : NULL;
+}
+
+/* The first op, which the server answers next. */
+static void prep_pop(pd_session_t *s)
+{
+    prep_free(&s->preps[s->prep_head++]);
+    if (s->prep_open < s->prep_head)
+        s->prep_open = s->prep_head;
+    if (s->prep_head == s->nprep)
+        s->prep_head = s->prep_open = s->nprep = 0;
+}
+
+/* A ParseComplete or CloseComplete (answer): the first such message of the batch being
+   answered was done. */
+static void prep_done(pd_session_t *s, uint8_t answer)
+{
+    unsigned i = s->prep_head;
+    while (i < s->nprep && s->preps[i].kind != PD_PREP_END && s->preps[i].answer != answer)
+        i++;
+    if (i == s->nprep || s->preps[i].kind == PD_PREP_END)
+        return; /* none pgdual knows of */
+    pd_prep_t taken = s->preps[i];
+    pd_prep_t *op = &taken;
+    memmove(s->preps + s->prep_head + 1, s->preps + s->prep_head,
+            (i - s->prep_head) * sizeof *s->preps);
+    s->prep_head++;
+    if (s->prep_open <= i)
+        s->prep_open++;
+    if (s->prep_head == s->nprep)
+        s->prep_head = s->prep_open = s->nprep = 0;
+    pd_stmt_t *e = prep_stmt(s, op);
+    if (e != NULL && op->kind == PD_PREP_TAKEN) {
+        /* The server did not hold the name after all (SQL pgdual does not read dropped
+           it): it holds the client's text now, to be prepared as decided at its next use,
+           and the other side's is out of date. */
+        free(e->sql);
+        free(e->types);
+        e->sql = op->sql;
+        e->types = op->types;
+        e->ntypes = op->ntypes;
+        op->sql = NULL;
+        op->types = NULL;
+        e->lost = true;
+        e->maybe_dropped = false;
+        stmt_note_freed(s, e); /* it has the text it replaced: freed there at the next swap */
+    }
+    prep_free(op); /* a record replaced or closed is gone for good */
+}
+
+/* A batch's ReadyForQuery: its Parses not answered failed or were skipped. */
+static void prep_end(pd_session_t *s)
+{
+    unsigned end = s->prep_head;
+    while (end < s->nprep && s->preps[end].kind != PD_PREP_END)
+        end++;
+    if (end == s->nprep)
+        return; /* a batch pgdual did not follow */
+    /* Undone last first: a name parsed twice in the batch gets its first record back. */
+    for (unsigned i = end; i-- > s->prep_head;) {
+        pd_prep_t *op = &s->preps[i];
+        pd_stmt_t *e = prep_stmt(s, op);
+        if (e != NULL && op->kind == PD_PREP_OURS) {
+            e->lost = true; /* held or not: prepared again at its next use */
+        } else if (e != NULL && op->kind == PD_PREP_CLIENT) {
+            /* PostgreSQL did not create it. What the other connection holds under the
+               name is the replaced record's again, or is freed there. */
+            if (op->old != NULL)
+                other_moves(op->old, e);
+            stmt_forget(s, op->name, true);
+        }
+        if (op->kind == PD_PREP_CLIENT || op->kind == PD_PREP_CLOSE)
+            prep_put_back(s, op); /* what it replaced or closed is still there */
+    }
+    while (s->prep_head <= end && s->nprep > 0) {
+        bool last = s->preps[s->prep_head].kind == PD_PREP_END;
+        prep_pop(s);
+        if (last)
+            break;
+    }
+}
+
+static void deallocs_clear(pd_session_t *s)
+{
+    for (unsigned i = 0; i < s->ndealloc; i++)
+        prep_free(&s->deallocs[i]);
+    s->ndealloc = s->dealloc_next = 0;
+}
+
+/*
+ * DEALLOCATE and DISCARD drop prepared statements by SQL; what they dropped is known from
+ * their command tags (command_drops), since a Query may fail before them. Here the names
+ * of its `DEALLOCATE name`s, as PostgreSQL's parser reads them, are noted in order, with
+ * the records they concern. False when out of memory.
+ */
+static bool statements_dropped(pd_session_t *s, const char *sql)
+{
+    if (strcasestr(sql, "DEALLOCATE") == NULL || s->dealloc_next < s->ndealloc)
+        return true; /* none, or a Query before this one still has some to come */
+    deallocs_clear(s);
+    bool only;
+    char **names = pd_sql_deallocated_names(sql, &only);
+    size_t n = 0;
+    while (names != NULL && names[n] != NULL)
+        n++;
+    pd_prep_t *list = n > 0 ? realloc(s->deallocs, n * sizeof *list) : s->deallocs;
+    if (n > 0 && list == NULL) {
+        pd_sql_names_free(names);
+        return false;
+    }
+    s->deallocs = list;
+    for (size_t i = 0; i < n; i++) {
+        const pd_stmt_t *e = stmt_find(s, names[i]);
+        s->deallocs[i] = (pd_prep_t){.name = names[i], .serial = e != NULL ? e->serial : 0};
+        names[i] = NULL;
+    }
+    s->ndealloc = (unsigned)n;
+    s->dealloc_seq = s->batch_seq;
+    pd_sql_names_free(names);
+    return true;
+}
+
+/* Every statement may be gone on this side (SQL pgdual did not read): what the other
+   connection holds is freed there at the next swap. False when out of memory. */
+static bool all_maybe_dropped(pd_session_t *s)
+{
+    for (unsigned i = 0; i < s->stmt_buckets; i++)
+        for (pd_stmt_t *e = s->stmts[i]; e != NULL; e = e->next) {
+            if (!stmt_note_freed(s, e))
+                return false;
+            e->maybe_dropped = true;
+        }
+    return true;
+}
+
+/*
+ * A command tag of the client's batch b: DEALLOCATE ALL and DISCARD ALL dropped every
+ * statement (forgotten, and freed on the other side at the next swap); DEALLOCATE the
+ * next name statements_dropped noted for the batch, or, when it noted none, any. On this
+ * side the server knows what it holds: a Bind of a dropped name fails there as PostgreSQL
+ * says. False when out of memory.
+ */
+static bool command_drops(pd_session_t *s, const pd_batch_t *b, const uint8_t *body, size_t n)
+{
+    if (n == 0 || body[n - 1] != '\0')
         return true;
-    const pd_stmt_t *e = stmt_find(s, s->dealloc_name);
-    return e == NULL || e->serial != s->dealloc_serial || stmt_forget(s, s->dealloc_name, true);
+    const char *tag = (const char *)body;
+    if (strcmp(tag, "DEALLOCATE ALL") == 0 || strcmp(tag, "DISCARD ALL") == 0) {
+        if (!all_maybe_dropped(s))
+            return false;
+        stmt_forget_all(s);
+        return true;
+    }
+    if (strcmp(tag, "DEALLOCATE") != 0)
+        return true;
+    if (b == NULL || b->seq != s->dealloc_seq || s->dealloc_next == s->ndealloc)
+        return all_maybe_dropped(s);
+    const pd_prep_t *d = &s->deallocs[s->dealloc_next++];
+    const pd_stmt_t *e = stmt_find(s, d->name);
+    return e == NULL || e->serial != d->serial || stmt_forget(s, d->name, true);
 }
 
 static void free_session(uv_handle_t *h)
@@ -323,7 +535,11 @@ static void free_session(uv_handle_t *h)
     pd_buf_free(&s->c2b.repl);
     pd_buf_free(&s->b2c.repl);
     pd_buf_free(&s->out);
-    free(s->dealloc_name);
+    deallocs_clear(s);
+    free(s->deallocs);
+    while (s->prep_head < s->nprep)
+        prep_pop(s);
+    free(s->preps);
     pd_buf_free(&s->notes);
     pd_buf_free(&s->to_server);
     free(s->batches);
@@ -736,7 +952,7 @@ static bool batch_push(pd_session_t *s, pd_batch_t b)
     }
     s->batches[(s->batch_head + s->batch_count) % s->batch_cap] = b;
     s->batch_count++;
-    return true;
+    return prep_put(s, (pd_prep_t){.kind = PD_PREP_END}, b.internal);
 }
 
 static pd_batch_t *batch_front(pd_session_t *s)
@@ -929,13 +1145,34 @@ static bool refusal_extended(pd_session_t *s, pd_buf_t *msg, const pd_sql_result
         pd_fe_parse(msg, name, (const char *)sql.data, 0, NULL);
         pd_fe_bind(msg, name, name, 0, NULL, NULL, NULL, 0, NULL);
         pd_fe_execute(msg, name, 0);
-        ok = drop_expect(s, PD_BE_CLOSE_COMPLETE) && drop_expect(s, PD_BE_PARSE_COMPLETE) &&
+        ok = prep_close(s, false) && prep_parse(s, PD_PREP_OTHER, NULL, false) &&
+             drop_expect(s, PD_BE_CLOSE_COMPLETE) && drop_expect(s, PD_BE_PARSE_COMPLETE) &&
              drop_expect(s, PD_BE_BIND_COMPLETE);
         s->batch_refused = true;
     }
     pd_buf_free(&sql);
     return ok;
 }
+/*
+ * A statement of pgdual's own (answers dropped), by the extended protocol under a name of
+ * its own: a Query would drop the client's unnamed statement, which it may Bind in its
+ * next batch.
+ */
+static bool own_statement(pd_session_t *s, const char *sql)
+{
+    static const char name[] = "pgdual_own";
+    pd_buf_t *out = &s->to_server;
+    /* The portal of one that failed may be left until the transaction ends. */
+    pd_fe_close(out, 'P', name);
+    pd_fe_close(out, 'S', name);
+    pd_fe_parse(out, name, sql, 0, NULL);
+    pd_fe_bind(out, name, name, 0, NULL, NULL, NULL, 0, NULL);
+    pd_fe_execute(out, name, 0);
+    pd_fe_close(out, 'P', name); /* BEGIN's would last the transaction */
+    return prep_close(s, true) && prep_close(s, true) && prep_parse(s, PD_PREP_OTHER, NULL, true) &&
+           prep_close(s, true);
+}
+
 /*
  * Wrap (pd_mirror_wraps, mirror.h): the client's autocommit batch runs on the
  * authoritative side inside pgdual's own BEGIN ... COMMIT, so that its row images join
@@ -960,9 +1197,10 @@ static bool maybe_wrap(pd_session_t *s, const pd_pipe_t *p, const pd_sql_result_
     free(s->wrap_sql);
     s->wrap_sql = strdup(sql);
     s->wrap_rule = r->mirror_rule;
-    pd_fe_query(&s->to_server, "BEGIN");
+    bool ok = own_statement(s, "BEGIN");
+    pd_fe_sync(&s->to_server);
     pd_batch_t b = {.seq = s->batch_seq, .internal = true, .wrap = 'B'};
-    if (s->wrap_sql == NULL || !pd_buf_ok(&s->to_server) || !batch_push(s, b)) {
+    if (!ok || s->wrap_sql == NULL || !pd_buf_ok(&s->to_server) || !batch_push(s, b)) {
         pd_buf_reset(&s->to_server);
         return false;
     }
@@ -1005,13 +1243,19 @@ static bool wrap_ready(pd_session_t *s, uint8_t wrap, uint8_t status)
             }
             s->wrap_commit = false;
         }
-        if (refused != NULL)
-            refusal_query(&s->to_server, refused, true);
-        else
-            pd_fe_query(&s->to_server, s->wrap_commit ? "COMMIT" : "ROLLBACK");
+        /* A refused batch is rolled back, then the refusal is raised. */
+        bool ok = own_statement(s, s->wrap_commit ? "COMMIT" : "ROLLBACK");
+        if (refused != NULL) {
+            pd_buf_t sql;
+            pd_buf_init(&sql);
+            pd_route_refusal_sql(&sql, refused->sqlstate, refused->message, refused->hint);
+            ok = ok && pd_buf_ok(&sql) && own_statement(s, (const char *)sql.data);
+            pd_buf_free(&sql);
+        }
+        pd_fe_sync(&s->to_server);
         pd_sql_result_release(refused);
         pd_batch_t b = {.seq = s->batch_seq, .internal = true, .wrap = 'C'};
-        if (!pd_buf_ok(&s->to_server) || !batch_push(s, b)) {
+        if (!ok || !pd_buf_ok(&s->to_server) || !batch_push(s, b)) {
             pd_session_terminate(s, "53200", "out of memory", NULL);
             return true;
         }
@@ -1055,32 +1299,45 @@ static int batch_side(pd_session_t *s, const pd_sql_result_t *r)
 static bool stmt_decide(pd_session_t *s, pd_stmt_t *e);
 
 /*
- * `DEALLOCATE name` of a statement this side may not hold (the session prepared it while
- * on its other side): it is prepared here first, in a batch of pgdual's own whose answers
- * are dropped, so that the DEALLOCATE finds it as on PostgreSQL. 0 go on, 1 wait for
- * that batch, -1 out of memory.
+ * `DEALLOCATE name` of statements this side may not hold (the session prepared them while
+ * on its other side): they are prepared here first, in a batch of pgdual's own whose
+ * answers are dropped, so that the DEALLOCATE finds them as on PostgreSQL. 0 go on, 1 wait
+ * for that batch, -1 out of memory.
  */
 static int dealloc_here(pd_session_t *s, const char *sql)
 {
-    if (s->stmt_count == 0 || word_is(skip_blanks(sql), "DEALLOCATE") == NULL)
+    /* Once per Query: what failed to be prepared is not tried again (the DEALLOCATE
+       then fails as on a server without it); in a failed transaction every Parse does. */
+    if (s->stmt_count == 0 || s->dealloc_tried || s->txn_status == 'E' ||
+        strcasestr(sql, "DEALLOCATE") == NULL)
         return 0;
-    char *name = pd_sql_deallocated_name(sql);
-    pd_stmt_t *e = name != NULL ? stmt_find(s, name) : NULL;
-    free(name);
-    if (e == NULL || !e->lost)
-        return 0;
-    if (!stmt_decide(s, e)) /* what this side is to hold: e->sent */
+    bool only;
+    char **names = pd_sql_deallocated_names(sql, &only);
+    bool ok = true, any = false;
+    for (size_t i = 0; ok && names != NULL && names[i] != NULL; i++) {
+        pd_stmt_t *e = stmt_find(s, names[i]);
+        if (e == NULL || !e->lost)
+            continue;
+        ok = stmt_decide(s, e); /* what this side is to hold: e->sent */
+        if (!ok || e->sent == NULL)
+            continue; /* refused: PostgreSQL never held it */
+        e->lost = false;
+        pd_fe_close(&s->to_server, 'S', e->name);
+        pd_fe_parse(&s->to_server, e->name, e->sent, e->ntypes, e->types);
+        ok = prep_close(s, true) && prep_parse(s, PD_PREP_OURS, e, true);
+        any = true;
+    }
+    pd_sql_names_free(names);
+    if (!ok)
         return -1;
-    e->lost = false;
-    if (e->sent == NULL)
-        return 0; /* refused: PostgreSQL never held it */
-    pd_fe_close(&s->to_server, 'S', e->name);
-    pd_fe_parse(&s->to_server, e->name, e->sent, e->ntypes, e->types);
+    if (!any)
+        return 0;
     pd_fe_sync(&s->to_server);
     pd_batch_t b = {.seq = s->batch_seq, .internal = true, .wrap = 'B'};
     if (!pd_buf_ok(&s->to_server) || !batch_push(s, b))
         return -1;
     s->hold_client = s->idle_wait = true;
+    s->dealloc_tried = true;
     return 1;
 }
 
@@ -1111,6 +1368,7 @@ static route_rc_t route_query(pd_session_t *s, pd_pipe_t *p, size_t total)
     if (side != 0)
         return side > 0 ? ROUTE_WAIT : ROUTE_CLOSED;
     int here = dealloc_here(s, q.sql);
+    s->dealloc_tried = here > 0;
     if (here > 0) {
         keep_plan(s, r);
         return ROUTE_WAIT;
@@ -1140,7 +1398,8 @@ static route_rc_t route_query(pd_session_t *s, pd_pipe_t *p, size_t total)
             return ROUTE_CLOSED;
         }
     }
-    if (s->stmt_count > 0 && !statements_dropped(s, q.sql)) {
+    /* A Query drops the unnamed statement (PostgreSQL's exec_simple_query). */
+    if (s->stmt_count > 0 && (!stmt_forget(s, "", true) || !statements_dropped(s, q.sql))) {
         pd_sql_result_release(r);
         pd_session_terminate(s, "53200", "out of memory", NULL);
         return ROUTE_CLOSED;
@@ -1196,7 +1455,7 @@ static bool parse_as_decided(pd_session_t *s, pd_buf_t *msg, const pd_stmt_t *e,
         return true;
     pd_fe_parse(msg, e->name, e->sent, e->ntypes, e->types);
     if (ours)
-        return drop_expect(s, PD_BE_PARSE_COMPLETE);
+        return prep_parse(s, PD_PREP_OURS, e, false) && drop_expect(s, PD_BE_PARSE_COMPLETE);
     s->sent[0]++;
     return true;
 }
@@ -1219,6 +1478,47 @@ static bool stmt_decide(pd_session_t *s, pd_stmt_t *e)
     e->sent = sent;
     e->gen = s->srv->rules_generation;
     return true;
+}
+
+static bool bind_prefix(pd_session_t *s, pd_stmt_t *e, pd_buf_t *prefix);
+
+/*
+ * A Parse of a name the client holds: PostgreSQL refuses it (42P05) and keeps the
+ * statement. The record stays; a side that may not hold the statement (the session
+ * prepared it on the other) is given it first, as for a Bind, so that the server there
+ * refuses the client's Parse itself.
+ */
+static route_rc_t parse_taken(pd_session_t *s, pd_pipe_t *p, pd_stmt_t *e, const pd_fe_parse_t *m,
+                              size_t total)
+{
+    pd_sql_result_release(s->kept_plan); /* the plan of the refused text, not e's */
+    s->kept_plan = NULL;
+    pd_buf_t prefix;
+    pd_buf_init(&prefix);
+    bool ok = bind_prefix(s, e, &prefix) && pd_buf_ok(&prefix) &&
+              (prefix.len == 0 || pipe_replace(p, p->scan, prefix.data, prefix.len));
+    pd_buf_free(&prefix);
+    /* Should the server take it after all, the record follows (prep_done). */
+    pd_prep_t op = {.kind = PD_PREP_TAKEN,
+                    .serial = e->serial,
+                    .name = strdup(e->name),
+                    .sql = strdup(m->sql),
+                    .types = types_of(m),
+                    .ntypes = m->nparams};
+    if (op.name == NULL || op.sql == NULL || op.types == NULL) {
+        prep_free(&op);
+        ok = false;
+    }
+    ok = ok && prep_put(s, op, false);
+    if (!ok) {
+        pd_session_terminate(s, "53200", "out of memory", NULL);
+        return ROUTE_CLOSED;
+    }
+    p->scan += total;
+    s->sent[0]++;
+    s->busy = true;
+    s->batch_msgs++;
+    return ROUTE_OK;
 }
 
 /* A whole Parse at [scan, scan + total): remembered, decided, sent as decided. */
@@ -1244,8 +1544,16 @@ static route_rc_t route_parse(pd_session_t *s, pd_pipe_t *p, size_t total)
         if (side != 0)
             return side > 0 ? ROUTE_WAIT : ROUTE_CLOSED;
     }
-    pd_stmt_t *e = stmt_put(s, &m);
+    pd_stmt_t *dup = m.name[0] != '\0' ? stmt_find(s, m.name) : NULL;
+    if (dup != NULL && !dup->maybe_dropped)
+        return parse_taken(s, p, dup, &m, total);
+    pd_stmt_t *replaced = NULL;
+    pd_stmt_t *e = stmt_put(s, &m, &replaced);
+    if (e != NULL && replaced != NULL)
+        other_moves(e, replaced);
     if (e == NULL || !stmt_decide(s, e) || !maybe_wrap(s, p, e->r, e->sql)) {
+        if (replaced != NULL)
+            stmt_free(replaced);
         pd_session_terminate(s, "53200", "out of memory", NULL);
         return ROUTE_CLOSED;
     }
@@ -1262,6 +1570,9 @@ static route_rc_t route_parse(pd_session_t *s, pd_pipe_t *p, size_t total)
         ok = ok && pd_buf_ok(&msg) && pipe_replace(p, msg_end, msg.data, msg.len);
         pd_buf_free(&msg);
     }
+    /* Confirmed by its ParseComplete; a refused one is answered by an error, and what it
+       replaced stays (prep_end). */
+    ok = ok && prep_op(s, PD_PREP_CLIENT, '1', e, replaced, false);
     if (!ok) {
         pd_session_terminate(s, "53200", "out of memory", NULL);
         return ROUTE_CLOSED;
@@ -1289,6 +1600,8 @@ static bool bind_prefix(pd_session_t *s, pd_stmt_t *e, pd_buf_t *prefix)
         if (!same || e->lost) {
             e->lost = false;
             pd_fe_close(prefix, 'S', e->name);
+            if (!prep_close(s, false))
+                return false;
             if (!drop_expect(s, PD_BE_CLOSE_COMPLETE) || !parse_as_decided(s, prefix, e, true))
                 return false;
         }
@@ -1296,6 +1609,25 @@ static bool bind_prefix(pd_session_t *s, pd_stmt_t *e, pd_buf_t *prefix)
     if (e->r->action == PD_SQL_REFUSE && !s->batch_refused)
         return refusal_extended(s, prefix, e->r);
     return true;
+}
+
+/*
+ * A Bind or Describe of an unnamed statement the client does not hold, which PostgreSQL
+ * answers with 26000: the connection's may be one the mirror left there (libpq's
+ * PQsendQueryParams uses it) before the session took the connection over, so it is
+ * closed ahead, its answer dropped. False (the session ended) when out of memory.
+ */
+static bool unnamed_closed(pd_session_t *s, pd_pipe_t *p)
+{
+    pd_buf_t m;
+    pd_buf_init(&m);
+    pd_fe_close(&m, 'S', "");
+    bool ok = prep_close(s, false) && drop_expect(s, PD_BE_CLOSE_COMPLETE) && pd_buf_ok(&m) &&
+              pipe_replace(p, p->scan, m.data, m.len);
+    pd_buf_free(&m);
+    if (!ok)
+        pd_session_terminate(s, "53200", "out of memory", NULL);
+    return ok;
 }
 
 /*
@@ -1316,10 +1648,14 @@ static route_rc_t route_describe(pd_session_t *s, pd_pipe_t *p, const uint8_t *b
         if (side != 0)
             return side > 0 ? ROUTE_WAIT : ROUTE_CLOSED;
     }
-    if (e == NULL || (!e->lost && e->gen == s->srv->rules_generation))
+    if (e == NULL && !(t.kind == 'S' && t.name[0] == '\0' && s->mir.on))
+        return ROUTE_OK;
+    if (e != NULL && !e->lost && e->gen == s->srv->rules_generation)
         return ROUTE_OK;
     if (p->has_hole && p->hole_end != p->scan)
         return ROUTE_WAIT;
+    if (e == NULL)
+        return unnamed_closed(s, p) ? ROUTE_OK : ROUTE_CLOSED;
     pd_buf_t prefix;
     pd_buf_init(&prefix);
     bool ok = bind_prefix(s, e, &prefix) && pd_buf_ok(&prefix) &&
@@ -1378,7 +1714,12 @@ static route_rc_t route_bind_close(pd_session_t *s, pd_pipe_t *p, uint8_t type, 
             if (side != 0)
                 return side > 0 ? ROUTE_WAIT : ROUTE_CLOSED;
         }
-        if (t.kind == 'S' && !stmt_forget(s, t.name, true)) {
+        /* The record is out of the table for what follows, and back should the
+           server skip the Close (prep_end). */
+        pd_stmt_t *e = t.kind == 'S' ? stmt_find(s, t.name) : NULL;
+        bool ok = e == NULL || stmt_note_freed(s, e);
+        if (!ok || (e != NULL ? !prep_op(s, PD_PREP_CLOSE, '3', e, stmt_detach(s, t.name), false)
+                              : !prep_close(s, false))) {
             pd_session_terminate(s, "53200", "out of memory", NULL);
             return ROUTE_CLOSED;
         }
@@ -1390,6 +1731,10 @@ static route_rc_t route_bind_close(pd_session_t *s, pd_pipe_t *p, uint8_t type, 
         return total > avail ? ROUTE_WAIT : ROUTE_OK; /* malformed: the server says so */
     pd_stmt_t *e = stmt_find(s, name);
     if (e == NULL) {
+        if (name[0] == '\0' && s->mir.on && p->has_hole && p->hole_end != p->scan)
+            return ROUTE_WAIT;
+        if (name[0] == '\0' && s->mir.on && !unnamed_closed(s, p))
+            return ROUTE_CLOSED;
         if (s->mir.on && !mirror_bind(s, NULL, body, here, NULL, NULL))
             return ROUTE_CLOSED;
         s->sent[1]++;
@@ -1551,12 +1896,15 @@ static int close_stale(pd_session_t *s)
 {
     if (s->nstale == 0)
         return 0;
-    for (unsigned i = 0; i < s->nstale; i++)
+    bool ok = true;
+    for (unsigned i = 0; i < s->nstale; i++) {
         pd_fe_close(&s->to_server, 'S', s->stale[i]);
+        ok = ok && prep_close(s, true);
+    }
     pd_fe_sync(&s->to_server);
     stale_clear(s);
     pd_batch_t b = {.seq = s->batch_seq, .internal = true, .wrap = 'B'};
-    if (!pd_buf_ok(&s->to_server) || !batch_push(s, b)) {
+    if (!ok || !pd_buf_ok(&s->to_server) || !batch_push(s, b)) {
         pd_session_terminate(s, "53200", "out of memory", NULL);
         return -1;
     }
@@ -1607,6 +1955,8 @@ static int swap_sides(pd_session_t *s, const char *why)
                 (want == NULL ? e->sent != NULL : e->sent == NULL || strcmp(want, e->sent) != 0);
             e->other_sent = here;
             e->other_held = held;
+            if (e->name[0] == '\0')
+                e->lost = true; /* the mirror's libpq may have used it there */
         }
     if (!server_attach(s)) {
         server_lost(s, "could not watch the server socket");
@@ -1863,12 +2213,15 @@ static void begin_shadow_query(pd_session_t *s)
         drop_shadow(s);
         return;
     }
-    if (s->shadow_ext != NULL)
+    bool ok = true;
+    if (s->shadow_ext != NULL) {
         shadow_extended_messages(&s->to_server, s->shadow_ext, s->shadow->shadow_sql);
-    else
+        ok = prep_close(s, true) && prep_parse(s, PD_PREP_OTHER, NULL, true) && prep_close(s, true);
+    } else {
         pd_fe_query(&s->to_server, s->shadow->shadow_sql);
+    }
     pd_batch_t b = {.internal = true};
-    if (!pd_buf_ok(&s->to_server) || !batch_push(s, b)) {
+    if (!ok || !pd_buf_ok(&s->to_server) || !batch_push(s, b)) {
         pd_buf_reset(&s->to_server);
         drop_shadow(s);
         return;
@@ -1912,7 +2265,7 @@ bool pd_session_hears_mirror(const pd_session_t *s)
 
 static bool must_see_whole(const pd_session_t *s, uint8_t type)
 {
-    if (type == PD_BE_READY || (type == PD_BE_COMMAND_COMPLETE && s->dealloc_name != NULL))
+    if (type == PD_BE_READY || (type == PD_BE_COMMAND_COMPLETE && s->stmt_count > 0))
         return true;
     if (!s->rules_on)
         return false;
@@ -1945,6 +2298,10 @@ static bool server_message(pd_session_t *s, uint8_t type, const uint8_t *body, s
         return s->mir.on && !side_notifies(s, pd_session_on_new(s));
     pd_batch_t *b = batch_front(s);
     bool internal = b != NULL && b->internal;
+    if (type == PD_BE_PARSE_COMPLETE || type == PD_BE_CLOSE_COMPLETE)
+        prep_done(s, type);
+    else if (type == PD_BE_READY)
+        prep_end(s);
     pd_result_sum_t *sum = current_sum(s);
     if (sum != NULL)
         sum_message(sum, type, body, n);
@@ -1952,17 +2309,13 @@ static bool server_message(pd_session_t *s, uint8_t type, const uint8_t *body, s
         s->traffic->requests += type == PD_BE_READY;
         s->traffic->errors += type == PD_BE_ERROR;
     }
-    /* A DEALLOCATE's answer, or the end of its batch without one (nothing was dropped). */
-    if (s->dealloc_name != NULL && !internal && (b == NULL || b->seq == s->dealloc_seq) &&
-        (type == PD_BE_COMMAND_COMPLETE || type == PD_BE_READY)) {
-        bool ok = type == PD_BE_READY || b == NULL || dealloc_done(s, body, n);
-        free(s->dealloc_name);
-        s->dealloc_name = NULL;
-        if (!ok) {
-            pd_session_terminate(s, "53200", "out of memory", NULL);
-            return true;
-        }
+    if (type == PD_BE_COMMAND_COMPLETE && !internal && s->stmt_count > 0 &&
+        !command_drops(s, b, body, n)) {
+        pd_session_terminate(s, "53200", "out of memory", NULL);
+        return true;
     }
+    if (type == PD_BE_READY && !internal && b != NULL && b->seq == s->dealloc_seq)
+        deallocs_clear(s); /* what was not answered did not run */
     if (type == PD_BE_READY) {
         s->txn_status = body[0];
         if (!internal && s->ready_owed > 0)

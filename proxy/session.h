@@ -59,10 +59,38 @@ typedef struct pd_stmt {
     unsigned gen;       /* srv->rules_generation of the decision */
     bool lost;          /* the server may not hold `sent` under the name: prepare it again */
     uint64_t serial;    /* which record of the name this is (a DEALLOCATE's answer) */
+    bool maybe_dropped; /* SQL pgdual does not read may have dropped it (statements_dropped) */
     char *other_sent;   /* what the session's other connection holds, when other_held */
     bool other_held;    /* ...known to hold other_sent (NULL: nothing) under the name */
     pd_sql_result_t *r; /* the decision (rewrite, refusal, shadow form), referenced */
 } pd_stmt_t;
+
+/*
+ * A Parse or Close on its way to the server, kept in the order the server answers them,
+ * each batch's ended by a PD_PREP_END. What the session's records say of the client's
+ * statement names is decided when the message is read (later messages depend on it); its
+ * ParseComplete or CloseComplete confirms it, and the end of its batch without one (an
+ * error before or at it) undoes it.
+ */
+enum {
+    PD_PREP_END,
+    PD_PREP_OTHER,  /* pgdual's own, of none of the client's statements */
+    PD_PREP_CLIENT, /* the client's Parse: record `serial` made, `old` replaced */
+    PD_PREP_OURS,   /* pgdual's Parse of the client's statement (prepared again) */
+    PD_PREP_TAKEN,  /* the client's Parse of a name it holds (PostgreSQL refuses it) */
+    PD_PREP_CLOSE,  /* the client's Close of a statement: `old` taken out */
+};
+typedef struct {
+    uint8_t kind;    /* PD_PREP_* */
+    uint8_t answer;  /* what confirms it: '1' ParseComplete, '3' CloseComplete */
+    char *name;      /* the client's statement name, owned (NULL: none) */
+    uint64_t serial; /* ...and which record of it */
+    pd_stmt_t *old;  /* a record taken out of the table, owned: freed when confirmed, put
+                        back when undone */
+    char *sql;       /* TAKEN: the client's text and parameter types, owned */
+    uint32_t *types;
+    uint16_t ntypes;
+} pd_prep_t;
 
 /* A prepared read to replay for a shadow comparison: statement and the client's Bind. */
 typedef struct {
@@ -142,13 +170,17 @@ struct pd_session {
     bool batch_refused;  /* a refusal was put in: the server skips to Sync */
     pd_drop_t *drops;    /* FIFO ring of responses to drop, owned */
     unsigned drop_cap, drop_head, drop_count;
-    pd_stmt_t **stmts; /* prepared statements by name (hash table), owned */
+    pd_prep_t *preps; /* Parses the server has yet to answer, in its order, owned */
+    unsigned prep_head, nprep, prep_cap; /* [prep_head, nprep) are queued */
+    unsigned prep_open; /* where the ops of the client's batch being read begin in preps */
+    pd_stmt_t **stmts;  /* prepared statements by name (hash table), owned */
     unsigned stmt_buckets, stmt_count;
-    /* A `DEALLOCATE name` on its way: the record it drops (stmt serial) is forgotten once
-       the server says DEALLOCATE in batch dealloc_seq (statements_dropped). */
-    char *dealloc_name;
-    uint64_t dealloc_serial;
+    /* The statements the `DEALLOCATE name`s of Query batch dealloc_seq drop, in order
+       (name and serial): each forgotten when the server says DEALLOCATE (command_drops). */
+    pd_prep_t *deallocs;
+    unsigned ndealloc, dealloc_next;
     uint32_t dealloc_seq;
+    bool dealloc_tried;   /* dealloc_here prepared statements for the Query waiting */
     uint64_t stmt_serial; /* the last pd_stmt_t.serial given */
     char **stale;         /* names the other connection holds that the client freed */
     unsigned nstale, stale_cap;

@@ -1579,16 +1579,38 @@ char *pd_sql_normalize(const char *sql)
     return out;
 }
 
-char *pd_sql_deallocated_name(const char *sql)
+char **pd_sql_deallocated_names(const char *sql, bool *only)
 {
+    *only = false;
     PgQuery__ParseResult *tree = pd__parse_tree(sql);
-    char *name = NULL;
-    if (tree != NULL && tree->n_stmts == 1 && tree->stmts[0]->stmt != NULL &&
-        tree->stmts[0]->stmt->node_case == PG_QUERY__NODE__NODE_DEALLOCATE_STMT &&
-        tree->stmts[0]->stmt->deallocate_stmt->name != NULL &&
-        tree->stmts[0]->stmt->deallocate_stmt->name[0] != '\0')
-        name = strdup(tree->stmts[0]->stmt->deallocate_stmt->name);
-    if (tree != NULL)
-        pg_query__parse_result__free_unpacked(tree, NULL);
-    return name;
+    if (tree == NULL)
+        return NULL;
+    char **names = calloc(tree->n_stmts + 1, sizeof *names);
+    size_t n = 0;
+    for (size_t i = 0; names != NULL && i < tree->n_stmts; i++) {
+        const PgQuery__Node *st = tree->stmts[i]->stmt;
+        if (st == NULL || st->node_case != PG_QUERY__NODE__NODE_DEALLOCATE_STMT ||
+            st->deallocate_stmt->name == NULL || st->deallocate_stmt->name[0] == '\0')
+            continue;
+        if ((names[n] = strdup(st->deallocate_stmt->name)) == NULL) {
+            pd_sql_names_free(names);
+            names = NULL;
+            break;
+        }
+        n++;
+    }
+    if (names != NULL && n == 0) {
+        free(names);
+        names = NULL;
+    }
+    *only = names != NULL && tree->n_stmts == 1;
+    pg_query__parse_result__free_unpacked(tree, NULL);
+    return names;
+}
+
+void pd_sql_names_free(char **names)
+{
+    for (size_t i = 0; names != NULL && names[i] != NULL; i++)
+        free(names[i]);
+    free(names);
 }

@@ -182,10 +182,12 @@ void pd_sql_cache_clear(pd_sql_t *rw);
 char *pd_sql_normalize(const char *sql);
 
 /*
- * The statement name a text drops when it is exactly one `DEALLOCATE [PREPARE] name`, as
- * PostgreSQL's parser reads it (quoting, case, comments), malloc'd; NULL for anything
- * else (DEALLOCATE ALL, several statements, text that does not parse) or out of memory.
+ * The statement names a text's `DEALLOCATE [PREPARE] name` statements drop, in order, as
+ * PostgreSQL's parser reads them (quoting, case, comments): a NULL-ended malloc'd array of
+ * malloc'd names (pd_sql_names_free), NULL when there are none, the text does not parse
+ * or out of memory. *only: the text is exactly one such statement.
  */
-char *pd_sql_deallocated_name(const char *sql);
+char **pd_sql_deallocated_names(const char *sql, bool *only);
+void pd_sql_names_free(char **names);
 
 #endif /* PD_RULES_SQL_H */
