@@ -204,13 +204,15 @@ class Generator:
 
 
 class SidesDifferentialTest(unittest.TestCase):
+    COMMIT = "async"
+
     def setUp(self):
         pdtest.fresh_databases("dz_old", "dz_new", "dz_ref")
         for db in ("dz_old", "dz_new", "dz_ref"):
             pdtest.direct_query(SCHEMA, dbname=db)
         rule = {"name": RULE, "database": "dz", "kind": "tables", "tables": ["public.dz_t"],
                 "writes": "dual", "reads": "old",
-                "mirror": {"commit": "async", "on_failure": "record"}}
+                "mirror": {"commit": self.COMMIT, "on_failure": "record"}}
         dbs = [{"name": "dz", "old": pdtest.pg_conninfo("dz_old"),
                 "new": pdtest.pg_conninfo("dz_new")}]
         self.proxy = RulesProxy(rules=[rule], databases=dbs).start()
@@ -253,6 +255,13 @@ class SidesDifferentialTest(unittest.TestCase):
         for seed in seeds:
             with self.subTest(seed=seed):
                 self.run_seed(seed, steps)
+
+
+
+class SidesDifferentialLockstepTest(SidesDifferentialTest):
+    """The same under commit: lockstep (the client hears a write once new applied it)."""
+
+    COMMIT = "lockstep"
 
 
 if __name__ == "__main__":
