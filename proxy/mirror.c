@@ -1979,6 +1979,13 @@ int pd_mirror_commit_first(pd_session_t *s, const pd_sql_result_t *r, const char
         return 0; /* nothing of this transaction on the mirror */
     if (m->state == M_DEAD)
         return fail ? 2 : 0;
+    if (s->batch_count > 0) {
+        /* Statements sent before it are unanswered (a pipelining client): their replays
+           go first, or the mirror would commit ahead of them (a BEGIN among them would
+           then leave it in a transaction of its own). It waits until they are answered. */
+        s->idle_wait = true;
+        return 1;
+    }
     pd_mirror_op_t *op = op_new(r, sql, sql, 0);
     if (op == NULL)
         return -1;

@@ -116,9 +116,10 @@ int pd_mirror_on_server(pd_session_t *s, uint32_t seq, uint8_t type, const uint8
 bool pd_mirror_before_ready(pd_session_t *s, uint32_t seq, uint8_t status_before, uint8_t status);
 /*
  * A COMMIT (plan r, text sql) about to go to the authoritative side: under lockstep the
- * mirror commits first. 0 go on, 1 hold the client's message until
- * pd_session_wake, 2 refuse it (on_failure: fail and the mirror failed), -1 out
- * of memory.
+ * mirror commits first, once what the client sent before is answered (and so replayed).
+ * 0 go on, 1 hold the client's message until pd_session_wake (or, batches still in
+ * flight, until they are answered: idle_wait), 2 refuse it (on_failure: fail and the
+ * mirror failed), -1 out of memory.
  */
 int pd_mirror_commit_first(pd_session_t *s, const pd_sql_result_t *r, const char *sql);
 /*

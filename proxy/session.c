@@ -1598,7 +1598,10 @@ static bool bind_prefix(pd_session_t *s, pd_stmt_t *e, pd_buf_t *prefix)
         bool same = had == (e->sent != NULL) && (!had || strcmp(before, e->sent) == 0);
         free(before);
         if (!same || e->lost) {
-            e->lost = false;
+            /* In a failed transaction the server refuses the Parse (25P02, as PostgreSQL
+               refuses the client's Bind) unless the statement ends the transaction: it is
+               still not held for what follows before the answer. */
+            e->lost = s->txn_status == 'E' && e->r->txn != PD_TXN_END && e->r->txn != PD_TXN_INNER;
             pd_fe_close(prefix, 'S', e->name);
             if (!prep_close(s, false))
                 return false;

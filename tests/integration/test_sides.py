@@ -10,7 +10,9 @@ same answers: message kinds, rows, command tags, SQLSTATEs and transaction statu
 
 The generator keeps to what pgdual serves without refusing (a batch that starts with a
 read of the rule holds reads only; a write with row images comes first in its batch), so
-that any difference is pgdual's. PD_SIDES_STEPS and PD_SIDES_SEEDS make a longer run.
+that any difference is pgdual's. One step in five sends two or three batches before
+reading any answer (a pipelining client). PD_SIDES_STEPS and PD_SIDES_SEEDS make a longer
+run.
 """
 
 import os
@@ -170,6 +172,24 @@ class Generator:
         parts = self.reads_batch() if r < 0.75 else self.write_batch()
         return parts + [(sync_msg(), "sync", ("sync", None, None))]
 
+    def pipelined(self):
+        """Two or three batches sent before any answer is read: of statements held (the
+        model may be a batch behind), so binds and queries that create or drop none."""
+        group = []
+        for _ in range(self.rnd.randint(2, 3)):
+            texts = self.rnd.choice([READS, OTHERS, WRITES, None])
+            names = self.names_of(texts) if texts is not None else []
+            if not names:
+                sql = self.rnd.choice(["SELECT 1", "SELECT id, v FROM dz_t ORDER BY id",
+                                       "INSERT INTO dz_t (v) VALUES ('q')", "BEGIN", "COMMIT"])
+                group.append([(pdtest.query_msg(sql), "query %r" % sql, ("query", None, None))])
+                continue
+            parts = [self.bind(self.rnd.choice(names))]
+            if texts is not WRITES and self.rnd.random() < 0.5:
+                parts.append(self.bind(self.rnd.choice(names)))
+            group.append(parts + [(sync_msg(), "sync", ("sync", None, None))])
+        return group
+
     def learn(self, parts, answers):
         """Follows PostgreSQL's answers to a batch: what ran until an error."""
         self.failed = answers[-1] == ("Z", "E")
@@ -227,17 +247,18 @@ class SidesDifferentialTest(unittest.TestCase):
             via.startup("postgres", "dz")
             direct.startup("postgres", "dz_ref")
             for step in range(steps):
-                parts = gen.batch()
-                data = b"".join(p[0] for p in parts)
-                log.append("; ".join(p[1] for p in parts))
+                group = gen.pipelined() if gen.rnd.random() < 0.2 else [gen.batch()]
+                data = b"".join(p[0] for parts in group for p in parts)
+                log.append(" | ".join("; ".join(p[1] for p in parts) for parts in group))
                 via.send(data)
                 direct.send(data)
-                got, want = answers(via), answers(direct)
-                gen.learn(parts, want)
-                if got != want:
-                    self.fail("seed %d, step %d: pgdual answered\n  %r\nPostgreSQL\n  %r\n"
-                              "last batches:\n  %s" % (seed, step, got, want,
-                                                       "\n  ".join(log[-12:])))
+                for parts in group:
+                    got, want = answers(via), answers(direct)
+                    gen.learn(parts, want)
+                    if got != want:
+                        self.fail("seed %d, step %d: pgdual answered\n  %r\nPostgreSQL\n"
+                                  "  %r\nlast batches (| between batches sent together):"
+                                  "\n  %s" % (seed, step, got, want, "\n  ".join(log[-12:])))
             for c in (via, direct):  # out of any transaction, where reads go to new
                 c.send(pdtest.query_msg("ROLLBACK"))
                 answers(c)
@@ -248,6 +269,23 @@ class SidesDifferentialTest(unittest.TestCase):
             self.assertEqual(pdtest.direct_query(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = 'dz_new' AND "
                 "query = 'SELECT id, v FROM dz_t ORDER BY id'"), [(1,)], "seed %d" % seed)
+
+    def test_pipelined_begin_then_commit(self):
+        """Inside a transaction, BEGIN (a no-op with a warning) and COMMIT sent together:
+        under lockstep the mirror committed before it replayed the BEGIN, so it was left
+        in a transaction of its own, and the session's next read on new waited for it
+        for ever."""
+        with RawClient(self.proxy.port) as c:
+            c.startup("postgres", "dz")
+            c.send(pdtest.query_msg("BEGIN"))
+            self.assertEqual(answers(c), [("C", "BEGIN"), ("Z", "T")])
+            c.send(pdtest.query_msg("BEGIN") + pdtest.query_msg("COMMIT"))
+            self.assertEqual(answers(c), [("C", "BEGIN"), ("Z", "T")])
+            self.assertEqual(answers(c), [("C", "COMMIT"), ("Z", "I")])
+            c.send(parse_msg("r", "SELECT count(*) FROM dz_t") + bind_msg_params([], stmt="r")
+                   + execute_msg() + sync_msg())
+            self.assertEqual(answers(c), [("1",), ("2",), ("D", ("5",)), ("C", "SELECT 1"),
+                                          ("Z", "I")])
 
     def test_random_batches_answer_as_postgresql(self):
         steps = int(os.environ.get("PD_SIDES_STEPS", "250"))
