@@ -457,16 +457,16 @@ static void deallocs_clear(pd_session_t *s)
 /*
  * DEALLOCATE and DISCARD drop prepared statements by SQL; what they dropped is known from
  * their command tags (command_drops), since a Query may fail before them. Here the names
- * of its `DEALLOCATE name`s, as PostgreSQL's parser reads them, are noted in order, with
- * the records they concern. False when out of memory.
+ * of its `DEALLOCATE name`s (query_deallocates; taken) are noted in order, with the
+ * records they concern. False when out of memory.
  */
-static bool statements_dropped(pd_session_t *s, const char *sql)
+static bool statements_dropped(pd_session_t *s, char **names)
 {
-    if (strcasestr(sql, "DEALLOCATE") == NULL || s->dealloc_next < s->ndealloc)
+    if (names == NULL || s->dealloc_next < s->ndealloc) {
+        pd_sql_names_free(names);
         return true; /* none, or a Query before this one still has some to come */
+    }
     deallocs_clear(s);
-    bool only;
-    char **names = pd_sql_deallocated_names(sql, &only);
     size_t n = 0;
     while (names != NULL && names[n] != NULL)
         n++;
@@ -1304,15 +1304,12 @@ static bool stmt_decide(pd_session_t *s, pd_stmt_t *e);
  * answers are dropped, so that the DEALLOCATE finds them as on PostgreSQL. 0 go on, 1 wait
  * for that batch, -1 out of memory.
  */
-static int dealloc_here(pd_session_t *s, const char *sql)
+static int dealloc_here(pd_session_t *s, char *const *names)
 {
     /* Once per Query: what failed to be prepared is not tried again (the DEALLOCATE
        then fails as on a server without it); in a failed transaction every Parse does. */
-    if (s->stmt_count == 0 || s->dealloc_tried || s->txn_status == 'E' ||
-        strcasestr(sql, "DEALLOCATE") == NULL)
+    if (names == NULL || s->dealloc_tried || s->txn_status == 'E')
         return 0;
-    bool only;
-    char **names = pd_sql_deallocated_names(sql, &only);
     bool ok = true, any = false;
     for (size_t i = 0; ok && names != NULL && names[i] != NULL; i++) {
         pd_stmt_t *e = stmt_find(s, names[i]);
@@ -1327,7 +1324,6 @@ static int dealloc_here(pd_session_t *s, const char *sql)
         ok = prep_close(s, true) && prep_parse(s, PD_PREP_OURS, e, true);
         any = true;
     }
-    pd_sql_names_free(names);
     if (!ok)
         return -1;
     if (!any)
@@ -1337,8 +1333,17 @@ static int dealloc_here(pd_session_t *s, const char *sql)
     if (!pd_buf_ok(&s->to_server) || !batch_push(s, b))
         return -1;
     s->hold_client = s->idle_wait = true;
-    s->dealloc_tried = true;
     return 1;
+}
+
+/* The names a Query's `DEALLOCATE name`s drop, as PostgreSQL's parser reads them (NULL:
+   none, or no statement of the client's to drop). */
+static char **query_deallocates(const pd_session_t *s, const char *sql)
+{
+    bool only;
+    if (s->stmt_count == 0 || strcasestr(sql, "DEALLOCATE") == NULL)
+        return NULL;
+    return pd_sql_deallocated_names(sql, &only);
 }
 
 typedef enum { ROUTE_OK, ROUTE_WAIT, ROUTE_CLOSED } route_rc_t;
@@ -1367,13 +1372,16 @@ static route_rc_t route_query(pd_session_t *s, pd_pipe_t *p, size_t total)
         pd_sql_result_release(r);
     if (side != 0)
         return side > 0 ? ROUTE_WAIT : ROUTE_CLOSED;
-    int here = dealloc_here(s, q.sql);
+    char **names = query_deallocates(s, q.sql);
+    int here = dealloc_here(s, names);
     s->dealloc_tried = here > 0;
     if (here > 0) {
+        pd_sql_names_free(names);
         keep_plan(s, r);
         return ROUTE_WAIT;
     }
     if (here < 0) {
+        pd_sql_names_free(names);
         pd_sql_result_release(r);
         pd_session_terminate(s, "53200", "out of memory", NULL);
         return ROUTE_CLOSED;
@@ -1383,6 +1391,7 @@ static route_rc_t route_query(pd_session_t *s, pd_pipe_t *p, size_t total)
         int first = pd_mirror_commit_first(s, r, q.sql);
         end_txn = first == 2;
         if (first == 1) {
+            pd_sql_names_free(names);
             pd_sql_result_release(r);
             s->hold_client = true; /* the mirror commits first; then this COMMIT */
             return ROUTE_WAIT;
@@ -1393,13 +1402,15 @@ static route_rc_t route_query(pd_session_t *s, pd_pipe_t *p, size_t total)
             r = pd_mirror_refusal(s, rule);
         }
         if (r == NULL || first < 0) {
+            pd_sql_names_free(names);
             pd_sql_result_release(r);
             pd_session_terminate(s, "53200", "out of memory", NULL);
             return ROUTE_CLOSED;
         }
     }
     /* A Query drops the unnamed statement (PostgreSQL's exec_simple_query). */
-    if (s->stmt_count > 0 && (!stmt_forget(s, "", true) || !statements_dropped(s, q.sql))) {
+    bool noted = statements_dropped(s, names);
+    if (!noted || (s->stmt_count > 0 && !stmt_forget(s, "", true))) {
         pd_sql_result_release(r);
         pd_session_terminate(s, "53200", "out of memory", NULL);
         return ROUTE_CLOSED;
@@ -1482,6 +1493,20 @@ static bool stmt_decide(pd_session_t *s, pd_stmt_t *e)
 
 static bool bind_prefix(pd_session_t *s, pd_stmt_t *e, pd_buf_t *prefix);
 
+/* bind_prefix's messages for statement e, ahead of the message at the scan point. False
+   (the session ended) when out of memory. */
+static bool prefix_ahead(pd_session_t *s, pd_pipe_t *p, pd_stmt_t *e)
+{
+    pd_buf_t prefix;
+    pd_buf_init(&prefix);
+    bool ok = bind_prefix(s, e, &prefix) && pd_buf_ok(&prefix) &&
+              (prefix.len == 0 || pipe_replace(p, p->scan, prefix.data, prefix.len));
+    pd_buf_free(&prefix);
+    if (!ok)
+        pd_session_terminate(s, "53200", "out of memory", NULL);
+    return ok;
+}
+
 /*
  * A Parse of a name the client holds: PostgreSQL refuses it (42P05) and keeps the
  * statement. The record stays; a side that may not hold the statement (the session
@@ -1493,11 +1518,8 @@ static route_rc_t parse_taken(pd_session_t *s, pd_pipe_t *p, pd_stmt_t *e, const
 {
     pd_sql_result_release(s->kept_plan); /* the plan of the refused text, not e's */
     s->kept_plan = NULL;
-    pd_buf_t prefix;
-    pd_buf_init(&prefix);
-    bool ok = bind_prefix(s, e, &prefix) && pd_buf_ok(&prefix) &&
-              (prefix.len == 0 || pipe_replace(p, p->scan, prefix.data, prefix.len));
-    pd_buf_free(&prefix);
+    if (!prefix_ahead(s, p, e))
+        return ROUTE_CLOSED;
     /* Should the server take it after all, the record follows (prep_done). */
     pd_prep_t op = {.kind = PD_PREP_TAKEN,
                     .serial = e->serial,
@@ -1505,12 +1527,10 @@ static route_rc_t parse_taken(pd_session_t *s, pd_pipe_t *p, pd_stmt_t *e, const
                     .sql = strdup(m->sql),
                     .types = types_of(m),
                     .ntypes = m->nparams};
-    if (op.name == NULL || op.sql == NULL || op.types == NULL) {
+    bool ok = op.name != NULL && op.sql != NULL && op.types != NULL;
+    if (!ok)
         prep_free(&op);
-        ok = false;
-    }
-    ok = ok && prep_put(s, op, false);
-    if (!ok) {
+    if (!ok || !prep_put(s, op, false)) {
         pd_session_terminate(s, "53200", "out of memory", NULL);
         return ROUTE_CLOSED;
     }
@@ -1657,18 +1677,8 @@ static route_rc_t route_describe(pd_session_t *s, pd_pipe_t *p, const uint8_t *b
         return ROUTE_OK;
     if (p->has_hole && p->hole_end != p->scan)
         return ROUTE_WAIT;
-    if (e == NULL)
-        return unnamed_closed(s, p) ? ROUTE_OK : ROUTE_CLOSED;
-    pd_buf_t prefix;
-    pd_buf_init(&prefix);
-    bool ok = bind_prefix(s, e, &prefix) && pd_buf_ok(&prefix) &&
-              (prefix.len == 0 || pipe_replace(p, p->scan, prefix.data, prefix.len));
-    pd_buf_free(&prefix);
-    if (!ok) {
-        pd_session_terminate(s, "53200", "out of memory", NULL);
-        return ROUTE_CLOSED;
-    }
-    return ROUTE_OK;
+    bool ok = e == NULL ? unnamed_closed(s, p) : prefix_ahead(s, p, e);
+    return ok ? ROUTE_OK : ROUTE_CLOSED;
 }
 
 /* The statement name of a Bind, when its start is at hand; NULL otherwise. */
@@ -1734,10 +1744,12 @@ static route_rc_t route_bind_close(pd_session_t *s, pd_pipe_t *p, uint8_t type, 
         return total > avail ? ROUTE_WAIT : ROUTE_OK; /* malformed: the server says so */
     pd_stmt_t *e = stmt_find(s, name);
     if (e == NULL) {
-        if (name[0] == '\0' && s->mir.on && p->has_hole && p->hole_end != p->scan)
-            return ROUTE_WAIT;
-        if (name[0] == '\0' && s->mir.on && !unnamed_closed(s, p))
-            return ROUTE_CLOSED;
+        if (name[0] == '\0' && s->mir.on) { /* see unnamed_closed */
+            if (p->has_hole && p->hole_end != p->scan)
+                return ROUTE_WAIT;
+            if (!unnamed_closed(s, p))
+                return ROUTE_CLOSED;
+        }
         if (s->mir.on && !mirror_bind(s, NULL, body, here, NULL, NULL))
             return ROUTE_CLOSED;
         s->sent[1]++;
