@@ -189,7 +189,7 @@ static json_t *busy_sessions(pd_server_t *srv, const char *database)
     for (pd_session_t *s = srv->sessions; s != NULL; s = s->next) {
         if (s->database == NULL || strcmp(s->database, database) != 0 || pd_session_quiet(s))
             continue;
-        char txn[2] = {(char)s->txn_status, 0};
+        char txn[2] = {(char)PD_GET(s->txn_status), 0};
         json_array_append_new(list, json_pack("{s:i, s:s, s:s, s:I}", "session", (int)s->id,
                                               "transaction", txn, "peer", s->peer, "connected_ms",
                                               (json_int_t)(uv_now(srv->loop) - s->started_ms)));

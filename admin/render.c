@@ -35,7 +35,7 @@ static void render_sessions(const pd_server_t *srv, pd_buf_t *out)
     help(out, "pgdual_sessions", "gauge", "Client sessions by state.");
     for (int st = 0; st < PD_SESSION_NSTATES; st++)
         put(out, "pgdual_sessions{state=\"%s\"} %u\n",
-            pd_session_state_name((pd_session_state_t)st), srv->state_counts[st]);
+            pd_session_state_name((pd_session_state_t)st), PD_GET(srv->state_counts[st]));
     help(out, "pgdual_sessions_total", "counter", "Client sessions accepted since start.");
     put(out, "pgdual_sessions_total %llu\n", (unsigned long long)srv->total_sessions);
 }
@@ -107,12 +107,12 @@ static void render_rules(const pd_server_t *srv, pd_buf_t *out)
          "Requests answered to clients (one per ReadyForQuery), by database.");
     for (const pd_traffic_t *t = srv->traffic; t != NULL; t = t->next)
         put(out, "pgdual_client_requests_total{database=\"%s\"} %llu\n", t->database,
-            (unsigned long long)t->requests);
+            (unsigned long long)PD_GET(t->requests));
     help(out, "pgdual_client_errors_total", "counter",
          "ErrorResponses sent to clients, by database.");
     for (const pd_traffic_t *t = srv->traffic; t != NULL; t = t->next)
         put(out, "pgdual_client_errors_total{database=\"%s\"} %llu\n", t->database,
-            (unsigned long long)t->errors);
+            (unsigned long long)PD_GET(t->errors));
     if (srv->fleet != NULL) {
         int connected, live;
         long long version;

@@ -24,6 +24,7 @@
 #include "proxy/compare.h"
 #include "proxy/log.h"
 #include "proxy/mirror.h"
+#include "proxy/relay.h"
 #include "proxy/seqsync.h"
 #include "proxy/session.h"
 #include "rules/catalog.h"
@@ -88,7 +89,7 @@ static json_t *cmd_status(pd_server_t *srv, int argc, char **argv)
     json_t *states = json_object();
     for (int st = 0; st < PD_SESSION_NSTATES; st++)
         json_object_set_new(states, pd_session_state_name((pd_session_state_t)st),
-                            json_integer(srv->state_counts[st]));
+                            json_integer(PD_GET(srv->state_counts[st])));
     json_t *dbs = json_array();
     for (unsigned i = 0; i < srv->cfg->database_count; i++) {
         const pd_database_cfg_t *db = &srv->cfg->databases[i];
@@ -106,6 +107,12 @@ static json_t *cmd_status(pd_server_t *srv, int argc, char **argv)
     json_object_set_new(r, "sessions", json_integer(srv->nsessions));
     json_object_set_new(r, "sessions_by_state", states);
     json_object_set_new(r, "sessions_total", json_integer((json_int_t)srv->total_sessions));
+    /* The loops that relay pass-through sessions: [0] the main loop (proxy/relay.h). */
+    json_t *loops = json_array();
+    for (unsigned i = 0; i < srv->nrelays; i++)
+        json_array_append_new(loops, json_pack("{s:i, s:I}", "loop", (int)i, "pass_through",
+                                               (json_int_t)srv->relays[i].assigned));
+    json_object_set_new(r, "relay_loops", loops);
     json_object_set_new(r, "databases", dbs);
     json_object_set_new(r, "rules", json_integer(srv->cfg->rule_count));
     /* switchover --watch: the watches running, and the last automatic rollback of each
@@ -139,14 +146,17 @@ static json_t *cmd_sessions(pd_server_t *srv, int argc, char **argv)
     json_t *list = json_array();
     uint64_t now = uv_now(srv->loop);
     for (pd_session_t *s = srv->sessions; s != NULL; s = s->next) {
-        char txn[2] = {s->txn_status ? (char)s->txn_status : '-', 0};
+        uint8_t status = PD_GET(s->txn_status);
+        char txn[2] = {status ? (char)status : '-', 0};
         json_array_append_new(
             list,
-            json_pack("{s:I, s:s?, s:s?, s:s, s:s, s:s, s:b, s:I, s:I, s:I}", "id",
+            json_pack("{s:I, s:s?, s:s?, s:s, s:s, s:s, s:b, s:I, s:I, s:I, s:i}", "id",
                       (json_int_t)s->id, "database", s->database, "user", s->user, "peer", s->peer,
-                      "state", pd_session_state_name(s->state), "transaction", txn, "tls",
+                      "state", pd_session_state_name(PD_GET(s->state)), "transaction", txn, "tls",
                       s->tls_done, "age_s", (json_int_t)((now - s->started_ms) / 1000), "bytes_in",
-                      (json_int_t)s->bytes_c2b, "bytes_out", (json_int_t)s->bytes_b2c));
+                      (json_int_t)PD_GET(s->bytes_c2b), "bytes_out",
+                      (json_int_t)PD_GET(s->bytes_b2c), "loop",
+                      s->home != NULL ? (int)s->home->index : 0));
     }
     json_t *r = reply_ok();
     json_object_set_new(r, "sessions", list);

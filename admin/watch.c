@@ -227,8 +227,8 @@ static uint64_t since(uint64_t now, uint64_t then)
 static void observe(const pd_watch_t *w, observed_t *ob)
 {
     ob->divergence = since(db_divergence(w->srv, w->database), w->div0);
-    ob->requests = since(w->traffic->requests, w->req0);
-    ob->errors = since(w->traffic->errors, w->err0);
+    ob->requests = since(PD_GET(w->traffic->requests), w->req0);
+    ob->errors = since(PD_GET(w->traffic->errors), w->err0);
     ob->rate = ob->requests > 0 ? (double)ob->errors / (double)ob->requests : 0;
 }
 
@@ -421,10 +421,11 @@ json_t *pd_watch_flipped(pd_server_t *srv, const char *database, const pd_watch_
     pd_traffic_t *t = pd_server_traffic(srv, database);
     if (t == NULL)
         return o != NULL && o->window_ms > 0 ? json_pack("{s:s}", "error", "out of memory") : NULL;
-    uint64_t base_requests = t->requests - t->mark_requests;
-    uint64_t base_errors = t->errors - t->mark_errors;
-    t->mark_requests = t->requests;
-    t->mark_errors = t->errors;
+    uint64_t requests = PD_GET(t->requests), errors = PD_GET(t->errors);
+    uint64_t base_requests = requests - t->mark_requests;
+    uint64_t base_errors = errors - t->mark_errors;
+    t->mark_requests = requests;
+    t->mark_errors = errors;
     if (o == NULL || o->window_ms == 0)
         return NULL;
     pd_watch_t *w = calloc(1, sizeof *w);
@@ -437,8 +438,8 @@ json_t *pd_watch_flipped(pd_server_t *srv, const char *database, const pd_watch_
                       .started_at = wall_ms(),
                       .traffic = t,
                       .div0 = db_divergence(srv, database),
-                      .req0 = t->requests,
-                      .err0 = t->errors,
+                      .req0 = requests,
+                      .err0 = errors,
                       .base_requests = base_requests,
                       .base_errors = base_errors};
     if (base_requests >= PD_WATCH_MIN_REQUESTS)

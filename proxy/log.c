@@ -1,7 +1,8 @@
 /*
  * log.c — the log line writer. The level is the one piece of process-wide state pgdual
  * keeps outside its server context: it is set once at start and on reload, and every
- * module logs through here.
+ * module logs through here, relay threads included (the level is read atomically; each
+ * line is one write()).
  */
 #include "proxy/log.h"
 
@@ -22,12 +23,12 @@ static const char *const level_names[] = {
 
 void pd_log_set_level(pd_log_level_t level)
 {
-    log_level = level;
+    __atomic_store_n(&log_level, level, __ATOMIC_RELAXED);
 }
 
 bool pd_log_enabled(pd_log_level_t level)
 {
-    return level <= log_level;
+    return level <= __atomic_load_n(&log_level, __ATOMIC_RELAXED);
 }
 
 void pd_log(pd_log_level_t level, const char *tag, const char *fmt, ...)

@@ -26,6 +26,7 @@
 #include "proxy/log.h"
 #include "proxy/mirror.h"
 #include "proxy/notify.h"
+#include "proxy/relay.h"
 #include "proxy/seqsync.h"
 #include "proxy/session.h"
 #include "rules/catalog.h"
@@ -94,6 +95,8 @@ static material_t material_take(pd_server_t *srv)
 static void material_give(pd_server_t *srv, material_t *m)
 {
     srv->cfg = m->cfg;
+    if (m->cfg != NULL)
+        PD_SET(srv->max_message, m->cfg->max_message_size);
     srv->users = m->users;
     srv->auth = m->auth;
     srv->ssl_ctx = m->ssl_ctx;
@@ -455,6 +458,7 @@ static void finish(pd_server_t *srv)
     srv->admin = NULL;
     pd_metrics_stop(srv->metrics);
     srv->metrics = NULL;
+    pd_relay_stop(srv); /* no session is left on them */
     uv_handle_t *handles[] = {(uv_handle_t *)&srv->sig_int,      (uv_handle_t *)&srv->sig_term,
                               (uv_handle_t *)&srv->sig_hup,      (uv_handle_t *)&srv->drain_timer,
                               (uv_handle_t *)&srv->mirror_timer, (uv_handle_t *)&srv->recheck_timer,
@@ -505,7 +509,7 @@ void pd_server_session_added(pd_server_t *srv, pd_session_t *s)
     srv->sessions = s;
     srv->nsessions++;
     srv->total_sessions++;
-    srv->state_counts[s->state]++;
+    PD_ADD(srv->state_counts[s->state], 1u);
 }
 
 void pd_server_session_removed(pd_server_t *srv, pd_session_t *s)
@@ -518,7 +522,7 @@ void pd_server_session_removed(pd_server_t *srv, pd_session_t *s)
         s->next->prev = s->prev;
     s->prev = s->next = NULL;
     srv->nsessions--;
-    srv->state_counts[s->state]--;
+    PD_ADD(srv->state_counts[s->state], -1u);
     maybe_finish(srv);
 }
 
@@ -544,7 +548,7 @@ static void shutdown_all(pd_server_t *srv, bool fast)
 static void stop(pd_server_t *srv, bool now)
 {
     if (!srv->stopping) {
-        srv->stopping = true;
+        PD_SET(srv->stopping, true);
         close_listener(srv);
         pd_notify_send(srv->notify, "STOPPING=1\nSTATUS=%s shutdown: %u sessions to end",
                        now ? "fast" : "smart", srv->nsessions);
@@ -646,6 +650,10 @@ static void keep_restart_keys(pd_server_t *srv, pd_config_t *next)
         srv->restart_needed[n++] = "admin.socket";
     if (keep_string(&next->admin_metrics, &run->admin_metrics))
         srv->restart_needed[n++] = "admin.metrics";
+    if (next->relay_threads != run->relay_threads) {
+        next->relay_threads = run->relay_threads;
+        srv->restart_needed[n++] = "limits.relay_threads";
+    }
     srv->restart_needed[n] = NULL;
     char list[128] = "";
     for (unsigned i = 0; i < n; i++)
@@ -712,6 +720,7 @@ static void reload_done(uv_work_t *w, int status)
         flags_build(srv, flags);
         srv->config_generation++;
         srv->rules_generation++;
+        pd_sessions_recall(srv);
         pd_log_set_level(srv->cfg->log_level);
         pd_log_info(NULL, "configuration reloaded: %u databases, %u rules",
                     srv->cfg->database_count, srv->cfg->rule_count);
@@ -1016,7 +1025,7 @@ int pd_server_init(pd_server_t *srv, uv_loop_t *loop, pd_config_t *cfg)
     uv_signal_start(&srv->sig_int, on_signal, SIGINT);
     uv_signal_start(&srv->sig_term, on_signal, SIGTERM);
     uv_signal_start(&srv->sig_hup, on_signal, SIGHUP);
-    return 0;
+    return pd_relay_start(srv);
 }
 
 int pd_server_run(pd_server_t *srv)
@@ -1029,6 +1038,10 @@ int pd_server_run(pd_server_t *srv)
 
 void pd_server_free(pd_server_t *srv)
 {
+    pd_relay_stop(srv);
+    free(srv->relays);
+    srv->relays = NULL;
+    srv->nrelays = 0;
     material_t m = material_take(srv);
     material_free(&m);
     /* Jobs first: their threads write checkpoints into the state. */

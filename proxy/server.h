@@ -77,9 +77,17 @@ typedef struct {
     pd_scram_secret_t secret;
 } pd_auth_entry_t;
 
+/* Fields written on one loop and read on another (relay threads, proxy/relay.h). */
+#define PD_GET(field)    __atomic_load_n(&(field), __ATOMIC_RELAXED)
+#define PD_SET(field, v) __atomic_store_n(&(field), (v), __ATOMIC_RELAXED)
+#define PD_ADD(field, n) __atomic_add_fetch(&(field), (n), __ATOMIC_RELAXED)
+
+struct pd_relay;
+
 typedef struct pd_server {
     uv_loop_t *loop;
     pd_config_t *cfg;      /* owned; replaced whole on reload */
+    uint32_t max_message;  /* cfg->max_message_size, PD_GET by relay threads */
     pd_users_t *users;     /* owned; NULL unless auth mode scram */
     pd_auth_entry_t *auth; /* owned; one per user */
     SSL_CTX *ssl_ctx;      /* owned; NULL unless TLS is configured */
@@ -94,11 +102,14 @@ typedef struct pd_server {
     uv_timer_t recheck_timer; /* catalog checks of rules whose database was unreachable */
     bool rechecking;          /* such a check is on a worker thread */
     /* The keys (static names) whose change the last reload could not apply, NULL-ended. */
-    const char *restart_needed[5];
+    const char *restart_needed[6];
 
     pd_session_t *sessions; /* doubly linked list of live sessions, owned */
     unsigned nsessions;
-    unsigned state_counts[PD_SESSION_NSTATES];
+    unsigned state_counts[PD_SESSION_NSTATES]; /* PD_ADD/PD_GET: relay threads change them */
+    struct pd_relay *relays; /* owned; [0] the main loop, then the relay threads */
+    unsigned nrelays;
+    uv_async_t relay_async; /* the main loop's (proxy/relay.c) */
     uint32_t next_session_id;
     uint64_t total_sessions;
 
@@ -130,7 +141,8 @@ typedef struct pd_server {
     pd_traffic_t *traffic;       /* owned; client traffic per database */
     unsigned npauses;
 
-    bool stopping;  /* SIGTERM/SIGINT: no new sessions; exit when the last one ends */
+    bool stopping;  /* SIGTERM/SIGINT: no new sessions; exit when the last one ends (PD_SET:
+                       relay threads read it) */
     bool stop_fast; /* SIGINT or the grace period over: mirrors are not waited for */
     int exit_code;
     pd_notify_t *notify; /* owned by main; NULL unless run under a service manager */

@@ -35,6 +35,7 @@ static void relay_from_server(pd_session_t *s);
 static void update_interest(pd_session_t *s);
 static void closing_step(pd_session_t *s, bool readable, bool writable);
 static void session_close_timer(uv_timer_t *t);
+static bool come_back(pd_session_t *s);
 
 /* ---------------------------------------------------------------------------------------
  * State and lifetime
@@ -53,10 +54,10 @@ static void session_set_state(pd_session_t *s, pd_session_state_t st)
 {
     if (s->state == st)
         return;
-    s->srv->state_counts[s->state]--;
-    s->srv->state_counts[st]++;
+    PD_ADD(s->srv->state_counts[s->state], -1u);
+    PD_ADD(s->srv->state_counts[st], 1u);
     pd_log_debug(s->tag, "state %s -> %s", state_names[s->state], state_names[st]);
-    s->state = st;
+    PD_SET(s->state, st);
 }
 
 static void prepared_free(pd_prepared_t *e)
@@ -527,9 +528,8 @@ static bool command_drops(pd_session_t *s, const pd_batch_t *b, const uint8_t *b
     return e == NULL || e->serial != d->serial || stmt_forget(s, d->name, true);
 }
 
-static void free_session(uv_handle_t *h)
+static void session_free(pd_session_t *s)
 {
-    pd_session_t *s = h->data;
     free(s->c2b.buf);
     free(s->b2c.buf);
     pd_buf_free(&s->c2b.repl);
@@ -574,12 +574,51 @@ static void free_session(uv_handle_t *h)
     free(s);
 }
 
+static void free_session(uv_handle_t *h)
+{
+    session_free(h->data);
+}
+
+/* Running on a relay thread (proxy/relay.h)? */
+static bool on_thread(const pd_session_t *s)
+{
+    return s->at != NULL && s->at->index > 0;
+}
+
+/* Main loop: the session no longer counts as a pass-through session of its loop. */
+static void uncount(pd_session_t *s)
+{
+    if (s->counted != NULL)
+        s->counted->assigned--;
+    s->counted = NULL;
+}
+
+/* Its handles are closed: to the loop it goes to (pd_session_arrive there). */
+static void session_moved(uv_handle_t *h)
+{
+    pd_session_t *s = h->data;
+    if (on_thread(s))
+        pd_relay_leave(s->at, s);
+    pd_relay_post(s->dest, s);
+}
+
+/* Moves the session to another loop: its sockets stop being polled here at once. */
+static void session_move(pd_session_t *s, pd_relay_t *to)
+{
+    s->dest = to;
+    pd_transport_detach(&s->client);
+    if (s->server_open)
+        pd_transport_detach(&s->server);
+    uv_timer_stop(&s->timer);
+    uv_close((uv_handle_t *)&s->timer, session_moved);
+}
+
 static void session_close(pd_session_t *s)
 {
     if (s->closed)
         return;
     s->closed = true;
-    uint64_t ms = uv_now(s->srv->loop) - s->started_ms;
+    uint64_t ms = uv_now(s->loop) - s->started_ms;
     pd_log_info(s->tag, "disconnected: session time %llu.%03llu s, %llu bytes in, %llu bytes out",
                 (unsigned long long)(ms / 1000), (unsigned long long)(ms % 1000),
                 (unsigned long long)s->bytes_c2b, (unsigned long long)s->bytes_b2c);
@@ -588,18 +627,25 @@ static void session_close(pd_session_t *s)
         pd_transport_close(&s->server);
     s->server_open = false;
     pd_backend_close(&s->backend);
+    if (on_thread(s)) {
+        /* The main loop takes it out of the server's list and frees it. */
+        s->dest = &s->srv->relays[0];
+        uv_close((uv_handle_t *)&s->timer, session_moved);
+        return;
+    }
     /* The mirror was given a wrapped batch that the authoritative side now rolls back. */
     if (s->wrap_released)
         pd_mirror_wrap_failed(s, s->wrap_rule, s->wrap_sql, NULL, 0);
     pd_mirror_session_end(s);
     pd_server_session_removed(s->srv, s);
+    uncount(s);
     uv_close((uv_handle_t *)&s->timer, free_session);
 }
 
 pd_session_t *pd_session_find(pd_server_t *srv, uint32_t pid, uint32_t key)
 {
     for (pd_session_t *s = srv->sessions; s != NULL; s = s->next)
-        if (s->id == pid && s->cancel_key == key && !s->closed)
+        if (s->id == pid && s->cancel_key == key && (s->home != NULL || !s->closed))
             return s;
     return NULL;
 }
@@ -861,7 +907,7 @@ static bool cancel_running(pd_session_t *s, const char *why)
     if ((!s->busy && s->ready_owed == 0) || s->backend.conn == NULL || !s->backend.connected)
         return false;
     pd_log_info(s->tag, "%s during a query; cancelling it", why);
-    if (pd_cancel_dispatch(s->srv->loop, s->backend.conn, s->tag) != 0)
+    if (pd_cancel_dispatch(s->loop, s->backend.conn, s->tag) != 0)
         pd_log_warning(s->tag, "could not start cancelling the query");
     return true;
 }
@@ -1051,6 +1097,8 @@ static void drop_forget_batch(pd_session_t *s, uint32_t seq)
  */
 static void refresh_rules(pd_session_t *s)
 {
+    if (on_thread(s))
+        return; /* pass-through; a reload that gives its database rules recalls it */
     unsigned gen = s->srv->rules_generation + 1;
     /* Reading new (read_side), the mirror connection is old's: the next batch goes back
        first. */
@@ -1894,6 +1942,8 @@ static bool at_boundary(const pd_session_t *s)
 
 bool pd_session_quiet(const pd_session_t *s)
 {
+    if (s->home != NULL)
+        return false; /* pass-through on a relay thread; recalled if its database has rules */
     if (s->closed || s->state != PD_SESSION_ACTIVE)
         return true; /* not serving: its first statement meets the gate */
     return !s->rules_on || s->gate_held || at_boundary(s);
@@ -2057,6 +2107,16 @@ static void count_ready_owed(pd_session_t *s, uint8_t type)
 {
     if (type == PD_FE_QUERY || type == PD_FE_SYNC || type == PD_FE_FUNCTION_CALL)
         s->ready_owed++;
+    s->last_type = type;
+}
+
+/* Nothing of the client's on its way to or in the server: every batch it sent is ended
+   (by Query, Sync or FunctionCall) and answered. */
+static bool batches_answered(const pd_session_t *s)
+{
+    uint8_t t = s->last_type;
+    return s->ready_owed == 0 &&
+           (t == 0 || t == PD_FE_QUERY || t == PD_FE_SYNC || t == PD_FE_FUNCTION_CALL);
 }
 
 static int scan_client(pd_session_t *s)
@@ -2071,10 +2131,13 @@ static int scan_client(pd_session_t *s)
             p->skip -= take;
             continue;
         }
+        /* Recalled to the main loop: the next batch starts there, under the rules. */
+        if (s->recall && batches_answered(s))
+            break;
         pd_msg_hdr_t h;
         const char *err = NULL;
         pd_decode_rc_t rc =
-            pd_fe_header(p->buf + p->scan, avail, s->srv->cfg->max_message_size, &h, &err);
+            pd_fe_header(p->buf + p->scan, avail, PD_GET(s->srv->max_message), &h, &err);
         if (rc == PD_DECODE_INCOMPLETE)
             break;
         if (rc == PD_DECODE_ERROR) {
@@ -2320,10 +2383,10 @@ static bool server_message(pd_session_t *s, uint8_t type, const uint8_t *body, s
     pd_result_sum_t *sum = current_sum(s);
     if (sum != NULL)
         sum_message(sum, type, body, n);
-    if (!internal && s->traffic != NULL) {
-        s->traffic->requests += type == PD_BE_READY;
-        s->traffic->errors += type == PD_BE_ERROR;
-    }
+    if (!internal && s->traffic != NULL && type == PD_BE_READY)
+        PD_ADD(s->traffic->requests, 1);
+    if (!internal && s->traffic != NULL && type == PD_BE_ERROR)
+        PD_ADD(s->traffic->errors, 1);
     if (type == PD_BE_COMMAND_COMPLETE && !internal && s->stmt_count > 0 &&
         !command_drops(s, b, body, n)) {
         pd_session_terminate(s, "53200", "out of memory", NULL);
@@ -2332,7 +2395,7 @@ static bool server_message(pd_session_t *s, uint8_t type, const uint8_t *body, s
     if (type == PD_BE_READY && !internal && b != NULL && b->seq == s->dealloc_seq)
         deallocs_clear(s); /* what was not answered did not run */
     if (type == PD_BE_READY) {
-        s->txn_status = body[0];
+        PD_SET(s->txn_status, body[0]);
         if (!internal && s->ready_owed > 0)
             s->ready_owed--;
         /* Idle again unless the client has already sent more (pipelining). */
@@ -2361,7 +2424,7 @@ static bool server_message(pd_session_t *s, uint8_t type, const uint8_t *body, s
     if (b != NULL && b->wrap == 'C' && type == PD_BE_ERROR) {
         /* pgdual's COMMIT failed: the client hears why its write did not commit. */
         if (s->traffic != NULL)
-            s->traffic->errors++;
+            PD_ADD(s->traffic->errors, 1);
         if (s->wrap_commit)
             pd_mirror_wrap_failed(s, s->wrap_rule, s->wrap_sql, body, n);
         return false;
@@ -2499,7 +2562,7 @@ static int scan_server(pd_session_t *s)
         if (drop && total > avail)
             break; /* dropped messages are taken whole (they are the proxy's own) */
         if (h.type == PD_BE_ERROR && !drop && s->traffic != NULL)
-            s->traffic->errors++;
+            PD_ADD(s->traffic->errors, 1);
         if (sum != NULL) {
             pd_result_row_begin(sum);
             size_t here = total <= avail ? (size_t)total : avail;
@@ -2573,14 +2636,14 @@ static int pump_client(pd_session_t *s)
  */
 static bool end_if_draining(pd_session_t *s)
 {
-    if (!s->srv->stopping || s->state != PD_SESSION_ACTIVE || s->busy || s->ready_owed > 0 ||
-        !at_boundary(s))
+    if (!PD_GET(s->srv->stopping) || s->state != PD_SESSION_ACTIVE || s->busy ||
+        s->ready_owed > 0 || !at_boundary(s))
         return false;
     pd_session_terminate(s, "57P01", "terminating connection due to administrator command", NULL);
     return true;
 }
 
-void pd_session_shutdown(pd_session_t *s, bool fast)
+static void session_shutdown(pd_session_t *s, bool fast)
 {
     if (s->closed || s->state == PD_SESSION_CLOSING)
         return;
@@ -2597,6 +2660,14 @@ void pd_session_shutdown(pd_session_t *s, bool fast)
        otherwise go on, and even commit, after its client was told it was ended. */
     cancel_running(s, "shutting down");
     pd_session_terminate(s, "57P01", "terminating connection due to administrator command", NULL);
+}
+
+void pd_session_shutdown(pd_session_t *s, bool fast)
+{
+    if (s->home != NULL)
+        pd_session_ask(s, fast ? PD_ASK_STOP_FAST : PD_ASK_STOP);
+    else
+        session_shutdown(s, fast);
 }
 
 static int pump_server(pd_session_t *s)
@@ -2630,7 +2701,7 @@ static int pump_server(pd_session_t *s)
 static void relay_from_client(pd_session_t *s)
 {
     pd_pipe_t *p = &s->c2b;
-    size_t limit = (size_t)s->srv->cfg->max_message_size + 1;
+    size_t limit = (size_t)PD_GET(s->srv->max_message) + 1;
     while (!s->closed && s->state == PD_SESSION_ACTIVE && !pipe_pending(p) &&
            !s->client_terminated && !s->hold_client && !s->gate_held) {
         if (!pipe_make_room(p, limit < PIPE_SIZE ? PIPE_SIZE : limit)) {
@@ -2645,7 +2716,7 @@ static void relay_from_client(pd_session_t *s)
             return;
         }
         p->end += (size_t)n;
-        s->bytes_c2b += (uint64_t)n;
+        PD_SET(s->bytes_c2b, s->bytes_c2b + (uint64_t)n);
         if (pump_client(s) < 0)
             return;
         if (s->client_terminated && !pipe_pending(p)) {
@@ -2674,7 +2745,7 @@ static void relay_from_server(pd_session_t *s)
             return;
         }
         p->end += (size_t)n;
-        s->bytes_b2c += (uint64_t)n;
+        PD_SET(s->bytes_b2c, s->bytes_b2c + (uint64_t)n);
         bool held = s->hold_client;
         if (pump_server(s) < 0)
             return;
@@ -2711,7 +2782,8 @@ static void on_server(pd_transport_t *t, void *owner, bool readable, bool writab
     }
     if (readable && !s->closed)
         relay_from_server(s);
-    update_interest(s);
+    if (!come_back(s))
+        update_interest(s);
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -2755,9 +2827,130 @@ static void on_wake(uv_timer_t *t)
 
 void pd_session_wake(pd_session_t *s)
 {
-    if (s->closed || s->state != PD_SESSION_ACTIVE)
+    if (s->home != NULL || s->closed || s->state != PD_SESSION_ACTIVE)
         return;
     uv_timer_start(&s->timer, on_wake, 0, 0);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Relay threads (proxy/relay.h): pass-through sessions spread over several loops
+ */
+
+/* A session of a database without rules, just connected, goes to the loop with the fewest
+   such sessions. True when it left the main loop. */
+static bool hand_over(pd_session_t *s)
+{
+    pd_server_t *srv = s->srv;
+    if (srv->nrelays == 0 || s->closed || s->state != PD_SESSION_ACTIVE ||
+        pd_route_db_has_rules(srv->cfg, s->database))
+        return false;
+    pd_relay_t *r = pd_relay_pick(srv);
+    r->assigned++;
+    s->counted = r;
+    if (r->index == 0)
+        return false;
+    s->home = r;
+    pd_log_debug(s->tag, "relayed by thread %u", r->index);
+    session_move(s, r);
+    return true;
+}
+
+/* Recalled, and nothing in flight: back to the main loop, where the rules apply from the
+   next batch on. True when it left. */
+static bool come_back(pd_session_t *s)
+{
+    if (!s->recall || !on_thread(s) || s->closed || s->state != PD_SESSION_ACTIVE ||
+        !batches_answered(s) || pipe_pending(&s->c2b) || s->c2b.skip > 0 || pipe_pending(&s->b2c) ||
+        s->b2c.skip > 0 || s->b2c.scan < s->b2c.end || out_pending(s))
+        return false;
+    pd_log_debug(s->tag, "back to the main loop: its database has rules now");
+    s->busy = false; /* nothing sent since the last ReadyForQuery */
+    session_move(s, &s->srv->relays[0]);
+    return true;
+}
+
+void pd_session_ask(pd_session_t *s, unsigned asks)
+{
+    __atomic_fetch_or(&s->asks, asks, __ATOMIC_ACQ_REL);
+    pd_relay_nudge(s->home);
+}
+
+void pd_session_asked(pd_session_t *s)
+{
+    unsigned asks = __atomic_exchange_n(&s->asks, 0, __ATOMIC_ACQ_REL);
+    if (s->closed)
+        return;
+    if ((asks & PD_ASK_RECALL) && on_thread(s))
+        s->recall = true;
+    if ((asks & PD_ASK_CANCEL) && s->state == PD_SESSION_ACTIVE && s->backend.conn != NULL &&
+        pd_cancel_dispatch(s->loop, s->backend.conn, s->tag) != 0)
+        pd_log_warning(s->tag, "could not start forwarding a cancel request");
+    if (asks & (PD_ASK_STOP | PD_ASK_STOP_FAST)) {
+        session_shutdown(s, (asks & PD_ASK_STOP_FAST) != 0);
+        if (s->closed || s->state != PD_SESSION_ACTIVE)
+            return;
+    }
+    if (!come_back(s))
+        update_interest(s);
+}
+
+/* On its new loop: what arrived while it moved is relayed now (TLS may hold decrypted
+   bytes that the socket will not announce). */
+static void session_resume(pd_session_t *s)
+{
+    if (pump_client(s) < 0 || pump_server(s) < 0)
+        return;
+    if (s->client_terminated && !pipe_pending(&s->c2b)) {
+        session_close(s);
+        return;
+    }
+    if (pd_transport_pending(&s->client))
+        relay_from_client(s);
+    if (!s->closed && s->server_open && pd_transport_pending(&s->server))
+        relay_from_server(s);
+    if (!s->closed && !come_back(s))
+        update_interest(s);
+}
+
+void pd_session_arrive(pd_session_t *s, pd_relay_t *r)
+{
+    if (s->closed) {
+        /* Ended on a relay thread: r is the main loop. */
+        pd_mirror_session_end(s);
+        pd_server_session_removed(s->srv, s);
+        uncount(s);
+        session_free(s);
+        return;
+    }
+    s->at = r;
+    s->loop = r->loop;
+    s->dest = NULL;
+    if (r->index == 0) {
+        /* Recalled: rules_on is decided again before the next message. */
+        s->home = NULL;
+        uncount(s);
+        s->recall = false;
+        s->rules_generation = 0;
+    }
+    uv_timer_init(s->loop, &s->timer);
+    s->timer.data = s;
+    if (pd_transport_attach(&s->client, s->loop) != 0 ||
+        (s->server_open && pd_transport_attach(&s->server, s->loop) != 0)) {
+        pd_log_error(s->tag, "could not watch the session's sockets on its new loop");
+        cancel_running(s, "moving between loops failed");
+        session_close(s);
+        return;
+    }
+    pd_session_asked(s);
+    if (!s->closed && s->state == PD_SESSION_ACTIVE && s->dest == NULL)
+        session_resume(s);
+}
+
+void pd_sessions_recall(pd_server_t *srv)
+{
+    for (pd_session_t *s = srv->sessions; s != NULL; s = s->next)
+        if (s->home != NULL && s->database != NULL && pd_route_db_has_rules(srv->cfg, s->database))
+            pd_session_ask(s, PD_ASK_RECALL);
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -2808,7 +3001,7 @@ static void on_backend_connected(pd_backend_t *b, void *owner, const char *err,
     }
     pd_be_backend_key(&s->out, s->id, s->cancel_key);
     pd_be_ready(&s->out, 'I');
-    s->txn_status = 'I';
+    PD_SET(s->txn_status, 'I');
     uv_timer_stop(&s->timer);
     session_set_state(s, PD_SESSION_ACTIVE);
     pd_log_info(s->tag, "connected to the server (backend pid %d)", PQbackendPID(b->conn));
@@ -2826,7 +3019,8 @@ static void on_backend_connected(pd_backend_t *b, void *owner, const char *err,
             return;
         }
     }
-    update_interest(s);
+    if (!hand_over(s))
+        update_interest(s);
 }
 
 static void begin_connect(pd_session_t *s)
@@ -3127,7 +3321,10 @@ static void startup_message(pd_session_t *s, const pd_startup_t *st)
 static void cancel_request(pd_session_t *s, const pd_startup_t *st)
 {
     pd_session_t *target = pd_session_find(s->srv, st->cancel_pid, st->cancel_key);
-    if (target == NULL || target->state != PD_SESSION_ACTIVE || target->backend.conn == NULL) {
+    if (target != NULL && target->home != NULL) {
+        pd_session_ask(target, PD_ASK_CANCEL); /* its relay thread checks it is running */
+    } else if (target == NULL || target->state != PD_SESSION_ACTIVE ||
+               target->backend.conn == NULL) {
         pd_log_info(s->tag, "cancel request for unknown or idle session ignored");
     } else if (pd_cancel_dispatch(s->srv->loop, target->backend.conn, target->tag) != 0) {
         pd_log_warning(target->tag, "could not start forwarding a cancel request");
@@ -3305,6 +3502,8 @@ static void on_client(pd_transport_t *t, void *owner, bool readable, bool writab
         }
         if (readable && !s->closed)
             relay_from_client(s);
+        if (come_back(s))
+            return;
         break;
     case PD_SESSION_CLOSING:
         closing_step(s, readable, writable);
@@ -3334,6 +3533,8 @@ void pd_session_accept(pd_server_t *srv, int fd, const char *peer)
         return;
     }
     s->srv = srv;
+    s->at = srv->relays;
+    s->loop = srv->loop;
     s->c2b.cap = s->b2c.cap = PIPE_SIZE;
     s->id = ++srv->next_session_id;
     if (RAND_bytes((uint8_t *)&s->cancel_key, sizeof s->cancel_key) != 1)

@@ -20,6 +20,7 @@
 #include "proxy/backend.h"
 #include "proxy/compare.h"
 #include "proxy/mirror.h"
+#include "proxy/relay.h"
 #include "proxy/server.h"
 #include "proxy/transport.h"
 #include "rules/sql.h"
@@ -219,6 +220,21 @@ struct pd_session {
     bool sums_ready;
     bool tap_row; /* b2c: the DataRow in progress is being summed */
 
+    /*
+     * Relay loops (proxy/relay.h). A pass-through session may run on a relay thread: then
+     * only that thread touches it, except the fields below said to be read elsewhere.
+     */
+    pd_relay_t *home;    /* main loop only: the relay thread it is on or going to; NULL: main */
+    pd_relay_t *counted; /* main loop only: whose `assigned` counts it, or NULL */
+    pd_relay_t *at;      /* the loop running it now */
+    pd_relay_t *dest;    /* ...moving (its handles closing): the loop it goes to */
+    uv_loop_t *loop;     /* at's loop */
+    pd_session_t *relay_prev, *relay_next; /* at's list of sessions, or an inbox */
+    unsigned asks;     /* PD_ASK_* from the main loop, atomically (pd_session_ask) */
+    bool recall;       /* back to the main loop at the next batch boundary */
+    uint8_t last_type; /* the client's last message passed on (0: none yet) */
+
+    /* Also read by the main loop's admin commands, atomically (PD_GET). */
     uint8_t txn_status;  /* from the last ReadyForQuery: 'I', 'T' or 'E' */
     bool busy;           /* messages went to the server since its last ReadyForQuery */
     unsigned ready_owed; /* the client's Query, Sync and FunctionCall relayed whose
@@ -227,6 +243,25 @@ struct pd_session {
     uint64_t started_ms;
     uint64_t bytes_c2b, bytes_b2c;
 };
+
+/* What the main loop asks of a session on a relay thread (pd_session_ask). */
+enum {
+    PD_ASK_CANCEL = 1,    /* a client's CancelRequest for it */
+    PD_ASK_STOP = 2,      /* smart shutdown (pd_session_shutdown) */
+    PD_ASK_STOP_FAST = 4, /* fast shutdown */
+    PD_ASK_RECALL = 8,    /* a reload gave its database rules: back to the main loop */
+};
+
+/* Main loop: asks a session on a relay thread (home non-NULL) to act, then wakes it. */
+void pd_session_ask(pd_session_t *s, unsigned asks);
+/* Its loop: acts on what was asked. Called by relay.c. */
+void pd_session_asked(pd_session_t *s);
+/* A session queued to r (pd_relay_post) is r's now: adopted, or freed when it ended.
+   Called by relay.c on r's loop. */
+void pd_session_arrive(pd_session_t *s, pd_relay_t *r);
+/* Main loop, after a reload: sessions on relay threads whose database now has rules come
+   back to the main loop. */
+void pd_sessions_recall(pd_server_t *srv);
 
 /* Takes an accepted client socket (non-blocking) and starts its session. */
 void pd_session_accept(pd_server_t *srv, int fd, const char *peer);

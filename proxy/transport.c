@@ -49,6 +49,34 @@ int pd_transport_open(pd_transport_t *t, uv_loop_t *loop, int fd, bool own_fd,
     return 0;
 }
 
+void pd_transport_detach(pd_transport_t *t)
+{
+    if (t->poll != NULL) {
+        /* uv_close takes the socket out of the loop's epoll set at once. */
+        uv_close((uv_handle_t *)t->poll, free_handle);
+        t->poll = NULL;
+    }
+    t->events = 0;
+    t->loop = NULL;
+}
+
+int pd_transport_attach(pd_transport_t *t, uv_loop_t *loop)
+{
+    t->poll = malloc(sizeof *t->poll);
+    if (t->poll == NULL)
+        return UV_ENOMEM;
+    int rc = uv_poll_init_socket(loop, t->poll, t->fd);
+    if (rc != 0) {
+        free(t->poll);
+        t->poll = NULL;
+        return rc;
+    }
+    t->poll->data = t;
+    t->loop = loop;
+    t->events = 0;
+    return pd_transport_want(t, t->want_read, t->want_write);
+}
+
 void pd_transport_set_ssl(pd_transport_t *t, SSL *ssl, bool own_ssl)
 {
     t->ssl = ssl;

@@ -44,6 +44,14 @@ struct pd_transport {
 int pd_transport_open(pd_transport_t *t, uv_loop_t *loop, int fd, bool own_fd,
                       pd_transport_cb on_ready, void *owner);
 
+/*
+ * Moving a transport to another event loop (proxy/relay.c): detach stops polling on the
+ * current loop (on its thread) and keeps the socket, the TLS state and the interest;
+ * attach (on the new loop's thread) polls the socket there again with that interest.
+ */
+void pd_transport_detach(pd_transport_t *t);
+int pd_transport_attach(pd_transport_t *t, uv_loop_t *loop);
+
 /* Switches to TLS over the same socket with an SSL object. */
 void pd_transport_set_ssl(pd_transport_t *t, SSL *ssl, bool own_ssl);
 

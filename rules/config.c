@@ -38,6 +38,8 @@
 #define DEFAULT_CLIENTS          1000u
 #define DEFAULT_STARTUP          60000u
 #define DEFAULT_GRACE            30000u
+#define DEFAULT_RELAY_THREADS    1u
+#define PD_MAX_RELAY_THREADS     64u
 #define MIN_MESSAGE_SIZE         1024u
 #define MAX_CLIENTS_LIMIT        1000000u
 #define MAX_REPORTED             100u /* errors listed before "N more" */
@@ -83,6 +85,7 @@ typedef struct {
     uint64_t *max_message_size;
     uint32_t *startup_timeout_ms;
     uint32_t *shutdown_grace_ms;
+    uint32_t *relay_threads;
 } raw_limits_t;
 
 typedef struct {
@@ -230,6 +233,7 @@ static const cyaml_schema_field_t limits_fields[] = {
     CYAML_FIELD_UINT_PTR("max_message_size", OPT, raw_limits_t, max_message_size),
     CYAML_FIELD_UINT_PTR("startup_timeout_ms", OPT, raw_limits_t, startup_timeout_ms),
     CYAML_FIELD_UINT_PTR("shutdown_grace_ms", OPT, raw_limits_t, shutdown_grace_ms),
+    CYAML_FIELD_UINT_PTR("relay_threads", OPT, raw_limits_t, relay_threads),
     CYAML_FIELD_END,
 };
 
@@ -416,6 +420,11 @@ static bool clients_ok(const char *v)
     return in_range(v, 1, MAX_CLIENTS_LIMIT);
 }
 
+static bool threads_ok(const char *v)
+{
+    return in_range(v, 0, PD_MAX_RELAY_THREADS);
+}
+
 static bool timeout_ok(const char *v)
 {
     return in_range(v, 1, UINT32_MAX);
@@ -460,6 +469,7 @@ static const constraint_t constraints[] = {
      "a whole number of milliseconds from 1 to 4294967295"},
     {limits_fields, "shutdown_grace_ms", grace_ok,
      "a whole number of milliseconds from 0 to 4294967295"},
+    {limits_fields, "relay_threads", threads_ok, "a whole number from 0 to 64"},
     {rule_fields, "name", rule_name_ok, "a name without spaces, quotes or backslashes"},
     {rule_fields, "reads", reads_ok, "old, shadow, aa, new or new@N with N from 0 to 100"},
 };
@@ -1280,6 +1290,7 @@ static bool convert_misc(pd_config_t *cfg, raw_config_t *raw)
         lim && lim->startup_timeout_ms ? *lim->startup_timeout_ms : DEFAULT_STARTUP;
     cfg->shutdown_grace_ms =
         lim && lim->shutdown_grace_ms ? *lim->shutdown_grace_ms : DEFAULT_GRACE;
+    cfg->relay_threads = lim && lim->relay_threads ? *lim->relay_threads : DEFAULT_RELAY_THREADS;
     cfg->log_level = raw->log && raw->log->level ? *raw->log->level : PD_LOG_INFO;
     return true;
 }

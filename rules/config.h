@@ -101,12 +101,14 @@ typedef struct {
     uint32_t shadow_budget_ms; /* a shadow read on new longer than this is cancelled and
                                   counted skipped; default 1000 (pgdual's addition) */
 
-    /* limits: { max_clients, max_message_size, startup_timeout_ms, shutdown_grace_ms }
-       (pgdual's own addition to the DESIGN.md schema) */
+    /* limits: { max_clients, max_message_size, startup_timeout_ms, shutdown_grace_ms,
+       relay_threads } (pgdual's own addition to the DESIGN.md schema) */
     unsigned max_clients;        /* default 1000 */
     uint32_t max_message_size;   /* default PD_MSG_MAX_LEN (1 GB - 1), at least 1024 */
     unsigned startup_timeout_ms; /* default 60000 */
     unsigned shutdown_grace_ms;  /* SIGTERM: how long transactions may finish; default 30000 */
+    unsigned relay_threads;      /* event loops besides the main one that relay the sessions of
+                                    databases without rules (proxy/relay.c); default 1 */
 
     pd_log_level_t log_level; /* log: { level: error|warning|info|debug }, default info */
 

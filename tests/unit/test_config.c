@@ -303,6 +303,7 @@ static void test_defaults(void **state)
     assert_int_equal(cfg->max_message_size, PD_MSG_MAX_LEN);
     assert_int_equal(cfg->startup_timeout_ms, 60000);
     assert_int_equal(cfg->shutdown_grace_ms, 30000);
+    assert_int_equal(cfg->relay_threads, 1);
     assert_int_equal(cfg->log_level, PD_LOG_INFO);
     assert_int_equal(cfg->database_count, 1);
     assert_null(cfg->databases[0].new);
@@ -346,6 +347,7 @@ static void test_state_limits_log_and_flags(void **state)
     assert_int_equal(cfg->max_message_size, 1048576);
     assert_int_equal(cfg->startup_timeout_ms, 15000);
     assert_int_equal(cfg->shutdown_grace_ms, 0);
+    assert_int_equal(cfg->relay_threads, 4);
     assert_int_equal(cfg->log_level, PD_LOG_WARNING);
     assert_true(cfg->shadow_sample == 1.0);
     assert_int_equal(cfg->shadow_budget_ms, 250);
