@@ -2,7 +2,9 @@
 # passthrough.sh — pgbench through nothing, pgbouncer and pgdual, side by side.
 #
 # Starts a throwaway PostgreSQL cluster (tests/integration/pgcluster.py), pgbouncer in
-# session mode and pgdual in pass-through mode in front of it, initialises pgbench at
+# session mode and pgdual in pass-through mode in front of it (twice: `pgdual` as
+# configured by default, with its relay thread, and `pgdual1` with limits.relay_threads:
+# 0, one event loop as pgbouncer has), initialises pgbench at
 # scale 10, then runs ROUNDS rounds; each round runs select-only (-S -M prepared) and
 # tpcb-like (-M prepared) for DURATION seconds against each target in turn, 16 clients,
 # 2 threads. Prints per-round TPS, the median per target and the ratios pgdual/direct
@@ -44,12 +46,14 @@ require_positive ROUNDS DURATION CLIENTS THREADS SCALE
 
 WORK=$(mktemp -d /tmp/pgdual-bench-XXXXXX)
 PGDUAL_PID=
+PGDUAL1_PID=
 BOUNCER_PIDFILE=$WORK/bouncer/pgbouncer.pid
 
 cleanup() {
 	local rc=$?
 	trap - EXIT INT TERM
 	stop_pid "$PGDUAL_PID"
+	stop_pid "$PGDUAL1_PID"
 	if [ -f "$BOUNCER_PIDFILE" ]; then
 		stop_pid "$(cat "$BOUNCER_PIDFILE" 2>/dev/null || true)" INT
 	fi
@@ -114,6 +118,12 @@ EOF
 setsid "$BUILD_DIR/pgdual" -c "$WORK/pgdual.yaml" >"$WORK/pgdual.log" 2>&1 &
 PGDUAL_PID=$!
 wait_port "$DPORT" || die "pgdual is not listening on $DPORT: $(tail -20 "$WORK/pgdual.log")"
+D1PORT=$(free_port)
+sed -e "s/port: $DPORT/port: $D1PORT/" -e '$a limits: { relay_threads: 0 }' \
+	"$WORK/pgdual.yaml" >"$WORK/pgdual1.yaml"
+setsid "$BUILD_DIR/pgdual" -c "$WORK/pgdual1.yaml" >"$WORK/pgdual1.log" 2>&1 &
+PGDUAL1_PID=$!
+wait_port "$D1PORT" || die "pgdual1 is not listening on $D1PORT: $(tail -20 "$WORK/pgdual1.log")"
 
 # --- the runs -----------------------------------------------------------------------------
 pgbench_on() { # port args...
@@ -125,8 +135,8 @@ pgbench_on() { # port args...
 echo "== pgbench -i -s $SCALE" >&2
 pgbench_on "$PGPORT" -i -q -s "$SCALE" >"$WORK/init.log" 2>&1 || die "pgbench -i failed: $(tail -5 "$WORK/init.log")"
 
-declare -A PORT=([direct]=$PGPORT [pgbouncer]=$BPORT [pgdual]=$DPORT)
-TARGETS=(direct pgbouncer pgdual)
+declare -A PORT=([direct]=$PGPORT [pgbouncer]=$BPORT [pgdual]=$DPORT [pgdual1]=$D1PORT)
+TARGETS=(direct pgbouncer pgdual pgdual1)
 WORKLOADS=(select tpcb)
 declare -A ARGS=([select]="-S -M prepared" [tpcb]="-M prepared")
 declare -A TPS CPU CSW
@@ -135,16 +145,17 @@ CLK_TCK=$(getconf CLK_TCK)
 proxy_pid() { # target: the proxy's PID, nothing for direct
 	case $1 in
 	pgdual) echo "$PGDUAL_PID" ;;
+	pgdual1) echo "$PGDUAL1_PID" ;;
 	pgbouncer) cat "$BOUNCER_PIDFILE" ;;
 	esac
 }
 
-# "utime+stime in clock ticks, voluntary+involuntary context switches" of a process (its
-# main thread's switches: both proxies relay on one thread).
+# "utime+stime in clock ticks, voluntary+involuntary context switches" of a process, all
+# its threads (pgdual's relay threads; libuv's pool threads forward cancels only).
 proc_usage() { # pid
 	local ticks csw
 	ticks=$(awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat")
-	csw=$(awk '/ctxt_switches/ { n += $2 } END { print n }' "/proc/$1/status")
+	csw=$(cat /proc/"$1"/task/*/status | awk '/ctxt_switches/ { n += $2 } END { print n }')
 	echo "$ticks $csw"
 }
 
@@ -156,6 +167,7 @@ run_one() { # workload target round
 	if ! out=$(pgbench_on "${PORT[$2]}" -n ${ARGS[$1]} -c "$CLIENTS" -j "$THREADS" -T "$DURATION" 2>&1); then
 		echo "$out" >&2
 		[ "$2" = pgdual ] && tail -20 "$WORK/pgdual.log" >&2
+		[ "$2" = pgdual1 ] && tail -20 "$WORK/pgdual1.log" >&2
 		die "pgbench $1 against $2 failed (round $3)"
 	fi
 	tps=$(pgbench_tps "$out" "$1 against $2 (round $3)")
@@ -178,8 +190,8 @@ echo "== $ROUNDS rounds of ${DURATION}s runs, $CLIENTS clients, $THREADS threads
 for r in $(seq "$ROUNDS"); do
 	for w in "${WORKLOADS[@]}"; do
 		# Rotate the order each round so that no target always runs first (or last).
-		for i in 0 1 2; do
-			run_one "$w" "${TARGETS[$(((i + r) % 3))]}" "$r"
+		for i in "${!TARGETS[@]}"; do
+			run_one "$w" "${TARGETS[$(((i + r) % ${#TARGETS[@]}))]}" "$r"
 		done
 	done
 done
@@ -213,22 +225,23 @@ done
 
 echo "Ratios of medians:"
 echo
-echo "| workload    | pgdual/direct | pgdual/pgbouncer | pgbouncer/direct |"
-echo "|-------------|---------------|------------------|------------------|"
+echo "| workload    | pgdual/direct | pgdual/pgbouncer | pgdual1/pgbouncer | pgbouncer/direct |"
+echo "|-------------|---------------|------------------|-------------------|------------------|"
 for w in "${WORKLOADS[@]}"; do
 	awk -v w="$w" -v d="${MED[$w,direct]}" -v b="${MED[$w,pgbouncer]}" -v p="${MED[$w,pgdual]}" \
-		'BEGIN { printf "| %-11s | %13.2f | %16.2f | %16.2f |\n", w, p/d, p/b, b/d }'
+		-v p1="${MED[$w,pgdual1]}" \
+		'BEGIN { printf "| %-11s | %13.2f | %16.2f | %17.2f | %16.2f |\n", w, p/d, p/b, p1/b, b/d }'
 done
 
 echo
 echo "Each proxy's own cost per transaction (median of the rounds; CPU is user + system"
-echo "time of its process, switches are its relay thread's context switches):"
+echo "time of its process, switches the context switches of all its threads):"
 echo
-echo "| workload    | pgbouncer CPU µs | pgdual CPU µs | pgdual/pgbouncer | pgbouncer switches | pgdual switches |"
-echo "|-------------|------------------|---------------|------------------|--------------------|-----------------|"
+echo "| workload    | pgbouncer CPU µs | pgdual CPU µs | pgdual1 CPU µs | pgdual/pgbouncer | pgbouncer switches | pgdual switches | pgdual1 switches |"
+echo "|-------------|------------------|---------------|----------------|------------------|--------------------|-----------------|------------------|"
 for w in "${WORKLOADS[@]}"; do
 	declare -A M=()
-	for t in pgbouncer pgdual; do
+	for t in pgbouncer pgdual pgdual1; do
 		cv="" sv=""
 		for r in $(seq "$ROUNDS"); do
 			cv+="${CPU[$w,$t,$r]} "
@@ -237,6 +250,7 @@ for w in "${WORKLOADS[@]}"; do
 		M[cpu,$t]=$(echo "$cv" | xargs | median)
 		M[csw,$t]=$(echo "$sv" | xargs | median)
 	done
-	awk -v w="$w" -v bc="${M[cpu,pgbouncer]}" -v pc="${M[cpu,pgdual]}" -v bs="${M[csw,pgbouncer]}" -v ps="${M[csw,pgdual]}" \
-		'BEGIN { printf "| %-11s | %16.1f | %13.1f | %16.2f | %18.2f | %15.2f |\n", w, bc, pc, pc/bc, bs, ps }'
+	awk -v w="$w" -v bc="${M[cpu,pgbouncer]}" -v pc="${M[cpu,pgdual]}" -v p1c="${M[cpu,pgdual1]}" \
+		-v bs="${M[csw,pgbouncer]}" -v ps="${M[csw,pgdual]}" -v p1s="${M[csw,pgdual1]}" \
+		'BEGIN { printf "| %-11s | %16.1f | %13.1f | %14.1f | %16.2f | %18.2f | %15.2f | %16.2f |\n", w, bc, pc, p1c, pc/bc, bs, ps, p1s }'
 done

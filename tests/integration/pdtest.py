@@ -371,7 +371,7 @@ class Proxy:
 
     def sanitizer_report(self):
         text = self.log()
-        for marker in ("AddressSanitizer", "LeakSanitizer", "runtime error:"):
+        for marker in ("AddressSanitizer", "LeakSanitizer", "ThreadSanitizer", "runtime error:"):
             i = text.find(marker)
             if i >= 0:
                 return text[max(0, i - 2000):i + 6000]

@@ -9,7 +9,9 @@ batch boundary, inside a transaction too, and the rules apply to what they send 
 With relay_threads: 0 every session stays on the main loop."""
 
 import os
+import subprocess
 import threading
+import time
 import unittest
 
 import psycopg2
@@ -27,10 +29,10 @@ def direct(sql, args=()):
 class AdminProxy(Proxy):
     """A proxy with an admin socket and a state file, rules from `rules`."""
 
-    def __init__(self, relay_threads, rules=()):
+    def __init__(self, relay_threads, rules=(), databases=None):
         self.state_dir = pdtest.tmpdir("pdtest-relay-")
         self.sock = os.path.join(self.state_dir, "admin.sock")
-        super().__init__(limits={"relay_threads": relay_threads},
+        super().__init__(databases=databases, limits={"relay_threads": relay_threads},
                          admin={"socket": self.sock},
                          state=os.path.join(self.state_dir, "state.json"),
                          rules=list(rules), env={"PGUSER": "postgres"})
@@ -60,16 +62,16 @@ class AdminProxy(Proxy):
         assert reply["ok"], reply
 
 
-def users_rule():
-    return {"name": "relay-email", "database": "app", "kind": "columns",
+def users_rule(database="app"):
+    return {"name": "relay-email", "database": database, "kind": "columns",
             "table": "public." + TABLE, "key": ["id"],
             "columns": [{"old": "email", "new": "email_address", "up": "lower(email)",
                          "down": "email_address"}],
             "writes": "dual", "reads": "old"}
 
 
-def autocommit(port):
-    c = connect(port)
+def autocommit(port, dbname="app"):
+    c = connect(port, dbname)
     c.autocommit = True
     return c
 
@@ -179,6 +181,39 @@ class RelayThreadsTest(unittest.TestCase):
             self.assertEqual(direct("SELECT email_address FROM %s WHERE id = 5" % TABLE),
                              [("e@x",)])
             busy.close()
+
+    def test_sessions_come_and_go_under_load_without_a_failed_transaction(self):
+        """pgbench's sessions move to the main loop and stay there while reloads give their
+        database a rule, take it away and give it again, mid-traffic."""
+        db = "pd_relaydb"
+        pdtest.fresh_databases(db)
+        try:
+            direct_query("CREATE TABLE %s (id bigserial PRIMARY KEY, email text, "
+                         "email_address text)" % TABLE, dbname=db)
+            pdtest.run_pgbench(pdtest.cluster()["port"], ["-i", "-q", "-s", "1"], dbname=db)
+            dbs = pdtest.default_databases() + [{"name": db, "old": pdtest.pg_conninfo(db)}]
+            with AdminProxy(relay_threads=2, databases=dbs) as p:
+                bench = subprocess.Popen(
+                    pdtest.pgbench_argv(p.port, db, "postgres", "-n", "-c", "8", "-j", "2",
+                                        "-T", "6", "-M", "extended"),
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                wait_for(lambda: sum(p.pass_through()[1:]) >= 4, 20,
+                         what="pgbench's sessions on the relay threads")
+                for rules in ([users_rule(db)], [], [users_rule(db)]):
+                    time.sleep(1)
+                    p.reload_with(rules)
+                out, _ = bench.communicate(timeout=120)
+                self.assertEqual(bench.returncode, 0, out)
+                self.assertIn("number of failed transactions: 0 (0.000%)", out)
+                self.assertGreaterEqual(p.log().count("back to the main loop"), 4, out)
+                self.assertEqual(p.pass_through(), [0, 0, 0])
+                c = autocommit(p.port, db)
+                one(c, "INSERT INTO %s (email) VALUES ('Z@X')" % TABLE)
+                c.close()
+            self.assertEqual(direct_query("SELECT email_address FROM %s" % TABLE, dbname=db),
+                             [("z@x",)])
+        finally:
+            direct_query("DROP DATABASE IF EXISTS %s WITH (FORCE)" % db)
 
     def test_no_relay_threads_keeps_every_session_on_the_main_loop(self):
         with AdminProxy(relay_threads=0) as p:
