@@ -36,6 +36,7 @@ static void update_interest(pd_session_t *s);
 static void closing_step(pd_session_t *s, bool readable, bool writable);
 static void session_close_timer(uv_timer_t *t);
 static bool come_back(pd_session_t *s);
+static bool recall_holds(const pd_session_t *s);
 
 /* ---------------------------------------------------------------------------------------
  * State and lifetime
@@ -957,7 +958,7 @@ static void update_interest(pd_session_t *s)
     case PD_SESSION_ACTIVE:
         pd_transport_want(&s->client,
                           !pipe_pending(&s->c2b) && !s->client_terminated && !s->hold_client &&
-                              !s->gate_held,
+                              !s->gate_held && !recall_holds(s),
                           pipe_pending(&s->b2c) || out_pending(s));
         pd_transport_want(&s->server, !pipe_pending(&s->b2c) && !s->mirror_wait,
                           pipe_pending(&s->c2b) || s->to_server.len > 0);
@@ -2119,6 +2120,13 @@ static bool batches_answered(const pd_session_t *s)
            (t == 0 || t == PD_FE_QUERY || t == PD_FE_SYNC || t == PD_FE_FUNCTION_CALL);
 }
 
+/* Recalled to the main loop and at a batch boundary: the client's next batch waits (not
+   read further) until the session is there, where the rules apply to it. */
+static bool recall_holds(const pd_session_t *s)
+{
+    return s->recall && batches_answered(s);
+}
+
 static int scan_client(pd_session_t *s)
 {
     pd_pipe_t *p = &s->c2b;
@@ -2131,8 +2139,7 @@ static int scan_client(pd_session_t *s)
             p->skip -= take;
             continue;
         }
-        /* Recalled to the main loop: the next batch starts there, under the rules. */
-        if (s->recall && batches_answered(s))
+        if (recall_holds(s))
             break;
         pd_msg_hdr_t h;
         const char *err = NULL;
@@ -2703,7 +2710,7 @@ static void relay_from_client(pd_session_t *s)
     pd_pipe_t *p = &s->c2b;
     size_t limit = (size_t)PD_GET(s->srv->max_message) + 1;
     while (!s->closed && s->state == PD_SESSION_ACTIVE && !pipe_pending(p) &&
-           !s->client_terminated && !s->hold_client && !s->gate_held) {
+           !s->client_terminated && !s->hold_client && !s->gate_held && !recall_holds(s)) {
         if (!pipe_make_room(p, limit < PIPE_SIZE ? PIPE_SIZE : limit)) {
             client_violation(s, "invalid message length");
             return;
@@ -2877,9 +2884,9 @@ void pd_session_ask(pd_session_t *s, unsigned asks)
 
 void pd_session_asked(pd_session_t *s)
 {
+    if (s->closed || s->dest != NULL)
+        return; /* moving: its new loop looks at the asks when it arrives */
     unsigned asks = __atomic_exchange_n(&s->asks, 0, __ATOMIC_ACQ_REL);
-    if (s->closed)
-        return;
     if ((asks & PD_ASK_RECALL) && on_thread(s))
         s->recall = true;
     if ((asks & PD_ASK_CANCEL) && s->state == PD_SESSION_ACTIVE && s->backend.conn != NULL &&
