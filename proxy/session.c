@@ -1389,10 +1389,9 @@ static int dealloc_here(pd_session_t *s, char *const *names)
    none, or no statement of the client's to drop). */
 static char **query_deallocates(const pd_session_t *s, const char *sql)
 {
-    bool only;
     if (s->stmt_count == 0 || strcasestr(sql, "DEALLOCATE") == NULL)
         return NULL;
-    return pd_sql_deallocated_names(sql, &only);
+    return pd_sql_deallocated_names(sql);
 }
 
 typedef enum { ROUTE_OK, ROUTE_WAIT, ROUTE_CLOSED } route_rc_t;

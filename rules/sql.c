@@ -1579,9 +1579,8 @@ char *pd_sql_normalize(const char *sql)
     return out;
 }
 
-char **pd_sql_deallocated_names(const char *sql, bool *only)
+char **pd_sql_deallocated_names(const char *sql)
 {
-    *only = false;
     PgQuery__ParseResult *tree = pd__parse_tree(sql);
     if (tree == NULL)
         return NULL;
@@ -1603,7 +1602,6 @@ char **pd_sql_deallocated_names(const char *sql, bool *only)
         free(names);
         names = NULL;
     }
-    *only = names != NULL && tree->n_stmts == 1;
     pg_query__parse_result__free_unpacked(tree, NULL);
     return names;
 }

@@ -185,9 +185,9 @@ char *pd_sql_normalize(const char *sql);
  * The statement names a text's `DEALLOCATE [PREPARE] name` statements drop, in order, as
  * PostgreSQL's parser reads them (quoting, case, comments): a NULL-ended malloc'd array of
  * malloc'd names (pd_sql_names_free), NULL when there are none, the text does not parse
- * or out of memory. *only: the text is exactly one such statement.
+ * or out of memory.
  */
-char **pd_sql_deallocated_names(const char *sql, bool *only);
+char **pd_sql_deallocated_names(const char *sql);
 void pd_sql_names_free(char **names);
 
 #endif /* PD_RULES_SQL_H */

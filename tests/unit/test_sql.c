@@ -1445,11 +1445,10 @@ static void test_deep_statement(void **state)
 /* ---------------------------------------------------------------------------------------
  * The name a DEALLOCATE drops, as PostgreSQL reads it.
  */
-/* names: the expected names, space-separated ("" none); only: one statement alone. */
-static void expect_deallocated(const char *sql, const char *names, bool only)
+/* names: the expected names, space-separated ("" none). */
+static void expect_deallocated(const char *sql, const char *names)
 {
-    bool got_only = true;
-    char **got = pd_sql_deallocated_names(sql, &got_only);
+    char **got = pd_sql_deallocated_names(sql);
     char joined[256] = "";
     for (size_t i = 0; got != NULL && got[i] != NULL; i++) {
         if (i > 0)
@@ -1458,28 +1457,26 @@ static void expect_deallocated(const char *sql, const char *names, bool only)
     }
     if (strcmp(joined, names) != 0)
         fail_msg("\"%s\" named \"%s\", not \"%s\"", sql, joined, names);
-    if (got_only != only)
-        fail_msg("\"%s\": only %d", sql, got_only);
     pd_sql_names_free(got);
 }
 
 static void test_deallocated_name(void **state)
 {
     (void)state;
-    expect_deallocated("DEALLOCATE r", "r", true);
-    expect_deallocated("  deallocate PREPARE Stmt1 ;", "stmt1", true);
-    expect_deallocated("DEALLOCATE \"Mixed \"\"Name\"\"\"", "Mixed \"Name\"", true);
-    expect_deallocated("/* c */ DEALLOCATE -- x\n s_1", "s_1", true);
-    expect_deallocated("DEALLOCATE ALL", "", false);
-    expect_deallocated("DEALLOCATE PREPARE ALL", "", false);
-    expect_deallocated("DEALLOCATE \"all\"", "all", true);
-    expect_deallocated("DEALLOCATE a; DEALLOCATE b", "a b", false);
-    expect_deallocated("SELECT 1; DEALLOCATE b", "b", false);
-    expect_deallocated("DEALLOCATE ALL; DEALLOCATE b", "b", false);
-    expect_deallocated("DISCARD ALL", "", false);
-    expect_deallocated("DEALLOCATE", "", false);
-    expect_deallocated("DEALLOCATE 'r'", "", false);
-    expect_deallocated("SELECT 'DEALLOCATE r'", "", false);
+    expect_deallocated("DEALLOCATE r", "r");
+    expect_deallocated("  deallocate PREPARE Stmt1 ;", "stmt1");
+    expect_deallocated("DEALLOCATE \"Mixed \"\"Name\"\"\"", "Mixed \"Name\"");
+    expect_deallocated("/* c */ DEALLOCATE -- x\n s_1", "s_1");
+    expect_deallocated("DEALLOCATE ALL", "");
+    expect_deallocated("DEALLOCATE PREPARE ALL", "");
+    expect_deallocated("DEALLOCATE \"all\"", "all");
+    expect_deallocated("DEALLOCATE a; DEALLOCATE b", "a b");
+    expect_deallocated("SELECT 1; DEALLOCATE b", "b");
+    expect_deallocated("DEALLOCATE ALL; DEALLOCATE b", "b");
+    expect_deallocated("DISCARD ALL", "");
+    expect_deallocated("DEALLOCATE", "");
+    expect_deallocated("DEALLOCATE 'r'", "");
+    expect_deallocated("SELECT 'DEALLOCATE r'", "");
 }
 
 /* ---------------------------------------------------------------------------------------
