@@ -10,6 +10,7 @@
 
 #include "admin/fleet.h"
 #include "proxy/mirror.h"
+#include "proxy/relay.h"
 #include "proxy/seqsync.h"
 #include "rules/catalog.h"
 #include "rules/sql.h"
@@ -38,6 +39,10 @@ static void render_sessions(const pd_server_t *srv, pd_buf_t *out)
             pd_session_state_name((pd_session_state_t)st), PD_GET(srv->state_counts[st]));
     help(out, "pgdual_sessions_total", "counter", "Client sessions accepted since start.");
     put(out, "pgdual_sessions_total %llu\n", (unsigned long long)srv->total_sessions);
+    help(out, "pgdual_relay_sessions", "gauge",
+         "Pass-through sessions by the loop that relays them (0: the main loop).");
+    for (unsigned i = 0; i < srv->nrelays; i++)
+        put(out, "pgdual_relay_sessions{loop=\"%u\"} %u\n", i, srv->relays[i].assigned);
 }
 
 /* One per-rule counter of pd_rule_stats_t under a label value (NULL: no label). */

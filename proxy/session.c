@@ -1101,10 +1101,17 @@ static void refresh_rules(pd_session_t *s)
     if (on_thread(s))
         return; /* pass-through; a reload that gives its database rules recalls it */
     unsigned gen = s->srv->rules_generation + 1;
+    if (s->rules_generation == gen || s->busy || s->batch_count > 0)
+        return;
     /* Reading new (read_side), the mirror connection is old's: the next batch goes back
-       first. */
-    if (s->rules_generation == gen || s->busy || s->batch_count > 0 || s->reading ||
-        !pd_mirror_follow_flags(s))
+       first, and the rest is decided then. But a switchover made meanwhile makes new
+       authoritative before the next message (gate_closed); a write would otherwise go
+       back to old and run there under the old flags, new's sequences left behind. */
+    if (s->reading) {
+        s->want_new = s->rules_on && pd_server_new_authoritative(s->srv, s->database);
+        return;
+    }
+    if (!pd_mirror_follow_flags(s))
         return;
     s->rules_on = pd_route_db_has_rules(s->srv->cfg, s->database);
     s->mir.on = s->rules_on &&

@@ -80,6 +80,18 @@ class MetricsTest(unittest.TestCase):
         after = self.request("GET", "/metrics")[2].decode()
         errs2 = re.search(r'^pgdual_client_errors_total\{database="app"\} (\d+)$', after, re.M)
         self.assertEqual(int(errs2.group(1)), int(errs.group(1)) + 1)
+        # Pass-through sessions per loop: once psql's have ended, an open one goes to the
+        # relay thread (a tie goes to a relay thread).
+        def loops():
+            text = self.request("GET", "/metrics")[2].decode()
+            return dict(re.findall(r'^pgdual_relay_sessions\{loop="(\d+)"\} (\d+)$', text,
+                                   re.M))
+        pdtest.wait_for(lambda: loops() == {"0": "0", "1": "0"}, 10, what="psql's sessions gone")
+        held = pdtest.connect(self.proxy.port)
+        try:
+            self.assertEqual(loops(), {"0": "0", "1": "1"})
+        finally:
+            held.close()
         # The numbers are rendered at each request.
         run_psql(self.proxy.port, "SELECT 1")
         text = self.request("GET", "/metrics?x=1")[2].decode()

@@ -9,6 +9,7 @@ batch boundary, inside a transaction too, and the rules apply to what they send 
 With relay_threads: 0 every session stays on the main loop."""
 
 import os
+import re
 import subprocess
 import threading
 import time
@@ -214,6 +215,23 @@ class RelayThreadsTest(unittest.TestCase):
                              [("z@x",)])
         finally:
             direct_query("DROP DATABASE IF EXISTS %s WITH (FORCE)" % db)
+
+    def test_connection_churn_across_the_loops(self):
+        """pgbench -C: a new session for every transaction, each handed to a loop, ended on
+        it and freed on the main loop, eight at a time."""
+        with AdminProxy(relay_threads=2) as p:
+            script = p.write_file("churn.sql", "SELECT count(*) FROM pg_class;\n")
+            r = pdtest.run_pgbench(p.port, ["-n", "-C", "-c", "8", "-j", "2", "-T", "3", "-f",
+                                            script], dbname="app", check=False)
+            self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+            self.assertIn("number of failed transactions: 0 (0.000%)", r.stdout)
+            done = int(re.search(r"number of transactions actually processed: (\d+)",
+                                 r.stdout).group(1))
+            self.assertGreater(done, 20, r.stdout)
+            wait_for(lambda: p.pass_through() == [0, 0, 0], 10, what="every session freed")
+            status = p.ctl_json("status")
+            self.assertEqual(status["sessions"], 0, status)
+            self.assertGreaterEqual(status["sessions_total"], done)
 
     def test_no_relay_threads_keeps_every_session_on_the_main_loop(self):
         with AdminProxy(relay_threads=0) as p:

@@ -34,7 +34,10 @@ INSERT INTO dz_t (v) SELECT 'v' || g FROM generate_series(1, 5) g;
 # Statement texts by kind: reads of the rule's table (served by new outside transactions),
 # other reads (on old), writes (on old, mirrored).
 READS = ["SELECT id, v FROM dz_t WHERE id > $1::int ORDER BY id", "SELECT count(*) FROM dz_t"]
-OTHERS = ["SELECT $1::int + 1", "SELECT 10 / $1::int"]
+# 10 / 0 fails at Execute whatever the plan: random() * 0 keeps the planner from folding
+# it at Bind, which PostgreSQL does while a statement runs on custom plans (its first
+# five executions), and a statement pgdual prepares again on the other side starts over.
+OTHERS = ["SELECT $1::int + 1", "SELECT 10 / ($1::int + (random() * 0)::int)"]
 WRITES = ["INSERT INTO dz_t (v) VALUES ($1)", "UPDATE dz_t SET v = v || 'x' WHERE id = $1::int"]
 NAMES = ["a", "b", ""]
 
@@ -225,19 +228,24 @@ class Generator:
 
 class SidesDifferentialTest(unittest.TestCase):
     COMMIT = "async"
+    TABLES = ["public.dz_t"]  # None: every table (what a switchover needs)
 
     def setUp(self):
         pdtest.fresh_databases("dz_old", "dz_new", "dz_ref")
         for db in ("dz_old", "dz_new", "dz_ref"):
             pdtest.direct_query(SCHEMA, dbname=db)
-        rule = {"name": RULE, "database": "dz", "kind": "tables", "tables": ["public.dz_t"],
-                "writes": "dual", "reads": "old",
-                "mirror": {"commit": self.COMMIT, "on_failure": "record"}}
+        rule = {"name": RULE, "database": "dz", "kind": "tables", "writes": "dual",
+                "reads": "old", "mirror": {"commit": self.COMMIT, "on_failure": "record"}}
+        if self.TABLES is not None:
+            rule["tables"] = self.TABLES
         dbs = [{"name": "dz", "old": pdtest.pg_conninfo("dz_old"),
                 "new": pdtest.pg_conninfo("dz_new")}]
         self.proxy = RulesProxy(rules=[rule], databases=dbs).start()
         self.addCleanup(pdtest.stop_and_drop, self.proxy, "dz_old", "dz_new", "dz_ref")
         self.proxy.ctl("flag", RULE, "reads=new")
+
+    def between(self, step, steps, status):
+        """Called after each step with the client's transaction status ('I', 'T', 'E')."""
 
     def run_seed(self, seed, steps):
         gen = Generator(seed)
@@ -259,6 +267,7 @@ class SidesDifferentialTest(unittest.TestCase):
                         self.fail("seed %d, step %d: pgdual answered\n  %r\nPostgreSQL\n"
                                   "  %r\nlast batches (| between batches sent together):"
                                   "\n  %s" % (seed, step, got, want, "\n  ".join(log[-12:])))
+                self.between(step, steps, want[-1][1])
             for c in (via, direct):  # out of any transaction, where reads go to new
                 c.send(pdtest.query_msg("ROLLBACK"))
                 answers(c)
@@ -300,6 +309,57 @@ class SidesDifferentialLockstepTest(SidesDifferentialTest):
     """The same under commit: lockstep (the client hears a write once new applied it)."""
 
     COMMIT = "lockstep"
+
+
+class SidesSwitchoverTest(SidesDifferentialTest):
+    """The same with the sides changing for good in the middle: a switchover a third of
+    the way (new authoritative, old mirrored; the session's statements prepared again on
+    new), a rollback at two thirds, then reads=new again. Each when the client is between
+    transactions (a switchover drains transactions; a client idle in one would hold it)."""
+
+    TABLES = None  # a switchover needs a rule of every table
+
+    def between(self, step, steps, status):
+        if status != "I" or not hasattr(self, "phase"):
+            return
+        if self.phase == 0 and step >= steps // 3:
+            r = self.proxy.ctl_json("switchover", "dz", "--force")
+            self.assertTrue(r["ok"], r)
+            self.phase = 1
+        elif self.phase == 1 and step >= 2 * steps // 3:
+            r = self.proxy.ctl_json("rollback", "dz")
+            self.assertTrue(r["ok"], r)
+            self.proxy.ctl("flag", RULE, "reads=new")
+            self.phase = 2
+
+    def test_switchover_while_reading_new_sends_the_next_write_to_new(self):
+        """A session that read from new (reads=new at writes=dual) when the switchover came
+        sent its next write to old, as if old were still authoritative: old's sequence
+        gave the id and new got the row as an image, so new's own next id collided
+        (23505)."""
+        with RawClient(self.proxy.port) as c:
+            c.startup("postgres", "dz")
+            c.send(pdtest.query_msg("SELECT count(*) FROM dz_t"))
+            self.assertEqual(answers(c)[-2:], [("C", "SELECT 1"), ("Z", "I")])
+            r = self.proxy.ctl_json("switchover", "dz", "--force")
+            self.assertTrue(r["ok"], r)
+            for v in ("s1", "s2"):
+                c.send(pdtest.query_msg("INSERT INTO dz_t (v) VALUES ('%s')" % v))
+                self.assertEqual(answers(c), [("C", "INSERT 0 1"), ("Z", "I")], v)
+        rows = "SELECT id, v FROM dz_t WHERE v LIKE 's_' ORDER BY id"
+        self.assertEqual(pdtest.direct_query(rows, dbname="dz_new"), [(6, "s1"), (7, "s2")])
+        pdtest.wait_for(lambda: pdtest.direct_query(rows, dbname="dz_old")
+                        == [(6, "s1"), (7, "s2")], 10, what="old given new's rows")
+
+    def run_seed(self, seed, steps):
+        self.phase = 0
+        super().run_seed(seed, steps)
+        self.assertEqual(self.phase, 2, "seed %d: no switchover and rollback" % seed)
+        # old and new hold the same rows after all (the mirror applied what it was given)
+        rows = "SELECT id, v FROM dz_t ORDER BY id"
+        pdtest.wait_for(lambda: pdtest.direct_query(rows, dbname="dz_new")
+                        == pdtest.direct_query(rows, dbname="dz_old"), 10,
+                        what="seed %d: new = old" % seed)
 
 
 if __name__ == "__main__":
