@@ -2110,11 +2110,19 @@ static bool gate_closed(pd_session_t *s)
 
 /* A client message is on its way to the server: each Query, Sync and FunctionCall is
    answered by one ReadyForQuery. Counted once, when the scan moves past the message. */
+/* COPY's data, end and failure: part of the COPY statement of the Query or batch before
+   them, not messages of a batch of their own. */
+static bool copy_message(uint8_t type)
+{
+    return type == PD_FE_COPY_DATA || type == PD_FE_COPY_DONE || type == PD_FE_COPY_FAIL;
+}
+
 static void count_ready_owed(pd_session_t *s, uint8_t type)
 {
     if (type == PD_FE_QUERY || type == PD_FE_SYNC || type == PD_FE_FUNCTION_CALL)
         s->ready_owed++;
-    s->last_type = type;
+    if (!copy_message(type))
+        s->last_type = type;
 }
 
 /* Nothing of the client's on its way to or in the server: every batch it sent is ended
@@ -2227,7 +2235,8 @@ static int scan_client(pd_session_t *s)
                 count_ready_owed(s, h.type);
                 continue; /* taken whole: decided and moved past */
             }
-            if (h.type != PD_FE_SYNC && h.type != PD_FE_QUERY && h.type != PD_FE_FUNCTION_CALL)
+            if (h.type != PD_FE_SYNC && h.type != PD_FE_QUERY && h.type != PD_FE_FUNCTION_CALL &&
+                !copy_message(h.type))
                 s->batch_msgs++;
         }
         /* The message streams through (a Bind after what was put in ahead of it). */

@@ -161,6 +161,24 @@ class RelayThreadsTest(unittest.TestCase):
             for c in (idle, in_txn, late):
                 c.close()
 
+    def test_a_session_whose_last_statement_was_copy_comes_back_at_once(self):
+        """COPY's data and end were taken for the start of a batch not yet answered, so a
+        session idle after a COPY stayed on its thread after the reload until it sent
+        something more, which then passed through without the rules."""
+        import io
+        with AdminProxy(relay_threads=1) as p:
+            c = autocommit(p.port)
+            self.assertEqual(p.loops_of([c]), [1])
+            with c.cursor() as cur:
+                cur.copy_expert("COPY %s (id, email) FROM STDIN" % TABLE,
+                                io.StringIO("7\tF@X\n"))
+            p.reload_with([users_rule()])
+            wait_for(lambda: p.loops_of([c]) == [0], 10, what="the session back")
+            one(c, "INSERT INTO %s (id, email) VALUES (8, 'G@X')" % TABLE)
+            self.assertEqual(direct("SELECT id, email_address FROM %s ORDER BY id" % TABLE),
+                             [(7, None), (8, "g@x")])
+            c.close()
+
     def test_a_session_busy_at_the_reload_comes_back_when_its_statement_ends(self):
         with AdminProxy(relay_threads=1) as p:
             busy = autocommit(p.port)

@@ -3,7 +3,7 @@
 
 Under reads=new a session's batches run on old or on new, and pgdual keeps track of what
 each of its two connections holds under the client's statement names (Parse, Close,
-DEALLOCATE, DISCARD, the unnamed statement, transactions). This test sends the same
+DEALLOCATE, DISCARD, the unnamed statement, transactions, COPY). This test sends the same
 random sequence of batches, seeded, through pgdual (old and new identical, writes=dual,
 reads=new) and directly to a third database with the same contents, and requires the
 same answers: message kinds, rows, command tags, SQLSTATEs and transaction status.
@@ -77,6 +77,8 @@ def answers(c):
                 names.append(body[at:end].decode())
                 at = end + 1 + 18
             out.append(("T", tuple(names)))
+        elif k == "d":
+            out.append(("d", bytes(body)))
         elif k == "Z":
             out.append(("Z", body.decode()))
             return out
@@ -96,6 +98,7 @@ class Generator:
         # (25P02) to describe one that returns rows: pgdual's row-image writes do (README,
         # "Limits"), so no Describe is sent there.
         self.failed = False
+        self.copy_id = 100000  # ids of COPY's rows (a failed COPY's are not used again)
 
     def value(self, text):
         if "10 /" in text:
@@ -166,7 +169,29 @@ class Generator:
             "DISCARD ALL",
         ])
         dropped = name if sql.endswith("DEALLOCATE %s" % name) else None
+        if self.rnd.random() < 0.15:
+            return self.copy()
         return [(pdtest.query_msg(sql), "query %r" % sql, ("query", dropped, None))]
+
+    def copy(self):
+        """COPY in (its data sent right behind the Query, as the server takes it; a
+        CopyFail at times), or COPY out of the rule's table or of no table."""
+        if self.rnd.random() < 0.5:
+            sql = self.rnd.choice(["COPY (SELECT id, v FROM dz_t ORDER BY id) TO STDOUT",
+                                   "COPY (SELECT 1, 'x') TO STDOUT"])
+            return [(pdtest.query_msg(sql), "query %r" % sql, ("query", None, None))]
+        # With the key (pgdual refuses a COPY that leaves the identity to the server:
+        # replayed verbatim, new would number the rows its own way), above the INSERTs'.
+        sql = "COPY dz_t (id, v) FROM STDIN"
+        rows = []
+        for _ in range(self.rnd.randint(0, 3)):
+            self.copy_id += 1
+            rows.append("%d\tc%d" % (self.copy_id, self.rnd.randint(0, 99)))
+        data = b"".join(pdtest.msg("d", (r + "\n").encode()) for r in rows)
+        end = pdtest.msg("f", pdtest.cstr("given up")) if self.rnd.random() < 0.2 \
+            else pdtest.msg("c")
+        return [(pdtest.query_msg(sql) + data + end, "copy in %r%s" % (
+            rows, " failed" if end[0:1] == b"f" else ""), ("query", None, None))]
 
     def batch(self):
         r = self.rnd.random()
@@ -296,6 +321,23 @@ class SidesDifferentialTest(unittest.TestCase):
             self.assertEqual(answers(c), [("1",), ("2",), ("D", ("5",)), ("C", "SELECT 1"),
                                           ("Z", "I")])
 
+    def test_extended_write_after_copy(self):
+        """COPY's data and end were counted as messages of the next batch, so a write by
+        the extended protocol after a COPY was refused (0A000: "not the first statement
+        before Sync"), and the session did not look between transactions to a switchover
+        until its next Sync."""
+        with RawClient(self.proxy.port) as c:
+            c.startup("postgres", "dz")
+            c.send(pdtest.query_msg("COPY dz_t (id, v) FROM STDIN")
+                   + pdtest.msg("d", b"100001\tc1\n") + pdtest.msg("c"))
+            self.assertEqual(answers(c), [("G",), ("C", "COPY 1"), ("Z", "I")])
+            c.send(parse_msg("w", WRITES[0]) + bind_msg_params(["after"], stmt="w")
+                   + execute_msg() + sync_msg())
+            self.assertEqual(answers(c), [("1",), ("2",), ("C", "INSERT 0 1"), ("Z", "I")])
+        rows = "SELECT v FROM dz_t WHERE v IN ('c1', 'after') ORDER BY v"
+        pdtest.wait_for(lambda: pdtest.direct_query(rows, dbname="dz_new")
+                        == [("after",), ("c1",)], 10, what="both rows on new")
+
     def test_random_batches_answer_as_postgresql(self):
         steps = int(os.environ.get("PD_SIDES_STEPS", "250"))
         seeds = [int(s) for s in os.environ.get("PD_SIDES_SEEDS", "1,2,3").split(",")]
@@ -360,6 +402,13 @@ class SidesSwitchoverTest(SidesDifferentialTest):
         pdtest.wait_for(lambda: pdtest.direct_query(rows, dbname="dz_new")
                         == pdtest.direct_query(rows, dbname="dz_old"), 10,
                         what="seed %d: new = old" % seed)
+
+
+
+class SidesSwitchoverLockstepTest(SidesSwitchoverTest):
+    """The switchover and rollback under commit: lockstep."""
+
+    COMMIT = "lockstep"
 
 
 if __name__ == "__main__":
