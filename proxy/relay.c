@@ -54,7 +54,7 @@ static void relay_run(void *arg)
 
 static int relay_init(pd_relay_t *r, pd_server_t *srv, unsigned index)
 {
-    *r = (pd_relay_t){.srv = srv, .index = index, .loop = srv->loop};
+    *r = (pd_relay_t){.index = index, .loop = srv->loop};
     if (index > 0) {
         if (uv_loop_init(&r->own_loop) != 0)
             return -1;

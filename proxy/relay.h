@@ -22,7 +22,6 @@ typedef struct pd_server pd_server_t;
 typedef struct pd_session pd_session_t;
 
 typedef struct pd_relay {
-    pd_server_t *srv;
     unsigned index; /* 0: the main loop */
     uv_loop_t *loop;
     uv_loop_t own_loop; /* relay threads' */

@@ -594,6 +594,17 @@ static void uncount(pd_session_t *s)
     s->counted = NULL;
 }
 
+/* Main loop: an ended session leaves the mirror, the server's list and its loop's count. */
+static void session_gone(pd_session_t *s)
+{
+    /* The mirror was given a wrapped batch that the authoritative side now rolls back. */
+    if (s->wrap_released)
+        pd_mirror_wrap_failed(s, s->wrap_rule, s->wrap_sql, NULL, 0);
+    pd_mirror_session_end(s);
+    pd_server_session_removed(s->srv, s);
+    uncount(s);
+}
+
 /* Its handles are closed: to the loop it goes to (pd_session_arrive there). */
 static void session_moved(uv_handle_t *h)
 {
@@ -629,17 +640,12 @@ static void session_close(pd_session_t *s)
     s->server_open = false;
     pd_backend_close(&s->backend);
     if (on_thread(s)) {
-        /* The main loop takes it out of the server's list and frees it. */
+        /* The main loop takes it out of the server's list and frees it (session_gone). */
         s->dest = &s->srv->relays[0];
         uv_close((uv_handle_t *)&s->timer, session_moved);
         return;
     }
-    /* The mirror was given a wrapped batch that the authoritative side now rolls back. */
-    if (s->wrap_released)
-        pd_mirror_wrap_failed(s, s->wrap_rule, s->wrap_sql, NULL, 0);
-    pd_mirror_session_end(s);
-    pd_server_session_removed(s->srv, s);
-    uncount(s);
+    session_gone(s);
     uv_close((uv_handle_t *)&s->timer, free_session);
 }
 
@@ -2881,9 +2887,9 @@ static bool hand_over(pd_session_t *s)
    next batch on. True when it left. */
 static bool come_back(pd_session_t *s)
 {
-    if (!s->recall || !on_thread(s) || s->closed || s->state != PD_SESSION_ACTIVE ||
-        !batches_answered(s) || pipe_pending(&s->c2b) || s->c2b.skip > 0 || pipe_pending(&s->b2c) ||
-        s->b2c.skip > 0 || s->b2c.scan < s->b2c.end || out_pending(s))
+    if (!s->recall || s->closed || s->state != PD_SESSION_ACTIVE || !batches_answered(s) ||
+        pipe_pending(&s->c2b) || s->c2b.skip > 0 || pipe_pending(&s->b2c) || s->b2c.skip > 0 ||
+        s->b2c.scan < s->b2c.end || out_pending(s))
         return false;
     pd_log_debug(s->tag, "back to the main loop: its database has rules now");
     s->busy = false; /* nothing sent since the last ReadyForQuery */
@@ -2938,9 +2944,7 @@ void pd_session_arrive(pd_session_t *s, pd_relay_t *r)
 {
     if (s->closed) {
         /* Ended on a relay thread: r is the main loop. */
-        pd_mirror_session_end(s);
-        pd_server_session_removed(s->srv, s);
-        uncount(s);
+        session_gone(s);
         session_free(s);
         return;
     }

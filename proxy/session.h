@@ -231,7 +231,8 @@ struct pd_session {
     uv_loop_t *loop;     /* at's loop */
     pd_session_t *relay_prev, *relay_next; /* at's list of sessions, or an inbox */
     unsigned asks;     /* PD_ASK_* from the main loop, atomically (pd_session_ask) */
-    bool recall;       /* back to the main loop at the next batch boundary */
+    bool recall;       /* back to the main loop at the next batch boundary (set on a relay
+                          thread only, cleared when back) */
     uint8_t last_type; /* the client's last message passed on (0: none yet) */
 
     /* Also read by the main loop's admin commands, atomically (PD_GET). */

@@ -31,36 +31,8 @@ static void free_handle(uv_handle_t *handle)
     free(handle);
 }
 
-int pd_transport_open(pd_transport_t *t, uv_loop_t *loop, int fd, bool own_fd,
-                      pd_transport_cb on_ready, void *owner)
-{
-    *t = (pd_transport_t){
-        .loop = loop, .fd = fd, .own_fd = own_fd, .on_ready = on_ready, .owner = owner};
-    t->poll = malloc(sizeof *t->poll);
-    if (t->poll == NULL)
-        return UV_ENOMEM;
-    int rc = uv_poll_init_socket(loop, t->poll, fd);
-    if (rc != 0) {
-        free(t->poll);
-        t->poll = NULL;
-        return rc;
-    }
-    t->poll->data = t;
-    return 0;
-}
-
-void pd_transport_detach(pd_transport_t *t)
-{
-    if (t->poll != NULL) {
-        /* uv_close takes the socket out of the loop's epoll set at once. */
-        uv_close((uv_handle_t *)t->poll, free_handle);
-        t->poll = NULL;
-    }
-    t->events = 0;
-    t->loop = NULL;
-}
-
-int pd_transport_attach(pd_transport_t *t, uv_loop_t *loop)
+/* A poll handle for t's socket on loop (not yet interested in anything). */
+static int poll_new(pd_transport_t *t, uv_loop_t *loop)
 {
     t->poll = malloc(sizeof *t->poll);
     if (t->poll == NULL)
@@ -74,7 +46,32 @@ int pd_transport_attach(pd_transport_t *t, uv_loop_t *loop)
     t->poll->data = t;
     t->loop = loop;
     t->events = 0;
-    return pd_transport_want(t, t->want_read, t->want_write);
+    return 0;
+}
+
+int pd_transport_open(pd_transport_t *t, uv_loop_t *loop, int fd, bool own_fd,
+                      pd_transport_cb on_ready, void *owner)
+{
+    *t = (pd_transport_t){.fd = fd, .own_fd = own_fd, .on_ready = on_ready, .owner = owner};
+    return poll_new(t, loop);
+}
+
+void pd_transport_detach(pd_transport_t *t)
+{
+    if (t->poll != NULL) {
+        /* uv_close takes the socket out of the loop's epoll set at once; the handle's
+           memory goes in its callback. */
+        uv_close((uv_handle_t *)t->poll, free_handle);
+        t->poll = NULL;
+    }
+    t->events = 0;
+    t->loop = NULL;
+}
+
+int pd_transport_attach(pd_transport_t *t, uv_loop_t *loop)
+{
+    int rc = poll_new(t, loop);
+    return rc != 0 ? rc : pd_transport_want(t, t->want_read, t->want_write);
 }
 
 void pd_transport_set_ssl(pd_transport_t *t, SSL *ssl, bool own_ssl)
@@ -237,11 +234,7 @@ int pd_transport_accept_tls(pd_transport_t *t)
 
 void pd_transport_close(pd_transport_t *t)
 {
-    if (t->poll != NULL) {
-        /* uv_close stops polling at once; the handle's memory goes in its callback. */
-        uv_close((uv_handle_t *)t->poll, free_handle);
-        t->poll = NULL;
-    }
+    pd_transport_detach(t);
     if (t->ssl != NULL && t->own_ssl) {
         SSL_shutdown(t->ssl); /* best effort close_notify; we do not wait for the peer's */
         SSL_free(t->ssl);

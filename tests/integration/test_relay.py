@@ -8,7 +8,6 @@ reload that gives their database rules brings them back to the main loop at thei
 batch boundary, inside a transaction too, and the rules apply to what they send next.
 With relay_threads: 0 every session stays on the main loop."""
 
-import os
 import re
 import subprocess
 import threading
@@ -18,7 +17,8 @@ import unittest
 import psycopg2
 
 import pdtest
-from pdtest import Proxy, connect, direct_query, wait_for
+from pdtest import connect, direct_query, wait_for
+from test_rules import RulesProxy
 
 TABLE = "pd_relay_users"
 
@@ -27,25 +27,12 @@ def direct(sql, args=()):
     return direct_query(sql, args, dbname="app")
 
 
-class AdminProxy(Proxy):
-    """A proxy with an admin socket and a state file, rules from `rules`."""
+class AdminProxy(RulesProxy):
+    """test_rules' proxy (admin socket, state file), without rules at first."""
 
-    def __init__(self, relay_threads, rules=(), databases=None):
-        self.state_dir = pdtest.tmpdir("pdtest-relay-")
-        self.sock = os.path.join(self.state_dir, "admin.sock")
-        super().__init__(databases=databases, limits={"relay_threads": relay_threads},
-                         admin={"socket": self.sock},
-                         state=os.path.join(self.state_dir, "state.json"),
-                         rules=list(rules), env={"PGUSER": "postgres"})
-
-    def ctl_json(self, *args):
-        import json
-        import subprocess
-        r = subprocess.run([os.path.join(pdtest.build_dir(), "pgdualctl"), "-s", self.sock,
-                            "--json"] + list(args), capture_output=True, text=True, timeout=60)
-        if r.returncode != 0:
-            raise AssertionError("pgdualctl %s: %s%s" % (" ".join(args), r.stdout, r.stderr))
-        return json.loads(r.stdout)
+    def __init__(self, relay_threads, databases=None):
+        super().__init__(rules=[], databases=databases,
+                         limits={"relay_threads": relay_threads})
 
     def loops_of(self, conns):
         """The loop each connection's session runs on, by its backend key's pid."""
