@@ -7,8 +7,8 @@
 # 0, one event loop as pgbouncer has), initialises pgbench at
 # scale 10, then runs ROUNDS rounds; each round runs select-only (-S -M prepared) and
 # tpcb-like (-M prepared) for DURATION seconds against each target in turn, 16 clients,
-# 2 threads. Prints per-round TPS, the median per target and the ratios pgdual/direct
-# and pgdual/pgbouncer, and for each proxy the CPU time and the context switches of its
+# 2 threads. Prints per-round TPS, the median per target, the ratios pgdual/direct and
+# pgdual/pgbouncer, each round's ratio to pgbouncer, and for each proxy the CPU time and the context switches of its
 # process per transaction (from /proc, which does not depend on how busy the machine is).
 # Exits non-zero only when something fails to run.
 #
@@ -231,6 +231,23 @@ for w in "${WORKLOADS[@]}"; do
 	awk -v w="$w" -v d="${MED[$w,direct]}" -v b="${MED[$w,pgbouncer]}" -v p="${MED[$w,pgdual]}" \
 		-v p1="${MED[$w,pgdual1]}" \
 		'BEGIN { printf "| %-11s | %13.2f | %16.2f | %17.2f | %16.2f |\n", w, p/d, p/b, p1/b, b/d }'
+done
+
+echo
+echo "Per round, against pgbouncer (a round runs the targets back to back, so its ratio"
+echo "drifts less with the machine's load than the medians' ratio; median of the rounds last):"
+echo
+for w in "${WORKLOADS[@]}"; do
+	for t in pgdual pgdual1; do
+		line=$(printf "| %-11s | %-7s |" "$w" "$t")
+		vals=""
+		for r in $(seq "$ROUNDS"); do
+			v=$(awk -v p="${TPS[$w,$t,$r]}" -v b="${TPS[$w,pgbouncer,$r]}" 'BEGIN { printf "%.2f", p/b }')
+			line+=" $v |"
+			vals+="$v "
+		done
+		echo "$line median $(echo "$vals" | xargs | median) |"
+	done
 done
 
 echo
