@@ -207,16 +207,26 @@ static bool stmt_forget(pd_session_t *s, const char *name, bool freed)
     return true;
 }
 
-static void stmt_forget_all(pd_session_t *s)
+/* Forgets the records up to serial `upto`: those of later batches stay. */
+static void stmt_forget_upto(pd_session_t *s, uint64_t upto)
 {
     for (unsigned i = 0; i < s->stmt_buckets; i++) {
-        while (s->stmts[i] != NULL) {
-            pd_stmt_t *next = s->stmts[i]->next;
-            stmt_free(s->stmts[i]);
-            s->stmts[i] = next;
+        for (pd_stmt_t **pp = &s->stmts[i]; *pp != NULL;) {
+            pd_stmt_t *e = *pp;
+            if (e->serial > upto) {
+                pp = &e->next;
+                continue;
+            }
+            *pp = e->next;
+            stmt_free(e);
+            s->stmt_count--;
         }
     }
-    s->stmt_count = 0;
+}
+
+static void stmt_forget_all(pd_session_t *s)
+{
+    stmt_forget_upto(s, UINT64_MAX);
 }
 
 static bool stmt_grow(pd_session_t *s)
@@ -380,6 +390,35 @@ static void prep_pop(pd_session_t *s)
         s->prep_head = s->prep_open = s->nprep = 0;
 }
 
+/* The first op from index `from` on that takes a record of `name` out of the table: a
+   Close of it, or a Parse that replaces it (NULL: none). */
+static pd_prep_t *prep_taker(pd_session_t *s, unsigned from, const char *name)
+{
+    for (unsigned i = from; i < s->nprep; i++) {
+        pd_prep_t *op = &s->preps[i];
+        if ((op->kind == PD_PREP_CLIENT || op->kind == PD_PREP_CLOSE) &&
+            strcmp(op->name, name) == 0)
+            return op;
+    }
+    return NULL;
+}
+
+static bool stmt_decide(pd_session_t *s, pd_stmt_t *e);
+
+/* An empty record of `name`, in the table, for prep_done to fill. NULL when out of
+   memory. */
+static pd_stmt_t *stmt_revive(pd_session_t *s, const char *name)
+{
+    pd_stmt_t *e = calloc(1, sizeof *e);
+    if (e == NULL || (e->name = strdup(name)) == NULL || !stmt_insert(s, e)) {
+        if (e != NULL)
+            stmt_free(e);
+        return NULL;
+    }
+    e->serial = ++s->stmt_serial;
+    return e;
+}
+
 /* A ParseComplete or CloseComplete (answer): the first such message of the batch being
    answered was done. */
 static void prep_done(pd_session_t *s, uint8_t answer)
@@ -399,10 +438,20 @@ static void prep_done(pd_session_t *s, uint8_t answer)
     if (s->prep_head == s->nprep)
         s->prep_head = s->prep_open = s->nprep = 0;
     pd_stmt_t *e = prep_stmt(s, op);
+    if (e == NULL && op->kind == PD_PREP_TAKEN) {
+        /* What it met was taken out since by a later batch's Close or Parse (the client
+           pipelined), which is told; or dropped before it (DISCARD ALL): made again. */
+        pd_prep_t *next = prep_taker(s, s->prep_head, op->name);
+        if (next != NULL && next->old != NULL && next->old->serial == op->serial)
+            e = next->old;
+        else if (stmt_find(s, op->name) == NULL)
+            e = stmt_revive(s, op->name);
+    }
     if (e != NULL && op->kind == PD_PREP_TAKEN) {
         /* The server did not hold the name after all (SQL pgdual does not read dropped
-           it): it holds the client's text now, to be prepared as decided at its next use,
-           and the other side's is out of date. */
+           it, or a DEALLOCATE or DISCARD sent before the Parse): it holds the client's
+           text now, to be prepared as decided at its next use, and the other side's is
+           out of date. */
         free(e->sql);
         free(e->types);
         e->sql = op->sql;
@@ -413,8 +462,36 @@ static void prep_done(pd_session_t *s, uint8_t answer)
         e->lost = true;
         e->maybe_dropped = false;
         stmt_note_freed(s, e); /* it has the text it replaced: freed there at the next swap */
+        if (e->r == NULL && !stmt_decide(s, e))
+            stmt_forget(s, op->name, false); /* out of memory: the server still refuses */
     }
     prep_free(op); /* a record replaced or closed is gone for good */
+}
+
+/*
+ * A Parse or Close being undone whose name an op of a later batch, still unanswered, took
+ * on (the client pipelined): that op took the record this Parse made, which PostgreSQL
+ * never had, or found the name free where the server still holds what this Close
+ * closed. It is handed what the server does hold, to free when confirmed or to put back
+ * when undone in turn.
+ */
+static void prep_hand_on(pd_session_t *s, unsigned from, pd_prep_t *op)
+{
+    pd_prep_t *next = prep_taker(s, from, op->name);
+    if (next == NULL)
+        return;
+    if (op->kind == PD_PREP_CLIENT) {
+        if (next->old == NULL || next->old->serial != op->serial)
+            return;
+        if (op->old != NULL)
+            other_moves(op->old, next->old);
+        stmt_free(next->old);
+        next->old = op->old;
+        op->old = NULL;
+    } else if (next->kind == PD_PREP_CLIENT && next->old == NULL) {
+        next->old = op->old;
+        op->old = NULL;
+    }
 }
 
 /* A batch's ReadyForQuery: its Parses not answered failed or were skipped. */
@@ -438,6 +515,8 @@ static void prep_end(pd_session_t *s)
                 other_moves(op->old, e);
             stmt_forget(s, op->name, true);
         }
+        if ((op->kind == PD_PREP_CLIENT && e == NULL) || op->kind == PD_PREP_CLOSE)
+            prep_hand_on(s, end + 1, op);
         if (op->kind == PD_PREP_CLIENT || op->kind == PD_PREP_CLOSE)
             prep_put_back(s, op); /* what it replaced or closed is still there */
     }
@@ -489,12 +568,15 @@ static bool statements_dropped(pd_session_t *s, char **names)
     return true;
 }
 
-/* Every statement may be gone on this side (SQL pgdual did not read): what the other
-   connection holds is freed there at the next swap. False when out of memory. */
-static bool all_maybe_dropped(pd_session_t *s)
+/* Every statement up to serial `upto` may be gone on this side (SQL pgdual did not read):
+   what the other connection holds is freed there at the next swap. False when out of
+   memory. */
+static bool all_maybe_dropped(pd_session_t *s, uint64_t upto)
 {
     for (unsigned i = 0; i < s->stmt_buckets; i++)
         for (pd_stmt_t *e = s->stmts[i]; e != NULL; e = e->next) {
+            if (e->serial > upto)
+                continue;
             if (!stmt_note_freed(s, e))
                 return false;
             e->maybe_dropped = true;
@@ -507,23 +589,25 @@ static bool all_maybe_dropped(pd_session_t *s)
  * statement (forgotten, and freed on the other side at the next swap); DEALLOCATE the
  * next name statements_dropped noted for the batch, or, when it noted none, any. On this
  * side the server knows what it holds: a Bind of a dropped name fails there as PostgreSQL
- * says. False when out of memory.
+ * says. Records of batches read after b (a pipelining client's Parses) are not touched:
+ * they came after the drop. False when out of memory.
  */
 static bool command_drops(pd_session_t *s, const pd_batch_t *b, const uint8_t *body, size_t n)
 {
     if (n == 0 || body[n - 1] != '\0')
         return true;
     const char *tag = (const char *)body;
+    uint64_t upto = b != NULL ? b->serial : UINT64_MAX;
     if (strcmp(tag, "DEALLOCATE ALL") == 0 || strcmp(tag, "DISCARD ALL") == 0) {
-        if (!all_maybe_dropped(s))
+        if (!all_maybe_dropped(s, upto))
             return false;
-        stmt_forget_all(s);
+        stmt_forget_upto(s, upto);
         return true;
     }
     if (strcmp(tag, "DEALLOCATE") != 0)
         return true;
     if (b == NULL || b->seq != s->dealloc_seq || s->dealloc_next == s->ndealloc)
-        return all_maybe_dropped(s);
+        return all_maybe_dropped(s, upto);
     const pd_prep_t *d = &s->deallocs[s->dealloc_next++];
     const pd_stmt_t *e = stmt_find(s, d->name);
     return e == NULL || e->serial != d->serial || stmt_forget(s, d->name, true);
@@ -1024,7 +1108,10 @@ static void batch_pop(pd_session_t *s)
 /* Ends the batch being sent (at Sync, Query or FunctionCall). */
 static bool batch_close(pd_session_t *s, bool shadow)
 {
-    pd_batch_t b = {.seq = s->batch_seq++, .shadow = shadow, .wrap = s->wrap_open ? 'W' : 0};
+    pd_batch_t b = {.seq = s->batch_seq++,
+                    .shadow = shadow,
+                    .wrap = s->wrap_open ? 'W' : 0,
+                    .serial = s->stmt_serial};
     if (s->wrap_open) {
         /* What the client sends next waits until pgdual's COMMIT is answered. */
         s->wrap_open = false;
@@ -1358,13 +1445,13 @@ static int batch_side(pd_session_t *s, const pd_sql_result_t *r)
     return wrap_waits(s, r) ? 1 : read_side(s, r);
 }
 
-static bool stmt_decide(pd_session_t *s, pd_stmt_t *e);
-
 /*
  * `DEALLOCATE name` of statements this side may not hold (the session prepared them while
  * on its other side): they are prepared here first, in a batch of pgdual's own whose
- * answers are dropped, so that the DEALLOCATE finds them as on PostgreSQL. 0 go on, 1 wait
- * for that batch, -1 out of memory.
+ * answers are dropped, so that the DEALLOCATE finds them as on PostgreSQL. That is decided
+ * once the client's earlier batches are answered (a pipelined DEALLOCATE ALL drops them
+ * first) and written (pgdual's batch goes out ahead of what is not). 0 go on, 1 wait for
+ * that batch, 2 wait for the earlier ones, -1 out of memory.
  */
 static int dealloc_here(pd_session_t *s, char *const *names)
 {
@@ -1377,6 +1464,12 @@ static int dealloc_here(pd_session_t *s, char *const *names)
         pd_stmt_t *e = stmt_find(s, names[i]);
         if (e == NULL || !e->lost)
             continue;
+        if (!any && s->batch_count > 0) {
+            s->hold_client = s->idle_wait = true; /* they may drop it (DEALLOCATE ALL) */
+            return 2;
+        }
+        if (!any && pipe_pending(&s->c2b))
+            return 2;
         ok = stmt_decide(s, e); /* what this side is to hold: e->sent */
         if (!ok || e->sent == NULL)
             continue; /* refused: PostgreSQL never held it */
@@ -1435,7 +1528,7 @@ static route_rc_t route_query(pd_session_t *s, pd_pipe_t *p, size_t total)
         return side > 0 ? ROUTE_WAIT : ROUTE_CLOSED;
     char **names = query_deallocates(s, q.sql);
     int here = dealloc_here(s, names);
-    s->dealloc_tried = here > 0;
+    s->dealloc_tried = here == 1;
     if (here > 0) {
         pd_sql_names_free(names);
         keep_plan(s, r);
@@ -1583,6 +1676,7 @@ static route_rc_t parse_taken(pd_session_t *s, pd_pipe_t *p, pd_stmt_t *e, const
         return ROUTE_CLOSED;
     /* Should the server take it after all, the record follows (prep_done). */
     pd_prep_t op = {.kind = PD_PREP_TAKEN,
+                    .answer = '1',
                     .serial = e->serial,
                     .name = strdup(e->name),
                     .sql = strdup(m->sql),

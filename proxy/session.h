@@ -124,6 +124,8 @@ typedef struct {
     uint8_t wrap;     /* fleet wrap (pd_mirror_wraps): 'B' the proxy's BEGIN, 'W' the client's
                          batch inside, 'C' the proxy's COMMIT or ROLLBACK (its error and
                          ReadyForQuery reach the client), 0 none */
+    uint64_t serial;  /* the session's stmt_serial when the batch was read: records with a
+                         higher one are of batches after it (the client pipelined) */
 } pd_batch_t;
 
 struct pd_session {

@@ -11,8 +11,9 @@ same answers: message kinds, rows, command tags, SQLSTATEs and transaction statu
 The generator keeps to what pgdual serves without refusing (a batch that starts with a
 read of the rule holds reads only; a write with row images comes first in its batch), so
 that any difference is pgdual's. One step in five sends two or three batches before
-reading any answer (a pipelining client). PD_SIDES_STEPS and PD_SIDES_SEEDS make a longer
-run.
+reading any answer (a pipelining client), which may prepare, close and deallocate names as
+well as run them. PD_SIDES_STEPS and PD_SIDES_SEEDS make a longer run, PD_SIDES_LOG shows
+more of the batches before a difference.
 """
 
 import os
@@ -40,6 +41,11 @@ READS = ["SELECT id, v FROM dz_t WHERE id > $1::int ORDER BY id", "SELECT count(
 OTHERS = ["SELECT $1::int + 1", "SELECT 10 / ($1::int + (random() * 0)::int)"]
 WRITES = ["INSERT INTO dz_t (v) VALUES ($1)", "UPDATE dz_t SET v = v || 'x' WHERE id = $1::int"]
 NAMES = ["a", "b", ""]
+LOG = int(os.environ.get("PD_SIDES_LOG", "12"))  # batches shown when a step differs
+
+
+def kind_of(text):
+    return next(texts for texts in (READS, OTHERS, WRITES) if text in texts)
 
 
 def nparams(text):
@@ -107,8 +113,8 @@ class Generator:
             return ["w%d" % self.rnd.randint(0, 99)]
         return [str(self.rnd.randint(0, 9))] if nparams(text) else []
 
-    def bind(self, name):
-        text = self.held[name]
+    def bind(self, name, held=None):
+        text = (held if held is not None else self.held)[name]
         return (bind_msg_params(self.value(text), stmt=name) + execute_msg(),
                 "bind %r" % name, ("bind", name, text))
 
@@ -201,20 +207,45 @@ class Generator:
         return parts + [(sync_msg(), "sync", ("sync", None, None))]
 
     def pipelined(self):
-        """Two or three batches sent before any answer is read: of statements held (the
-        model may be a batch behind), so binds and queries that create or drop none."""
+        """Two or three batches sent before any answer is read, which may prepare, close
+        and deallocate names as well as run them. What a name holds is predicted as if
+        every message ran; to keep that safe when one does not (an error skips the rest of
+        its batch; a failed transaction refuses Parse and DEALLOCATE), a name keeps one kind
+        of text (READS, OTHERS, WRITES) for the whole group, so that whatever ran, it holds
+        a text of that kind or nothing, and binding nothing fails alike on both sides."""
+        pred = dict(self.held)
+        kinds = {n: kind_of(t) for n, t in pred.items()}
         group = []
         for _ in range(self.rnd.randint(2, 3)):
             texts = self.rnd.choice([READS, OTHERS, WRITES, None])
-            names = self.names_of(texts) if texts is not None else []
+            parts = []
+            if texts is not None and self.rnd.random() < 0.4:
+                free = [n for n in NAMES if kinds.get(n, texts) is texts]
+                if free:
+                    name = self.rnd.choice(free)
+                    parts.append(self.parse(name, texts))
+                    kinds[name] = texts
+                    pred[name] = parts[-1][2][2]
+            names = [n for n in pred if kinds[n] is texts] if texts is not None else []
             if not names:
+                parts = []  # (a Parse alone would leave its batch without a statement)
                 sql = self.rnd.choice(["SELECT 1", "SELECT id, v FROM dz_t ORDER BY id",
-                                       "INSERT INTO dz_t (v) VALUES ('q')", "BEGIN", "COMMIT"])
-                group.append([(pdtest.query_msg(sql), "query %r" % sql, ("query", None, None))])
+                                       "INSERT INTO dz_t (v) VALUES ('q')", "BEGIN", "COMMIT",
+                                       "DEALLOCATE a", "DEALLOCATE ALL", "DISCARD ALL"])
+                pred.pop("", None)  # a Query drops the unnamed statement
+                if sql == "DEALLOCATE a":
+                    pred.pop("a", None)
+                elif sql.endswith("ALL"):
+                    pred.clear()
+                group.append([(pdtest.query_msg(sql), "query %r" % sql,
+                               ("query", "a" if sql == "DEALLOCATE a" else None, None))])
                 continue
-            parts = [self.bind(self.rnd.choice(names))]
+            parts.append(self.bind(self.rnd.choice(names), pred))
             if texts is not WRITES and self.rnd.random() < 0.5:
-                parts.append(self.bind(self.rnd.choice(names)))
+                parts.append(self.bind(self.rnd.choice(names), pred))
+            if self.rnd.random() < 0.3:
+                parts.append(self.close(self.rnd.choice(NAMES)))
+                pred.pop(parts[-1][2][1], None)
             group.append(parts + [(sync_msg(), "sync", ("sync", None, None))])
         return group
 
@@ -289,9 +320,14 @@ class SidesDifferentialTest(unittest.TestCase):
                     got, want = answers(via), answers(direct)
                     gen.learn(parts, want)
                     if got != want:
-                        self.fail("seed %d, step %d: pgdual answered\n  %r\nPostgreSQL\n"
-                                  "  %r\nlast batches (| between batches sent together):"
-                                  "\n  %s" % (seed, step, got, want, "\n  ".join(log[-12:])))
+                        at = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w),
+                                  min(len(got), len(want)))
+                        self.fail("seed %d, step %d, batch %d of %d: from answer %d of %d, "
+                                  "pgdual answered\n  %r\nPostgreSQL\n  %r\nlast batches "
+                                  "(| between batches sent together):\n  %s"
+                                  % (seed, step, group.index(parts) + 1, len(group), at,
+                                     len(want), got[max(0, at - 2):at + 4],
+                                     want[max(0, at - 2):at + 4], "\n  ".join(log[-LOG:])))
                 self.between(step, steps, want[-1][1])
             for c in (via, direct):  # out of any transaction, where reads go to new
                 c.send(pdtest.query_msg("ROLLBACK"))
@@ -337,6 +373,107 @@ class SidesDifferentialTest(unittest.TestCase):
         rows = "SELECT v FROM dz_t WHERE v IN ('c1', 'after') ORDER BY v"
         pdtest.wait_for(lambda: pdtest.direct_query(rows, dbname="dz_new")
                         == [("after",), ("c1",)], 10, what="both rows on new")
+
+    def run_steps(self, steps):
+        """Sends each step (batches sent together) through pgdual and directly, and
+        requires the same answers; at "between" the sides change where the class changes
+        them (a switchover, then a rollback)."""
+        self.phase = 0
+        with RawClient(self.proxy.port) as via, \
+                RawClient(pdtest.cluster()["port"]) as direct:
+            via.startup("postgres", "dz")
+            direct.startup("postgres", "dz_ref")
+            for step in steps:
+                if step == "between":
+                    self.between(10**6, 3, "I")
+                    continue
+                via.send(b"".join(step))
+                direct.send(b"".join(step))
+                for _ in step:
+                    self.assertEqual(answers(via), answers(direct), step)
+
+    def test_pipelined_parse_and_close_in_a_failed_transaction(self):
+        """A Parse of b refused (25P02) and, in the next batch sent with it, a Close of b
+        skipped: undoing the Close put back the record of b that the refused Parse had
+        made, so pgdual believed b held. A later Parse of b was then refused (42P05) on
+        the side that pgdual first gave b to, and after a switchover b answered a
+        Describe."""
+        steps = [
+            [pdtest.query_msg("BEGIN")],
+            [pdtest.query_msg("DEALLOCATE nothing")],  # 26000: the transaction fails
+            [parse_msg("b", WRITES[0]) + bind_msg_params(["w"], stmt="b") + execute_msg()
+             + sync_msg(),
+             parse_msg("a", READS[1]) + bind_msg_params([], stmt="a") + execute_msg()
+             + close_msg("b") + sync_msg()],
+            [pdtest.query_msg("COMMIT")],
+            "between",
+            [describe_msg("b") + sync_msg()],
+            [parse_msg("b", READS[1]) + bind_msg_params([], stmt="b") + execute_msg()
+             + sync_msg()],
+        ]
+        self.run_steps(steps)
+
+    def test_pipelined_queries_then_deallocate_of_a_statement_on_the_other_side(self):
+        """`a` prepared while reading new, then three Queries sent together: a read of new,
+        a read of old, `DEALLOCATE a`. pgdual prepares `a` on old first, in a batch of its
+        own, for the DEALLOCATE to find; that batch went out ahead of the `SELECT 1`
+        scanned before it but not yet written, so the client heard its CloseComplete and
+        ParseComplete as the answer to `SELECT 1`, and `SELECT 1`'s rows were dropped."""
+        steps = [
+            [parse_msg("a", READS[1]) + bind_msg_params([], stmt="a") + execute_msg()
+             + sync_msg()],
+            [pdtest.query_msg("SELECT id, v FROM dz_t ORDER BY id"),
+             pdtest.query_msg("SELECT 1"), pdtest.query_msg("DEALLOCATE a")],
+            [bind_msg_params([], stmt="a") + execute_msg() + sync_msg()],
+        ]
+        self.run_steps(steps)
+
+    def test_pipelined_discard_all_then_parse(self):
+        """DISCARD ALL and a Parse of b sent together: DISCARD ALL's answer made pgdual
+        forget every statement it knew of, b too, though b came after it. A later Parse
+        of b that starts a read of new was then prepared there and answered
+        ParseComplete, where PostgreSQL refuses it (42P05)."""
+        steps = [
+            [pdtest.query_msg("DISCARD ALL"),
+             parse_msg("b", OTHERS[0]) + bind_msg_params(["1"], stmt="b") + execute_msg()
+             + sync_msg()],
+            [parse_msg("b", READS[1]) + parse_msg("a", READS[1]) + sync_msg()],
+            [bind_msg_params(["2"], stmt="b") + execute_msg() + sync_msg()],
+        ]
+        self.run_steps(steps)
+
+    def test_pipelined_deallocate_all_then_parse_of_a_held_name(self):
+        """DEALLOCATE ALL and a Parse of `a`, which the session held, sent together:
+        PostgreSQL drops `a` first and takes the Parse. DEALLOCATE ALL's answer made pgdual
+        forget `a`, and the Parse's answer, meant for a name it no longer knew, was lost:
+        pgdual believed `a` free though the server held it, so after the sides changed a
+        Parse of `a` was taken (ParseComplete) where PostgreSQL refuses it (42P05)."""
+        steps = [
+            "between",
+            [parse_msg("a", READS[0]) + parse_msg("b", READS[1]) + sync_msg()],
+            [pdtest.query_msg("DEALLOCATE ALL"),
+             parse_msg("a", READS[0]) + bind_msg_params(["3"], stmt="a") + execute_msg()
+             + sync_msg()],
+            "between",
+            [parse_msg("a", WRITES[1]) + bind_msg_params(["1"], stmt="a") + execute_msg()
+             + sync_msg()],
+            [bind_msg_params(["4"], stmt="a") + execute_msg() + sync_msg()],
+        ]
+        self.run_steps(steps)
+
+    def test_pipelined_deallocate_all_then_parse_and_close(self):
+        """As above, with the Parse's batch closing `a` again: the Parse's answer made
+        pgdual record `a` anew after the Close had taken the old record out, so pgdual
+        believed `a` held after the Close, and a Describe of `a` was answered instead of
+        failing (26000)."""
+        steps = [
+            [parse_msg("a", OTHERS[1]) + sync_msg()],
+            [pdtest.query_msg("DEALLOCATE ALL"),
+             parse_msg("a", OTHERS[1]) + bind_msg_params(["1"], stmt="a") + execute_msg()
+             + close_msg("a") + sync_msg()],
+            [describe_msg("a") + sync_msg()],
+        ]
+        self.run_steps(steps)
 
     def test_random_batches_answer_as_postgresql(self):
         steps = int(os.environ.get("PD_SIDES_STEPS", "250"))
