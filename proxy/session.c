@@ -407,7 +407,7 @@ static bool stmt_decide(pd_session_t *s, pd_stmt_t *e);
 
 /* An empty record of `name`, in the table, for prep_done to fill. NULL when out of
    memory. */
-static pd_stmt_t *stmt_revive(pd_session_t *s, const char *name)
+static pd_stmt_t *stmt_revive(pd_session_t *s, const char *name, uint64_t serial)
 {
     pd_stmt_t *e = calloc(1, sizeof *e);
     if (e == NULL || (e->name = strdup(name)) == NULL || !stmt_insert(s, e)) {
@@ -415,7 +415,7 @@ static pd_stmt_t *stmt_revive(pd_session_t *s, const char *name)
             stmt_free(e);
         return NULL;
     }
-    e->serial = ++s->stmt_serial;
+    e->serial = serial;
     return e;
 }
 
@@ -445,7 +445,7 @@ static void prep_done(pd_session_t *s, uint8_t answer)
         if (next != NULL && next->old != NULL && next->old->serial == op->serial)
             e = next->old;
         else if (stmt_find(s, op->name) == NULL)
-            e = stmt_revive(s, op->name);
+            e = stmt_revive(s, op->name, op->made);
     }
     if (e != NULL && op->kind == PD_PREP_TAKEN) {
         /* The server did not hold the name after all (SQL pgdual does not read dropped
@@ -530,40 +530,50 @@ static void prep_end(pd_session_t *s)
 
 static void deallocs_clear(pd_session_t *s)
 {
-    for (unsigned i = 0; i < s->ndealloc; i++)
-        prep_free(&s->deallocs[i]);
+    for (unsigned i = s->dealloc_next; i < s->ndealloc; i++)
+        free(s->deallocs[i].name);
     s->ndealloc = s->dealloc_next = 0;
+}
+
+/* Batch seq was answered: what of it was not answered did not run. */
+static void deallocs_done(pd_session_t *s, uint32_t seq)
+{
+    while (s->dealloc_next < s->ndealloc && (int32_t)(s->deallocs[s->dealloc_next].seq - seq) <= 0)
+        free(s->deallocs[s->dealloc_next++].name);
+    if (s->dealloc_next == s->ndealloc)
+        s->ndealloc = s->dealloc_next = 0;
 }
 
 /*
  * DEALLOCATE and DISCARD drop prepared statements by SQL; what they dropped is known from
  * their command tags (command_drops), since a Query may fail before them. Here the names
- * of its `DEALLOCATE name`s (query_deallocates; taken) are noted in order, with the
- * records they concern. False when out of memory.
+ * of its `DEALLOCATE name`s (query_deallocates; taken) are noted in order, behind those of
+ * Queries sent before it and not yet answered. False when out of memory.
  */
 static bool statements_dropped(pd_session_t *s, char **names)
 {
-    if (names == NULL || s->dealloc_next < s->ndealloc) {
-        pd_sql_names_free(names);
-        return true; /* none, or a Query before this one still has some to come */
-    }
-    deallocs_clear(s);
     size_t n = 0;
     while (names != NULL && names[n] != NULL)
         n++;
-    pd_prep_t *list = n > 0 ? realloc(s->deallocs, n * sizeof *list) : s->deallocs;
-    if (n > 0 && list == NULL) {
+    if (n == 0) {
+        pd_sql_names_free(names);
+        return true;
+    }
+    unsigned left = s->ndealloc - s->dealloc_next;
+    if (left > 0 && s->dealloc_next > 0)
+        memmove(s->deallocs, s->deallocs + s->dealloc_next, left * sizeof *s->deallocs);
+    s->ndealloc = left;
+    s->dealloc_next = 0;
+    pd_dealloc_t *list = realloc(s->deallocs, (left + n) * sizeof *list);
+    if (list == NULL) {
         pd_sql_names_free(names);
         return false;
     }
     s->deallocs = list;
     for (size_t i = 0; i < n; i++) {
-        const pd_stmt_t *e = stmt_find(s, names[i]);
-        s->deallocs[i] = (pd_prep_t){.name = names[i], .serial = e != NULL ? e->serial : 0};
+        s->deallocs[s->ndealloc++] = (pd_dealloc_t){.name = names[i], .seq = s->batch_seq};
         names[i] = NULL;
     }
-    s->ndealloc = (unsigned)n;
-    s->dealloc_seq = s->batch_seq;
     pd_sql_names_free(names);
     return true;
 }
@@ -606,11 +616,14 @@ static bool command_drops(pd_session_t *s, const pd_batch_t *b, const uint8_t *b
     }
     if (strcmp(tag, "DEALLOCATE") != 0)
         return true;
-    if (b == NULL || b->seq != s->dealloc_seq || s->dealloc_next == s->ndealloc)
+    pd_dealloc_t *d = s->dealloc_next < s->ndealloc ? &s->deallocs[s->dealloc_next] : NULL;
+    if (b == NULL || d == NULL || d->seq != b->seq)
         return all_maybe_dropped(s, upto);
-    const pd_prep_t *d = &s->deallocs[s->dealloc_next++];
+    s->dealloc_next++;
     const pd_stmt_t *e = stmt_find(s, d->name);
-    return e == NULL || e->serial != d->serial || stmt_forget(s, d->name, true);
+    bool ok = e == NULL || e->serial > upto || stmt_forget(s, d->name, true);
+    free(d->name);
+    return ok;
 }
 
 static void session_free(pd_session_t *s)
@@ -1678,19 +1691,41 @@ static route_rc_t parse_taken(pd_session_t *s, pd_pipe_t *p, pd_stmt_t *e, const
     pd_prep_t op = {.kind = PD_PREP_TAKEN,
                     .answer = '1',
                     .serial = e->serial,
+                    .made = ++s->stmt_serial,
                     .name = strdup(e->name),
                     .sql = strdup(m->sql),
                     .types = types_of(m),
                     .ntypes = m->nparams};
-    bool ok = op.name != NULL && op.sql != NULL && op.types != NULL;
+    /* ...as decided, then: a statement DEALLOCATE ALL dropped first (pipelined) is
+       prepared, not refused, and must write what the rules write. */
+    pd_sql_result_t *r = route_sql(s, m->sql);
+    pd_buf_t msg;
+    pd_buf_init(&msg);
+    bool ok = op.name != NULL && op.sql != NULL && op.types != NULL && r != NULL;
+    bool refused = ok && r->action != PD_SQL_PASS && r->action != PD_SQL_REWRITE;
+    if (ok && r->action == PD_SQL_REWRITE)
+        pd_fe_parse(&msg, op.name, r->sql, op.ntypes, op.types);
+    else if (ok && r->action != PD_SQL_PASS)
+        ok = refusal_extended(s, &msg, r);
+    ok = ok && pd_buf_ok(&msg);
+    pd_sql_result_release(r);
     if (!ok)
         prep_free(&op);
     if (!ok || !prep_put(s, op, false)) {
+        pd_buf_free(&msg);
         pd_session_terminate(s, "53200", "out of memory", NULL);
         return ROUTE_CLOSED;
     }
-    p->scan += total;
-    s->sent[0]++;
+    if (msg.len == 0) {
+        p->scan += total;
+    } else if (!pipe_replace(p, p->scan + total, msg.data, msg.len)) {
+        pd_buf_free(&msg);
+        pd_session_terminate(s, "53200", "out of memory", NULL);
+        return ROUTE_CLOSED;
+    }
+    pd_buf_free(&msg);
+    if (!refused)
+        s->sent[0]++;
     s->busy = true;
     s->batch_msgs++;
     return ROUTE_OK;
@@ -2514,8 +2549,8 @@ static bool server_message(pd_session_t *s, uint8_t type, const uint8_t *body, s
         pd_session_terminate(s, "53200", "out of memory", NULL);
         return true;
     }
-    if (type == PD_BE_READY && !internal && b != NULL && b->seq == s->dealloc_seq)
-        deallocs_clear(s); /* what was not answered did not run */
+    if (type == PD_BE_READY && !internal && b != NULL)
+        deallocs_done(s, b->seq);
     if (type == PD_BE_READY) {
         PD_SET(s->txn_status, body[0]);
         if (!internal && s->ready_owed > 0)

@@ -66,6 +66,12 @@ typedef struct pd_stmt {
     pd_sql_result_t *r; /* the decision (rewrite, refusal, shadow form), referenced */
 } pd_stmt_t;
 
+/* A `DEALLOCATE name` of the client's Query batch `seq`. */
+typedef struct {
+    char *name; /* owned */
+    uint32_t seq;
+} pd_dealloc_t;
+
 /*
  * A Parse or Close on its way to the server, kept in the order the server answers them,
  * each batch's ended by a PD_PREP_END. What the session's records say of the client's
@@ -86,6 +92,8 @@ typedef struct {
     uint8_t answer;  /* what confirms it: '1' ParseComplete, '3' CloseComplete */
     char *name;      /* the client's statement name, owned (NULL: none) */
     uint64_t serial; /* ...and which record of it */
+    uint64_t made;   /* TAKEN: the serial of the record it makes should the server take it
+                        after all, given in the order the client sent it */
     pd_stmt_t *old;  /* a record taken out of the table, owned: freed when confirmed, put
                         back when undone */
     char *sql;       /* TAKEN: the client's text and parameter types, owned */
@@ -178,14 +186,13 @@ struct pd_session {
     unsigned prep_open; /* where the ops of the client's batch being read begin in preps */
     pd_stmt_t **stmts;  /* prepared statements by name (hash table), owned */
     unsigned stmt_buckets, stmt_count;
-    /* The statements the `DEALLOCATE name`s of Query batch dealloc_seq drop, in order
-       (name and serial): each forgotten when the server says DEALLOCATE (command_drops). */
-    pd_prep_t *deallocs;
-    unsigned ndealloc, dealloc_next;
-    uint32_t dealloc_seq;
-    bool dealloc_tried;   /* dealloc_here prepared statements for the Query waiting */
-    uint64_t stmt_serial; /* the last pd_stmt_t.serial given */
-    char **stale;         /* names the other connection holds that the client freed */
+    /* The `DEALLOCATE name`s of the client's Query batches not yet answered, in order:
+       each forgotten when the server says DEALLOCATE (command_drops). */
+    pd_dealloc_t *deallocs;
+    unsigned ndealloc, dealloc_next; /* [dealloc_next, ndealloc) are to come */
+    bool dealloc_tried;              /* dealloc_here prepared statements for the Query waiting */
+    uint64_t stmt_serial;            /* the last pd_stmt_t.serial given */
+    char **stale;                    /* names the other connection holds that the client freed */
     unsigned nstale, stale_cap;
     unsigned other_serial; /* pd_mirror_serial of the connection left at the last swap */
     pd_buf_t to_server;    /* the proxy's own messages for the server (shadow queries) */

@@ -97,8 +97,9 @@ class Generator:
     from PostgreSQL's answers (learn), so that a batch that starts with a read holds
     reads only and a write with row images comes first, as pgdual serves them."""
 
-    def __init__(self, seed):
+    def __init__(self, seed, copy_in=True):
         self.rnd = random.Random(seed)
+        self.copy_in = copy_in  # COPY into the table (refused by design under a columns rule)
         self.held = {}  # name -> text, as PostgreSQL holds them
         # In a failed transaction PostgreSQL describes a write as NoData, but refuses
         # (25P02) to describe one that returns rows: pgdual's row-image writes do (README,
@@ -182,7 +183,7 @@ class Generator:
     def copy(self):
         """COPY in (its data sent right behind the Query, as the server takes it; a
         CopyFail at times), or COPY out of the rule's table or of no table."""
-        if self.rnd.random() < 0.5:
+        if self.rnd.random() < 0.5 or not self.copy_in:
             sql = self.rnd.choice(["COPY (SELECT id, v FROM dz_t ORDER BY id) TO STDOUT",
                                    "COPY (SELECT 1, 'x') TO STDOUT"])
             return [(pdtest.query_msg(sql), "query %r" % sql, ("query", None, None))]
@@ -283,6 +284,7 @@ class Generator:
 
 
 class SidesDifferentialTest(unittest.TestCase):
+    COPY_IN = True
     COMMIT = "async"
     TABLES = ["public.dz_t"]  # None: every table (what a switchover needs)
 
@@ -304,7 +306,7 @@ class SidesDifferentialTest(unittest.TestCase):
         """Called after each step with the client's transaction status ('I', 'T', 'E')."""
 
     def run_seed(self, seed, steps):
-        gen = Generator(seed)
+        gen = Generator(seed, copy_in=self.COPY_IN)
         log = []
         with RawClient(self.proxy.port) as via, \
                 RawClient(pdtest.cluster()["port"]) as direct:
@@ -335,10 +337,13 @@ class SidesDifferentialTest(unittest.TestCase):
             via.send(pdtest.query_msg("SELECT id, v FROM dz_t ORDER BY id"))
             direct.send(pdtest.query_msg("SELECT id, v FROM dz_t ORDER BY id"))
             self.assertEqual(answers(via), answers(direct), "seed %d: the table" % seed)
-            # That read was served by new (else this test compared old with old).
-            self.assertEqual(pdtest.direct_query(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = 'dz_new' AND "
-                "query = 'SELECT id, v FROM dz_t ORDER BY id'"), [(1,)], "seed %d" % seed)
+            self.check_new(seed)
+
+    def check_new(self, seed):
+        """That last read was served by new (else this test compared old with old)."""
+        self.assertEqual(pdtest.direct_query(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = 'dz_new' AND "
+            "query = 'SELECT id, v FROM dz_t ORDER BY id'"), [(1,)], "seed %d" % seed)
 
     def test_pipelined_begin_then_commit(self):
         """Inside a transaction, BEGIN (a no-op with a warning) and COMMIT sent together:
@@ -475,6 +480,36 @@ class SidesDifferentialTest(unittest.TestCase):
         ]
         self.run_steps(steps)
 
+    def test_pipelined_parse_between_two_deallocate_all(self):
+        """DEALLOCATE ALL, a Parse of the held name `a`, DEALLOCATE ALL, sent together: the
+        record pgdual made for the Parse when it was answered counted as made after the
+        second DEALLOCATE ALL, which so left it; a later `DEALLOCATE a` found `a` (pgdual
+        prepared it first) where PostgreSQL says 26000."""
+        steps = [
+            [parse_msg("a", OTHERS[1]) + sync_msg()],
+            [pdtest.query_msg("DEALLOCATE ALL"),
+             parse_msg("a", OTHERS[0]) + bind_msg_params(["1"], stmt="a") + execute_msg()
+             + sync_msg(),
+             pdtest.query_msg("DEALLOCATE ALL")],
+            [pdtest.query_msg("SELECT 1; DEALLOCATE a")],
+        ]
+        self.run_steps(steps)
+
+    def test_pipelined_parse_between_two_deallocates_of_its_name(self):
+        """`DEALLOCATE a`, a Parse of `a`, `DEALLOCATE a`, sent together: pgdual followed the
+        names of one Query's DEALLOCATEs at a time, so the second went unnoted, and its
+        answer only marked every statement as maybe dropped; `a` was then prepared again
+        for a Describe where PostgreSQL says 26000."""
+        steps = [
+            [parse_msg("a", OTHERS[1]) + parse_msg("b", OTHERS[1]) + sync_msg()],
+            [pdtest.query_msg("DEALLOCATE a"),
+             parse_msg("a", OTHERS[0]) + bind_msg_params(["1"], stmt="a") + execute_msg()
+             + sync_msg(),
+             pdtest.query_msg("DEALLOCATE a")],
+            [describe_msg("b") + describe_msg("a") + sync_msg()],
+        ]
+        self.run_steps(steps)
+
     def test_random_batches_answer_as_postgresql(self):
         steps = int(os.environ.get("PD_SIDES_STEPS", "250"))
         seeds = [int(s) for s in os.environ.get("PD_SIDES_SEEDS", "1,2,3").split(",")]
@@ -546,6 +581,68 @@ class SidesSwitchoverLockstepTest(SidesSwitchoverTest):
     """The switchover and rollback under commit: lockstep."""
 
     COMMIT = "lockstep"
+
+
+class SidesColumnsTest(SidesDifferentialTest):
+    """The same batches under a `columns` rule in one database (expand/contract: v is
+    copied to v2 by every write, reads=new serves v from v2), against a database without
+    v2: the client sees one column as before. COPY into the table is refused by design
+    while writes=dual (README), so the generator sends none."""
+
+    COPY_IN = False
+
+    def setUp(self):
+        pdtest.fresh_databases("dz_cols", "dz_ref")
+        pdtest.direct_query(SCHEMA, dbname="dz_ref")
+        pdtest.direct_query(SCHEMA + "ALTER TABLE dz_t ADD COLUMN v2 text;"
+                            "UPDATE dz_t SET v2 = v;", dbname="dz_cols")
+        rule = {"name": RULE, "database": "dz", "kind": "columns", "table": "public.dz_t",
+                "key": ["id"], "columns": [{"old": "v", "new": "v2"}], "writes": "dual",
+                "reads": "old"}
+        dbs = [{"name": "dz", "old": pdtest.pg_conninfo("dz_cols")}]
+        self.proxy = RulesProxy(rules=[rule], databases=dbs).start()
+        self.addCleanup(pdtest.stop_and_drop, self.proxy, "dz_cols", "dz_ref")
+        self.proxy.ctl("flag", RULE, "reads=new")
+
+    def test_extended_write_after_copy(self):
+        """COPY into the rule's table is refused while writes=dual (0A000, README), its
+        data with it; a write by the extended protocol after it is served as usual."""
+        with RawClient(self.proxy.port) as c:
+            c.startup("postgres", "dz")
+            c.send(pdtest.query_msg("COPY dz_t (id, v) FROM STDIN")
+                   + pdtest.msg("d", b"100001\tc1\n") + pdtest.msg("c"))
+            self.assertEqual(answers(c), [("E", "0A000"), ("Z", "I")])
+            c.send(parse_msg("w", WRITES[0]) + bind_msg_params(["after"], stmt="w")
+                   + execute_msg() + sync_msg())
+            self.assertEqual(answers(c), [("1",), ("2",), ("C", "INSERT 0 1"), ("Z", "I")])
+        self.assertEqual(pdtest.direct_query(
+            "SELECT v, v2 FROM dz_t WHERE v IN ('c1', 'after')", dbname="dz_cols"),
+            [("after", "after")])
+
+    def test_pipelined_deallocate_all_then_parse_of_a_write(self):
+        """A Parse of a held name, sent behind DEALLOCATE ALL: pgdual, expecting PostgreSQL
+        to refuse it (42P05), sent the client's text as it was, so the server prepared the
+        INSERT without its rewrite and the row's v2 stayed NULL. It is now sent as the
+        rules decide."""
+        self.run_steps([
+            [parse_msg("a", WRITES[1]) + bind_msg_params(["1"], stmt="a") + execute_msg()
+             + sync_msg()],
+            [pdtest.query_msg("DEALLOCATE ALL"),
+             parse_msg("a", WRITES[0]) + bind_msg_params(["w47"], stmt="a") + execute_msg()
+             + sync_msg()],
+        ])
+        self.assertEqual(pdtest.direct_query(
+            "SELECT v, v2 FROM dz_t WHERE v = 'w47'", dbname="dz_cols"), [("w47", "w47")])
+
+    def check_new(self, seed):
+        """Every write kept v2 in step, and that last read was served from v2."""
+        self.assertEqual(pdtest.direct_query(
+            "SELECT id, v, v2 FROM dz_t WHERE v2 IS DISTINCT FROM v", dbname="dz_cols"), [],
+            "seed %d" % seed)
+        self.assertEqual(pdtest.direct_query(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = 'dz_cols' AND "
+            "query LIKE %s", ("SELECT id, v2%FROM dz_t ORDER BY id",)), [(1,)],
+            "seed %d" % seed)
 
 
 if __name__ == "__main__":
