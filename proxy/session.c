@@ -1625,17 +1625,39 @@ static const char *decided_text(const pd_sql_result_t *r, const char *original)
     return r->action == PD_SQL_PASS ? original : r->action == PD_SQL_REWRITE ? r->sql : NULL;
 }
 
-/* Parse of `e` as decided (nothing for a refusal), answered by a dropped response when
- * the proxy puts it in, not the client. */
-static bool parse_as_decided(pd_session_t *s, pd_buf_t *msg, const pd_stmt_t *e, bool ours)
+/* Parse of `e` as decided (nothing for a refusal), put in by the proxy: answered by a
+ * dropped response. */
+static bool parse_as_decided(pd_session_t *s, pd_buf_t *msg, const pd_stmt_t *e)
 {
     if (e->sent == NULL)
         return true;
     pd_fe_parse(msg, e->name, e->sent, e->ntypes, e->types);
-    if (ours)
-        return prep_parse(s, PD_PREP_OURS, e, false) && drop_expect(s, PD_BE_PARSE_COMPLETE);
-    s->sent[0]++;
-    return true;
+    return prep_parse(s, PD_PREP_OURS, e, false) && drop_expect(s, PD_BE_PARSE_COMPLETE);
+}
+
+/* The client's Parse of `name` at the scan point, sent as r decides: as it is, rewritten,
+ * or replaced by the refusal (whose own messages are queued here, ahead of the caller's
+ * op for the Parse). False when out of memory. */
+static bool parse_as(pd_session_t *s, pd_pipe_t *p, size_t total, const char *name,
+                     const pd_sql_result_t *r, uint16_t ntypes, const uint32_t *types)
+{
+    if (r->action == PD_SQL_PASS) {
+        p->scan += total;
+        s->sent[0]++;
+        return true;
+    }
+    pd_buf_t msg;
+    pd_buf_init(&msg);
+    bool ok = true;
+    if (r->action == PD_SQL_REWRITE) {
+        pd_fe_parse(&msg, name, r->sql, ntypes, types);
+        s->sent[0]++;
+    } else {
+        ok = refusal_extended(s, &msg, r);
+    }
+    ok = ok && pd_buf_ok(&msg) && pipe_replace(p, p->scan + total, msg.data, msg.len);
+    pd_buf_free(&msg);
+    return ok;
 }
 
 /* Decides statement e under the rules in force; false when out of memory. */
@@ -1699,33 +1721,15 @@ static route_rc_t parse_taken(pd_session_t *s, pd_pipe_t *p, pd_stmt_t *e, const
     /* ...as decided, then: a statement DEALLOCATE ALL dropped first (pipelined) is
        prepared, not refused, and must write what the rules write. */
     pd_sql_result_t *r = route_sql(s, m->sql);
-    pd_buf_t msg;
-    pd_buf_init(&msg);
-    bool ok = op.name != NULL && op.sql != NULL && op.types != NULL && r != NULL;
-    bool refused = ok && r->action != PD_SQL_PASS && r->action != PD_SQL_REWRITE;
-    if (ok && r->action == PD_SQL_REWRITE)
-        pd_fe_parse(&msg, op.name, r->sql, op.ntypes, op.types);
-    else if (ok && r->action != PD_SQL_PASS)
-        ok = refusal_extended(s, &msg, r);
-    ok = ok && pd_buf_ok(&msg);
+    bool ok = op.name != NULL && op.sql != NULL && op.types != NULL && r != NULL &&
+              parse_as(s, p, total, op.name, r, op.ntypes, op.types);
     pd_sql_result_release(r);
     if (!ok)
         prep_free(&op);
     if (!ok || !prep_put(s, op, false)) {
-        pd_buf_free(&msg);
         pd_session_terminate(s, "53200", "out of memory", NULL);
         return ROUTE_CLOSED;
     }
-    if (msg.len == 0) {
-        p->scan += total;
-    } else if (!pipe_replace(p, p->scan + total, msg.data, msg.len)) {
-        pd_buf_free(&msg);
-        pd_session_terminate(s, "53200", "out of memory", NULL);
-        return ROUTE_CLOSED;
-    }
-    pd_buf_free(&msg);
-    if (!refused)
-        s->sent[0]++;
     s->busy = true;
     s->batch_msgs++;
     return ROUTE_OK;
@@ -1767,19 +1771,7 @@ static route_rc_t route_parse(pd_session_t *s, pd_pipe_t *p, size_t total)
         pd_session_terminate(s, "53200", "out of memory", NULL);
         return ROUTE_CLOSED;
     }
-    size_t msg_end = p->scan + total;
-    bool ok = true;
-    if (e->r->action == PD_SQL_PASS) {
-        p->scan = msg_end;
-        s->sent[0]++;
-    } else {
-        pd_buf_t msg;
-        pd_buf_init(&msg);
-        ok = e->r->action == PD_SQL_REWRITE ? parse_as_decided(s, &msg, e, false)
-                                            : refusal_extended(s, &msg, e->r);
-        ok = ok && pd_buf_ok(&msg) && pipe_replace(p, msg_end, msg.data, msg.len);
-        pd_buf_free(&msg);
-    }
+    bool ok = parse_as(s, p, total, e->name, e->r, e->ntypes, e->types);
     /* Confirmed by its ParseComplete; a refused one is answered by an error, and what it
        replaced stays (prep_end). */
     ok = ok && prep_op(s, PD_PREP_CLIENT, '1', e, replaced, false);
@@ -1815,7 +1807,7 @@ static bool bind_prefix(pd_session_t *s, pd_stmt_t *e, pd_buf_t *prefix)
             pd_fe_close(prefix, 'S', e->name);
             if (!prep_close(s, false))
                 return false;
-            if (!drop_expect(s, PD_BE_CLOSE_COMPLETE) || !parse_as_decided(s, prefix, e, true))
+            if (!drop_expect(s, PD_BE_CLOSE_COMPLETE) || !parse_as_decided(s, prefix, e))
                 return false;
         }
     }
